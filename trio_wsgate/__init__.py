@@ -1,0 +1,27 @@
+"""trio-wsgate: a WebSocket gateway for trio, in which a connection is a nursery."""
+
+from .config import Config, SlowConsumerPolicy
+from .connection import Connection, Session
+from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer, WsgateError
+from .gateway import Gateway
+from .protocol import CloseCode, CloseReason
+from .server import Server, serve
+
+__all__ = [
+    "CloseCode",
+    "CloseReason",
+    "Config",
+    "Connection",
+    "Gateway",
+    "HandlerError",
+    "ProtocolError",
+    "Server",
+    "Session",
+    "SessionClosed",
+    "SlowConsumer",
+    "SlowConsumerPolicy",
+    "WsgateError",
+    "serve",
+]
+
+__version__ = "0.1.0"

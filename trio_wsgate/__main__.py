@@ -1,0 +1,5 @@
+"""``python -m trio_wsgate serve``."""
+
+from .cli import main
+
+main()

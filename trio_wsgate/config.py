@@ -1,0 +1,61 @@
+"""Settings of a gateway node, with the defaults of PROTOCOL.md and DESIGN.md."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Config", "SlowConsumerPolicy"]
+
+
+class SlowConsumerPolicy(enum.StrEnum):
+    """What a full outgoing queue does (DESIGN.md, "One writer")."""
+
+    #: Close the connection with 4004; the session is kept for a resume.
+    CLOSE = "close"
+    #: Drop the oldest queued control envelope (ping, pong, ack); sequenced
+    #: envelopes are never dropped, so with none to drop the connection closes
+    #: with 4004 all the same.
+    DROP_OLDEST = "drop-oldest"
+
+
+@dataclass(slots=True)
+class Config:
+    """Everything a node is told at start-up. Times are seconds; ``None`` disables.
+
+    Every field is also a ``trio-wsgate serve`` flag (``--heartbeat-interval``) and an
+    environment variable (``WSGATE_HEARTBEAT_INTERVAL``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    path: str = "/ws"
+    heartbeat_interval: float | None = 25.0
+    heartbeat_timeout: float = 10.0
+    hello_timeout: float | None = 10.0
+    close_timeout: float = 2.0
+    drain_timeout: float = 10.0
+    window: int = 256
+    queue_size: int = 1000
+    slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.CLOSE
+    max_message_size: int = 65536
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
+    keepalive_idle: int = 60
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+    #: How long an ack may wait after processing (PROTOCOL.md §4: at most 100 ms).
+    ack_delay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("window must be at least 1")
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        if self.max_message_size < 256:
+            raise ValueError("max_message_size must be at least 256 bytes")
+        if self.close_timeout <= 0:
+            raise ValueError("close_timeout must be positive")
+        if not self.path.startswith("/"):
+            raise ValueError("path must start with '/'")
+        self.slow_consumer = SlowConsumerPolicy(self.slow_consumer)

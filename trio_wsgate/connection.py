@@ -1,0 +1,584 @@
+"""A connection is a nursery (DESIGN.md, "The shape").
+
+Theory of operation. :meth:`Connection.run` opens one nursery and everything that exists
+because the peer is connected runs in it:
+
+* the **reader**: the only caller of :meth:`Transport.receive`. It decodes envelopes,
+  answers control envelopes (``ping``, ``ack``, ``bye``...) itself, checks ``seq`` order
+  and hands sequenced envelopes to the dispatcher, in order;
+* the **write loop**: the only task that writes. Producers append encoded envelopes to
+  a bounded queue and wake it; it writes everything queued in one ``send_all``, several
+  envelopes batched into one frame;
+* inside a nested *application scope*: the **heartbeat** (a ping every interval; a
+  liveness cancel scope whose deadline every received frame moves forward), the
+  **dispatcher** (waits for ``hello``, answers ``welcome``, runs the application's
+  handlers one at a time in arrival order), the **ack timer** and the application's
+  per-connection tasks.
+
+Closing is a decision, never a wait: :meth:`Connection.close` records the code and
+reason, cancels the application scope, queues the close frame and sets the nursery's
+deadline to ``close_timeout`` from now. The reader keeps reading until the peer
+answers the close handshake; whatever the peer does, the deadline then cancels what
+is left and the transport is released. Nothing the connection started outlives
+:meth:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer
+from .protocol import (
+    Ack,
+    Bye,
+    CloseCode,
+    CloseReason,
+    Codec,
+    Envelope,
+    ErrorInfo,
+    Hello,
+    Msg,
+    Ping,
+    Pong,
+    Refresh,
+    Reply,
+    Sequenced,
+    Welcome,
+)
+from .session import Inbox, Outbox, Receipt
+from .transports.base import Transport, TransportBroken
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .gateway import Gateway
+    from .metrics import Metrics
+
+__all__ = ["Connection", "Session"]
+
+logger = logging.getLogger("trio_wsgate.connection")
+
+# Close codes that leave nothing to resume and carry the reason label given here.
+_REASON_BY_CODE: dict[int, CloseReason] = {
+    CloseCode.PROTOCOL_ERROR: CloseReason.PROTOCOL_ERROR,
+    CloseCode.UNSUPPORTED_DATA: CloseReason.PROTOCOL_ERROR,
+    CloseCode.INVALID_DATA: CloseReason.PROTOCOL_ERROR,
+    CloseCode.MESSAGE_TOO_BIG: CloseReason.PROTOCOL_ERROR,
+    CloseCode.POLICY_VIOLATION: CloseReason.POLICY,
+    CloseCode.INTERNAL_ERROR: CloseReason.INTERNAL_ERROR,
+}
+
+# What waits in the write queue: an encoded envelope and whether it is sequenced
+# (sequenced envelopes are never dropped).
+_Item = tuple[bytes, bool]
+
+
+class Session:
+    """The logical peer, as application code sees it.
+
+    Handlers, hooks and per-connection tasks receive it. It never exposes the
+    transport: it can only queue envelopes and ask for a close.
+    """
+
+    def __init__(self, connection: Connection, session_id: str, user: str | None) -> None:
+        self._connection = connection
+        self.id = session_id
+        self.user = user
+        #: Free for the application's own per-session data.
+        self.state: dict[str, Any] = {}
+        # Never logged nor shown in repr (a bearer secret for resuming).
+        self._resume_token = secrets.token_urlsafe(24)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.user!r} closed={self.closed}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has begun to close."""
+        return self._connection.closing
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code the connection ended with (None while open)."""
+        return self._connection.close_code
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """The classified reason the connection ended (None while open)."""
+        return self._connection.close_reason
+
+    def send(self, event: str, data: Any = None) -> None:
+        """Queue a ``msg`` with this event and data for the client. Never blocks.
+
+        Raises:
+            SessionClosed: the session has closed.
+            SlowConsumer: the client's queue overflowed; the connection closes with 4004.
+            TypeError: ``data`` cannot be encoded (nothing was queued).
+        """
+        self._connection.send_event(event, data)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Ask for the connection to close with ``code``. Returns at once."""
+        label = _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
+        if code == CloseCode.KICKED:
+            label = CloseReason.KICK
+        self._connection.close(code, reason, label)
+
+
+class Connection:
+    """One WebSocket connection: its nursery, queue, sequencing and close.
+
+    Args:
+        transport: the upgraded WebSocket.
+        codec: the encoding chosen at the handshake.
+        gateway: the application's handlers and hooks.
+        config: the node's settings.
+        metrics: the node's metrics.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        codec: Codec,
+        gateway: Gateway,
+        config: Config,
+        metrics: Metrics,
+    ) -> None:
+        self._transport = transport
+        self._codec = codec
+        self._gateway = gateway
+        self._config = config
+        self._metrics = metrics
+        self._queue: deque[_Item] = deque()
+        self._wake = trio.Event()
+        self._ack_wanted = trio.Event()
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Envelope](math.inf)
+        self._outbox: Outbox[bytes] = Outbox(config.window)
+        self._inbox = Inbox(config.window)
+        self._hello_seen = False
+        self._liveness: trio.CancelScope | None = None
+        self._pings: dict[int, float] = {}
+        self._nursery: trio.Nursery | None = None
+        self._app_scope = trio.CancelScope()
+        self._done = trio.Event()
+        self.session: Session | None = None
+        #: True from the decision to close on.
+        self.closing = False
+        #: The close code and classified reason, once decided (first decision wins).
+        self.close_code: int | None = None
+        self.close_reason: CloseReason | None = None
+        #: trio time of the decision to close, and of the release of the transport.
+        self.close_decided_at: float | None = None
+        self.released_at: float | None = None
+
+    # -- public ---------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Envelopes waiting: in the write queue plus those the window holds back."""
+        return len(self._queue) + len(self._outbox.waiting)
+
+    def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
+        """Decide to close with ``code``; return at once (DESIGN.md, "Bounded close")."""
+        self._begin_close(code, reason, label or _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE))
+
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close and wait until the transport is released (at most ``close_timeout``)."""
+        self.close(code, reason)
+        await self._done.wait()
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; release everything before returning."""
+        self._metrics.connections_open.inc()
+        self._metrics.connections_total.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.closing:  # closed before it started (a drain raced us)
+                    nursery.cancel_scope.deadline = self._close_deadline()
+                nursery.start_soon(self._guard, self._reader)
+                nursery.start_soon(self._guard, self._write_loop)
+                nursery.start_soon(self._application)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._transport.aclose()
+            self.released_at = trio.current_time()
+            if self.close_code is None:  # cancelled from outside (server shutdown)
+                self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
+            self.closing = True
+            self._metrics.connections_open.dec()
+            self._metrics.closes.labels(str(self.close_code), str(self.close_reason)).inc()
+            self._done.set()
+            logger.debug(
+                "connection %s closed: %s %s",
+                self._transport.remote_address,
+                self.close_code,
+                self.close_reason,
+            )
+        if self.session is not None:
+            await self._run_disconnect_hooks(self.session)
+
+    def send_event(self, event: str, data: Any) -> None:
+        """Queue a server ``msg`` (see :meth:`Session.send`)."""
+        if self.closing:
+            raise SessionClosed(self.close_code, self.close_reason)
+        self._check_room()
+        self._push_sequenced(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
+
+    # -- closing --------------------------------------------------------------------
+
+    def _close_deadline(self) -> float:
+        assert self.close_decided_at is not None
+        return self.close_decided_at + self._config.close_timeout
+
+    def _record_end(self, code: int, reason: CloseReason) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+
+    def _begin_close(self, code: int, text: str, label: CloseReason, *, send: bool = True) -> None:
+        self._record_end(code, label)
+        if self.closing:
+            return
+        self.closing = True
+        self.close_decided_at = trio.current_time()
+        self._app_scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = self._close_deadline()
+        if send:
+            self._transport.send_close(code, text)
+        self._wake.set()
+
+    def _abort(self, code: int, label: CloseReason) -> None:
+        """The transport is gone: nothing more can be sent or received."""
+        self._record_end(code, label)
+        self.closing = True
+        self._app_scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        # The root of each of the connection's own tasks: an unexpected error is
+        # logged once and becomes close 1011 (STYLE.md, "Errors").
+        try:
+            await task()
+        except Exception:
+            logger.exception("internal error on connection %s", self._transport.remote_address)
+            self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
+
+    # -- the reader -----------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        transport = self._transport
+        metrics = self._metrics
+        while True:
+            try:
+                incoming = await transport.receive()
+            except TransportBroken as exc:
+                self._abort(CloseCode.ABNORMAL, exc.reason)
+                return
+            except trio.ClosedResourceError:
+                return
+            if incoming.frames and self._liveness is not None:
+                self._touch()
+            if incoming.nbytes:
+                metrics.bytes_in.inc(incoming.nbytes)
+            for payload, binary in incoming.messages:
+                if self.closing:
+                    break
+                try:
+                    self._on_message(payload, binary)
+                except ProtocolError as exc:
+                    label = _REASON_BY_CODE.get(exc.code, CloseReason.PROTOCOL_ERROR)
+                    self._begin_close(exc.code, exc.reason, label)
+            if incoming.failed is not None:
+                code, text = incoming.failed
+                self._begin_close(
+                    code, text, _REASON_BY_CODE.get(code, CloseReason.PROTOCOL_ERROR), send=False
+                )
+            if incoming.peer_close is not None:
+                code, text = incoming.peer_close
+                self._begin_close(code, text, CloseReason.CLEAN, send=False)
+            if transport.wants_flush():
+                self._wake.set()
+            if incoming.eof:
+                # The peer closed its end; after a close handshake this is the normal end.
+                self._abort(CloseCode.ABNORMAL, CloseReason.EOF)
+                return
+
+    def _touch(self) -> None:
+        assert self._liveness is not None
+        interval = self._config.heartbeat_interval
+        assert interval is not None
+        self._liveness.deadline = trio.current_time() + interval + self._config.heartbeat_timeout
+
+    def _on_message(self, payload: bytes, binary: bool) -> None:
+        codec = self._codec
+        if binary is not codec.binary:
+            kind = "binary" if binary else "text"
+            raise ProtocolError(
+                CloseCode.UNSUPPORTED_DATA, f"{kind} frame under {codec.subprotocol}"
+            )
+        envelopes = codec.decode(payload)
+        self._metrics.messages_in.inc(len(envelopes))
+        for envelope in envelopes:
+            self._on_envelope(envelope)
+
+    def _on_envelope(self, envelope: Envelope) -> None:
+        if not self._hello_seen:
+            if not isinstance(envelope, Hello):
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "the first envelope must be hello")
+            self._hello_seen = True
+            self._inbox_send.send_nowait(envelope)
+            return
+        if isinstance(envelope, Sequenced):
+            if envelope.type in ("reply",):
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
+            if envelope.ack is not None:
+                self._on_ack(envelope.ack)
+            if self._inbox.receive(envelope.seq) is Receipt.NEW:
+                self._inbox_send.send_nowait(envelope)
+            elif self._inbox.ack_urgent:
+                self._send_ack()
+        elif isinstance(envelope, Ack):
+            self._on_ack(envelope.ack)
+        elif isinstance(envelope, Ping):
+            self._enqueue_control(Pong(envelope.ts))
+        elif isinstance(envelope, Pong):
+            self._on_pong(envelope.ts)
+        elif isinstance(envelope, Bye):
+            self._begin_close(CloseCode.NORMAL, "bye", CloseReason.BYE)
+        elif isinstance(envelope, Refresh):
+            pass  # no key is configured on this node, so there is no expiry to extend
+        else:  # hello again, welcome
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
+            )
+
+    def _on_ack(self, ack: int) -> None:
+        released = self._outbox.receive_ack(ack)
+        if released:
+            self._queue.extend((payload, True) for payload in released)
+            self._wake.set()
+
+    def _on_pong(self, ts: Any) -> None:
+        if isinstance(ts, int):
+            sent = self._pings.pop(ts, None)
+            if sent is not None:
+                self._metrics.heartbeat_rtt.observe(trio.current_time() - sent)
+
+    # -- producers ------------------------------------------------------------------
+
+    def _check_room(self) -> None:
+        """Apply the slow-consumer policy if the queue is full."""
+        if self.queue_depth < self._config.queue_size:
+            return
+        if self._config.slow_consumer == "drop-oldest":
+            for index, (_, sequenced) in enumerate(self._queue):
+                if not sequenced:
+                    del self._queue[index]
+                    return
+        self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
+        raise SlowConsumer(self.close_code, self.close_reason)
+
+    def _enqueue_control(self, envelope: Envelope) -> None:
+        if self.closing:
+            return
+        try:
+            self._check_room()
+        except SlowConsumer:
+            return
+        self._queue.append((self._codec.encode(envelope), False))
+        self._wake.set()
+
+    def _send_ack(self) -> None:
+        self._enqueue_control(Ack(self._inbox.take_ack()))
+
+    def _push_sequenced(self, build: Callable[[int, int | None], Sequenced]) -> None:
+        """Number, encode and queue a sequenced envelope; piggyback a pending ack.
+
+        The ack rides along only if the window lets the envelope out now; an envelope
+        held back would hold the ack back too (PROTOCOL.md §4: acks within 100 ms).
+        Raises TypeError/ValueError from the codec with nothing changed.
+        """
+        outbox, inbox = self._outbox, self._inbox
+        goes_now = not outbox.waiting and len(outbox.in_flight) < outbox.window
+        ack = inbox.processed if goes_now and inbox.ack_pending else None
+        payload = self._codec.encode(build(outbox.next_seq, ack))
+        if ack is not None:
+            inbox.take_ack()
+        if outbox.push(payload):
+            self._queue.append((payload, True))
+            self._wake.set()
+
+    # -- the write loop -------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        transport = self._transport
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if self._queue and not self.closing:
+                self._frame_queue()
+            try:
+                finished = await transport.flush()
+            except TransportBroken as exc:
+                self._abort(CloseCode.ABNORMAL, exc.reason)
+                return
+            except trio.ClosedResourceError:
+                return
+            if finished:
+                return  # our end of the stream is closed; the reader sees the peer's
+
+    def _frame_queue(self) -> None:
+        """Move everything queued into frames: one envelope, or a batch per frame."""
+        queue, codec, transport = self._queue, self._codec, self._transport
+        budget = self._config.max_message_size
+        binary = codec.binary
+        envelopes = len(queue)
+        nbytes = 0
+        while queue:
+            first = queue.popleft()[0]
+            if not queue or len(first) >= budget:
+                message = first
+            else:
+                parts, size = [first], len(first) + 2
+                while queue and size + len(queue[0][0]) + 1 <= budget:
+                    payload = queue.popleft()[0]
+                    parts.append(payload)
+                    size += len(payload) + 1
+                message = codec.batch(parts) if len(parts) > 1 else first
+            transport.send_message(message, binary)
+            nbytes += len(message)
+        self._metrics.messages_out.inc(envelopes)
+        self._metrics.bytes_out.inc(nbytes)
+
+    # -- the application scope ------------------------------------------------------
+
+    async def _application(self) -> None:
+        with self._app_scope:
+            async with trio.open_nursery() as nursery:
+                if self._config.heartbeat_interval is not None:
+                    self._liveness = trio.CancelScope()
+                    self._touch()
+                    nursery.start_soon(self._guard, self._heartbeat)
+                nursery.start_soon(self._guard, self._ack_timer)
+                nursery.start_soon(self._guard, lambda: self._dispatcher(nursery))
+
+    async def _heartbeat(self) -> None:
+        interval = self._config.heartbeat_interval
+        assert interval is not None and self._liveness is not None
+        with self._liveness:
+            while True:
+                await trio.sleep(interval)
+                now = trio.current_time()
+                ts = round(now * 1000)
+                self._pings[ts] = now
+                while len(self._pings) > 4:  # unanswered pings are forgotten
+                    del self._pings[next(iter(self._pings))]
+                self._enqueue_control(Ping(ts))
+        if self._liveness.cancelled_caught:
+            self._begin_close(
+                CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
+            )
+
+    async def _ack_timer(self) -> None:
+        delay = self._config.ack_delay
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted = trio.Event()
+            await trio.sleep(delay)
+            if self._inbox.ack_pending:
+                self._send_ack()
+
+    async def _dispatcher(self, nursery: trio.Nursery) -> None:
+        timeout = self._config.hello_timeout
+        with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
+            hello = await self._inbox_recv.receive()
+        if waiting.cancelled_caught:
+            self._begin_close(CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT)
+            return
+        assert isinstance(hello, Hello)
+        config = self._config
+        session = self.session = Session(self, secrets.token_urlsafe(16), None)
+        # Resume arrives with the next issue: every hello starts a new session.
+        self._enqueue_control(
+            Welcome(
+                session=session.id,
+                resume_token=session._resume_token,
+                resumed=False,
+                ack=0,
+                heartbeat_interval=config.heartbeat_interval or 0,
+                heartbeat_timeout=config.heartbeat_timeout,
+                window=config.window,
+                max_message_size=config.max_message_size,
+            )
+        )
+        gateway = self._gateway
+        for hook in gateway.connect_hooks:
+            await hook(session)
+        for task in gateway.session_tasks:
+            nursery.start_soon(self._guard, lambda task=task: task(session))
+        async for envelope in self._inbox_recv:
+            await self._process(session, envelope)
+
+    async def _process(self, session: Session, envelope: Envelope) -> None:
+        assert isinstance(envelope, Sequenced)
+        data: Any = None
+        error: ErrorInfo | None = None
+        if isinstance(envelope, Msg):
+            handler = self._gateway.handlers.get(envelope.event or "")
+            if handler is None:
+                error = ErrorInfo("unknown_event", f"no handler for event {envelope.event!r}")
+            else:
+                started = trio.current_time()
+                outcome = "ok"
+                try:
+                    data = await handler(session, envelope.data)
+                except HandlerError as exc:
+                    error, outcome = ErrorInfo(exc.code, exc.reason), "error"
+                except Exception:
+                    logger.exception("handler for %r failed", envelope.event)
+                    error, outcome = ErrorInfo("internal", "internal error"), "exception"
+                self._metrics.handler_latency.labels(outcome).observe(
+                    trio.current_time() - started
+                )
+        else:
+            # Topics (sub, unsub, pub) arrive with the hub, in a later version.
+            error = ErrorInfo("unsupported", f"{envelope.type} is not available on this node")
+        self._inbox.mark_processed(envelope.seq)
+        self._reply(envelope.seq, data, error)
+        if self._inbox.ack_urgent:
+            self._send_ack()
+        elif self._inbox.ack_pending:
+            self._ack_wanted.set()
+
+    def _reply(self, re: int, data: Any, error: ErrorInfo | None) -> None:
+        try:
+            self._check_room()
+        except SlowConsumer:
+            return
+        try:
+            self._push_sequenced(
+                lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack)
+            )
+        except (TypeError, ValueError, OverflowError):
+            logger.exception("reply to seq %d could not be encoded", re)
+            failure = ErrorInfo("internal", "the reply could not be encoded")
+            self._push_sequenced(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
+
+    async def _run_disconnect_hooks(self, session: Session) -> None:
+        # Shielded and bounded: a hook runs even when the node shuts down, briefly.
+        with trio.move_on_after(self._config.close_timeout) as scope:
+            scope.shield = True
+            for hook in self._gateway.disconnect_hooks:
+                try:
+                    await hook(session)
+                except Exception:
+                    logger.exception("disconnect hook failed")

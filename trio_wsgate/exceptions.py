@@ -1,0 +1,74 @@
+"""Errors raised by trio-wsgate.
+
+Every error the package raises on purpose derives from one root::
+
+    WsgateError
+    ├── ProtocolError          a peer broke PROTOCOL.md; carries its close code
+    ├── HandlerError           raised by application handlers: an error reply
+    └── SessionClosed          the session ended; nothing more can be sent on it
+        └── SlowConsumer       ... because its queue overflowed (close 4004)
+
+"We closed it" and "the peer broke it" are told apart by :attr:`SessionClosed.code`
+and :attr:`SessionClosed.reason`, the close code and reason label recorded when the
+connection ended.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HandlerError", "ProtocolError", "SessionClosed", "SlowConsumer", "WsgateError"]
+
+
+class WsgateError(Exception):
+    """The root of every error that trio-wsgate raises on purpose."""
+
+
+class ProtocolError(WsgateError):
+    """A peer sent something PROTOCOL.md does not allow.
+
+    Like wsproto's ``ParseFailed``, it carries the WebSocket close code that the
+    connection must be closed with (PROTOCOL.md §8).
+
+    Args:
+        code: the close code, e.g. 1002, 1003, 1007 or 1009.
+        reason: a short human-readable text, sent as the close reason.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{reason} (close {code})")
+        self.code = code
+        self.reason = reason
+
+
+class HandlerError(WsgateError):
+    """Raise from a handler to answer with an error reply instead of data.
+
+    The client receives ``{"type": "reply", "error": {"code": code, "reason": reason}}``.
+    Any other exception from a handler becomes the error code ``"internal"``.
+
+    Args:
+        code: a short machine-readable code, e.g. ``"not_found"``.
+        reason: a human-readable explanation.
+    """
+
+    def __init__(self, code: str, reason: str = "") -> None:
+        super().__init__(f"{code}: {reason}" if reason else code)
+        self.code = code
+        self.reason = reason
+
+
+class SessionClosed(WsgateError):
+    """The session has ended; :meth:`Session.send` cannot queue anything more.
+
+    Args:
+        code: the WebSocket close code the connection ended with.
+        reason: the classified reason (``"clean"``, ``"reset"``, ``"heartbeat_timeout"``...).
+    """
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"session closed (code {code}, reason {reason})")
+        self.code = code
+        self.reason = reason
+
+
+class SlowConsumer(SessionClosed):
+    """The session's outgoing queue overflowed and it was closed with 4004."""

@@ -1,0 +1,87 @@
+"""Prometheus metrics, named ``wsgate_*``.
+
+Each node has its own :class:`Metrics` with its own registry, so that several nodes
+(or tests) in one process never share counters. ``wsgate_tasks`` walks trio's task
+tree on every scrape: a leak of tasks is visible from outside the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics", "count_tasks"]
+
+
+def count_tasks() -> int:
+    """Count the live trio tasks of the current run, the root task included."""
+    root = trio.lowlevel.current_root_task()
+    if root is None:  # pragma: no cover - only outside a run
+        return 0
+    count, stack = 0, [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+class Metrics:
+    """The metrics of one node.
+
+    Args:
+        queue_depth: returns the envelopes queued on all connections, read at scrape.
+    """
+
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections_open = Gauge(
+            "wsgate_connections_open", "WebSocket connections open now.", registry=r
+        )
+        self.connections_total = Counter(
+            "wsgate_connections", "WebSocket connections accepted.", registry=r
+        )
+        self.closes = Counter(
+            "wsgate_closes",
+            "Connections ended, by close code and classified reason.",
+            ["code", "reason"],
+            registry=r,
+        )
+        self.handshakes_refused = Counter(
+            "wsgate_handshakes_refused", "Upgrades answered with HTTP, by status.", ["status"],
+            registry=r,
+        )
+        self.messages_in = Counter(
+            "wsgate_messages_in", "Envelopes received from clients.", registry=r
+        )
+        self.messages_out = Counter("wsgate_messages_out", "Envelopes sent to clients.", registry=r)
+        self.bytes_in = Counter("wsgate_bytes_in", "WebSocket payload bytes received.", registry=r)
+        self.bytes_out = Counter("wsgate_bytes_out", "WebSocket payload bytes sent.", registry=r)
+        self.queue_depth = Gauge(
+            "wsgate_queue_depth", "Envelopes queued for writing, all connections.", registry=r
+        )
+        self.queue_depth.set_function(lambda: float(queue_depth()))
+        self.heartbeat_rtt = Histogram(
+            "wsgate_heartbeat_rtt_seconds",
+            "Round trip of heartbeat pings.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.handler_latency = Histogram(
+            "wsgate_handler_seconds",
+            "Time spent in application handlers, by outcome.",
+            ["outcome"],
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=r,
+        )
+        self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
+        self.tasks.set_function(lambda: float(count_tasks()))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition. Call it from the trio thread."""
+        result: bytes = generate_latest(self.registry)
+        return result

@@ -1,0 +1,54 @@
+"""Close codes of PROTOCOL.md §8 and the reasons a connection ends."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["CloseCode", "CloseReason"]
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes used by the wsgate protocol (PROTOCOL.md §8)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006  # never sent: no close frame was received
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4001
+    HEARTBEAT_TIMEOUT = 4002
+    HELLO_TIMEOUT = 4003
+    SLOW_CONSUMER = 4004
+    KICKED = 4005
+    TAKEN_OVER = 4006
+    RATE_LIMITED = 4009
+
+
+class CloseReason(enum.StrEnum):
+    """Why a connection ended: the ``reason`` label of ``wsgate_closes_total``.
+
+    Every end of a connection is counted under exactly one of these (DESIGN.md,
+    "Disconnect classification").
+    """
+
+    CLEAN = "clean"  # the peer sent a close frame; the code says which
+    BYE = "bye"  # the client ended its session with `bye`
+    RESET = "reset"  # ECONNRESET
+    TIMEOUT = "timeout"  # ETIMEDOUT (TCP keepalive gave up)
+    BROKEN_PIPE = "broken_pipe"  # EPIPE while writing
+    EOF = "eof"  # the peer closed TCP without a close frame
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    HELLO_TIMEOUT = "hello_timeout"
+    PROTOCOL_ERROR = "protocol_error"  # 1002, 1003, 1007, 1009
+    POLICY = "policy"
+    SLOW_CONSUMER = "slow_consumer"
+    KICK = "kick"
+    DRAIN = "drain"
+    TAKE_OVER = "take_over"
+    INTERNAL_ERROR = "internal_error"
+    SERVER_CLOSE = "server_close"  # the application closed the session

@@ -1,0 +1,132 @@
+"""The two encodings of PROTOCOL.md §1: ``wsgate.v1.json`` and ``wsgate.v1.msgpack``.
+
+A codec turns one WebSocket message into a list of envelopes (one message may carry a
+single envelope or a batch, an array handled in order) and turns envelopes into
+message payloads. Decoding failures map to close codes: invalid UTF-8, JSON or
+msgpack is 1007; a value of the wrong shape is 1002 (from :func:`parse_envelope`).
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import msgpack
+
+from ..exceptions import ProtocolError
+from .closecodes import CloseCode
+from .envelopes import Envelope, parse_envelope
+
+__all__ = ["CODECS", "JSON_SUBPROTOCOL", "MSGPACK_SUBPROTOCOL", "Codec", "JsonCodec", "MsgpackCodec"]
+
+JSON_SUBPROTOCOL = "wsgate.v1.json"
+MSGPACK_SUBPROTOCOL = "wsgate.v1.msgpack"
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are Python extensions, not JSON (RFC 8259 §6).
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Codec:
+    """One wire encoding. Subclasses set :attr:`subprotocol` and :attr:`binary`."""
+
+    subprotocol: ClassVar[str]
+    #: True when messages travel in binary frames, False for text frames.
+    binary: ClassVar[bool]
+
+    def loads(self, payload: bytes) -> Any:
+        """Decode one message payload into plain values; raise ProtocolError(1007)."""
+        raise NotImplementedError
+
+    def dumps(self, value: Any) -> bytes:
+        """Encode one plain value; raises TypeError or ValueError if it can't be encoded."""
+        raise NotImplementedError
+
+    def batch(self, parts: list[bytes]) -> bytes:
+        """Join already-encoded envelopes into one array message, without re-encoding."""
+        raise NotImplementedError
+
+    def decode(self, payload: bytes) -> list[Envelope]:
+        """Decode one WebSocket message into its envelopes, in order.
+
+        Raises:
+            ProtocolError: 1007 for an undecodable payload, 1002 for a bad envelope.
+        """
+        value = self.loads(payload)
+        if isinstance(value, list):
+            return [parse_envelope(item) for item in value]
+        return [parse_envelope(value)]
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """Encode one envelope into a message payload."""
+        return self.dumps(envelope.to_wire())
+
+
+class JsonCodec(Codec):
+    """UTF-8 JSON in text frames."""
+
+    subprotocol = JSON_SUBPROTOCOL
+    binary = False
+
+    def __init__(self) -> None:
+        self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self._encoder = json.JSONEncoder(
+            separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+
+    def loads(self, payload: bytes) -> Any:
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(CloseCode.INVALID_DATA, "payload is not valid UTF-8") from exc
+        try:
+            return self._decoder.decode(text)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(CloseCode.INVALID_DATA, "payload is not valid JSON") from exc
+
+    def dumps(self, value: Any) -> bytes:
+        return self._encoder.encode(value).encode("utf-8")
+
+    def batch(self, parts: list[bytes]) -> bytes:
+        return b"[" + b",".join(parts) + b"]"
+
+
+class MsgpackCodec(Codec):
+    """msgpack in binary frames, decoded defensively.
+
+    Map keys must be strings (``strict_map_key``), extension types, including the
+    timestamp extension, are refused (``max_ext_len=0``), and msgpack's own length
+    limits are bounded by the payload size, which the WebSocket layer already caps
+    at ``max_message_size``.
+    """
+
+    subprotocol = MSGPACK_SUBPROTOCOL
+    binary = True
+
+    def loads(self, payload: bytes) -> Any:
+        try:
+            return msgpack.unpackb(
+                payload, raw=False, strict_map_key=True, max_ext_len=0, use_list=True
+            )
+        except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+            # ValueError covers ExtraData, FormatError, StackError, bad UTF-8 in
+            # strings and the ext limit; TypeError covers non-string map keys.
+            raise ProtocolError(CloseCode.INVALID_DATA, "payload is not valid msgpack") from exc
+
+    def dumps(self, value: Any) -> bytes:
+        result: bytes = msgpack.packb(value, use_bin_type=True)
+        return result
+
+    def batch(self, parts: list[bytes]) -> bytes:
+        packer = msgpack.Packer()
+        header: bytes = packer.pack_array_header(len(parts))
+        return header + b"".join(parts)
+
+
+#: The codecs by subprotocol name, in the server's order of preference.
+CODECS: dict[str, type[Codec]] = {
+    JSON_SUBPROTOCOL: JsonCodec,
+    MSGPACK_SUBPROTOCOL: MsgpackCodec,
+}

@@ -1,0 +1,176 @@
+"""Sequencing and acknowledgement, free of I/O (PROTOCOL.md §4).
+
+Theory of operation. Each direction of a session has its own numbering. The sending
+side is an :class:`Outbox`: it numbers sequenced envelopes 1, 2, 3, ... with no gaps,
+lets at most ``window`` of them be in flight (written but not yet acknowledged) and
+holds the rest back until acks arrive. The receiving side is an :class:`Inbox`: it
+accepts the next ``seq`` in order, recognises duplicates, rejects gaps, and tracks what
+has been processed and what it has acknowledged so far.
+
+Neither reads a clock. The inbox reports that an ack is *pending* (something processed
+and not yet acknowledged) or *urgent* (half the window or more pending, or a duplicate
+to answer); the connection turns "pending" into a 100 ms deadline and "urgent" into an
+ack at once. Items held by the outbox are opaque: the connection stores its encoded
+frames there, so this module never encodes anything.
+
+The state here is plain data, kept by a session so that the next issue can carry it
+across reconnections.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .exceptions import ProtocolError
+from .protocol.closecodes import CloseCode
+
+__all__ = ["Inbox", "Outbox", "Receipt"]
+
+T = TypeVar("T")
+
+
+class Receipt(enum.Enum):
+    """What the inbox made of a received ``seq``."""
+
+    NEW = "new"  # the next in order: process it
+    DUPLICATE = "duplicate"  # already received: ack again, do not process again
+
+
+@dataclass(slots=True)
+class Outbox(Generic[T]):
+    """The sending half: numbering, the window and what awaits acknowledgement.
+
+    Args:
+        window: how many sequenced envelopes may be unacknowledged in flight.
+    """
+
+    window: int
+    #: The ``seq`` the next sequenced envelope gets.
+    next_seq: int = 1
+    #: Highest ``seq`` the peer acknowledged.
+    acked: int = 0
+    #: Written, not yet acknowledged, in ``seq`` order: ``(seq, item)``.
+    in_flight: deque[tuple[int, T]] = field(default_factory=deque)
+    #: Numbered but held back by the window, in ``seq`` order.
+    waiting: deque[tuple[int, T]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("window must be at least 1")
+
+    @property
+    def last_sent(self) -> int:
+        """The highest ``seq`` handed out for writing (what the peer may ack)."""
+        if self.in_flight:
+            return self.in_flight[-1][0]
+        return self.acked
+
+    def push(self, item: T) -> bool:
+        """Take the envelope numbered :attr:`next_seq` (the caller encoded it so).
+
+        Returns:
+            True if it may be written now, False if the window holds it back.
+        """
+        seq = self.next_seq
+        self.next_seq += 1
+        if not self.waiting and len(self.in_flight) < self.window:
+            self.in_flight.append((seq, item))
+            return True
+        self.waiting.append((seq, item))
+        return False
+
+    def receive_ack(self, ack: int) -> list[T]:
+        """Apply a cumulative ack from the peer.
+
+        Returns:
+            The items the window now lets through, in order, to be written.
+
+        Raises:
+            ProtocolError: 1002 if ``ack`` is above what was written (PROTOCOL.md §4).
+        """
+        if ack > self.last_sent:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
+            )
+        if ack <= self.acked:
+            return []  # stale or repeated: acks are cumulative
+        self.acked = ack
+        while self.in_flight and self.in_flight[0][0] <= ack:
+            self.in_flight.popleft()
+        released: list[T] = []
+        while self.waiting and len(self.in_flight) < self.window:
+            entry = self.waiting.popleft()
+            self.in_flight.append(entry)
+            released.append(entry[1])
+        return released
+
+    def unacknowledged(self) -> Iterator[tuple[int, T]]:
+        """Every numbered envelope not yet acknowledged, in order (for resending)."""
+        yield from self.in_flight
+        yield from self.waiting
+
+
+@dataclass(slots=True)
+class Inbox:
+    """The receiving half: order, duplicates, processing and acks.
+
+    Args:
+        window: how many sequenced envelopes the peer may have unacknowledged.
+    """
+
+    window: int
+    #: Highest ``seq`` accepted (handed on for processing).
+    received: int = 0
+    #: Highest ``seq`` whose processing finished.
+    processed: int = 0
+    #: Highest ``seq`` put in an ack on its way to the peer.
+    acked: int = 0
+    #: A duplicate arrived: the peer wants an ack even if nothing new was processed.
+    reack: bool = False
+
+    def receive(self, seq: int) -> Receipt:
+        """Account for a received sequenced envelope.
+
+        Raises:
+            ProtocolError: 1002 if ``seq`` skips ahead, or if the peer exceeded the
+                window (more than ``window`` envelopes unacknowledged).
+        """
+        if seq <= self.received:
+            self.reack = True
+            return Receipt.DUPLICATE
+        if seq != self.received + 1:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, f"seq {seq} skips ahead (expected {self.received + 1})"
+            )
+        if seq > self.acked + self.window:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR,
+                f"seq {seq} exceeds the window ({self.window} above ack {self.acked})",
+            )
+        self.received = seq
+        return Receipt.NEW
+
+    def mark_processed(self, seq: int) -> None:
+        """Record that the envelope ``seq`` (and so all before it) was processed."""
+        if seq > self.processed:
+            self.processed = seq
+
+    @property
+    def ack_pending(self) -> bool:
+        """Something processed is not yet acknowledged, or a duplicate wants an answer."""
+        return self.processed > self.acked or self.reack
+
+    @property
+    def ack_urgent(self) -> bool:
+        """Ack at once: half the window is unacknowledged, or a duplicate was received."""
+        return self.reack or (self.processed - self.acked) * 2 >= self.window
+
+    def take_ack(self) -> int:
+        """Return the ack value to send now and record it as sent."""
+        self.acked = self.processed
+        self.reack = False
+        return self.processed

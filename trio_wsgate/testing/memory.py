@@ -1,0 +1,41 @@
+"""Serve a client over in-memory streams: no sockets, and MockClock friendly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from ..protocol.codecs import JSON_SUBPROTOCOL
+from ..server import Server
+from .client import RawClient
+
+__all__ = ["open_memory_connection"]
+
+
+@asynccontextmanager
+async def open_memory_connection(
+    server: Server,
+    nursery: trio.Nursery,
+    *,
+    subprotocols: Sequence[str] | None = (JSON_SUBPROTOCOL,),
+    lockstep: bool = False,
+) -> AsyncIterator[RawClient]:
+    """Connect a :class:`RawClient` to ``server`` over an in-memory stream pair.
+
+    The server side runs as a task of ``nursery`` (``server.serve_stream``).
+
+    Args:
+        lockstep: use :func:`trio.testing.lockstep_stream_pair`, whose writes block
+            until the other side reads: a peer that stops reading blocks the server.
+    """
+    pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+    client_stream, server_stream = pair()
+    nursery.start_soon(server.serve_stream, server_stream, "memory")
+    client = await RawClient.connect(client_stream, subprotocols=subprotocols)
+    try:
+        yield client
+    finally:
+        await trio.aclose_forcefully(client_stream)

@@ -1,0 +1,284 @@
+"""The default transport: websockets' sans-I/O protocol over a trio stream.
+
+The connection's own reader and write loop drive :class:`websockets.server.ServerProtocol`
+directly, so no library task hides inside the connection, no write lock is needed, and
+all queued frames leave in one ``send_all``. websockets does the opening handshake, the
+framing (its C speedups mask and unmask), automatic pongs, close frames and the close
+codes for framing errors (1002) and oversized messages (1009).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from websockets.exceptions import NegotiationError
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from ..protocol.closecodes import CloseCode, CloseReason
+from .base import Incoming, TransportBroken
+
+__all__ = ["Handshake", "WebsocketsTransport", "accept_websocket", "classify_os_error"]
+
+RECEIVE_SIZE = 65536
+
+# websockets logs request headers at DEBUG level, and headers may carry tokens
+# (Authorization, ?token=). Secrets never reach the logs: this logger stays at INFO.
+_wire_logger = logging.getLogger("trio_wsgate.wire")
+_wire_logger.setLevel(logging.INFO)
+
+
+def classify_os_error(exc: BaseException) -> CloseReason:
+    """Map a broken-stream error to its disconnect reason by its errno."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError):
+            if cause.errno == errno.ECONNRESET:
+                return CloseReason.RESET
+            if cause.errno == errno.ETIMEDOUT:
+                return CloseReason.TIMEOUT
+            if cause.errno == errno.EPIPE:
+                return CloseReason.BROKEN_PIPE
+        cause = cause.__cause__ or cause.__context__
+    return CloseReason.RESET
+
+
+class WebsocketsTransport:
+    """A server-side WebSocket over a trio stream, after a successful handshake.
+
+    Args:
+        stream: the byte stream (a socket, or one half of an in-memory pair).
+        protocol: the websockets protocol in state OPEN.
+        pending: events parsed together with the handshake request (pipelined frames).
+        remote_address: the peer's address, for logs.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: ServerProtocol,
+        pending: Sequence[Any] = (),
+        remote_address: str = "",
+    ) -> None:
+        self._stream = stream
+        self._protocol = protocol
+        self._pending = list(pending)
+        self._fragments: list[bytes] = []
+        self._fragment_binary = False
+        self._eof_sent = False
+        self._failure_reported = False
+        self.remote_address = remote_address
+
+    async def receive(self) -> Incoming:
+        """Wait for data; return the messages and signals it completed."""
+        incoming = Incoming()
+        if self._pending:
+            events, self._pending = self._pending, []
+            self._handle_events(events, incoming)
+            return incoming
+        try:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        if not data:
+            self._protocol.receive_eof()
+            incoming.eof = True
+            return incoming
+        incoming.nbytes = len(data)
+        self._protocol.receive_data(data)
+        self._handle_events(self._protocol.events_received(), incoming)
+        return incoming
+
+    def _handle_events(self, events: list[Any], incoming: Incoming) -> None:
+        for event in events:
+            if not isinstance(event, Frame):
+                continue
+            incoming.frames += 1
+            opcode = event.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                data = bytes(event.data)
+                if event.fin:
+                    incoming.messages.append((data, opcode is Opcode.BINARY))
+                else:
+                    self._fragments = [data]
+                    self._fragment_binary = opcode is Opcode.BINARY
+            elif opcode is Opcode.CONT:
+                self._fragments.append(bytes(event.data))
+                if event.fin:
+                    message = b"".join(self._fragments)
+                    self._fragments = []
+                    incoming.messages.append((message, self._fragment_binary))
+            elif opcode is Opcode.CLOSE:
+                rcvd = self._protocol.close_rcvd
+                if rcvd is not None:
+                    incoming.peer_close = (int(rcvd.code), rcvd.reason)
+        protocol = self._protocol
+        if protocol.parser_exc is not None and not self._failure_reported:
+            self._failure_reported = True
+            sent = protocol.close_sent
+            if sent is not None and protocol.close_rcvd is None:
+                incoming.failed = (int(sent.code), sent.reason)
+            elif sent is None:
+                incoming.failed = (int(CloseCode.ABNORMAL), str(protocol.parser_exc))
+
+    def send_message(self, payload: bytes, binary: bool) -> None:
+        """Queue one message as one frame."""
+        if binary:
+            self._protocol.send_binary(payload)
+        else:
+            self._protocol.send_text(payload)
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Queue a close frame, unless the closing handshake has begun."""
+        # A close reason must fit a control frame (125 bytes with the code).
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_close(code, reason.encode()[:120].decode(errors="ignore"))
+
+    def wants_flush(self) -> bool:
+        """True if websockets has bytes waiting for the network."""
+        return bool(self._protocol.writes)
+
+    @property
+    def is_open(self) -> bool:
+        """True while messages may still be sent."""
+        return self._protocol.state is State.OPEN
+
+    async def flush(self) -> bool:
+        """Write all queued bytes in one ``send_all``; half-close when websockets says so.
+
+        Returns:
+            True once this side has sent its end of stream.
+        """
+        chunks = self._protocol.data_to_send()
+        if not chunks:
+            return self._eof_sent
+        eof = chunks[-1] == b""
+        payload = b"".join(chunks)
+        try:
+            if payload:
+                await self._stream.send_all(payload)
+            if eof and not self._eof_sent:
+                self._eof_sent = True
+                if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+                else:  # pragma: no cover - TLS streams cannot half-close
+                    await self._stream.aclose()
+        except trio.BrokenResourceError as exc:
+            raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        return self._eof_sent
+
+    async def aclose(self) -> None:
+        """Release the stream at once."""
+        self._protocol.receive_eof()
+        await trio.aclose_forcefully(self._stream)
+
+
+@dataclass(slots=True)
+class Handshake:
+    """A completed opening handshake."""
+
+    transport: WebsocketsTransport
+    #: The subprotocol the client offered and we chose, or None if it offered none.
+    subprotocol: str | None
+    request: Request
+
+
+def _select_subprotocol(
+    protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    # PROTOCOL.md §1: no offer means JSON (browsers often offer none); an offer
+    # with none of ours is refused with 400. Among ours, the client's order wins.
+    if not offered:
+        return None
+    for name in offered:
+        if name in (protocol.available_subprotocols or ()):
+            return name
+    raise NegotiationError(
+        "no supported subprotocol; offer one of " + ", ".join(protocol.available_subprotocols or ())
+    )
+
+
+async def _write_all(stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
+    for chunk in protocol.data_to_send():
+        if chunk:
+            await stream.send_all(chunk)
+
+
+async def accept_websocket(
+    stream: trio.abc.Stream,
+    *,
+    path: str,
+    subprotocols: Sequence[str],
+    max_message_size: int,
+    http_route: Callable[[Request], tuple[int, str, dict[str, str]] | None],
+    remote_address: str = "",
+) -> Handshake | tuple[int, Request | None]:
+    """Read the opening request and answer it.
+
+    ``http_route(request)`` is asked first: a ``(status, body, headers)`` answer is
+    sent as plain HTTP (health checks, 503 while draining); ``None`` goes on to the
+    WebSocket handshake at ``path``. The caller bounds the time this takes.
+
+    Returns:
+        A :class:`Handshake` when the connection was upgraded, else the HTTP status
+        that was answered (0 if the peer left before a request was read) and the
+        request, if one was read. The stream is left open in every case.
+    """
+    protocol = ServerProtocol(
+        subprotocols=[Subprotocol(s) for s in subprotocols],
+        select_subprotocol=_select_subprotocol,
+        max_size=max_message_size,
+        logger=_wire_logger,
+    )
+    request: Request | None = None
+    events: list[Any] = []
+    while request is None:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError:
+            return 0, None
+        if not data:
+            return 0, None
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if events:
+            request, events = events[0], events[1:]
+        elif protocol.writes or protocol.handshake_exc is not None:
+            # An unparseable request: websockets answered (414, 431) or gave up.
+            status = 400
+            writes = b"".join(protocol.data_to_send())
+            if writes.startswith(b"HTTP/1.1 "):
+                status = int(writes[9:12])
+                await stream.send_all(writes)
+            return status, None
+    assert isinstance(request, Request)
+
+    answer = http_route(request)
+    if answer is None and request.path.split("?", 1)[0] != path:
+        answer = (404, "Not Found\n", {})
+    if answer is not None:
+        status, body, headers = answer
+        response = protocol.reject(status, body)
+        for key, value in headers.items():
+            response.headers[key] = value
+        protocol.send_response(response)
+        await _write_all(stream, protocol)
+        return status, request
+
+    response = protocol.accept(request)
+    protocol.send_response(response)
+    await _write_all(stream, protocol)
+    if response.status_code != 101:
+        return response.status_code, request
+    transport = WebsocketsTransport(stream, protocol, events, remote_address)
+    chosen = response.headers.get("Sec-WebSocket-Protocol")
+    return Handshake(transport, chosen, request)
+
