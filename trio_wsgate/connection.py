@@ -72,6 +72,10 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.MESSAGE_TOO_BIG: CloseReason.PROTOCOL_ERROR,
     CloseCode.POLICY_VIOLATION: CloseReason.POLICY,
     CloseCode.INTERNAL_ERROR: CloseReason.INTERNAL_ERROR,
+    CloseCode.GOING_AWAY: CloseReason.DRAIN,
+    CloseCode.SLOW_CONSUMER: CloseReason.SLOW_CONSUMER,
+    CloseCode.KICKED: CloseReason.KICK,
+    CloseCode.TAKEN_OVER: CloseReason.TAKE_OVER,
 }
 
 # What waits in the write queue: an encoded envelope and whether it is sequenced
@@ -125,10 +129,7 @@ class Session:
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Ask for the connection to close with ``code``. Returns at once."""
-        label = _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
-        if code == CloseCode.KICKED:
-            label = CloseReason.KICK
-        self._connection.close(code, reason, label)
+        self._connection.close(code, reason)
 
 
 class Connection:
@@ -162,6 +163,7 @@ class Connection:
         self._outbox: Outbox[bytes] = Outbox(config.window)
         self._inbox = Inbox(config.window)
         self._hello_seen = False
+        self._welcomed = trio.Event()
         self._liveness: trio.CancelScope | None = None
         self._pings: dict[int, float] = {}
         self._nursery: trio.Nursery | None = None
@@ -248,6 +250,7 @@ class Connection:
             return
         self.closing = True
         self.close_decided_at = trio.current_time()
+        self._welcomed.set()  # a reader waiting for welcome goes back to reading
         self._app_scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.deadline = self._close_deadline()
@@ -293,7 +296,13 @@ class Connection:
                 if self.closing:
                     break
                 try:
-                    self._on_message(payload, binary)
+                    for envelope in self._decode(payload, binary):
+                        if self.closing:
+                            break
+                        self._on_envelope(envelope)
+                        if isinstance(envelope, Hello):
+                            # welcome answers hello before anything else is answered.
+                            await self._welcomed.wait()
                 except ProtocolError as exc:
                     label = _REASON_BY_CODE.get(exc.code, CloseReason.PROTOCOL_ERROR)
                     self._begin_close(exc.code, exc.reason, label)
@@ -318,7 +327,7 @@ class Connection:
         assert interval is not None
         self._liveness.deadline = trio.current_time() + interval + self._config.heartbeat_timeout
 
-    def _on_message(self, payload: bytes, binary: bool) -> None:
+    def _decode(self, payload: bytes, binary: bool) -> list[Envelope]:
         codec = self._codec
         if binary is not codec.binary:
             kind = "binary" if binary else "text"
@@ -327,8 +336,7 @@ class Connection:
             )
         envelopes = codec.decode(payload)
         self._metrics.messages_in.inc(len(envelopes))
-        for envelope in envelopes:
-            self._on_envelope(envelope)
+        return envelopes
 
     def _on_envelope(self, envelope: Envelope) -> None:
         if not self._hello_seen:
@@ -520,6 +528,7 @@ class Connection:
                 max_message_size=config.max_message_size,
             )
         )
+        self._welcomed.set()
         gateway = self._gateway
         for hook in gateway.connect_hooks:
             await hook(session)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a server for in-memory connections, and a task counter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from trio_wsgate import Config, Gateway, HandlerError, Server, Session
+from trio_wsgate.metrics import count_tasks
+
+
+def make_gateway() -> Gateway:
+    """The application used by most tests."""
+    gateway = Gateway()
+
+    @gateway.on("echo")
+    async def echo(session: Session, data: Any) -> Any:
+        return data
+
+    @gateway.on("sleep")
+    async def sleep(session: Session, data: Any) -> Any:
+        await trio.sleep(data)
+        return data
+
+    @gateway.on("fail")
+    async def fail(session: Session, data: Any) -> Any:
+        raise RuntimeError("the handler broke")
+
+    @gateway.on("refuse")
+    async def refuse(session: Session, data: Any) -> Any:
+        raise HandlerError("not_allowed", "no, thanks")
+
+    @gateway.on("push")
+    async def push(session: Session, data: Any) -> int:
+        for i in range(data):
+            session.send("pushed", i)
+        return int(data)
+
+    return gateway
+
+
+@pytest.fixture
+def make_server() -> Callable[..., Server]:
+    def factory(gateway: Gateway | None = None, **settings: Any) -> Server:
+        settings.setdefault("admin_port", 0)
+        return Server(gateway or make_gateway(), Config(**settings))
+
+    return factory
+
+
+@pytest.fixture
+def tasks() -> Callable[[], int]:
+    """Count the live trio tasks (what ``wsgate_tasks`` reports)."""
+    return count_tasks

@@ -1,0 +1,435 @@
+"""The connection nursery over in-memory streams, on a MockClock.
+
+Every time asserted here is exact virtual time: ``autojump_clock`` jumps to the next
+deadline whenever all tasks are blocked, so a 35 s heartbeat runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio.testing import MockClock
+
+from trio_wsgate import Gateway, Server, Session, SessionClosed, SlowConsumer
+from trio_wsgate.protocol import MSGPACK_SUBPROTOCOL
+from trio_wsgate.testing import Closed, RawClient, open_memory_connection
+
+from .conftest import make_gateway
+
+
+async def call(client: RawClient, seq: int, event: str, data: Any = None) -> dict[str, Any]:
+    await client.send({"type": "msg", "seq": seq, "event": event, "data": data})
+    return await client.recv_type("reply")
+
+
+@pytest.mark.parametrize("subprotocols", [None, ["wsgate.v1.json"], [MSGPACK_SUBPROTOCOL]])
+async def test_hello_welcome_call_reply_and_ack(
+    autojump_clock: MockClock, make_server: Callable[..., Server], subprotocols: list[str] | None
+) -> None:
+    server = make_server()
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, subprotocols=subprotocols) as client,
+    ):
+        welcome = await client.hello()
+        assert welcome["resumed"] is False and welcome["ack"] == 0
+        assert welcome["heartbeat"] == {"interval": 25.0, "timeout": 10.0}
+        assert welcome["window"] == 256 and welcome["max_message_size"] == 65536
+        assert isinstance(welcome["session"], str) and len(welcome["resume_token"]) >= 16
+        reply = await call(client, 1, "echo", {"n": [1, 2]})
+        # The reply is the server's seq 1, answers client seq 1 and acks it.
+        assert reply == {"type": "reply", "seq": 1, "re": 1, "data": {"n": [1, 2]}, "ack": 1}
+        await client.close()
+        assert await client.wait_closed() == (1000, "")
+    assert not server.connections
+
+
+async def test_a_batch_is_handled_in_array_order(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.send(
+            {"type": "hello"},
+            {"type": "msg", "seq": 1, "event": "echo", "data": "a"},
+            {"type": "msg", "seq": 2, "event": "echo", "data": "b"},
+            {"type": "ping", "ts": 7},
+        )
+        assert (await client.recv())["type"] == "welcome"
+        seen = [await client.recv() for _ in range(3)]
+        assert {"type": "pong", "ts": 7} in seen
+        replies = [e for e in seen if e["type"] == "reply"]
+        assert [(r["re"], r["data"]) for r in replies] == [(1, "a"), (2, "b")]
+        await client.close()
+
+
+async def test_handler_errors_become_error_replies(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        failed = await call(client, 1, "fail")
+        assert failed["error"] == {"code": "internal", "reason": "internal error"}
+        refused = await call(client, 2, "refuse")
+        assert refused["error"] == {"code": "not_allowed", "reason": "no, thanks"}
+        unknown = await call(client, 3, "nope")
+        assert unknown["error"]["code"] == "unknown_event"
+        topics = await call(client, 4, "")  # placeholder to keep seq contiguous
+        assert topics["error"]["code"] == "unknown_event"
+        await client.send({"type": "sub", "seq": 5, "topic": "news"})
+        sub = await client.recv_type("reply")
+        assert sub["re"] == 5 and sub["error"]["code"] == "unsupported"
+        # The connection survived every one of them.
+        assert (await call(client, 6, "echo", 1))["data"] == 1
+        await client.close()
+
+
+async def test_handlers_run_one_at_a_time_in_arrival_order(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        start = trio.current_time()
+        await client.send(
+            {"type": "msg", "seq": 1, "event": "sleep", "data": 3},
+            {"type": "msg", "seq": 2, "event": "sleep", "data": 1},
+        )
+        first = await client.recv_type("reply")
+        assert first["re"] == 1 and trio.current_time() - start == 3
+        second = await client.recv_type("reply")
+        # Serial: the second handler started only when the first returned.
+        assert second["re"] == 2 and trio.current_time() - start == 4
+        await client.close()
+
+
+async def test_server_pings_every_interval_and_the_rtt_is_measured(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(heartbeat_interval=25, heartbeat_timeout=10)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        start = trio.current_time()
+        for n in (1, 2, 3):
+            ping = await client.recv()
+            assert ping["type"] == "ping"
+            assert trio.current_time() - start == 25 * n
+            await client.send({"type": "pong", "ts": ping["ts"]})
+        await trio.testing.wait_all_tasks_blocked()
+        # Answering pings keeps the connection alive well past interval + timeout.
+        assert not client.close_code
+        rtt = server.metrics.registry.get_sample_value("wsgate_heartbeat_rtt_seconds_count")
+        assert rtt == 3
+        await client.close()
+
+
+async def test_silence_closes_4002_at_interval_plus_timeout(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(heartbeat_interval=25, heartbeat_timeout=10, close_timeout=2)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        start = trio.current_time()
+        (connection,) = server.connections
+        # The client reads but never sends: no pong, no frame at all.
+        code, reason = await client.wait_closed()
+        assert (code, reason) == (4002, "heartbeat timeout")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection.close_decided_at == start + 35
+        # The client answered the close handshake, so release came at once.
+        assert connection.released_at == start + 35
+        assert connection.close_reason == "heartbeat_timeout"
+
+
+async def test_a_half_open_peer_is_released_within_close_timeout(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    """The peer vanished without a FIN: it neither answers pings nor the close."""
+    server = make_server(heartbeat_interval=25, heartbeat_timeout=10, close_timeout=2)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        start = trio.current_time()
+        (connection,) = server.connections
+        done = trio.Event()
+
+        async def watch() -> None:
+            while server.connections:
+                await trio.sleep(0.5)
+            done.set()
+
+        nursery.start_soon(watch)
+        await done.wait()  # the client never reads again
+        assert connection.close_code == 4002
+        assert connection.close_decided_at == start + 35
+        assert connection.released_at == start + 37
+
+
+async def test_no_hello_closes_4003_at_hello_timeout(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server(hello_timeout=10)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        assert await client.wait_closed() == (4003, "no hello in time")
+        assert trio.current_time() - start == 10
+
+
+async def test_a_stalled_handshake_is_dropped_at_hello_timeout(
+    autojump_clock: MockClock, make_server: Callable[..., Server], tasks: Callable[[], int]
+) -> None:
+    server = make_server(hello_timeout=10)
+    before = tasks()
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        await client_stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # never finished
+        start = trio.current_time()
+        assert await client_stream.receive_some() == b""
+        assert trio.current_time() - start == 10
+    assert tasks() == before
+
+
+async def test_close_is_bounded_when_the_peer_stops_reading(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    """Lockstep streams: the server's writes block until the client reads, and it
+    never does. Closing still releases the transport at exactly close_timeout."""
+    server = make_server(close_timeout=2, heartbeat_interval=None)
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, lockstep=True) as client,
+    ):
+        await client.send({"type": "hello"})
+        await client.recv_type("welcome")
+        (connection,) = server.connections
+        assert connection.session is not None
+        session = connection.session
+        for i in range(50):  # the write loop blocks on the first of these
+            session.send("bulk", "x" * 1000 + str(i))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        session.close(1000, "bye now")  # returns at once
+        assert trio.current_time() == start
+        while server.connections:
+            await trio.sleep(0.25)
+        assert connection.released_at == start + 2
+        with pytest.raises(SessionClosed):
+            session.send("late", 1)
+
+
+async def test_close_returns_at_once_and_a_cooperating_peer_is_released_at_once(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(close_timeout=2)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        (connection,) = server.connections
+        start = trio.current_time()
+        nursery.start_soon(connection.aclose, 4005, "kicked")
+        assert await client.wait_closed() == (4005, "kicked")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection.released_at == start
+        assert connection.close_reason == "kick"
+
+
+async def test_the_window_holds_back_and_acks_release(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server(window=4)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 10})
+        got = [await client.recv() for _ in range(4)]
+        assert [e["seq"] for e in got] == [1, 2, 3, 4]  # the window is full
+        await trio.testing.wait_all_tasks_blocked()
+        assert not client.received
+        (connection,) = server.connections
+        assert connection.queue_depth == 7  # 6 msgs + the reply wait for acks
+        await client.send({"type": "ack", "ack": 2})
+        got = [await client.recv() for _ in range(2)]
+        assert [e["seq"] for e in got] == [5, 6]
+        await client.send({"type": "ack", "ack": 6})
+        rest = [await client.recv() for _ in range(4)]
+        seqs = [e["seq"] for e in rest if e["type"] != "ack"]
+        assert seqs == [7, 8, 9, 10][: len(seqs)]
+        await client.close()
+
+
+async def test_an_ack_held_by_the_window_goes_alone_within_100ms(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(window=4)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 4})
+        assert [(await client.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
+        # The reply (seq 5) waits for the window; the ack of client seq 1 does not.
+        start = trio.current_time()
+        ack = await client.recv()
+        assert ack == {"type": "ack", "ack": 1}
+        assert trio.current_time() - start == pytest.approx(0.1)
+        await client.close()
+
+
+async def test_duplicates_are_acked_again_not_processed_again(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    calls: list[Any] = []
+    gateway = Gateway()
+
+    @gateway.on("count")
+    async def count(session: Session, data: Any) -> int:
+        calls.append(data)
+        return len(calls)
+
+    server = make_server(gateway)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        assert (await call(client, 1, "count", "a"))["data"] == 1
+        await client.send({"type": "msg", "seq": 1, "event": "count", "data": "a"})
+        assert await client.recv() == {"type": "ack", "ack": 1}
+        assert calls == ["a"]
+        await client.close()
+
+
+@pytest.mark.parametrize("policy", ["close", "drop-oldest"])
+async def test_slow_consumer_policy(
+    autojump_clock: MockClock, make_server: Callable[..., Server], policy: str
+) -> None:
+    """The client stops reading and keeps pinging: pongs pile up in the queue."""
+    server = make_server(queue_size=3, slow_consumer=policy, heartbeat_interval=None)
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, lockstep=True) as client,
+    ):
+        await client.send({"type": "hello"})
+        await client.recv_type("welcome")
+        (connection,) = server.connections
+        await client.send(*[{"type": "ping", "ts": n} for n in range(10)])
+        await trio.testing.wait_all_tasks_blocked()
+        if policy == "close":
+            assert connection.close_code == 4004
+            assert connection.close_reason == "slow_consumer"
+        else:
+            assert not connection.closing
+            assert connection.queue_depth <= 3
+            await client.close()
+
+
+async def test_session_send_raises_slow_consumer_when_the_queue_is_full(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(window=2, queue_size=5)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        (connection,) = server.connections
+        assert connection.session is not None
+        with pytest.raises(SlowConsumer):
+            for i in range(10):
+                connection.session.send("x", i)
+        assert i == 5  # 2 in flight + 3 waiting + ... the 6th overflowed
+        assert await client.wait_closed() == (4004, "slow consumer")
+
+
+async def test_hooks_and_tasks_live_in_the_connection_nursery(
+    autojump_clock: MockClock, make_server: Callable[..., Server], tasks: Callable[[], int]
+) -> None:
+    events: list[str] = []
+    gateway = make_gateway()
+
+    @gateway.on_connect
+    async def connected(session: Session) -> None:
+        events.append("connect")
+        session.send("hi", None)
+
+    @gateway.on_disconnect
+    async def disconnected(session: Session) -> None:
+        events.append(f"disconnect {session.close_code}")
+
+    @gateway.task
+    async def ticker(session: Session) -> None:
+        try:
+            while True:
+                await trio.sleep(1)
+                session.send("tick", trio.current_time())
+        finally:
+            events.append("ticker cancelled")
+
+    server = make_server(gateway, heartbeat_interval=None)
+    before = tasks()
+    async with trio.open_nursery() as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello()
+            assert (await client.recv())["event"] == "hi"
+            ticks = [await client.recv_type("msg") for _ in range(3)]
+            assert [t["event"] for t in ticks] == ["tick"] * 3
+            await client.close()
+            await client.wait_closed()
+        await trio.testing.wait_all_tasks_blocked()
+    assert events == ["connect", "ticker cancelled", "disconnect 1000"]
+    assert tasks() == before
+
+
+async def test_a_crashing_session_task_closes_1011(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    gateway = make_gateway()
+
+    @gateway.task
+    async def crash(session: Session) -> None:
+        await trio.sleep(5)
+        raise ValueError("boom")
+
+    server = make_server(gateway, heartbeat_interval=None)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        assert await client.wait_closed() == (1011, "internal error")
+
+
+async def test_bye_ends_the_session_with_1000(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        (connection,) = server.connections
+        await client.send({"type": "bye"})
+        assert await client.wait_closed() == (1000, "bye")
+        assert connection.close_reason == "bye"
+
+
+async def test_client_ping_gets_pong_with_ts_echoed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "ping", "ts": {"any": ["thing"]}})
+        assert await client.recv() == {"type": "pong", "ts": {"any": ["thing"]}}
+        await client.close()
+
+
+async def test_a_closed_client_is_refused_as_closed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.close(1000)
+        await client.wait_closed()
+        with pytest.raises(Closed):
+            await client.recv()
