@@ -18,7 +18,7 @@ from typing import Any
 import trio
 from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
@@ -29,6 +29,10 @@ from .base import Incoming, TransportBroken
 __all__ = ["Handshake", "WebsocketsTransport", "accept_websocket", "classify_os_error"]
 
 RECEIVE_SIZE = 65536
+
+# websockets' answers to a malformed upgrade: wrong method, not an upgrade,
+# wrong HTTP version.
+_MALFORMED = frozenset({405, 426, 505})
 
 # websockets logs request headers at DEBUG level, and headers may carry tokens
 # (Authorization, ?token=). Secrets never reach the logs: this logger stays at INFO.
@@ -274,6 +278,10 @@ async def accept_websocket(
         return status, request
 
     response = protocol.accept(request)
+    if response.status_code in _MALFORMED:
+        # PROTOCOL.md §8 answers every malformed upgrade with 400; websockets'
+        # helpful headers (Allow, Upgrade) and text stay.
+        response = Response(400, "Bad Request", response.headers, response.body)
     protocol.send_response(response)
     await _write_all(stream, protocol)
     if response.status_code != 101:

@@ -1,0 +1,208 @@
+"""Leak-free (DESIGN.md): connections ended every way leave no task behind.
+
+Thousands of in-memory connections on a MockClock, so the heartbeat and close
+timeouts cost no real time. The count of live trio tasks (what ``wsgate_tasks``
+exports) must come back to where it started. Real sockets, reset with RST, are in
+test_server.py and test_e2e.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio.testing import MockClock
+
+from trio_wsgate import Config, Gateway, Server, Session
+from trio_wsgate.testing import RawClient
+
+from .conftest import make_gateway
+
+PER_KIND = 300
+CONCURRENCY = 50
+
+
+def leak_gateway() -> Gateway:
+    gateway = make_gateway()
+
+    @gateway.on("forever")
+    async def forever(session: Session, data: Any) -> None:
+        await trio.sleep_forever()
+
+    @gateway.on("flood")
+    async def flood(session: Session, data: Any) -> None:
+        for i in range(data):
+            session.send("flood", "x" * 200 + str(i))
+
+    @gateway.on("kick")
+    async def kick(session: Session, data: Any) -> None:
+        session.close(4005, "kicked")
+
+    @gateway.task
+    async def idle(session: Session) -> None:
+        await trio.sleep_forever()  # a per-connection task that must be cancelled
+
+    return gateway
+
+
+async def clean(client: RawClient) -> None:
+    await client.hello()
+    await client.send({"type": "msg", "seq": 1, "event": "echo", "data": 1})
+    await client.recv_type("reply")
+    await client.close()
+    await client.wait_closed()
+
+
+async def drop(client: RawClient) -> None:
+    await client.hello()
+    await client.stream.aclose()  # no close frame: the TCP-level end
+
+
+async def cancelled_handler(client: RawClient) -> None:
+    await client.hello()
+    await client.send({"type": "msg", "seq": 1, "event": "forever"})
+    await trio.testing.wait_all_tasks_blocked()
+    await client.stream.aclose()
+
+
+async def handler_crash(client: RawClient) -> None:
+    await client.hello()
+    await client.send({"type": "msg", "seq": 1, "event": "fail"})
+    assert (await client.recv_type("reply"))["error"]["code"] == "internal"
+    await client.stream.aclose()
+
+
+async def heartbeat_timeout(client: RawClient) -> None:
+    await client.hello()
+    await trio.sleep(40)  # silent and not reading: half-open
+    await client.stream.aclose()
+
+
+async def slow_consumer(client: RawClient) -> None:
+    await client.hello()
+    await client.send({"type": "msg", "seq": 1, "event": "flood", "data": 50})
+    await trio.sleep(3)  # never reads
+    await client.stream.aclose()
+
+
+async def protocol_error(client: RawClient) -> None:
+    await client.hello()
+    await client.send_raw(b"{not json", binary=False)
+    assert (await client.wait_closed())[0] == 1007
+
+
+async def kicked(client: RawClient) -> None:
+    await client.hello()
+    await client.send({"type": "msg", "seq": 1, "event": "kick"})
+    assert (await client.wait_closed())[0] == 4005
+
+
+ENDINGS: dict[str, Callable[[RawClient], Awaitable[None]]] = {
+    "clean": clean,
+    "drop": drop,
+    "cancelled_handler": cancelled_handler,
+    "handler_crash": handler_crash,
+    "heartbeat_timeout": heartbeat_timeout,
+    "slow_consumer": slow_consumer,
+    "protocol_error": protocol_error,
+    "kicked": kicked,
+}
+
+
+async def one_connection(
+    server: Server, ending: Callable[[RawClient], Awaitable[None]], lockstep: bool
+) -> None:
+    pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+    client_stream, server_stream = pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        client = await RawClient.connect(client_stream)
+        await ending(client)
+        await trio.aclose_forcefully(client_stream)
+
+
+async def mid_handshake(server: Server) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        await client_stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: webs")
+        await client_stream.aclose()
+
+
+async def test_no_task_is_left_behind(autojump_clock: MockClock, tasks: Callable[[], int]) -> None:
+    server = Server(
+        leak_gateway(),
+        config=Config(
+            admin_port=0, heartbeat_interval=25, heartbeat_timeout=10, queue_size=10, window=16
+        ),
+    )
+    before = tasks()
+    limiter = trio.CapacityLimiter(CONCURRENCY)
+
+    async def limited(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        async with limiter:
+            await fn(*args)
+
+    total = 0
+    async with trio.open_nursery() as nursery:
+        for name, ending in ENDINGS.items():
+            for _ in range(PER_KIND):
+                nursery.start_soon(limited, one_connection, server, ending, name == "slow_consumer")
+                total += 1
+        for _ in range(PER_KIND):
+            nursery.start_soon(limited, mid_handshake, server)
+    await trio.testing.wait_all_tasks_blocked()
+    assert tasks() == before
+    assert not server.connections
+    registry = server.metrics.registry
+    assert registry.get_sample_value("wsgate_connections_open") == 0
+    assert registry.get_sample_value("wsgate_connections_total") == total
+    closes = {
+        (s.labels["code"], s.labels["reason"]): s.value
+        for metric in registry.collect()
+        if metric.name == "wsgate_closes"
+        for s in metric.samples
+        if s.name == "wsgate_closes_total"
+    }
+    # Every end was counted, each under its reason.
+    assert sum(closes.values()) == total
+    assert closes[("1000", "clean")] == PER_KIND
+    assert closes[("1006", "eof")] == 3 * PER_KIND  # drop, cancelled handler, crash
+    assert closes[("4002", "heartbeat_timeout")] == PER_KIND
+    assert closes[("4004", "slow_consumer")] == PER_KIND
+    assert closes[("1007", "protocol_error")] == PER_KIND
+    assert closes[("4005", "kick")] == PER_KIND
+
+
+@pytest.mark.parametrize("count", [500])
+async def test_drain_leaves_no_task_behind(
+    autojump_clock: MockClock, tasks: Callable[[], int], count: int
+) -> None:
+    server = Server(leak_gateway(), config=Config(admin_port=0))
+    before = tasks()
+    codes: list[int] = []
+
+    async def client_side(ready: trio.Event) -> None:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, server_stream)
+            client = await RawClient.connect(client_stream)
+            await client.hello()
+            ready.set()
+            codes.append((await client.wait_closed())[0])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            ready = trio.Event()
+            nursery.start_soon(client_side, ready)
+            await ready.wait()
+        assert len(server.connections) == count
+        start = trio.current_time()
+        await server.drain()
+        assert trio.current_time() == start  # every client answered the close at once
+        assert not server.ready
+    assert codes == [1001] * count
+    assert tasks() == before
