@@ -45,7 +45,7 @@ def make_gateway() -> Gateway:
 @pytest.fixture
 def make_server() -> Callable[..., Server]:
     def factory(gateway: Gateway | None = None, **settings: Any) -> Server:
-        settings.setdefault("admin_port", 0)
+        settings.setdefault("admin_port", None)
         return Server(gateway or make_gateway(), Config(**settings))
 
     return factory

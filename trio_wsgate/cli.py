@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        config = Config(**{field: getattr(args, field) for _, field, _, _ in _FLAGS})
+        settings = {field: getattr(args, field) for _, field, _, _ in _FLAGS}
+        settings["admin_port"] = settings["admin_port"] or None  # 0 turns it off
+        config = Config(**settings)
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
     if args.app:

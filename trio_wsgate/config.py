@@ -40,7 +40,8 @@ class Config:
     slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.CLOSE
     max_message_size: int = 65536
     admin_host: str = "127.0.0.1"
-    admin_port: int = 8001
+    #: ``None`` turns the admin port off; 0 picks a free port.
+    admin_port: int | None = 8001
     keepalive_idle: int = 60
     keepalive_interval: int = 5
     keepalive_count: int = 3

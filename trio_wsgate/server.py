@@ -165,7 +165,7 @@ class Server:
             self._root = root
             handler_nursery: trio.Nursery = await root.start(_open_connections_nursery)
             root.start_soon(self._accept, handler_nursery)
-            if config.admin_port:
+            if config.admin_port is not None:
                 await root.start(self._serve_admin)
             if handle_signals:
                 root.start_soon(self._watch_signals)

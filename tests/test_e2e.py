@@ -1,0 +1,279 @@
+"""The real server process, driven by an independent client (websockets' sync client).
+
+These tests start ``python -m trio_wsgate serve`` on 127.0.0.1 with the chat example,
+as a user would, and talk to it only through the network: WebSocket, /healthz,
+/metrics, and signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Node:
+    process: subprocess.Popen[str]
+    port: int
+    admin_port: int
+    log: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def get(self, path: str, admin: bool = True) -> tuple[int, str]:
+        port = self.admin_port if admin else self.port
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str) -> float:
+        _, text = self.get("/metrics")
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, name
+        return float(match.group(1))
+
+    def settle(self, name: str, value: float) -> float:
+        """Poll a metric until it equals ``value`` (bounded: 10 s, 200 reads)."""
+        seen = self.metric(name)
+        for _ in range(200):
+            if seen == value:
+                break
+            time.sleep(0.05)
+            seen = self.metric(name)
+        return seen
+
+
+def start_node(*flags: str, env: dict[str, str] | None = None) -> Node:
+    admin_port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trio_wsgate",
+            "serve",
+            "--port",
+            "0",
+            "--admin-port",
+            str(admin_port),
+            "--app",
+            "examples/chat.py:gateway",
+            *flags,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    log: list[str] = []
+    port = 0
+    ready = threading.Event()
+
+    def read() -> None:
+        nonlocal port
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+            match = re.search(r"listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if match:
+                port = int(match.group(1))
+            if "admin on" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ready.wait(30), "".join(log)
+    assert port, "".join(log)
+    return Node(process, port, admin_port, log)
+
+
+def stop_node(node: Node) -> None:
+    if node.process.poll() is None:
+        node.process.kill()
+    node.process.wait(10)
+    if node.process.stderr:
+        node.process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    started = start_node("--heartbeat-interval", "1", "--heartbeat-timeout", "5")
+    yield started
+    stop_node(started)
+
+
+def hello(ws: ClientConnection) -> dict[str, Any]:
+    ws.send(json.dumps({"type": "hello"}))
+    return receive(ws, "welcome")
+
+
+def receive(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next envelope of this type, answering pings on the way like a client must."""
+    for _ in range(100):
+        value = json.loads(ws.recv(timeout=10))
+        for envelope in value if isinstance(value, list) else [value]:
+            if envelope["type"] == kind:
+                return envelope  # type: ignore[no-any-return]
+            if envelope["type"] == "ping":
+                ws.send(json.dumps({"type": "pong", "ts": envelope.get("ts")}))
+    raise AssertionError(f"no {kind}")
+
+
+def test_hello_call_reply_ack_and_ping(node: Node) -> None:
+    with connect(node.url, subprotocols=["wsgate.v1.json"]) as ws:  # type: ignore[list-item]
+        welcome = hello(ws)
+        assert welcome["heartbeat"]["interval"] == 1.0
+        ws.send(json.dumps({"type": "msg", "seq": 1, "event": "echo", "data": [1, "two"]}))
+        reply = receive(ws, "reply")
+        # The chat's on_connect sent "joined" first, so the reply's own seq varies.
+        assert (reply["re"], reply["data"], reply["ack"]) == (1, [1, "two"], 1)
+        ping = receive(ws, "ping")  # the server's heartbeat, every second here
+        assert isinstance(ping["ts"], int)
+        ws.send(json.dumps({"type": "pong", "ts": ping["ts"]}))
+
+
+def test_chat_between_two_clients(node: Node) -> None:
+    with connect(node.url) as alice, connect(node.url) as bob:
+        hello(alice)
+        hello(bob)
+        alice.send(json.dumps({"type": "msg", "seq": 1, "event": "nick", "data": "alice"}))
+        assert receive(alice, "reply")["data"] == "alice"
+        alice.send(json.dumps({"type": "msg", "seq": 2, "event": "say", "data": "hi bob"}))
+        for ws in (alice, bob):
+            for _ in range(20):
+                said = receive(ws, "msg")
+                if said.get("event") == "said":
+                    break
+            assert said["data"] == {"from": "alice", "text": "hi bob"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [("{nope", 1007), (b"binary", 1003), (json.dumps({"type": "msg", "seq": 7}), 1002)],
+)
+def test_bad_input_codes(node: Node, payload: str | bytes, code: int) -> None:
+    with connect(node.url) as ws:
+        hello(ws)
+        ws.send(payload)
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(100):
+                ws.recv(timeout=10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == code
+    # The node still serves.
+    assert node.get("/healthz", admin=False)[0] == 200
+
+
+def frame(payload: bytes) -> bytes:
+    """A masked text frame, as a client sends it (mask key zero: payload as is)."""
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+def _raw_handshake(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+    return sock
+
+
+def test_killing_the_peer_socket_any_way_leaves_wsgate_tasks_where_it_was(node: Node) -> None:
+    assert node.settle("wsgate_connections_open", 0) == 0
+    baseline = node.metric("wsgate_tasks")
+    for _ in range(20):
+        # RST: SO_LINGER zero.
+        sock = _raw_handshake(node.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        # FIN without a close frame.
+        _raw_handshake(node.port).close()
+        # Dropped mid-handshake.
+        half = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        half.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpg")
+        half.close()
+        # Connected to a handler that is running when the socket dies.
+        busy = _raw_handshake(node.port)
+        busy.sendall(frame(b'{"type":"hello"}'))
+        busy.sendall(frame(b'{"type":"msg","seq":1,"event":"who"}'))
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        busy.close()
+    assert node.settle("wsgate_connections_open", 0) == 0
+    assert node.settle("wsgate_tasks", baseline) == baseline
+    _, text = node.get("/metrics")
+    assert 'wsgate_closes_total{code="1006",reason="reset"}' in text
+
+
+def test_settings_come_from_the_environment() -> None:
+    node = start_node(env={"WSGATE_PATH": "/gateway", "WSGATE_WINDOW": "32"})
+    try:
+        with connect(f"ws://127.0.0.1:{node.port}/gateway") as ws:
+            assert hello(ws)["window"] == 32
+    finally:
+        stop_node(node)
+
+
+def test_sigterm_drains_with_1001_and_exits_0() -> None:
+    node = start_node("--close-timeout", "1")
+    try:
+        with connect(node.url) as ws:
+            hello(ws)
+            assert node.get("/readyz")[0] == 200
+            node.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(100):
+                    ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        assert node.process.wait(15) == 0
+        assert any("draining" in line for line in node.log)
+    finally:
+        stop_node(node)
+
+
+def test_a_second_signal_exits_at_once() -> None:
+    node = start_node("--close-timeout", "30", "--drain-timeout", "60")
+    try:
+        deaf = _raw_handshake(node.port)  # never answers the close: the drain would wait 30 s
+        deaf.sendall(frame(b'{"type":"hello"}'))
+        node.process.send_signal(signal.SIGTERM)
+        for _ in range(200):  # bounded: until the first signal has turned /readyz
+            if node.get("/readyz")[0] == 503:
+                break
+            time.sleep(0.05)
+        assert node.get("/readyz")[0] == 503
+        node.process.send_signal(signal.SIGTERM)
+        assert node.process.wait(10) == 1
+        deaf.close()
+    finally:
+        stop_node(node)

@@ -1,0 +1,187 @@
+"""The node over real sockets on 127.0.0.1, with an independent client (websockets)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from websockets.exceptions import InvalidStatus
+from websockets.trio.client import connect
+
+from trio_wsgate import Server
+from trio_wsgate.server import set_keepalive
+from trio_wsgate.testing import RawClient
+
+from .helpers import http_get, metric
+
+
+@pytest.fixture
+async def node(make_server: Callable[..., Server]) -> AsyncIterator[Server]:
+    server = make_server(port=0, admin_port=0, close_timeout=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def ws_url(server: Server, path: str = "/ws") -> str:
+    host, port = server.listen_addresses[0]
+    return f"ws://{host}:{port}{path}"
+
+
+async def test_an_independent_client_says_hello_and_calls(node: Server) -> None:
+    async with connect(ws_url(node), subprotocols=["wsgate.v1.json"], ping_interval=None) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "wsgate.v1.json"
+        await ws.send(json.dumps({"type": "hello"}))
+        welcome = json.loads(await ws.recv())
+        assert welcome["type"] == "welcome"
+        await ws.send(json.dumps({"type": "msg", "seq": 1, "event": "echo", "data": "hi"}))
+        reply = json.loads(await ws.recv())
+        assert reply == {"type": "reply", "seq": 1, "re": 1, "data": "hi", "ack": 1}
+        # WebSocket-level pings are answered by the server too.
+        with trio.fail_after(5):
+            pong = await ws.ping()
+            await pong.wait()
+    assert ws.close_code == 1000
+
+
+async def test_no_subprotocol_offered_means_json(node: Server) -> None:
+    async with connect(ws_url(node), ping_interval=None) as ws:
+        assert ws.subprotocol is None
+        await ws.send(json.dumps({"type": "hello"}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+
+
+async def test_msgpack_is_binary(node: Server) -> None:
+    import msgpack
+
+    async with connect(ws_url(node), subprotocols=["wsgate.v1.msgpack"], ping_interval=None) as ws:  # type: ignore[list-item]
+        await ws.send(msgpack.packb({"type": "hello"}))
+        welcome = await ws.recv()
+        assert isinstance(welcome, bytes)
+        assert msgpack.unpackb(welcome)["type"] == "welcome"
+
+
+async def test_foreign_subprotocols_are_refused_with_400(node: Server) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(ws_url(node), subprotocols=["mqtt"]):  # type: ignore[list-item]
+            pass
+    assert info.value.response.status_code == 400
+
+
+async def test_health_on_both_ports_and_metrics_on_admin(node: Server) -> None:
+    _, ws_port = node.listen_addresses[0]
+    _, admin_port = node.admin_addresses[0]
+    for port in (ws_port, admin_port):
+        assert (await http_get(port, "/healthz"))[0] == 200
+        assert (await http_get(port, "/readyz"))[0] == 200
+    status, headers, body = await http_get(admin_port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert metric(body, "wsgate_tasks") > 0
+    assert metric(body, "wsgate_connections_open") == 0
+    assert (await http_get(admin_port, "/nope"))[0] == 404
+
+
+async def test_accepted_sockets_get_tcp_keepalive(make_server: Callable[..., Server]) -> None:
+    server = make_server(keepalive_idle=60, keepalive_interval=5, keepalive_count=3)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted = await listeners[0].accept()
+        set_keepalive(accepted, server.config)
+        sock = accepted.socket
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        await client.aclose()
+        await accepted.aclose()
+        await listeners[0].aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _open_raw(server: Server) -> tuple[RawClient, trio.SocketStream]:
+    host, port = server.listen_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    client = await RawClient.connect(stream)
+    await client.hello()
+    return client, stream
+
+
+async def _wait_until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_a_reset_is_classified_and_leaves_no_task(
+    node: Server, tasks: Callable[[], int]
+) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    before = tasks()
+    client, stream = await _open_raw(node)
+    await _wait_until(lambda: len(node.connections) == 1)
+    # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+    await _wait_until(lambda: not node.connections)
+    await trio.testing.wait_all_tasks_blocked()
+    assert tasks() == before
+    assert (
+        node.metrics.registry.get_sample_value(
+            "wsgate_closes_total", {"code": "1006", "reason": "reset"}
+        )
+        == 1
+    )
+
+
+async def test_drain_closes_with_1001_and_readyz_turns_503(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(port=0, admin_port=0, close_timeout=1, drain_timeout=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        _, admin_port = server.admin_addresses[0]
+        polite, polite_stream = await _open_raw(server)
+        _, deaf_stream = await _open_raw(server)  # will never read the close frame
+        await _wait_until(lambda: len(server.connections) == 2)
+        done = trio.Event()
+
+        async def drain() -> None:
+            await server.drain()
+            done.set()
+
+        nursery.start_soon(drain)
+        assert await polite.wait_closed() == (1001, "server draining")
+        assert (await http_get(admin_port, "/readyz"))[0] == 503
+        await done.wait()  # the deaf one is released at close_timeout
+        assert not server.connections
+        await polite_stream.aclose()
+        await deaf_stream.aclose()
+    # serve() returned by itself once drained.
+
+
+async def test_connections_during_drain_get_503_with_retry_after(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server()
+    server.draining = True
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        await client_stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        response = b""
+        while chunk := await client_stream.receive_some():
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 5\r\n" in response
