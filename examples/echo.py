@@ -1,6 +1,6 @@
 """The smallest gateway: one handler that answers with what it was sent.
 
-    trio-wsgate serve --app examples/echo.py:gateway
+trio-wsgate serve --app examples/echo.py:gateway
 """
 
 from typing import Any

@@ -6,7 +6,6 @@ import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 import trio
@@ -82,7 +81,8 @@ async def test_health_on_both_ports_and_metrics_on_admin(node: Server) -> None:
         assert (await http_get(port, "/healthz"))[0] == 200
         assert (await http_get(port, "/readyz"))[0] == 200
     status, headers, body = await http_get(admin_port, "/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
     assert metric(body, "wsgate_tasks") > 0
     assert metric(body, "wsgate_connections_open") == 0
     assert (await http_get(admin_port, "/nope"))[0] == 404
@@ -117,7 +117,7 @@ async def _open_raw(server: Server) -> tuple[RawClient, trio.SocketStream]:
 
 async def _wait_until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(10):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - the server's state, seen over real sockets
             await trio.sleep(0.01)
 
 
@@ -126,7 +126,7 @@ async def test_a_reset_is_classified_and_leaves_no_task(
 ) -> None:
     await trio.testing.wait_all_tasks_blocked()
     before = tasks()
-    client, stream = await _open_raw(node)
+    _client, stream = await _open_raw(node)
     await _wait_until(lambda: len(node.connections) == 1)
     # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -35,11 +35,13 @@ def test_inbox_accepts_in_order_and_acks_duplicates_again() -> None:
     assert inbox.receive(1) is Receipt.NEW
     assert not inbox.ack_pending  # received, not processed: nothing to ack yet
     inbox.mark_processed(1)
-    assert inbox.ack_pending and not inbox.ack_urgent
+    assert inbox.ack_pending
+    assert not inbox.ack_urgent
     assert inbox.take_ack() == 1
     assert not inbox.ack_pending
     assert inbox.receive(1) is Receipt.DUPLICATE
-    assert inbox.ack_urgent and inbox.take_ack() == 1
+    assert inbox.ack_urgent
+    assert inbox.take_ack() == 1
 
 
 def test_ack_is_urgent_at_half_the_window() -> None:

@@ -37,7 +37,8 @@ def load_app(spec: str) -> Gateway:
         if not path.is_file():
             raise SystemExit(f"--app: no file {module_name}")
         loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert loader_spec is not None and loader_spec.loader is not None
+        assert loader_spec is not None
+        assert loader_spec.loader is not None
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[path.stem] = module
         loader_spec.loader.exec_module(module)
@@ -138,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: server.serve(
-                handle_signals=True, task_status=task_status
-            ))
+            await nursery.start(
+                lambda task_status: server.serve(handle_signals=True, task_status=task_status)
+            )
             for host, port in server.listen_addresses:
                 logger.info("listening on ws://%s:%d%s", host, port, config.path)
             for host, port in server.admin_addresses:

@@ -188,11 +188,17 @@ class Connection:
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
         """Decide to close with ``code``; return at once (DESIGN.md, "Bounded close")."""
-        self._begin_close(code, reason, label or _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE))
+        self._begin_close(
+            code, reason, label or _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
+        )
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close and wait until the transport is released (at most ``close_timeout``)."""
         self.close(code, reason)
+        await self._done.wait()
+
+    async def wait_released(self) -> None:
+        """Wait until the connection has ended and its transport is released."""
         await self._done.wait()
 
     async def run(self) -> None:
@@ -273,7 +279,9 @@ class Connection:
             await task()
         except Exception:
             logger.exception("internal error on connection %s", self._transport.remote_address)
-            self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
+            self._begin_close(
+                CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR
+            )
 
     # -- the reader -----------------------------------------------------------------
 
@@ -481,7 +489,8 @@ class Connection:
 
     async def _heartbeat(self) -> None:
         interval = self._config.heartbeat_interval
-        assert interval is not None and self._liveness is not None
+        assert interval is not None
+        assert self._liveness is not None
         with self._liveness:
             while True:
                 await trio.sleep(interval)
@@ -510,7 +519,9 @@ class Connection:
         with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
             hello = await self._inbox_recv.receive()
         if waiting.cancelled_caught:
-            self._begin_close(CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT)
+            self._begin_close(
+                CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT
+            )
             return
         assert isinstance(hello, Hello)
         config = self._config
@@ -555,9 +566,7 @@ class Connection:
                 except Exception:
                     logger.exception("handler for %r failed", envelope.event)
                     error, outcome = ErrorInfo("internal", "internal error"), "exception"
-                self._metrics.handler_latency.labels(outcome).observe(
-                    trio.current_time() - started
-                )
+                self._metrics.handler_latency.labels(outcome).observe(trio.current_time() - started)
         else:
             # Topics (sub, unsub, pub) arrive with the hub, in a later version.
             error = ErrorInfo("unsupported", f"{envelope.type} is not available on this node")

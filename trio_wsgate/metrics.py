@@ -52,7 +52,9 @@ class Metrics:
             registry=r,
         )
         self.handshakes_refused = Counter(
-            "wsgate_handshakes_refused", "Upgrades answered with HTTP, by status.", ["status"],
+            "wsgate_handshakes_refused",
+            "Upgrades answered with HTTP, by status.",
+            ["status"],
             registry=r,
         )
         self.messages_in = Counter(

@@ -115,9 +115,7 @@ class Server:
                     self.metrics.handshakes_refused.labels(str(status)).inc()
                 return
             codec = CODECS[result.subprotocol or JSON_SUBPROTOCOL]()
-            connection = Connection(
-                result.transport, codec, self.gateway, config, self.metrics
-            )
+            connection = Connection(result.transport, codec, self.gateway, config, self.metrics)
             self.connections.add(connection)
             if self.draining:
                 connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
@@ -159,7 +157,8 @@ class Server:
         config = self.config
         self._listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         self.listen_addresses = [
-            tuple(listener.socket.getsockname()[:2]) for listener in self._listeners  # type: ignore[misc]
+            (str(name[0]), int(name[1]))
+            for name in (listener.socket.getsockname() for listener in self._listeners)
         ]
         async with trio.open_nursery() as root:
             self._root = root

@@ -18,7 +18,14 @@ from ..exceptions import ProtocolError
 from .closecodes import CloseCode
 from .envelopes import Envelope, parse_envelope
 
-__all__ = ["CODECS", "JSON_SUBPROTOCOL", "MSGPACK_SUBPROTOCOL", "Codec", "JsonCodec", "MsgpackCodec"]
+__all__ = [
+    "CODECS",
+    "JSON_SUBPROTOCOL",
+    "MSGPACK_SUBPROTOCOL",
+    "Codec",
+    "JsonCodec",
+    "MsgpackCodec",
+]
 
 JSON_SUBPROTOCOL = "wsgate.v1.json"
 MSGPACK_SUBPROTOCOL = "wsgate.v1.msgpack"
@@ -72,9 +79,7 @@ class JsonCodec(Codec):
 
     def __init__(self) -> None:
         self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
-        self._encoder = json.JSONEncoder(
-            separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     def loads(self, payload: bytes) -> Any:
         try:

@@ -314,7 +314,9 @@ def _hello(o: dict[str, Any]) -> Hello:
         resume.setdefault("type", "hello.resume")
         session, token = _str(resume, "session"), _str(resume, "token")
         ack = _int(resume, "ack")
-        assert session is not None and token is not None and ack is not None
+        assert session is not None
+        assert token is not None
+        assert ack is not None
         parsed = Resume(session, token, ack)
     return Hello(token=_str(o, "token", required=False), resume=parsed)
 

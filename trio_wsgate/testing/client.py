@@ -9,6 +9,7 @@ plain dicts, exactly as a client author in another language would.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,9 @@ class RawClient:
                 protocol.receive_data(data)
             events = protocol.events_received()
             if events:
-                response, pending = events[0], events[1:]
+                first, pending = events[0], events[1:]
+                assert isinstance(first, Response)
+                response = first
             elif not data:
                 raise ConnectionError("the server closed during the handshake")
         if protocol.state is not State.OPEN:
@@ -162,10 +165,8 @@ class RawClient:
             self.eof = True
             self.protocol.receive_eof()
         self._handle(self.protocol.events_received())
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         return not self.eof
 
     async def recv(self) -> dict[str, Any]:

@@ -3,4 +3,11 @@
 from .base import Incoming, Transport, TransportBroken
 from .websockets import Handshake, WebsocketsTransport, accept_websocket
 
-__all__ = ["Handshake", "Incoming", "Transport", "TransportBroken", "WebsocketsTransport", "accept_websocket"]
+__all__ = [
+    "Handshake",
+    "Incoming",
+    "Transport",
+    "TransportBroken",
+    "WebsocketsTransport",
+    "accept_websocket",
+]

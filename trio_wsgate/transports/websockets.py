@@ -254,7 +254,9 @@ async def accept_websocket(
         protocol.receive_data(data)
         events = protocol.events_received()
         if events:
-            request, events = events[0], events[1:]
+            first, events = events[0], events[1:]
+            assert isinstance(first, Request)
+            request = first
         elif protocol.writes or protocol.handshake_exc is not None:
             # An unparseable request: websockets answered (414, 431) or gave up.
             status = 400
@@ -263,8 +265,6 @@ async def accept_websocket(
                 status = int(writes[9:12])
                 await stream.send_all(writes)
             return status, None
-    assert isinstance(request, Request)
-
     answer = http_route(request)
     if answer is None and request.path.split("?", 1)[0] != path:
         answer = (404, "Not Found\n", {})
@@ -289,4 +289,3 @@ async def accept_websocket(
     transport = WebsocketsTransport(stream, protocol, events, remote_address)
     chosen = response.headers.get("Sec-WebSocket-Protocol")
     return Handshake(transport, chosen, request)
-
