@@ -13,12 +13,22 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating the virtual environment in $VENV" >&2
     "$python" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)-${extras//,/-}"
-if [ ! -f "$stamp" ]; then
+# One stamp per pyproject.toml version and set of extras; the bare package is there
+# whenever any stamp of this version is.
+version="$(sha1sum < "$ROOT/pyproject.toml" | cut -c1-12)"
+stamp="$VENV/.installed-$version-${extras:-base}"
+installed=no
+if [ -f "$stamp" ]; then
+    installed=yes
+elif [ -z "$extras" ] && compgen -G "$VENV/.installed-$version-*" > /dev/null; then
+    installed=yes
+fi
+if [ "$installed" = no ]; then
     echo "installing trio-wsgate${extras:+[$extras]} into $VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
-    rm -f "$VENV"/.installed-*
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
+    find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$version-*" -delete
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

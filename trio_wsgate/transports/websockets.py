@@ -35,9 +35,10 @@ RECEIVE_SIZE = 65536
 _MALFORMED = frozenset({405, 426, 505})
 
 # websockets logs request headers at DEBUG level, and headers may carry tokens
-# (Authorization, ?token=). Secrets never reach the logs: this logger stays at INFO.
+# (Authorization, ?token=). Secrets never reach the logs: this logger never goes
+# below WARNING (its INFO lines, one per connection, are noise at scale).
 _wire_logger = logging.getLogger("trio_wsgate.wire")
-_wire_logger.setLevel(logging.INFO)
+_wire_logger.setLevel(logging.WARNING)
 
 
 def classify_os_error(exc: BaseException) -> CloseReason:
