@@ -12,11 +12,12 @@ Everything here runs inside the nursery of the connection it serves: the ``typin
 task below is cancelled the moment its connection ends, whatever ended it.
 """
 
+import contextlib
 from typing import Any
 
 import trio
 
-from trio_wsgate import Gateway, HandlerError, Session
+from trio_wsgate import Gateway, HandlerError, Session, SessionClosed
 
 gateway = Gateway()
 room: set[Session] = set()
@@ -24,7 +25,9 @@ room: set[Session] = set()
 
 def broadcast(event: str, data: Any) -> None:
     for member in list(room):
-        if not member.closed:
+        # A member that is gone or cannot keep up (closed with 4004) is that member's
+        # problem: it must not fail the sender's handler.
+        with contextlib.suppress(SessionClosed):
             member.send(event, data)
 
 

@@ -431,3 +431,43 @@ async def test_a_closed_client_is_refused_as_closed(
         await client.wait_closed()
         with pytest.raises(Closed):
             await client.recv()
+
+
+async def test_a_handler_whose_session_overflows_is_not_answered_nor_logged_as_a_crash(
+    autojump_clock: MockClock, make_server: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server(window=2, queue_size=5)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 100})
+        assert await client.wait_closed() == (4004, "slow consumer")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert (
+        server.metrics.registry.get_sample_value(
+            "wsgate_handler_seconds_count", {"outcome": "closed"}
+        )
+        == 1
+    )
+
+
+async def test_one_slow_member_does_not_fail_a_chat_broadcast(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    from examples.chat import gateway
+
+    server = make_server(gateway, queue_size=3, heartbeat_interval=None)
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, lockstep=True) as slow,
+    ):
+        await slow.send({"type": "hello"})
+        await slow.recv_type("welcome")  # and then never reads again
+        (slow_connection,) = server.connections
+        async with open_memory_connection(server, nursery) as talker:
+            await talker.hello()
+            for seq in range(1, 8):
+                await talker.send({"type": "msg", "seq": seq, "event": "say", "data": "x"})
+                reply = await talker.recv_type("reply")
+                assert "error" not in reply
+            await talker.close()
+        assert slow_connection.close_code == 4004

@@ -354,7 +354,7 @@ class Connection:
             self._inbox_send.send_nowait(envelope)
             return
         if isinstance(envelope, Sequenced):
-            if envelope.type in ("reply",):
+            if isinstance(envelope, Reply):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
             if envelope.ack is not None:
                 self._on_ack(envelope.ack)
@@ -561,6 +561,13 @@ class Connection:
                 outcome = "ok"
                 try:
                     data = await handler(session, envelope.data)
+                except SessionClosed:
+                    # The handler's own session closed under it (4004, kick...): the
+                    # envelope is not processed and there is no one to reply to.
+                    self._metrics.handler_latency.labels("closed").observe(
+                        trio.current_time() - started
+                    )
+                    return
                 except HandlerError as exc:
                     error, outcome = ErrorInfo(exc.code, exc.reason), "error"
                 except Exception:
