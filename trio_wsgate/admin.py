@@ -15,12 +15,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["AdminApp"]
+__all__ = ["AdminApp", "probe"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+def probe(path: str, ready: bool) -> tuple[int, str] | None:
+    """Answer the load balancers' probes, on either port: ``(status, body)``.
+
+    ``/healthz`` is 200 while the process serves; ``/readyz`` is 200 while it
+    accepts connections and 503 while it drains (PROTOCOL.md §9). Other paths: None.
+    """
+    if path == "/healthz":
+        return 200, "ok\n"
+    if path == "/readyz":
+        return (200, "ready\n") if ready else (503, "draining\n")
+    return None
 
 
 class AdminApp:
@@ -62,12 +75,9 @@ class AdminApp:
         text = "text/plain; charset=utf-8"
         if method not in ("GET", "HEAD"):
             return 405, b"Method Not Allowed\n", text
-        if path == "/healthz":
-            return 200, b"ok\n", text
-        if path == "/readyz":
-            if self._server.ready:
-                return 200, b"ready\n", text
-            return 503, b"draining\n", text
+        answer = probe(path, self._server.ready)
+        if answer is not None:
+            return answer[0], answer[1].encode(), text
         if path == "/metrics":
             return 200, self._server.metrics.render(), CONTENT_TYPE_LATEST
         return 404, b"Not Found\n", text

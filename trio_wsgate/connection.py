@@ -195,7 +195,7 @@ class Connection:
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close and wait until the transport is released (at most ``close_timeout``)."""
         self.close(code, reason)
-        await self._done.wait()
+        await self.wait_released()
 
     async def wait_released(self) -> None:
         """Wait until the connection has ended and its transport is released."""
@@ -312,8 +312,7 @@ class Connection:
                             # welcome answers hello before anything else is answered.
                             await self._welcomed.wait()
                 except ProtocolError as exc:
-                    label = _REASON_BY_CODE.get(exc.code, CloseReason.PROTOCOL_ERROR)
-                    self._begin_close(exc.code, exc.reason, label)
+                    self.close(exc.code, exc.reason)
             if incoming.failed is not None:
                 code, text = incoming.failed
                 self._begin_close(

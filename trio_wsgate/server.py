@@ -15,7 +15,7 @@ from typing import Any
 import trio
 from websockets.http11 import Request
 
-from .admin import AdminApp
+from .admin import AdminApp, probe
 from .config import Config
 from .connection import Connection
 from .gateway import Gateway
@@ -81,12 +81,10 @@ class Server:
 
     def _http_route(self, request: Request) -> tuple[int, str, dict[str, str]] | None:
         path = request.path.split("?", 1)[0]
-        if path == "/healthz":
-            return 200, "ok\n", {}
-        if path == "/readyz":
-            if self.ready:
-                return 200, "ready\n", {}
-            return 503, "draining\n", {"Retry-After": RETRY_AFTER}
+        answer = probe(path, self.ready)
+        if answer is not None:
+            status, body = answer
+            return status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {}
         if path == self.config.path and self.draining:
             return 503, "draining\n", {"Retry-After": RETRY_AFTER}
         return None

@@ -151,11 +151,6 @@ class WebsocketsTransport:
         """True if websockets has bytes waiting for the network."""
         return bool(self._protocol.writes)
 
-    @property
-    def is_open(self) -> bool:
-        """True while messages may still be sent."""
-        return self._protocol.state is State.OPEN
-
     async def flush(self) -> bool:
         """Write all queued bytes in one ``send_all``; half-close when websockets says so.
 
