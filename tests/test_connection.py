@@ -220,8 +220,14 @@ async def test_close_is_bounded_when_the_peer_stops_reading(
         assert trio.current_time() == start
         await connection.wait_released()
         assert connection.released_at == start + 2
+        # 1000 keeps the session for a resume (PROTOCOL.md §8): it buffers.
+        assert session.connection is None
+        assert not session.closed
+        session.send("late", 1)
+        session.close(4005, "kicked")  # a kick ends a detached session
+        assert session.closed
         with pytest.raises(SessionClosed):
-            session.send("late", 1)
+            session.send("later", 1)
 
 
 async def test_close_returns_at_once_and_a_cooperating_peer_is_released_at_once(
@@ -332,21 +338,29 @@ async def test_slow_consumer_policy(
             await client.close()
 
 
-async def test_session_send_raises_slow_consumer_when_the_queue_is_full(
+async def test_a_full_queue_closes_4004_and_the_session_buffers_up_to_max_buffered(
     autojump_clock: MockClock,
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server(window=2, queue_size=5)
+    server = make_server(window=2, queue_size=5, max_buffered=8)
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
         await client.hello()
         (connection,) = server.connections
         assert connection.session is not None
         session = connection.session
-        for i in range(5):  # 2 in flight and 3 held back by the window: the queue is full
+        for i in range(6):  # 2 in flight, 3 held back: the sixth overflows the queue
             session.send("x", i)
-        with pytest.raises(SlowConsumer):
-            session.send("x", 5)
+        assert connection.close_code == 4004
         assert await client.wait_closed() == (4004, "slow consumer")
+        await connection.wait_released()
+        assert session.connection is None
+        assert not session.closed  # PROTOCOL.md §8: kept, within max_buffered
+        session.send("x", 6)
+        session.send("x", 7)
+        with pytest.raises(SlowConsumer):
+            session.send("x", 8)  # the ninth unacknowledged envelope
+        assert session.closed
+        assert server.hub.sessions == {}
 
 
 async def test_hooks_and_tasks_live_in_the_connection_nursery(
@@ -442,7 +456,8 @@ async def test_a_closed_client_is_refused_as_closed(
 async def test_a_handler_whose_session_overflows_is_not_answered_nor_logged_as_a_crash(
     autojump_clock: MockClock, make_server: Callable[..., Server], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = make_server(window=2, queue_size=5)
+    # The queue overflows at 6 envelopes (4004), the session's buffer at 20: it ends.
+    server = make_server(window=2, queue_size=5, max_buffered=20)
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
         await client.hello()
         await client.send({"type": "msg", "seq": 1, "event": "push", "data": 100})

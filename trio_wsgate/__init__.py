@@ -2,12 +2,22 @@
 
 from .config import Config, SlowConsumerPolicy
 from .connection import Connection, Session
-from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer, WsgateError
+from .exceptions import (
+    ClientClosed,
+    HandlerError,
+    ProtocolError,
+    SessionClosed,
+    SessionLost,
+    SlowConsumer,
+    Unauthorized,
+    WsgateError,
+)
 from .gateway import Gateway
 from .protocol import CloseCode, CloseReason
 from .server import Server, serve
 
 __all__ = [
+    "ClientClosed",
     "CloseCode",
     "CloseReason",
     "Config",
@@ -18,8 +28,10 @@ __all__ = [
     "Server",
     "Session",
     "SessionClosed",
+    "SessionLost",
     "SlowConsumer",
     "SlowConsumerPolicy",
+    "Unauthorized",
     "WsgateError",
     "serve",
 ]

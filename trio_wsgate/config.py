@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Config", "SlowConsumerPolicy"]
 
@@ -47,6 +47,16 @@ class Config:
     keepalive_count: int = 3
     #: How long an ack may wait after processing (PROTOCOL.md §4: at most 100 ms).
     ack_delay: float = 0.1
+    #: How long a detached session waits for its client to resume (PROTOCOL.md §5);
+    #: ``None`` or 0 ends every session with its connection.
+    resume_ttl: float | None = 120.0
+    #: Most envelopes a session holds unacknowledged while it has no live connection;
+    #: past this it is dropped and a later resume gets ``resumed: false``.
+    max_buffered: int = 1000
+    #: The key of the resume tokens' HMAC. Nodes that share it accept each other's
+    #: tokens; ``None`` draws a random one at start-up (resume then works on this node
+    #: only, until it restarts). Never printed: it is left out of ``repr``.
+    secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -57,6 +67,10 @@ class Config:
             raise ValueError("max_message_size must be at least 256 bytes")
         if self.close_timeout <= 0:
             raise ValueError("close_timeout must be positive")
+        if self.max_buffered < 0:
+            raise ValueError("max_buffered must not be negative")
+        if self.secret is not None and len(self.secret) < 16:
+            raise ValueError("secret must be at least 16 characters")
         if not self.path.startswith("/"):
             raise ValueError("path must start with '/'")
         self.slow_consumer = SlowConsumerPolicy(self.slow_consumer)

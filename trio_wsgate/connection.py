@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer
+from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer, Unauthorized
+from .hub import ResumeResult
 from .protocol import (
     Ack,
     Bye,
@@ -58,6 +59,7 @@ from .transports.base import Transport, TransportBroken
 if TYPE_CHECKING:
     from .config import Config
     from .gateway import Gateway
+    from .hub import Hub
     from .metrics import Metrics
 
 __all__ = ["Connection", "Session"]
@@ -71,6 +73,7 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.INVALID_DATA: CloseReason.PROTOCOL_ERROR,
     CloseCode.MESSAGE_TOO_BIG: CloseReason.PROTOCOL_ERROR,
     CloseCode.POLICY_VIOLATION: CloseReason.POLICY,
+    CloseCode.UNAUTHORIZED: CloseReason.UNAUTHORIZED,
     CloseCode.INTERNAL_ERROR: CloseReason.INTERNAL_ERROR,
     CloseCode.GOING_AWAY: CloseReason.DRAIN,
     CloseCode.SLOW_CONSUMER: CloseReason.SLOW_CONSUMER,
@@ -83,53 +86,135 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
 _Item = tuple[bytes, bool]
 
 
-class Session:
-    """The logical peer, as application code sees it.
+@dataclass(slots=True)
+class _Outgoing:
+    """A sequenced envelope kept until acknowledged, and its encoding for the wire."""
 
-    Handlers, hooks and per-connection tasks receive it. It never exposes the
-    transport: it can only queue envelopes and ask for a close.
+    envelope: Sequenced
+    payload: bytes
+
+
+class Session:
+    """The logical peer, as application code sees it (PROTOCOL.md §5).
+
+    A session outlives its connections: when one drops, the session is kept for
+    ``resume_ttl``, and :meth:`send` numbers and buffers what it is given until the
+    client resumes on a new connection, which receives it all, in order, exactly once.
+    Handlers, hooks and per-connection tasks receive it; it never exposes a transport.
+    Sessions are made by the node's :class:`~trio_wsgate.hub.Hub`.
     """
 
-    def __init__(self, connection: Connection, session_id: str, user: str | None) -> None:
-        self._connection = connection
+    def __init__(
+        self, hub: Hub, session_id: str, user: str | None, codec: Codec, window: int
+    ) -> None:
+        self._hub = hub
         self.id = session_id
+        #: The authenticated user, or None on an anonymous node.
         self.user = user
-        #: Free for the application's own per-session data.
+        #: Free for the application's own per-session data; kept across resumes.
         self.state: dict[str, Any] = {}
+        #: The live connection, or None while detached.
+        self.connection: Connection | None = None
+        #: True if the current connection resumed the session (False for its first).
+        self.resumed = False
+        #: True once the session has ended for good: it will not be resumed.
+        self.ended = False
+        #: trio time at which the session lost its last connection (None if attached).
+        self.detached_at: float | None = None
+        #: The close code and reason of its last connection (None while one is open).
+        self.close_code: int | None = None
+        self.close_reason: CloseReason | None = None
+        self.outbox: Outbox[_Outgoing] = Outbox(window)
+        self.inbox = Inbox(window)
+        self._codec = codec
+        # The connection that most recently asked to take the session over.
+        self._claimant: Connection | None = None
         # Never logged nor shown in repr (a bearer secret for resuming).
-        self._resume_token = secrets.token_urlsafe(24)
+        self._resume_token = ""
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} user={self.user!r} closed={self.closed}>"
+        state = "ended" if self.ended else "attached" if self.connection else "detached"
+        return f"<Session {self.id} user={self.user!r} {state}>"
 
     @property
     def closed(self) -> bool:
-        """True once the connection has begun to close."""
-        return self._connection.closing
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code the connection ended with (None while open)."""
-        return self._connection.close_code
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        """The classified reason the connection ended (None while open)."""
-        return self._connection.close_reason
+        """True once the session has ended for good (``bye``, kick, expiry...)."""
+        return self.ended
 
     def send(self, event: str, data: Any = None) -> None:
         """Queue a ``msg`` with this event and data for the client. Never blocks.
 
+        While the session has no live connection the envelope is buffered for the
+        resume, up to ``max_buffered``. A full connection queue closes the connection
+        with 4004 and keeps the envelope for the resume all the same.
+
         Raises:
-            SessionClosed: the session has closed.
-            SlowConsumer: the client's queue overflowed; the connection closes with 4004.
+            SessionClosed: the session has ended.
+            SlowConsumer: the session had no live connection and overflowed
+                ``max_buffered``: it has ended now.
             TypeError: ``data`` cannot be encoded (nothing was queued).
         """
-        self._connection.send_event(event, data)
+        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Ask for the connection to close with ``code``. Returns at once."""
-        self._connection.close(code, reason)
+        """Close the current connection with ``code``. Returns at once.
+
+        Whether the session survives for a resume follows PROTOCOL.md §8: it does
+        after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
+        """
+        label = _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
+        if self.connection is not None:
+            self.connection.close(code, reason, label)
+        elif not self.ended and self._hub.ends_session(label):
+            self._hub.end(self, code, label, why=str(label))
+
+    def _live(self) -> Connection | None:
+        connection = self.connection
+        if connection is None or connection.closing:
+            return None
+        return connection
+
+    def _push(self, build: Callable[[int, int | None], Sequenced]) -> None:
+        """Number, encode and queue (or buffer) a sequenced envelope.
+
+        A pending ack rides along only if the window lets the envelope out now; an
+        envelope held back would hold the ack back too (PROTOCOL.md §4: acks within
+        100 ms). TypeError/ValueError from the codec leave everything unchanged.
+        """
+        if self.ended:
+            raise SessionClosed(self.close_code, self.close_reason)
+        connection = self._live()
+        if connection is not None:
+            connection.check_room()  # a full queue closes the connection with 4004
+            connection = self._live()
+        outbox, inbox = self.outbox, self.inbox
+        ack = (
+            inbox.processed
+            if connection is not None and outbox.open and inbox.ack_pending
+            else None
+        )
+        envelope = build(outbox.next_seq, ack)
+        payload = self._codec.encode(envelope)
+        if ack is not None:
+            inbox.take_ack()
+        goes_now = outbox.push(_Outgoing(envelope, payload))
+        if connection is not None:
+            if goes_now:
+                connection.enqueue_sequenced(payload)
+        elif len(outbox) > self._hub.config.max_buffered:
+            self._hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+            raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+
+    def _attach(self, connection: Connection, codec: Codec, resumed: bool) -> None:
+        """Bind to a connection; re-encode what is kept if the encoding changed."""
+        self.connection = connection
+        self.resumed = resumed
+        self.detached_at = None
+        self.close_code = self.close_reason = None
+        if codec.subprotocol != self._codec.subprotocol:
+            for _, item in self.outbox.unacknowledged():
+                item.payload = codec.encode(item.envelope)
+        self._codec = codec
 
 
 class Connection:
@@ -141,6 +226,7 @@ class Connection:
         gateway: the application's handlers and hooks.
         config: the node's settings.
         metrics: the node's metrics.
+        hub: the node's sessions.
     """
 
     def __init__(
@@ -150,18 +236,18 @@ class Connection:
         gateway: Gateway,
         config: Config,
         metrics: Metrics,
+        hub: Hub,
     ) -> None:
         self._transport = transport
         self._codec = codec
         self._gateway = gateway
         self._config = config
         self._metrics = metrics
+        self._hub = hub
         self._queue: deque[_Item] = deque()
         self._wake = trio.Event()
         self._ack_wanted = trio.Event()
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Envelope](math.inf)
-        self._outbox: Outbox[bytes] = Outbox(config.window)
-        self._inbox = Inbox(config.window)
         self._hello_seen = False
         self._welcomed = trio.Event()
         self._liveness: trio.CancelScope | None = None
@@ -169,6 +255,8 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._app_scope = trio.CancelScope()
         self._done = trio.Event()
+        self._detached = trio.Event()
+        #: The session, once ``hello`` was answered.
         self.session: Session | None = None
         #: True from the decision to close on.
         self.closing = False
@@ -184,7 +272,8 @@ class Connection:
     @property
     def queue_depth(self) -> int:
         """Envelopes waiting: in the write queue plus those the window holds back."""
-        return len(self._queue) + len(self._outbox.waiting)
+        held = len(self.session.outbox.waiting) if self.session is not None else 0
+        return len(self._queue) + held
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
         """Decide to close with ``code``; return at once (DESIGN.md, "Bounded close")."""
@@ -232,12 +321,9 @@ class Connection:
         if self.session is not None:
             await self._run_disconnect_hooks(self.session)
 
-    def send_event(self, event: str, data: Any) -> None:
-        """Queue a server ``msg`` (see :meth:`Session.send`)."""
-        if self.closing:
-            raise SessionClosed(self.close_code, self.close_reason)
-        self._check_room()
-        self._push_sequenced(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
+    async def wait_detached(self) -> None:
+        """Wait until this connection has let go of its session (or never had one)."""
+        await self._detached.wait()
 
     # -- closing --------------------------------------------------------------------
 
@@ -357,9 +443,10 @@ class Connection:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
             if envelope.ack is not None:
                 self._on_ack(envelope.ack)
-            if self._inbox.receive(envelope.seq) is Receipt.NEW:
+            inbox = self._session().inbox
+            if inbox.receive(envelope.seq) is Receipt.NEW:
                 self._inbox_send.send_nowait(envelope)
-            elif self._inbox.ack_urgent:
+            elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
             self._on_ack(envelope.ack)
@@ -376,10 +463,15 @@ class Connection:
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
             )
 
+    def _session(self) -> Session:
+        # Envelopes after hello are read only once welcome is out, so there is one.
+        assert self.session is not None
+        return self.session
+
     def _on_ack(self, ack: int) -> None:
-        released = self._outbox.receive_ack(ack)
+        released = self._session().outbox.receive_ack(ack)
         if released:
-            self._queue.extend((payload, True) for payload in released)
+            self._queue.extend((item.payload, True) for item in released)
             self._wake.set()
 
     def _on_pong(self, ts: Any) -> None:
@@ -390,8 +482,11 @@ class Connection:
 
     # -- producers ------------------------------------------------------------------
 
-    def _check_room(self) -> None:
-        """Apply the slow-consumer policy if the queue is full."""
+    def check_room(self) -> None:
+        """Apply the slow-consumer policy if the queue is full (DESIGN.md, "One writer").
+
+        Either a queued control envelope is dropped, or the connection closes with 4004.
+        """
         if self.queue_depth < self._config.queue_size:
             return
         if self._config.slow_consumer == "drop-oldest":
@@ -400,37 +495,23 @@ class Connection:
                     del self._queue[index]
                     return
         self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
-        raise SlowConsumer(self.close_code, self.close_reason)
+
+    def enqueue_sequenced(self, payload: bytes) -> None:
+        """Queue an encoded sequenced envelope the session's window let out."""
+        self._queue.append((payload, True))
+        self._wake.set()
 
     def _enqueue_control(self, envelope: Envelope) -> None:
         if self.closing:
             return
-        try:
-            self._check_room()
-        except SlowConsumer:
+        self.check_room()
+        if self.closing:
             return
         self._queue.append((self._codec.encode(envelope), False))
         self._wake.set()
 
     def _send_ack(self) -> None:
-        self._enqueue_control(Ack(self._inbox.take_ack()))
-
-    def _push_sequenced(self, build: Callable[[int, int | None], Sequenced]) -> None:
-        """Number, encode and queue a sequenced envelope; piggyback a pending ack.
-
-        The ack rides along only if the window lets the envelope out now; an envelope
-        held back would hold the ack back too (PROTOCOL.md §4: acks within 100 ms).
-        Raises TypeError/ValueError from the codec with nothing changed.
-        """
-        outbox, inbox = self._outbox, self._inbox
-        goes_now = not outbox.waiting and len(outbox.in_flight) < outbox.window
-        ack = inbox.processed if goes_now and inbox.ack_pending else None
-        payload = self._codec.encode(build(outbox.next_seq, ack))
-        if ack is not None:
-            inbox.take_ack()
-        if outbox.push(payload):
-            self._queue.append((payload, True))
-            self._wake.set()
+        self._enqueue_control(Ack(self._session().inbox.take_ack()))
 
     # -- the write loop -------------------------------------------------------------
 
@@ -477,14 +558,24 @@ class Connection:
     # -- the application scope ------------------------------------------------------
 
     async def _application(self) -> None:
-        with self._app_scope:
-            async with trio.open_nursery() as nursery:
-                if self._config.heartbeat_interval is not None:
-                    self._liveness = trio.CancelScope()
-                    self._touch()
-                    nursery.start_soon(self._guard, self._heartbeat)
-                nursery.start_soon(self._guard, self._ack_timer)
-                nursery.start_soon(self._guard, lambda: self._dispatcher(nursery))
+        try:
+            with self._app_scope:
+                async with trio.open_nursery() as nursery:
+                    if self._config.heartbeat_interval is not None:
+                        self._liveness = trio.CancelScope()
+                        self._touch()
+                        nursery.start_soon(self._guard, self._heartbeat)
+                    nursery.start_soon(self._guard, self._ack_timer)
+                    nursery.start_soon(self._guard, lambda: self._dispatcher(nursery))
+        finally:
+            # Every handler has returned or been cancelled: let go of the session
+            # (PROTOCOL.md §5), so that a resume elsewhere can take it.
+            self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
+            self.closing = True
+            session = self.session
+            if session is not None and session.connection is self:
+                self._hub.detach(session)
+            self._detached.set()
 
     async def _heartbeat(self) -> None:
         interval = self._config.heartbeat_interval
@@ -510,7 +601,7 @@ class Connection:
             await self._ack_wanted.wait()
             self._ack_wanted = trio.Event()
             await trio.sleep(delay)
-            if self._inbox.ack_pending:
+            if self.session is not None and self.session.inbox.ack_pending:
                 self._send_ack()
 
     async def _dispatcher(self, nursery: trio.Nursery) -> None:
@@ -523,29 +614,79 @@ class Connection:
             )
             return
         assert isinstance(hello, Hello)
-        config = self._config
-        session = self.session = Session(self, secrets.token_urlsafe(16), None)
-        # Resume arrives with the next issue: every hello starts a new session.
-        self._enqueue_control(
-            Welcome(
-                session=session.id,
-                resume_token=session._resume_token,
-                resumed=False,
-                ack=0,
-                heartbeat_interval=config.heartbeat_interval or 0,
-                heartbeat_timeout=config.heartbeat_timeout,
-                window=config.window,
-                max_message_size=config.max_message_size,
-            )
-        )
-        self._welcomed.set()
         gateway = self._gateway
+        user: str | None = None
+        if gateway.authenticator is not None:
+            try:
+                user = await gateway.authenticator(hello.token)
+            except Unauthorized:
+                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return
+        session = await self._open_session(hello, user)
+        if session is None:
+            return
+        self._welcomed.set()
         for hook in gateway.connect_hooks:
             await hook(session)
         for task in gateway.session_tasks:
             nursery.start_soon(self._guard, lambda task=task: task(session))
         async for envelope in self._inbox_recv:
             await self._process(session, envelope)
+
+    async def _open_session(self, hello: Hello, user: str | None) -> Session | None:
+        """Resume the session ``hello`` names, or make a new one; queue ``welcome``.
+
+        Returns None if the connection is closing instead (PROTOCOL.md §5).
+        """
+        hub, config = self._hub, self._config
+        session: Session | None = None
+        resend: list[_Outgoing] = []
+        if hello.resume is not None:
+            session, result = hub.find(hello.resume, user)
+            if session is not None and session.connection is not None:
+                # Take-over: the old connection still looks open. It is closed with
+                # 4006, and lets go of the session once its handlers have stopped.
+                old = session.connection
+                session._claimant = self
+                old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
+                await old.wait_detached()
+                if session._claimant is not self:  # a newer connection claimed it since
+                    self.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
+                    return None
+                result = ResumeResult.TAKEN_OVER
+                if session.ended:  # it overflowed max_buffered as it let go
+                    session, result = None, ResumeResult.UNKNOWN
+            self._metrics.resumes.labels(str(result)).inc()
+            if session is not None:
+                try:
+                    resend = session.outbox.rewind(hello.resume.ack)
+                except ProtocolError as exc:
+                    self.close(exc.code, exc.reason)
+                    return None
+        if session is None:
+            session = hub.create(user, self._codec)
+            session._attach(self, self._codec, resumed=False)
+            ack = 0
+        else:
+            session._attach(self, self._codec, resumed=True)
+            ack = session.inbox.resume()
+        self.session = session
+        self._enqueue_control(
+            Welcome(
+                session=session.id,
+                resume_token=session._resume_token,
+                resumed=session.resumed,
+                ack=ack,
+                heartbeat_interval=config.heartbeat_interval or 0,
+                heartbeat_timeout=config.heartbeat_timeout,
+                window=config.window,
+                max_message_size=config.max_message_size,
+                user=user,
+            )
+        )
+        # Everything above the client's ack, in order, before anything new.
+        self._queue.extend((item.payload, True) for item in resend)
+        return session
 
     async def _process(self, session: Session, envelope: Envelope) -> None:
         assert isinstance(envelope, Sequenced)
@@ -576,26 +717,28 @@ class Connection:
         else:
             # Topics (sub, unsub, pub) arrive with the hub, in a later version.
             error = ErrorInfo("unsupported", f"{envelope.type} is not available on this node")
-        self._inbox.mark_processed(envelope.seq)
-        self._reply(envelope.seq, data, error)
-        if self._inbox.ack_urgent:
+        inbox = session.inbox
+        inbox.mark_processed(envelope.seq)
+        self._reply(session, envelope.seq, data, error)
+        if inbox.ack_urgent:
             self._send_ack()
-        elif self._inbox.ack_pending:
+        elif inbox.ack_pending:
             self._ack_wanted.set()
 
-    def _reply(self, re: int, data: Any, error: ErrorInfo | None) -> None:
+    def _reply(self, session: Session, re: int, data: Any, error: ErrorInfo | None) -> None:
+        # A reply to a processed envelope is kept by the session even if this
+        # connection is closing: the client gets it when it resumes.
         try:
-            self._check_room()
-        except SlowConsumer:
-            return
-        try:
-            self._push_sequenced(
-                lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack)
-            )
-        except (TypeError, ValueError, OverflowError):
-            logger.exception("reply to seq %d could not be encoded", re)
-            failure = ErrorInfo("internal", "the reply could not be encoded")
-            self._push_sequenced(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
+            try:
+                session._push(
+                    lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack)
+                )
+            except (TypeError, ValueError, OverflowError):
+                logger.exception("reply to seq %d could not be encoded", re)
+                failure = ErrorInfo("internal", "the reply could not be encoded")
+                session._push(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
+        except SessionClosed:
+            pass  # the session ended: there is no one to reply to
 
     async def _run_disconnect_hooks(self, session: Session) -> None:
         # Shielded and bounded: a hook runs even when the node shuts down, briefly.

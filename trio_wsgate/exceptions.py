@@ -4,7 +4,12 @@ Every error the package raises on purpose derives from one root::
 
     WsgateError
     ├── ProtocolError          a peer broke PROTOCOL.md; carries its close code
-    ├── HandlerError           raised by application handlers: an error reply
+    ├── HandlerError           an error reply: raised by handlers, and by the client's
+    │                          request() when the answer is one
+    ├── Unauthorized           a bad or expired token (HTTP 401 or close 4001)
+    ├── ClientClosed           the client has stopped for good (see trio_wsgate.client)
+    ├── SessionLost            the server dropped the client's session: a request's
+    │                          outcome is unknown
     └── SessionClosed          the session ended; nothing more can be sent on it
         └── SlowConsumer       ... because its queue overflowed (close 4004)
 
@@ -15,7 +20,16 @@ connection ended.
 
 from __future__ import annotations
 
-__all__ = ["HandlerError", "ProtocolError", "SessionClosed", "SlowConsumer", "WsgateError"]
+__all__ = [
+    "ClientClosed",
+    "HandlerError",
+    "ProtocolError",
+    "SessionClosed",
+    "SessionLost",
+    "SlowConsumer",
+    "Unauthorized",
+    "WsgateError",
+]
 
 
 class WsgateError(Exception):
@@ -56,6 +70,37 @@ class HandlerError(WsgateError):
         self.reason = reason
 
 
+class Unauthorized(WsgateError):
+    """A token was missing, malformed, badly signed or expired (PROTOCOL.md §3).
+
+    Raised by an authenticator; the connection is refused with HTTP 401 or closed
+    with 4001. The message must not contain the token.
+    """
+
+
+class ClientClosed(WsgateError):
+    """The client stopped for good: closed by the application, by a close code that
+    does not reconnect (PROTOCOL.md §8), or after its last reconnection attempt.
+
+    Args:
+        code: the last close code received (1006 if none).
+        reason: the close reason text, or what went wrong.
+    """
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"client closed (code {code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class SessionLost(WsgateError):
+    """The server no longer held the session: this request's outcome is unknown.
+
+    The client carries on with a new session (``resumed: false``); a request that was
+    written but not acknowledged may or may not have run.
+    """
+
+
 class SessionClosed(WsgateError):
     """The session has ended; :meth:`Session.send` cannot queue anything more.
 
@@ -71,4 +116,4 @@ class SessionClosed(WsgateError):
 
 
 class SlowConsumer(SessionClosed):
-    """The session's outgoing queue overflowed and it was closed with 4004."""
+    """The session overflowed ``max_buffered`` while it had no live connection (4004)."""

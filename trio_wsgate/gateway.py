@@ -23,15 +23,18 @@ from typing import Any, TypeVar
 
 from .connection import Session
 
-__all__ = ["Gateway", "Handler", "SessionHook"]
+__all__ = ["Authenticator", "Gateway", "Handler", "SessionHook"]
 
 #: A handler receives the session and the ``data`` of a client ``msg``.
 Handler = Callable[[Session, Any], Awaitable[Any]]
 #: Hooks and per-connection tasks receive the session.
 SessionHook = Callable[[Session], Awaitable[None]]
+#: An authenticator receives ``hello.token`` and returns the user id (None: anonymous).
+Authenticator = Callable[[str | None], Awaitable[str | None]]
 
 H = TypeVar("H", bound=Handler)
 S = TypeVar("S", bound=SessionHook)
+A = TypeVar("A", bound=Authenticator)
 
 
 class Gateway:
@@ -46,6 +49,8 @@ class Gateway:
         self.connect_hooks: list[SessionHook] = []
         self.disconnect_hooks: list[SessionHook] = []
         self.session_tasks: list[SessionHook] = []
+        self.session_end_hooks: list[SessionHook] = []
+        self.authenticator: Authenticator | None = None
 
     def on(self, event: str) -> Callable[[H], H]:
         """Register the handler of client ``msg`` envelopes with this ``event``.
@@ -69,9 +74,31 @@ class Gateway:
         return hook
 
     def on_disconnect(self, hook: S) -> S:
-        """Run ``hook(session)`` once the connection is released (bounded, shielded)."""
+        """Run ``hook(session)`` once the connection is released (bounded, shielded).
+
+        The session may live on, detached, for a resume: see :meth:`on_session_end`.
+        """
         self.disconnect_hooks.append(hook)
         return hook
+
+    def on_session_end(self, hook: S) -> S:
+        """Run ``hook(session)`` once the session has ended for good.
+
+        That is after ``bye``, a kick, a protocol error, or when a detached session
+        expires or overflows ``max_buffered``. The hook runs in the node's hub task
+        (bounded by ``close_timeout``), not in a connection's nursery.
+        """
+        self.session_end_hooks.append(hook)
+        return hook
+
+    def authenticate(self, authenticator: A) -> A:
+        """Register the function that turns ``hello.token`` into a user id.
+
+        It raises :class:`~trio_wsgate.Unauthorized` to refuse (close 4001). A session
+        is bound to its user: only the same user can resume it (PROTOCOL.md §5).
+        """
+        self.authenticator = authenticator
+        return authenticator
 
     def task(self, task: S) -> S:
         """Run ``task(session)`` for each connection, in its nursery, until it ends."""

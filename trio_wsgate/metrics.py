@@ -80,6 +80,23 @@ class Metrics:
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
             registry=r,
         )
+        self.sessions = Gauge("wsgate_sessions", "Sessions held, attached or detached.", registry=r)
+        self.sessions_detached = Gauge(
+            "wsgate_sessions_detached", "Sessions waiting for their client to resume.", registry=r
+        )
+        self.sessions_opened = Counter("wsgate_sessions_opened", "Sessions started.", registry=r)
+        self.resumes = Counter(
+            "wsgate_resumes",
+            "hello with resume, by result (resumed, taken_over, unknown, expired, bad_token).",
+            ["result"],
+            registry=r,
+        )
+        self.sessions_ended = Counter(
+            "wsgate_sessions_ended",
+            "Sessions ended for good, by why (bye, kick, expired, overflow...).",
+            ["why"],
+            registry=r,
+        )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
 

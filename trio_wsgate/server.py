@@ -19,6 +19,7 @@ from .admin import AdminApp, probe
 from .config import Config
 from .connection import Connection
 from .gateway import Gateway
+from .hub import Hub
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason
 from .transports.websockets import Handshake, accept_websocket
@@ -57,6 +58,8 @@ class Server:
         self.config = config or Config()
         self.connections: set[Connection] = set()
         self.metrics = Metrics(queue_depth=self._queue_depth)
+        #: The node's sessions.
+        self.hub = Hub(gateway, self.config, self.metrics)
         self.draining = False
         self.forced = False
         #: ``(host, port)`` of each WebSocket listener, once serving.
@@ -113,7 +116,9 @@ class Server:
                     self.metrics.handshakes_refused.labels(str(status)).inc()
                 return
             codec = CODECS[result.subprotocol or JSON_SUBPROTOCOL]()
-            connection = Connection(result.transport, codec, self.gateway, config, self.metrics)
+            connection = Connection(
+                result.transport, codec, self.gateway, config, self.metrics, self.hub
+            )
             self.connections.add(connection)
             if self.draining:
                 connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
@@ -161,6 +166,7 @@ class Server:
         async with trio.open_nursery() as root:
             self._root = root
             handler_nursery: trio.Nursery = await root.start(_open_connections_nursery)
+            root.start_soon(self.hub.run)
             root.start_soon(self._accept, handler_nursery)
             if config.admin_port is not None:
                 await root.start(self._serve_admin)

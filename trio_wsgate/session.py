@@ -13,8 +13,13 @@ to answer); the connection turns "pending" into a 100 ms deadline and "urgent" i
 ack at once. Items held by the outbox are opaque: the connection stores its encoded
 frames there, so this module never encodes anything.
 
-The state here is plain data, kept by a session so that the next issue can carry it
-across reconnections.
+Resuming (PROTOCOL.md §5). The state here is plain data that a session keeps across
+connections. When a connection drops, :meth:`Inbox.detach` forgets what was received
+but not processed (a handler cancelled mid-way has not processed its envelope: the
+peer resends it). When the peer comes back with the highest ``seq`` it processed,
+:meth:`Outbox.rewind` applies that as an ack and returns every envelope to write again,
+in order, before anything new; :meth:`Inbox.resume` gives the ack to announce
+(``welcome.ack`` on the server, ``hello.resume.ack`` on the client).
 """
 
 from __future__ import annotations
@@ -108,6 +113,35 @@ class Outbox(Generic[T]):
             released.append(entry[1])
         return released
 
+    @property
+    def open(self) -> bool:
+        """True if an envelope pushed now would be written at once (the window has room)."""
+        return not self.waiting and len(self.in_flight) < self.window
+
+    def __len__(self) -> int:
+        """How many envelopes are numbered and not yet acknowledged."""
+        return len(self.in_flight) + len(self.waiting)
+
+    def rewind(self, ack: int) -> list[T]:
+        """Resume on a new connection, where the peer processed everything up to ``ack``.
+
+        Everything written before is presumed lost with the old connection.
+
+        Returns:
+            Every item to write again, in ``seq`` order (at most ``window``).
+
+        Raises:
+            ProtocolError: 1002 if ``ack`` is above what was written, or below an
+                ack the peer gave before (it cannot have processed less since).
+        """
+        if ack < self.acked:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR,
+                f"resume ack {ack} is below the ack already received ({self.acked})",
+            )
+        self.receive_ack(ack)
+        return [item for _, item in self.in_flight]
+
     def unacknowledged(self) -> Iterator[tuple[int, T]]:
         """Every numbered envelope not yet acknowledged, in order (for resending)."""
         yield from self.in_flight
@@ -168,6 +202,16 @@ class Inbox:
     def ack_urgent(self) -> bool:
         """Ack at once: half the window is unacknowledged, or a duplicate was received."""
         return self.reack or (self.processed - self.acked) * 2 >= self.window
+
+    def detach(self) -> None:
+        """The connection dropped: what was received and not processed will come again."""
+        self.received = self.processed
+        self.reack = False
+
+    def resume(self) -> int:
+        """A new connection carries on: return the ack to announce, now counted as sent."""
+        self.received = self.processed
+        return self.take_ack()
 
     def take_ack(self) -> int:
         """Return the ack value to send now and record it as sent."""

@@ -46,6 +46,7 @@ class CloseReason(enum.StrEnum):
     HELLO_TIMEOUT = "hello_timeout"
     PROTOCOL_ERROR = "protocol_error"  # 1002, 1003, 1007, 1009
     POLICY = "policy"
+    UNAUTHORIZED = "unauthorized"  # 4001
     SLOW_CONSUMER = "slow_consumer"
     KICK = "kick"
     DRAIN = "drain"
