@@ -643,11 +643,14 @@ class Connection:
         resend: list[_Outgoing] = []
         if hello.resume is not None:
             session, result = hub.find(hello.resume, user)
+            if session is not None:
+                # The newest claim wins: an earlier connection still waiting for the
+                # session to be let go loses it to this one.
+                session._claimant = self
             if session is not None and session.connection is not None:
                 # Take-over: the old connection still looks open. It is closed with
                 # 4006, and lets go of the session once its handlers have stopped.
                 old = session.connection
-                session._claimant = self
                 old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
                 await old.wait_detached()
                 if session._claimant is not self:  # a newer connection claimed it since
