@@ -103,3 +103,133 @@ def test_any_ack_sequence_keeps_the_window_and_the_order(
         written.extend(outbox.receive_ack(outbox.last_sent))
     assert written == list(range(1, count + 1))
     assert outbox.next_seq == count + 1
+
+
+# -- both directions across drops and resumes (PROTOCOL.md §4, §5) ---------------------
+
+
+class Side:
+    """One end of a session: its outbox, its inbox and what it delivered."""
+
+    def __init__(self, window: int) -> None:
+        self.outbox: Outbox[tuple[int, int]] = Outbox(window)  # items: (seq, payload)
+        self.inbox = Inbox(window)
+        self.sent: list[int] = []
+        self.delivered: list[int] = []
+        self.unprocessed: list[tuple[int, int]] = []  # received, handler still running
+
+    def detach(self) -> None:
+        self.unprocessed.clear()  # handlers cancelled: not processed
+        self.inbox.detach()
+
+
+class Link:
+    """A session between two sides over connections that may drop at any time.
+
+    A wire carries ``(seq, payload, ack)`` for sequenced envelopes and
+    ``(None, None, ack)`` for a standalone ack.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.sides = (Side(window), Side(window))
+        self.wires: tuple[list[tuple[int | None, int | None, int | None]], ...] = ([], [])
+        self.connected = True
+        self.counter = 0
+
+    def send(self, i: int) -> None:
+        side = self.sides[i]
+        self.counter += 1
+        side.sent.append(self.counter)
+        inbox, outbox = side.inbox, side.outbox
+        goes_now = self.connected and outbox.open
+        ack = inbox.take_ack() if goes_now and inbox.ack_pending else None
+        seq = outbox.next_seq
+        if outbox.push((seq, self.counter)) and self.connected:
+            self.wires[i].append((seq, self.counter, ack))
+
+    def deliver(self, i: int) -> None:
+        """The next envelope on the wire from side ``i`` arrives at the other side."""
+        if not self.wires[i]:
+            return
+        seq, payload, ack = self.wires[i].pop(0)
+        peer = self.sides[1 - i]
+        if ack is not None:
+            self._on_ack(1 - i, ack)
+        if seq is None:
+            return
+        if peer.inbox.receive(seq) is Receipt.NEW:
+            assert payload is not None
+            peer.unprocessed.append((seq, payload))
+
+    def _on_ack(self, i: int, ack: int) -> None:
+        for seq, payload in self.sides[i].outbox.receive_ack(ack):
+            self.wires[i].append((seq, payload, None))
+
+    def process(self, i: int) -> None:
+        side = self.sides[i]
+        if side.unprocessed:
+            seq, payload = side.unprocessed.pop(0)
+            side.delivered.append(payload)
+            side.inbox.mark_processed(seq)
+
+    def ack(self, i: int) -> None:
+        side = self.sides[i]
+        if self.connected and side.inbox.ack_pending:
+            self.wires[i].append((None, None, side.inbox.take_ack()))
+
+    def drop(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.wires[0].clear()
+            self.wires[1].clear()
+            for side in self.sides:
+                side.detach()
+
+    def resume(self) -> None:
+        """hello {resume: ack} from side 0, welcome {ack} from side 1, then resends."""
+        if self.connected:
+            return
+        self.connected = True
+        client, server = self.sides
+        hello_ack = client.inbox.resume()
+        welcome_ack = server.inbox.resume()
+        for i, (side, ack) in enumerate(((server, hello_ack), (client, welcome_ack))):
+            wire = self.wires[1 - i]
+            for seq, payload in side.outbox.rewind(ack):
+                wire.append((seq, payload, None))
+
+    def settle(self) -> None:
+        self.resume()
+        while any(self.wires) or any(s.unprocessed or s.inbox.ack_pending for s in self.sides):
+            for i in (0, 1):
+                self.deliver(i)
+                self.process(i)
+                self.ack(i)
+
+
+ACTIONS = ["send0", "send1", "deliver0", "deliver1", "process0", "process1"]
+ACTIONS += ["ack0", "ack1", "drop", "resume"]
+
+
+@given(
+    window=st.integers(1, 6),
+    actions=st.lists(st.sampled_from(ACTIONS), max_size=200),
+)
+def test_any_drops_and_resumes_deliver_each_stream_exactly_once_in_order(
+    window: int, actions: list[str]
+) -> None:
+    link = Link(window)
+    for action in actions:
+        if action in ("drop", "resume"):
+            getattr(link, action)()
+        else:
+            getattr(link, action[:-1])(int(action[-1]))
+        for i, me in enumerate(link.sides):
+            peer = link.sides[1 - i]
+            # At every step: what was delivered is a prefix of what the peer sent.
+            assert me.delivered == peer.sent[: len(me.delivered)]
+            assert len(me.outbox.in_flight) <= window
+    link.settle()
+    for i, me in enumerate(link.sides):
+        assert me.delivered == link.sides[1 - i].sent
+        assert len(me.outbox) == 0
