@@ -82,7 +82,7 @@ class Outbox(Generic[T]):
         """
         seq = self.next_seq
         self.next_seq += 1
-        if not self.waiting and len(self.in_flight) < self.window:
+        if self.open:
             self.in_flight.append((seq, item))
             return True
         self.waiting.append((seq, item))
@@ -106,6 +106,9 @@ class Outbox(Generic[T]):
         self.acked = ack
         while self.in_flight and self.in_flight[0][0] <= ack:
             self.in_flight.popleft()
+        return self._refill()
+
+    def _refill(self) -> list[T]:
         released: list[T] = []
         while self.waiting and len(self.in_flight) < self.window:
             entry = self.waiting.popleft()
@@ -122,10 +125,11 @@ class Outbox(Generic[T]):
         """How many envelopes are numbered and not yet acknowledged."""
         return len(self.in_flight) + len(self.waiting)
 
-    def rewind(self, ack: int) -> list[T]:
+    def rewind(self, ack: int, window: int | None = None) -> list[T]:
         """Resume on a new connection, where the peer processed everything up to ``ack``.
 
-        Everything written before is presumed lost with the old connection.
+        Everything written before is presumed lost with the old connection. ``window``
+        replaces the window if given (the peer announces it anew on each connection).
 
         Returns:
             Every item to write again, in ``seq`` order (at most ``window``).
@@ -140,6 +144,13 @@ class Outbox(Generic[T]):
                 f"resume ack {ack} is below the ack already received ({self.acked})",
             )
         self.receive_ack(ack)
+        if window is not None:
+            if window < 1:
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "window must be at least 1")
+            self.window = window
+            while len(self.in_flight) > window:  # a smaller window: hold the rest back
+                self.waiting.appendleft(self.in_flight.pop())
+        self._refill()
         return [item for _, item in self.in_flight]
 
     def unacknowledged(self) -> Iterator[tuple[int, T]]:

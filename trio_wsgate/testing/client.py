@@ -18,11 +18,10 @@ import trio
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
-from websockets.protocol import State
-from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from ..protocol.codecs import CODECS, JSON_SUBPROTOCOL, Codec
+from ..transports.websockets import HandshakeRefused, client_handshake
 
 __all__ = ["Closed", "RawClient", "Refused"]
 
@@ -73,33 +72,16 @@ class RawClient:
         Raises:
             Refused: the server answered with HTTP instead of upgrading.
         """
-        protocol = ClientProtocol(
-            parse_uri(f"ws://127.0.0.1{path}"),
-            subprotocols=[Subprotocol(s) for s in subprotocols] if subprotocols else None,
-            max_size=max_size,
-        )
-        request = protocol.connect()
-        for key, value in (headers or {}).items():
-            request.headers[key] = value
-        protocol.send_request(request)
-        await stream.send_all(b"".join(protocol.data_to_send()))
-        response: Response | None = None
-        pending: list[Any] = []
-        while response is None:
-            data = await stream.receive_some(65536)
-            if not data:
-                protocol.receive_eof()
-            else:
-                protocol.receive_data(data)
-            events = protocol.events_received()
-            if events:
-                first, pending = events[0], events[1:]
-                assert isinstance(first, Response)
-                response = first
-            elif not data:
-                raise ConnectionError("the server closed during the handshake")
-        if protocol.state is not State.OPEN:
-            raise Refused(response)
+        try:
+            protocol, response, pending = await client_handshake(
+                stream,
+                parse_uri(f"ws://127.0.0.1{path}"),
+                subprotocols=subprotocols,
+                headers=headers,
+                max_message_size=max_size,
+            )
+        except HandshakeRefused as exc:
+            raise Refused(exc.response) from None
         chosen = response.headers.get("Sec-WebSocket-Protocol") or JSON_SUBPROTOCOL
         client = cls(stream, protocol, CODECS[chosen]())
         client._handle(pending)

@@ -1,8 +1,9 @@
 """The default transport: websockets' sans-I/O protocol over a trio stream.
 
 The connection's own reader and write loop drive :class:`websockets.server.ServerProtocol`
-directly, so no library task hides inside the connection, no write lock is needed, and
-all queued frames leave in one ``send_all``. websockets does the opening handshake, the
+(or, in the client, :class:`websockets.client.ClientProtocol`) directly, so no library
+task hides inside the connection, no write lock is needed, and all queued frames leave
+in one ``send_all``. websockets does the opening handshake, the
 framing (its C speedups mask and unmask), automatic pongs, close frames and the close
 codes for framing errors (1002) and oversized messages (1009).
 """
@@ -16,17 +17,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from websockets.client import ClientProtocol
 from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
+from websockets.uri import WebSocketURI
 
 from ..protocol.closecodes import CloseCode, CloseReason
 from .base import Incoming, TransportBroken
 
-__all__ = ["Handshake", "WebsocketsTransport", "accept_websocket", "classify_os_error"]
+__all__ = [
+    "Handshake",
+    "HandshakeRefused",
+    "WebsocketsTransport",
+    "accept_websocket",
+    "classify_os_error",
+    "client_handshake",
+]
 
 RECEIVE_SIZE = 65536
 
@@ -57,11 +67,11 @@ def classify_os_error(exc: BaseException) -> CloseReason:
 
 
 class WebsocketsTransport:
-    """A server-side WebSocket over a trio stream, after a successful handshake.
+    """A WebSocket over a trio stream, after a successful handshake.
 
     Args:
         stream: the byte stream (a socket, or one half of an in-memory pair).
-        protocol: the websockets protocol in state OPEN.
+        protocol: the websockets protocol (server or client side) in state OPEN.
         pending: events parsed together with the handshake request (pipelined frames).
         remote_address: the peer's address, for logs.
     """
@@ -69,7 +79,7 @@ class WebsocketsTransport:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        protocol: ServerProtocol,
+        protocol: Protocol,
         pending: Sequence[Any] = (),
         remote_address: str = "",
     ) -> None:
@@ -206,7 +216,7 @@ def _select_subprotocol(
     )
 
 
-async def _write_all(stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
+async def _write_all(stream: trio.abc.Stream, protocol: Protocol) -> None:
     for chunk in protocol.data_to_send():
         if chunk:
             await stream.send_all(chunk)
@@ -285,3 +295,74 @@ async def accept_websocket(
     transport = WebsocketsTransport(stream, protocol, events, remote_address)
     chosen = response.headers.get("Sec-WebSocket-Protocol")
     return Handshake(transport, chosen, request)
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with plain HTTP.
+
+    Args:
+        response: the HTTP response (``status_code``, ``headers``, ``body``).
+    """
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.status = response.status_code
+        self.response = response
+
+    @property
+    def retry_after(self) -> float | None:
+        """The ``Retry-After`` header in seconds, if the server sent one as a number."""
+        value = self.response.headers.get("Retry-After")
+        try:
+            return max(0.0, float(value)) if value is not None else None
+        except ValueError:
+            return None
+
+
+async def client_handshake(
+    stream: trio.abc.Stream,
+    uri: WebSocketURI,
+    *,
+    subprotocols: Sequence[str] | None,
+    headers: dict[str, str] | None = None,
+    max_message_size: int | None = 2**24,
+) -> tuple[ClientProtocol, Response, list[Any]]:
+    """Do the client side of the opening handshake on ``stream``.
+
+    Returns:
+        The protocol in state OPEN, the server's response, and the events that
+        arrived together with it (frames the server sent at once).
+
+    Raises:
+        HandshakeRefused: the server answered with HTTP instead of upgrading.
+        ConnectionError: the server closed the stream during the handshake.
+    """
+    protocol = ClientProtocol(
+        uri,
+        subprotocols=[Subprotocol(s) for s in subprotocols] if subprotocols else None,
+        max_size=max_message_size,
+        logger=_wire_logger,
+    )
+    request = protocol.connect()
+    for key, value in (headers or {}).items():
+        request.headers[key] = value
+    protocol.send_request(request)
+    await _write_all(stream, protocol)
+    while True:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            raise ConnectionError(f"the server broke the connection: {exc}") from exc
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+        events = protocol.events_received()
+        if events:
+            response = events[0]
+            assert isinstance(response, Response)
+            if protocol.state is not State.OPEN:
+                raise HandshakeRefused(response)
+            return protocol, response, events[1:]
+        if not data:
+            raise ConnectionError("the server closed the connection during the handshake")
