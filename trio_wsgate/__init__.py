@@ -1,5 +1,6 @@
 """trio-wsgate: a WebSocket gateway for trio, in which a connection is a nursery."""
 
+from .client import Backoff, Client, ClientState, Message, open_client
 from .config import Config, SlowConsumerPolicy
 from .connection import Connection, Session
 from .exceptions import (
@@ -17,13 +18,17 @@ from .protocol import CloseCode, CloseReason
 from .server import Server, serve
 
 __all__ = [
+    "Backoff",
+    "Client",
     "ClientClosed",
+    "ClientState",
     "CloseCode",
     "CloseReason",
     "Config",
     "Connection",
     "Gateway",
     "HandlerError",
+    "Message",
     "ProtocolError",
     "Server",
     "Session",
@@ -33,6 +38,7 @@ __all__ = [
     "SlowConsumerPolicy",
     "Unauthorized",
     "WsgateError",
+    "open_client",
     "serve",
 ]
 

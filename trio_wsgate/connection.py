@@ -381,6 +381,8 @@ class Connection:
                 self._abort(CloseCode.ABNORMAL, exc.reason)
                 return
             except trio.ClosedResourceError:
+                # Closed under us (by whoever holds the stream): nothing more comes.
+                self._abort(CloseCode.ABNORMAL, CloseReason.RESET)
                 return
             if incoming.frames and self._liveness is not None:
                 self._touch()

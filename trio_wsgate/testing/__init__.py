@@ -1,6 +1,6 @@
 """Public helpers for testing applications built on trio-wsgate."""
 
 from .client import Closed, RawClient, Refused
-from .memory import open_memory_connection
+from .memory import memory_connector, open_memory_connection
 
-__all__ = ["Closed", "RawClient", "Refused", "open_memory_connection"]
+__all__ = ["Closed", "RawClient", "Refused", "memory_connector", "open_memory_connection"]

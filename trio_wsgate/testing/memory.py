@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -12,7 +12,7 @@ from ..protocol.codecs import JSON_SUBPROTOCOL
 from ..server import Server
 from .client import RawClient
 
-__all__ = ["open_memory_connection"]
+__all__ = ["memory_connector", "open_memory_connection"]
 
 
 @asynccontextmanager
@@ -39,3 +39,20 @@ async def open_memory_connection(
         yield client
     finally:
         await trio.aclose_forcefully(client_stream)
+
+
+def memory_connector(
+    server: Server, nursery: trio.Nursery
+) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    """A stream factory for :func:`trio_wsgate.open_client` (its ``connect`` option).
+
+    Each call opens an in-memory stream pair and serves the server's end in
+    ``nursery``: the client runs against ``server`` without sockets, under MockClock.
+    """
+
+    async def connect() -> trio.abc.Stream:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_stream, "memory")
+        return client_stream
+
+    return connect

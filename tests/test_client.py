@@ -1,0 +1,347 @@
+"""The reliable client (trio_wsgate.client) against the real server, in memory, on MockClock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio.testing import MockClock
+
+from trio_wsgate import (
+    Backoff,
+    ClientClosed,
+    ClientState,
+    Gateway,
+    HandlerError,
+    Server,
+    Session,
+    SessionLost,
+    open_client,
+)
+from trio_wsgate.client import reconnects_after
+from trio_wsgate.protocol import JsonCodec, Welcome
+from trio_wsgate.transports.websockets import Handshake, accept_websocket
+
+from .conftest import make_gateway
+
+URL = "ws://gateway.test/ws"
+
+
+class Wire:
+    """A connector of in-memory streams to ``server`` that a test can cut or refuse."""
+
+    def __init__(self, server: Server | None, nursery: trio.Nursery) -> None:
+        self.server = server
+        self.nursery = nursery
+        self.attempts: list[float] = []
+        self.refuse = 0  # refuse this many attempts (connection refused)
+        self.latency = 0.0  # each attempt takes this long to connect
+        self.streams: list[tuple[trio.abc.Stream, trio.abc.Stream]] = []
+        self.serve: Callable[[trio.abc.Stream], Any] | None = None
+
+    async def connect(self) -> trio.abc.Stream:
+        self.attempts.append(trio.current_time())
+        await trio.sleep(self.latency)
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionRefusedError("refused")
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.streams.append((client_stream, server_stream))
+        if self.serve is not None:
+            self.nursery.start_soon(self.serve, server_stream)
+        else:
+            assert self.server is not None
+            self.nursery.start_soon(self.server.serve_stream, server_stream, "memory")
+        return client_stream
+
+    async def cut(self) -> None:
+        """Drop the live connection without a close frame: both ends see it at once."""
+        for stream in self.streams[-1]:
+            await trio.aclose_forcefully(stream)
+
+
+async def test_request_send_and_messages(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect) as client:
+            assert await client.wait_connected() is ClientState.CONNECTED
+            assert await client.request("echo", {"a": [1, 2]}) == {"a": [1, 2]}
+            with pytest.raises(HandlerError) as info:
+                await client.request("refuse")
+            assert (info.value.code, info.value.reason) == ("not_allowed", "no, thanks")
+            assert await client.request("push", 3) == 3
+            got = []
+            async for message in client.messages():
+                got.append((message.event, message.data))
+                if len(got) == 3:
+                    break
+            assert got == [("pushed", 0), ("pushed", 1), ("pushed", 2)]
+            session_id = client.session
+        assert client.closed
+        await trio.testing.wait_all_tasks_blocked()
+        # aclose() said bye: the session ended on the server too.
+        assert session_id not in server.hub.sessions
+        assert server.metrics.registry.get_sample_value(
+            "wsgate_sessions_ended_total", {"why": "bye"}
+        )
+
+
+async def test_sends_are_delivered_in_order_and_the_close_flushes_them(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    seen: list[Any] = []
+    gateway = Gateway()
+
+    @gateway.on("note")
+    async def note(session: Session, data: Any) -> None:
+        seen.append(data)
+
+    server = make_server(gateway, window=4)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect) as client:
+            for i in range(50):  # queued before the connection is even up
+                await client.send("note", i)
+    assert seen == list(range(50))
+
+
+async def test_the_backoff_schedule_is_full_jitter_with_exact_times(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    backoff = Backoff(base=1, factor=2, cap=8)
+    server = make_server()
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        wire.refuse = 6
+        start = trio.current_time()
+        async with open_client(URL, connect=wire.connect, backoff=backoff, seed=7) as client:
+            await client.wait_connected()
+    rng = random.Random(7)
+    expected, t = [start], start
+    for attempt in range(6):
+        t += backoff.delay(attempt, rng)
+        expected.append(t)
+    assert wire.attempts == pytest.approx(expected, abs=1e-9)
+    # The ceilings double up to the cap: 1, 2, 4, 8, 8, 8.
+    assert [backoff.ceiling(n) for n in range(6)] == [1, 2, 4, 8, 8, 8]
+    gaps = [b - a for a, b in zip(wire.attempts, wire.attempts[1:], strict=False)]
+    assert all(0 <= gap <= backoff.ceiling(n) for n, gap in enumerate(gaps))
+
+
+async def test_max_attempts_gives_up(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        wire = Wire(make_server(), nursery)
+        wire.refuse = 100
+        async with open_client(
+            URL, connect=wire.connect, backoff=Backoff(base=1, max_attempts=3), seed=1
+        ) as client:
+            with pytest.raises(ClientClosed, match="gave up after 3 attempts"):
+                await client.wait_connected()
+            with pytest.raises(ClientClosed):
+                await client.send("echo", 1)
+        assert len(wire.attempts) == 4  # the first try and three more
+
+
+async def test_a_silent_server_is_detected_at_interval_plus_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    """A server that welcomes and then says nothing, ever (a blackholed peer)."""
+    welcomed_at: list[float] = []
+
+    async def silent_server(stream: trio.abc.Stream) -> None:
+        result = await accept_websocket(
+            stream,
+            path="/ws",
+            subprotocols=["wsgate.v1.json"],
+            max_message_size=65536,
+            http_route=lambda request: None,
+        )
+        assert isinstance(result, Handshake)
+        transport = result.transport
+        await transport.receive()  # hello
+        welcome = Welcome("s1", "t", False, 0, 5.0, 2.0, 16, 65536)
+        transport.send_message(JsonCodec().encode(welcome), False)
+        await transport.flush()
+        welcomed_at.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = silent_server
+        async with open_client(URL, connect=wire.connect, seed=3) as client:
+            await client.wait_connected()
+            await client.wait_state(ClientState.CONNECTING)
+            dead_at = trio.current_time()
+            await client.wait_connected()  # and it reconnects
+            nursery.cancel_scope.cancel()
+    assert dead_at == welcomed_at[0] + 5.0 + 2.0
+
+
+async def test_a_dropped_connection_resumes_and_loses_nothing(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    seen: list[int] = []
+    gateway = make_gateway()
+
+    @gateway.on("note")
+    async def note(session: Session, data: int) -> int:
+        await trio.sleep(0.01)  # a cut may cancel it: then it runs again
+        seen.append(data)
+        session.send("noted", data)
+        return data
+
+    server = make_server(gateway, window=8)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, seed=5) as client:
+            states = []
+
+            async def watch() -> None:
+                async for state in client.state_changes():
+                    states.append(state)
+
+            nursery.start_soon(watch)
+            await client.wait_connected()
+            replies: list[int] = []
+
+            async def requester() -> None:
+                for i in range(200):
+                    replies.append(await client.request("note", i))
+
+            async def cutter() -> None:
+                for _ in range(10):
+                    await client.wait_connected()
+                    await trio.sleep(0.37)
+                    await wire.cut()
+                    await client.wait_state(ClientState.CONNECTING)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(requester)
+                inner.start_soon(cutter)
+            pushed = []
+            async for message in client.messages():
+                pushed.append(message.data)
+                if len(pushed) == 200:
+                    break
+            await client.wait_connected()
+            assert client.statistics().resumes == 10
+    assert seen == list(range(200))
+    assert replies == list(range(200))
+    assert pushed == list(range(200))
+    assert ClientState.RESUMED in states
+    assert ClientState.SESSION_LOST not in states
+    assert states[-1] is ClientState.CLOSED
+
+
+async def test_a_lost_session_fails_written_requests_and_sends_the_unwritten(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    gateway = make_gateway()
+    server = make_server(gateway, resume_ttl=1)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, seed=2) as client:
+            await client.wait_connected()
+            first = client.session
+            outcome: list[Any] = []
+
+            async def slow_request() -> None:
+                try:
+                    outcome.append(await client.request("sleep", 10))
+                except SessionLost as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(slow_request)
+            await trio.testing.wait_all_tasks_blocked()
+            wire.latency = 2  # the server drops the session 1 s after the cut
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            await client.send("echo", "queued while away")  # never written: carried over
+            assert await client.wait_connected() is ClientState.SESSION_LOST
+            assert client.session != first
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], SessionLost)
+            assert await client.request("echo", "after") == "after"
+
+
+@pytest.mark.parametrize(("code", "again"), [(4005, False), (4006, False), (1001, True)])
+async def test_the_close_code_decides_whether_to_reconnect(
+    autojump_clock: MockClock, make_server: Callable[..., Server], code: int, again: bool
+) -> None:
+    assert reconnects_after(code) is again
+    server = make_server()
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, seed=4) as client:
+            await client.wait_connected()
+            (connection,) = server.connections
+            connection.close(code, "bye from the server")
+            if again:
+                assert await client.wait_state(ClientState.RESUMED) is ClientState.RESUMED
+            else:
+                await client.wait_state(ClientState.CLOSED)
+                assert client.close_code == code
+                with pytest.raises(ClientClosed):
+                    async for _ in client.messages():
+                        pass
+
+
+async def test_retry_after_is_honoured(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    server.draining = True  # 503 with Retry-After: 5
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(
+            URL, connect=wire.connect, backoff=Backoff(base=1), seed=9
+        ) as client:
+            await wire_attempts(wire, 1)
+            server.draining = False
+            await client.wait_connected()
+    assert len(wire.attempts) == 2
+    assert 5 <= wire.attempts[1] - wire.attempts[0] <= 6
+
+
+async def wire_attempts(wire: Wire, count: int) -> None:
+    while len(wire.attempts) < count:
+        await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_sends_wait_when_max_pending_are_unacknowledged(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    gateway = make_gateway()
+    server = make_server(gateway)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, max_pending=2) as client:
+            await client.wait_connected()
+            sent: list[float] = []
+
+            async def sender() -> None:
+                for _ in range(3):
+                    await client.send("sleep", 10)  # each holds the handler 10 s
+                    sent.append(trio.current_time())
+
+            start = trio.current_time()
+            nursery.start_soon(sender)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == [start, start]  # the third waits for room
+            assert client.statistics().pending == 2
+            while len(sent) < 3:
+                await trio.sleep(1)
+            # The first is acknowledged once processed, 10 s later (the ack rides on
+            # its reply), and that lets the third in.
+            assert sent[2] == start + 10

@@ -1,0 +1,868 @@
+"""A trio client that never loses a message: ``open_client()``.
+
+::
+
+    async with trio_wsgate.open_client("ws://127.0.0.1:8000/ws") as client:
+        print(await client.request("echo", {"hello": "world"}))
+        await client.send("say", "fire and forget, but delivered exactly once")
+        async for message in client.messages():
+            print(message.event, message.data)
+
+Theory of operation. The client is a small nursery: a *connect loop* that opens one
+connection at a time and, around each, a reader, a write loop, a watchdog and an ack
+timer (the mirror of the server's connection, DESIGN.md "The shape"). The session
+state outlives the connections: an :class:`~trio_wsgate.session.Outbox` numbers what
+the application sends and keeps it until acknowledged; an
+:class:`~trio_wsgate.session.Inbox` orders what the server sends. After a drop the
+loop reconnects with exponential backoff and full jitter and sends ``hello`` with
+``resume``; on ``welcome`` both sides resend what the other has not processed
+(PROTOCOL.md §5). So the application sees every reply and message exactly once and in
+order, and every envelope it sent is processed exactly once, across any number of
+drops.
+
+When the server no longer holds the session (``resumed: false``), the client carries
+on in a new session and says so (:attr:`ClientState.SESSION_LOST`). What was never
+written is sent in the new session; a request that was written and not acknowledged
+may or may not have run, so it raises :class:`~trio_wsgate.SessionLost`, and such a
+``send`` is counted in :meth:`Client.statistics` (``lost_sends``).
+
+A server message counts as processed, and is acknowledged, once it is in the client's
+buffer (up to ``buffer`` messages, default 1000) or taken by :meth:`Client.messages`.
+Past that the client stops acknowledging, so a reader that falls behind holds the
+server back instead of growing memory without bound.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import random
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+from websockets.uri import parse_uri
+
+from .exceptions import ClientClosed, HandlerError, ProtocolError, SessionLost
+from .protocol import (
+    CODECS,
+    JSON_SUBPROTOCOL,
+    MSGPACK_SUBPROTOCOL,
+    Ack,
+    Bye,
+    CloseCode,
+    Envelope,
+    Hello,
+    Msg,
+    Ping,
+    Pong,
+    Reply,
+    Resume,
+    Sequenced,
+    Welcome,
+)
+from .session import Inbox, Outbox, Receipt
+from .transports.base import TransportBroken
+from .transports.websockets import HandshakeRefused, WebsocketsTransport, client_handshake
+
+__all__ = [
+    "Backoff",
+    "Client",
+    "ClientState",
+    "ClientStatistics",
+    "Message",
+    "open_client",
+    "reconnects_after",
+]
+
+logger = logging.getLogger("trio_wsgate.client")
+
+# PROTOCOL.md §8, the last column: the close codes after which a client reconnects
+# by itself. 1006 stands for "no close frame" (a reset, EOF or a silent server).
+_RECONNECT_CODES = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.ABNORMAL,
+        CloseCode.INTERNAL_ERROR,
+        CloseCode.TRY_AGAIN_LATER,
+        CloseCode.HEARTBEAT_TIMEOUT,
+        CloseCode.HELLO_TIMEOUT,
+        CloseCode.SLOW_CONSUMER,
+        CloseCode.RATE_LIMITED,
+    }
+)
+# HTTP answers to the upgrade after which trying again later can help.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def reconnects_after(code: int) -> bool:
+    """True if PROTOCOL.md §8 has the client reconnect by itself after ``code``."""
+    return code in _RECONNECT_CODES
+
+
+class ClientState(enum.Enum):
+    """Where the client stands. Every value but CONNECTING and CLOSED is connected."""
+
+    #: No live connection: connecting, or waiting to reconnect.
+    CONNECTING = "connecting"
+    #: Connected, in the client's first session.
+    CONNECTED = "connected"
+    #: Connected again, and the server resumed the session: nothing was lost.
+    RESUMED = "resumed"
+    #: Connected again, but in a new session: the server had dropped the old one.
+    SESSION_LOST = "session_lost"
+    #: Stopped for good (closed by the application, or a close code that does not
+    #: reconnect, or out of attempts).
+    CLOSED = "closed"
+
+
+_CONNECTED = frozenset({ClientState.CONNECTED, ClientState.RESUMED, ClientState.SESSION_LOST})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A ``msg`` from the server."""
+
+    event: str | None
+    data: Any
+    topic: str | None = None
+    offset: int | None = None
+    epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter between connection attempts.
+
+    The n-th consecutive attempt (from 0) waits a uniformly random time in
+    ``[0, min(cap, base * factor**n)]``: the spread keeps a fleet of clients that lost
+    the same server from coming back in one storm.
+
+    Args:
+        base: the ceiling of the first wait, seconds.
+        factor: how much the ceiling grows per failed attempt.
+        cap: the largest ceiling, seconds.
+        max_attempts: give up (CLOSED) after this many failed attempts in a row;
+            None tries for ever.
+        reset_after: a connection that lived this long resets the count.
+    """
+
+    base: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+    max_attempts: int | None = None
+    reset_after: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.cap < 0 or self.factor < 1:
+            raise ValueError("backoff needs base >= 0, cap >= 0 and factor >= 1")
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest wait before attempt number ``attempt`` (from 0)."""
+        return min(self.cap, self.base * self.factor ** min(attempt, 64))
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """A wait drawn with full jitter for attempt number ``attempt``."""
+        return rng.uniform(0.0, self.ceiling(attempt))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """Counters of a client's life, from :meth:`Client.statistics`."""
+
+    connects: int
+    resumes: int
+    sessions_lost: int
+    lost_sends: int
+    pending: int
+    buffered: int
+
+
+@dataclass(slots=True)
+class _Request:
+    done: trio.Event
+    data: Any = None
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A sequenced envelope of ours kept until the server acknowledges it."""
+
+    envelope: Sequenced
+    payload: bytes
+    waiter: _Request | None = None
+    #: Handed to a connection after its welcome: the server may have processed it.
+    written: bool = False
+
+
+class _Link:
+    """One connection: its transport, its write queue and how it ended."""
+
+    def __init__(self, transport: WebsocketsTransport) -> None:
+        self.transport = transport
+        self.queue: deque[bytes] = deque()
+        self.wake = trio.Event()
+        self.ack_wanted = trio.Event()
+        self.nursery: trio.Nursery | None = None
+        self.liveness = trio.CancelScope()
+        self.silence: float = math.inf
+        self.welcomed_at: float | None = None
+        #: The server's bound on a message (from welcome): batches stay below it.
+        self.max_message_size = 65536
+        self.closing = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def enqueue(self, payload: bytes) -> None:
+        self.queue.append(payload)
+        self.wake.set()
+
+    def touch(self) -> None:
+        self.liveness.deadline = trio.current_time() + self.silence
+
+    def record(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+
+    def end(self, code: int, reason: str, close_timeout: float) -> None:
+        """Close from our side: a close frame, and a bound on the wait for the server."""
+        self.record(code, reason)
+        if self.closing:
+            return
+        self.closing = True
+        self.transport.send_close(code, reason)
+        self.wake.set()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.deadline = trio.current_time() + close_timeout
+
+    def peer_closed(self, code: int, reason: str, close_timeout: float) -> None:
+        """The server sent a close frame (or websockets failed the connection)."""
+        self.record(code, reason)
+        if not self.closing:
+            self.closing = True
+            if self.nursery is not None:
+                self.nursery.cancel_scope.deadline = trio.current_time() + close_timeout
+
+    def abort(self, code: int, reason: str) -> None:
+        """The connection is gone or dead: stop at once."""
+        self.record(code, reason)
+        self.closing = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+
+StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class Client:
+    """A reliable wsgate client. Make one with :func:`open_client`.
+
+    Args:
+        url: ``ws://host:port/path`` (or ``wss://``).
+        token: sent in ``hello`` (a JWT where the server wants one).
+        encoding: ``"json"`` or ``"msgpack"``.
+        backoff: the reconnection schedule.
+        max_pending: envelopes of ours kept unacknowledged (in flight or queued);
+            past this :meth:`send` and :meth:`request` wait.
+        buffer: server messages held for :meth:`messages` before acks stop.
+        connect_timeout: bound on one attempt: TCP, the handshake and ``welcome``.
+        close_timeout: bound on :meth:`aclose` (flushing what is unacknowledged,
+            ``bye``, the closing handshake).
+        headers: extra HTTP headers of the opening handshake.
+        connect: opens the byte stream (default: TCP, or TLS for ``wss://``);
+            tests pass in-memory streams here.
+        seed: seeds the jitter, for repeatable tests.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        encoding: str = "json",
+        backoff: Backoff | None = None,
+        max_pending: int = 1000,
+        buffer: int = 1000,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+        connect: StreamFactory | None = None,
+        seed: int | None = None,
+    ) -> None:
+        subprotocol = {"json": JSON_SUBPROTOCOL, "msgpack": MSGPACK_SUBPROTOCOL}.get(encoding)
+        if subprotocol is None:
+            raise ValueError(f"encoding must be 'json' or 'msgpack', not {encoding!r}")
+        if max_pending < 1 or buffer < 0:
+            raise ValueError("max_pending must be at least 1 and buffer not negative")
+        self.url = url
+        self._uri = parse_uri(url)
+        self._token = token
+        self._subprotocol = subprotocol
+        self._codec = CODECS[subprotocol]()
+        self._backoff = backoff or Backoff()
+        self._max_pending = max_pending
+        self._buffer_size = buffer
+        self._connect_timeout = connect_timeout
+        self._close_timeout = close_timeout
+        self._headers = headers or {}
+        self._open_stream = connect or self._open_tcp
+        self._rng = random.Random(seed)
+
+        #: Where the client stands; see :meth:`wait_state` and :meth:`state_changes`.
+        self.state = ClientState.CONNECTING
+        #: The server's session id, once welcomed.
+        self.session: str | None = None
+        #: The user the server authenticated, if any.
+        self.user: str | None = None
+        #: The close code and reason the client stopped with (None while running).
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._resume_token: str | None = None
+        self._outbox: Outbox[_Pending] = Outbox(1)  # the window comes with welcome
+        self._inbox = Inbox(1)
+        self._requests: dict[int, _Request] = {}
+        # Server messages not yet taken, as (seq, message); seq 0 for those of an
+        # earlier session, which owe no ack.
+        self._buffer: deque[tuple[int, Message]] = deque()
+        self._link: _Link | None = None
+        self._changed = trio.Event()  # any change a waiter may care about
+        self._watchers: weakref.WeakSet[_StateChanges] = weakref.WeakSet()
+        self._closing = False  # no new sends: aclose() is flushing
+        self._stopping = False  # the connect loop stops
+        self._closed_by_app = False
+        self._connects = self._resumes = self._sessions_lost = self._lost_sends = 0
+
+    # -- the application's side -------------------------------------------------------
+
+    async def request(self, event: str, data: Any = None) -> Any:
+        """Send a ``msg`` and wait for the handler's reply; return its ``data``.
+
+        Cancelling the wait does not unsend the message: it is delivered all the same
+        and its reply is dropped.
+
+        Raises:
+            HandlerError: the reply was an error (its ``code`` and ``reason``).
+            SessionLost: the server dropped the session with the request unanswered.
+            ClientClosed: the client stopped first.
+        """
+        waiter = _Request(trio.Event())
+        await self._wait_for_room()
+        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack), waiter)
+        try:
+            await waiter.done.wait()
+        finally:
+            if not waiter.done.is_set():  # cancelled: forget the waiter
+                self._requests = {k: v for k, v in self._requests.items() if v is not waiter}
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.data
+
+    async def send(self, event: str, data: Any = None) -> None:
+        """Queue a ``msg`` for the server; return once it is queued.
+
+        It is delivered exactly once, in order, across reconnections. Waits while
+        ``max_pending`` envelopes are unacknowledged (backpressure).
+
+        Raises:
+            ClientClosed: the client is closing or stopped.
+            TypeError: ``data`` cannot be encoded.
+        """
+        await self._wait_for_room()
+        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack), None)
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Iterate over every server ``msg`` exactly once, in order, across reconnections.
+
+        The iteration ends when the application closes the client, and raises
+        :class:`~trio_wsgate.ClientClosed` if the client stopped for another reason (a
+        close code that does not reconnect, or out of attempts). Several iterators
+        share one stream: each message goes to one of them.
+        """
+        return _Messages(self)
+
+    async def _next_message(self) -> Message:
+        while not self._buffer:
+            if self.state is ClientState.CLOSED:
+                if self._closed_by_app:
+                    raise StopAsyncIteration
+                raise ClientClosed(self.close_code, self.close_reason)
+            await self._changed.wait()
+        _, message = self._buffer.popleft()
+        self._update_processed()
+        return message
+
+    async def wait_state(self, *states: ClientState) -> ClientState:
+        """Wait until the state is one of ``states`` (returns at once if it is)."""
+        while self.state not in states:
+            await self._changed.wait()
+        return self.state
+
+    async def wait_connected(self) -> ClientState:
+        """Wait until connected (CONNECTED, RESUMED or SESSION_LOST).
+
+        Raises:
+            ClientClosed: the client stopped instead.
+        """
+        state = await self.wait_state(*_CONNECTED, ClientState.CLOSED)
+        if state is ClientState.CLOSED:
+            raise ClientClosed(self.close_code, self.close_reason)
+        return state
+
+    def state_changes(self) -> AsyncIterator[ClientState]:
+        """Iterate over every state the client enters from now on, ending after CLOSED."""
+        changes = _StateChanges(self)
+        self._watchers.add(changes)
+        return changes
+
+    @property
+    def closed(self) -> bool:
+        """True once the client has stopped for good."""
+        return self.state is ClientState.CLOSED
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up and welcomed."""
+        return self.state in _CONNECTED
+
+    def statistics(self) -> ClientStatistics:
+        """Counters: connections, resumes, sessions lost, sends lost with them, and
+        what is pending (ours, unacknowledged) and buffered (the server's, untaken)."""
+        return ClientStatistics(
+            connects=self._connects,
+            resumes=self._resumes,
+            sessions_lost=self._sessions_lost,
+            lost_sends=self._lost_sends,
+            pending=len(self._outbox),
+            buffered=len(self._buffer),
+        )
+
+    async def aclose(self) -> None:
+        """Deliver what is unacknowledged, end the session with ``bye``, and stop.
+
+        Bounded by ``close_timeout``: whatever is still unacknowledged then is given up.
+        """
+        if self.state is ClientState.CLOSED or self._closing:
+            return
+        self._closing = True
+        with trio.move_on_after(self._close_timeout):
+            while len(self._outbox) and not self.closed:
+                await self._changed.wait()
+            link = self._live_link()
+            if link is not None:
+                link.enqueue(self._codec.encode(Bye()))
+                while self._link is link:
+                    await self._changed.wait()
+        self._closed_by_app = True
+        self._finish(CloseCode.NORMAL, "closed by the application")
+
+    # -- sequencing -------------------------------------------------------------------
+
+    async def _wait_for_room(self) -> None:
+        while True:
+            if self._closing or self.state is ClientState.CLOSED:
+                raise ClientClosed(self.close_code, self.close_reason or "closing")
+            if len(self._outbox) < self._max_pending:
+                return
+            await self._changed.wait()
+
+    def _live_link(self) -> _Link | None:
+        link = self._link
+        if link is None or link.closing or link.welcomed_at is None:
+            return None
+        return link
+
+    def _push(self, build: Callable[[int, int | None], Sequenced], waiter: _Request | None) -> None:
+        link = self._live_link()
+        outbox, inbox = self._outbox, self._inbox
+        goes_now = link is not None and outbox.open
+        ack = inbox.processed if goes_now and inbox.ack_pending else None
+        envelope = build(outbox.next_seq, ack)
+        item = _Pending(envelope, self._codec.encode(envelope), waiter)
+        if ack is not None:
+            inbox.take_ack()
+        if waiter is not None:
+            self._requests[envelope.seq] = waiter
+        if outbox.push(item) and link is not None:
+            self._write(link, item)
+
+    def _write(self, link: _Link, item: _Pending) -> None:
+        item.written = True
+        link.enqueue(item.payload)
+
+    def _update_processed(self) -> None:
+        """Count as processed what is buffered up to ``buffer`` messages; ack it."""
+        buffer, cap, inbox = self._buffer, self._buffer_size, self._inbox
+        processed = inbox.received
+        for index in range(cap, len(buffer)):
+            seq = buffer[index][0]
+            if seq:  # the first message of this session past the cap: not processed
+                processed = seq - 1
+                break
+        inbox.mark_processed(processed)
+        link = self._live_link()
+        if link is not None:
+            if inbox.ack_urgent:
+                link.enqueue(self._codec.encode(Ack(inbox.take_ack())))
+            elif inbox.ack_pending:
+                link.ack_wanted.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _set_state(self, state: ClientState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        for watcher in self._watchers:
+            watcher.seen.append(state)
+        self._notify()
+
+    def _finish(self, code: int, reason: str) -> None:
+        """Stop for good: fail what waits, end the iterators."""
+        self._stopping = True
+        if self.state is ClientState.CLOSED:
+            return
+        self.close_code, self.close_reason = code, reason
+        error = ClientClosed(code, reason)
+        for waiter in self._requests.values():
+            waiter.error = error
+            waiter.done.set()
+        self._requests.clear()
+        if self._link is not None:
+            self._link.end(CloseCode.NORMAL, "", self._close_timeout)
+        self._set_state(ClientState.CLOSED)
+
+    # -- the connect loop -------------------------------------------------------------
+
+    async def _open_tcp(self) -> trio.abc.Stream:
+        uri = self._uri
+        if uri.secure:
+            return await trio.open_ssl_over_tcp_stream(uri.host, uri.port)
+        return await trio.open_tcp_stream(uri.host, uri.port)
+
+    async def _run(self) -> None:
+        """Connect, serve the connection, and reconnect while the protocol says so."""
+        attempt = 0
+        backoff = self._backoff
+        while not self._stopping:
+            retry_after: float | None = None
+            link: _Link | None = None
+            try:
+                link = await self._connect_once()
+            except HandshakeRefused as exc:
+                if exc.status not in _RETRY_STATUSES:
+                    self._finish(CloseCode.POLICY_VIOLATION, f"refused with HTTP {exc.status}")
+                    return
+                retry_after = exc.retry_after
+                logger.info("refused with HTTP %d; trying again", exc.status)
+            except (OSError, ConnectionError, trio.TooSlowError) as exc:
+                logger.info("cannot connect to %s: %s", self.url, exc)
+            if self._stopping:
+                return
+            if link is not None:
+                code = link.close_code or CloseCode.ABNORMAL
+                if not reconnects_after(code):
+                    self._finish(code, link.close_reason)
+                    return
+                lived = trio.current_time() - (link.welcomed_at or math.inf)
+                if lived >= backoff.reset_after:
+                    attempt = 0
+                logger.info("connection ended (%d %s); reconnecting", code, link.close_reason)
+            if backoff.max_attempts is not None and attempt >= backoff.max_attempts:
+                self._finish(CloseCode.ABNORMAL, f"gave up after {attempt} attempts")
+                return
+            delay = backoff.delay(attempt, self._rng) + (retry_after or 0.0)
+            attempt += 1
+            await trio.sleep(delay)
+
+    async def _connect_once(self) -> _Link:
+        """One connection, from TCP to its end. Returns it, with how it ended."""
+        with trio.fail_after(self._connect_timeout):
+            stream = await self._open_stream()
+            try:
+                protocol, _, pending = await client_handshake(
+                    stream,
+                    self._uri,
+                    subprotocols=[self._subprotocol],
+                    headers=self._headers,
+                )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        link = _Link(WebsocketsTransport(stream, protocol, pending, self._uri.host))
+        self._link = link
+        try:
+            async with trio.open_nursery() as nursery:
+                link.nursery = nursery
+                link.silence = self._connect_timeout  # until welcome
+                link.touch()
+                nursery.start_soon(self._reader, link)
+                nursery.start_soon(self._write_loop, link)
+                nursery.start_soon(self._watchdog, link)
+                nursery.start_soon(self._ack_timer, link)
+                link.enqueue(self._codec.encode(self._hello()))
+        finally:
+            self._link = None
+            self._detach(link)
+            with trio.CancelScope(shield=True):
+                await link.transport.aclose()
+        return link
+
+    def _hello(self) -> Hello:
+        resume = None
+        if self.session is not None and self._resume_token is not None:
+            # Announcing the ack here counts as acknowledging it (PROTOCOL.md §5).
+            resume = Resume(self.session, self._resume_token, self._inbox.resume())
+        return Hello(token=self._token, resume=resume)
+
+    def _detach(self, link: _Link) -> None:
+        """The connection is gone: what was received and not processed comes again."""
+        inbox = self._inbox
+        inbox.detach()
+        while self._buffer and self._buffer[-1][0] > inbox.processed:
+            self._buffer.pop()
+        if self.state is not ClientState.CLOSED:
+            self._set_state(ClientState.CONNECTING)
+        self._notify()
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _reader(self, link: _Link) -> None:
+        transport = link.transport
+        while True:
+            try:
+                incoming = await transport.receive()
+            except TransportBroken as exc:
+                link.abort(CloseCode.ABNORMAL, str(exc.reason))
+                return
+            except trio.ClosedResourceError:
+                link.abort(CloseCode.ABNORMAL, "the stream was closed")
+                return
+            if incoming.frames:
+                link.touch()
+            for payload, binary in incoming.messages:
+                if link.closing:
+                    break
+                try:
+                    if binary is not self._codec.binary:
+                        raise ProtocolError(CloseCode.UNSUPPORTED_DATA, "wrong frame kind")
+                    for envelope in self._codec.decode(payload):
+                        if link.closing:
+                            break
+                        self._on_envelope(link, envelope)
+                except ProtocolError as exc:
+                    # The server broke the protocol: no reconnect (PROTOCOL.md §8).
+                    logger.error("protocol error from the server: %s", exc)
+                    link.end(exc.code, exc.reason, self._close_timeout)
+            if incoming.failed is not None:
+                link.peer_closed(*incoming.failed, self._close_timeout)
+            if incoming.peer_close is not None:
+                link.peer_closed(*incoming.peer_close, self._close_timeout)
+            if transport.wants_flush():
+                link.wake.set()
+            if incoming.eof:
+                link.abort(CloseCode.ABNORMAL, "the server closed the connection")
+                return
+
+    def _on_envelope(self, link: _Link, envelope: Envelope) -> None:
+        if link.welcomed_at is None:
+            if not isinstance(envelope, Welcome):
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "expected welcome first")
+            self._on_welcome(link, envelope)
+            return
+        if isinstance(envelope, Msg | Reply):
+            if envelope.ack is not None:
+                self._on_ack(link, envelope.ack)
+            if self._inbox.receive(envelope.seq) is Receipt.DUPLICATE:
+                self._update_processed()  # acks the duplicate at once
+                return
+            if isinstance(envelope, Msg):
+                message = Message(
+                    envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
+                )
+                self._buffer.append((envelope.seq, message))
+            else:
+                waiter = self._requests.pop(envelope.re, None)
+                if waiter is not None:  # None: answered before a drop, or cancelled
+                    if envelope.error is not None:
+                        waiter.error = HandlerError(envelope.error.code, envelope.error.reason)
+                    else:
+                        waiter.data = envelope.data
+                    waiter.done.set()
+            self._update_processed()
+        elif isinstance(envelope, Ack):
+            self._on_ack(link, envelope.ack)
+        elif isinstance(envelope, Ping):
+            link.enqueue(self._codec.encode(Pong(envelope.ts)))
+        elif isinstance(envelope, Pong):
+            pass
+        else:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a server"
+            )
+
+    def _on_ack(self, link: _Link, ack: int) -> None:
+        for item in self._outbox.receive_ack(ack):
+            self._write(link, item)
+        self._notify()  # room for blocked senders, progress for aclose()
+
+    def _on_welcome(self, link: _Link, welcome: Welcome) -> None:
+        link.welcomed_at = trio.current_time()
+        link.max_message_size = welcome.max_message_size
+        interval = welcome.heartbeat_interval
+        link.silence = interval + welcome.heartbeat_timeout if interval else math.inf
+        link.touch()
+        self._connects += 1
+        if welcome.resumed and welcome.session == self.session:
+            resend = self._outbox.rewind(welcome.ack, welcome.window)
+            self._resumes += 1
+            state = ClientState.RESUMED
+        else:
+            lost = self.session is not None
+            resend = self._new_session(welcome.window)
+            if lost:
+                self._sessions_lost += 1
+                logger.warning("the server did not resume the session: starting a new one")
+            state = ClientState.SESSION_LOST if lost else ClientState.CONNECTED
+        self.session, self._resume_token = welcome.session, welcome.resume_token
+        self.user = welcome.user
+        for item in resend:
+            self._write(link, item)
+        self._set_state(state)
+        self._update_processed()
+
+    def _new_session(self, window: int) -> list[_Pending]:
+        """Start numbering afresh; carry over what was never written (PROTOCOL.md §5)."""
+        old, self._outbox = self._outbox, Outbox(window)
+        self._inbox = Inbox(window)
+        self._buffer = deque((0, message) for _, message in self._buffer)
+        self._requests = {}
+        for _, item in old.unacknowledged():
+            if item.written:  # it may or may not have been processed: say so
+                if item.waiter is not None:
+                    item.waiter.error = SessionLost("the server dropped the session")
+                    item.waiter.done.set()
+                else:
+                    self._lost_sends += 1
+                continue
+            seq = self._outbox.next_seq
+            envelope = replace(item.envelope, seq=seq, ack=None)  # type: ignore[type-var]
+            renumbered = _Pending(envelope, self._codec.encode(envelope), item.waiter)
+            if item.waiter is not None:
+                self._requests[seq] = item.waiter
+            self._outbox.push(renumbered)
+        if self._lost_sends:
+            logger.warning("%d sends may be lost with the old session", self._lost_sends)
+        return [item for _, item in self._outbox.in_flight]
+
+    async def _write_loop(self, link: _Link) -> None:
+        transport = link.transport
+        while True:
+            await link.wake.wait()
+            link.wake = trio.Event()
+            if link.queue and not link.closing:
+                self._frame(link)
+            try:
+                if await transport.flush():
+                    return
+            except TransportBroken as exc:
+                link.abort(CloseCode.ABNORMAL, str(exc.reason))
+                return
+            except trio.ClosedResourceError:
+                return
+
+    def _frame(self, link: _Link) -> None:
+        """Everything queued into as few messages as the server's size bound allows."""
+        queue, codec, budget = link.queue, self._codec, link.max_message_size
+        while queue:
+            parts, size = [queue.popleft()], 0
+            size = len(parts[0]) + 2
+            while queue and size + len(queue[0]) + 1 <= budget:
+                parts.append(queue.popleft())
+                size += len(parts[-1]) + 1
+            payload = parts[0] if len(parts) == 1 else codec.batch(parts)
+            link.transport.send_message(payload, codec.binary)
+
+    async def _watchdog(self, link: _Link) -> None:
+        # PROTOCOL.md §7: nothing received for interval + timeout means dead.
+        with link.liveness:
+            await trio.sleep_forever()
+        if link.liveness.cancelled_caught:
+            logger.info("no word from the server: the connection is dead")
+            link.abort(CloseCode.ABNORMAL, "heartbeat timeout")
+
+    async def _ack_timer(self, link: _Link) -> None:
+        while True:
+            await link.ack_wanted.wait()
+            link.ack_wanted = trio.Event()
+            await trio.sleep(0.1)  # PROTOCOL.md §4: at most 100 ms after processing
+            if not link.closing and self._inbox.ack_pending:
+                link.enqueue(self._codec.encode(Ack(self._inbox.take_ack())))
+
+
+class _Messages:
+    """The iterator of :meth:`Client.messages` (a class: nothing to finalize)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self._client._next_message()
+
+
+class _StateChanges:
+    """The iterator of :meth:`Client.state_changes`; the client forgets it once dropped."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.seen: deque[ClientState] = deque()
+        self._done = client.closed
+
+    def __aiter__(self) -> _StateChanges:
+        return self
+
+    async def __anext__(self) -> ClientState:
+        while not self.seen:
+            if self._done:
+                raise StopAsyncIteration
+            await self._client._changed.wait()
+        state = self.seen.popleft()
+        if state is ClientState.CLOSED:
+            self._done = True
+        return state
+
+
+@asynccontextmanager
+async def open_client(url: str, **options: Any) -> AsyncIterator[Client]:
+    """Run a :class:`Client` for the duration of the block.
+
+    The client connects in the background (await :meth:`Client.wait_connected` to
+    wait for it); sends made before then are queued. Leaving the block closes it
+    gracefully with :meth:`Client.aclose`. Options are :class:`Client`'s.
+    """
+    client = Client(url, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # STYLE.md: a public context manager does not leak a one-member group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
