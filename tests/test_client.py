@@ -306,17 +306,12 @@ async def test_retry_after_is_honoured(
         async with open_client(
             URL, connect=wire.connect, backoff=Backoff(base=1), seed=9
         ) as client:
-            await wire_attempts(wire, 1)
+            await trio.testing.wait_all_tasks_blocked()  # refused, and waiting
+            assert len(wire.attempts) == 1
             server.draining = False
             await client.wait_connected()
     assert len(wire.attempts) == 2
     assert 5 <= wire.attempts[1] - wire.attempts[0] <= 6
-
-
-async def wire_attempts(wire: Wire, count: int) -> None:
-    while len(wire.attempts) < count:
-        await trio.sleep(0.01)
-    await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_sends_wait_when_max_pending_are_unacknowledged(
@@ -329,19 +324,20 @@ async def test_sends_wait_when_max_pending_are_unacknowledged(
         async with open_client(URL, connect=wire.connect, max_pending=2) as client:
             await client.wait_connected()
             sent: list[float] = []
+            done = trio.Event()
 
             async def sender() -> None:
                 for _ in range(3):
                     await client.send("sleep", 10)  # each holds the handler 10 s
                     sent.append(trio.current_time())
+                done.set()
 
             start = trio.current_time()
             nursery.start_soon(sender)
             await trio.testing.wait_all_tasks_blocked()
             assert sent == [start, start]  # the third waits for room
             assert client.statistics().pending == 2
-            while len(sent) < 3:
-                await trio.sleep(1)
+            await done.wait()
             # The first is acknowledged once processed, 10 s later (the ack rides on
             # its reply), and that lets the third in.
             assert sent[2] == start + 10
