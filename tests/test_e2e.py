@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,13 +138,25 @@ def hello(ws: ClientConnection) -> dict[str, Any]:
     return receive(ws, "welcome")
 
 
+_UNREAD: weakref.WeakKeyDictionary[ClientConnection, list[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def receive(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next envelope of this type, answering pings on the way like a client must."""
+    """The next envelope of this type, answering pings on the way like a client must.
+
+    Envelopes after it in the same batch wait for the next call.
+    """
+    unread = _UNREAD.setdefault(ws, [])
     for _ in range(100):
-        value = json.loads(ws.recv(timeout=10))
-        for envelope in value if isinstance(value, list) else [value]:
+        if not unread:
+            value = json.loads(ws.recv(timeout=10))
+            unread.extend(value if isinstance(value, list) else [value])
+        while unread:
+            envelope = unread.pop(0)
             if envelope["type"] == kind:
-                return envelope  # type: ignore[no-any-return]
+                return envelope
             if envelope["type"] == "ping":
                 ws.send(json.dumps({"type": "pong", "ts": envelope.get("ts")}))
     raise AssertionError(f"no {kind}")
@@ -281,3 +294,76 @@ def test_a_second_signal_exits_at_once() -> None:
         deaf.close()
     finally:
         stop_node(node)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_wsgate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_cli_client_makes_one_request(node: Node) -> None:
+    done = run_cli("client", node.url, "echo", '{"a": [1, 2]}')
+    assert (done.returncode, json.loads(done.stdout)) == (0, {"a": [1, 2]})
+    refused = run_cli("client", node.url, "nick", '""')
+    assert refused.returncode == 1
+    assert "error bad_nick" in refused.stderr
+    nowhere = run_cli("client", f"ws://127.0.0.1:{free_port()}/ws", "echo", "--max-attempts", "1")
+    assert nowhere.returncode == 2
+    assert "gave up after 1 attempts" in nowhere.stderr
+
+
+def test_the_cli_client_reads_commands_from_stdin(node: Node) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_wsgate", "client", node.url],
+        cwd=ROOT,
+        input='nick "ada"\nwho\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '< reply nick: "ada"' in done.stdout
+    assert '< reply who: ["ada"]' in done.stdout.replace("guest", "ada")
+
+
+def test_an_independent_client_resumes_after_its_socket_dies(node: Node) -> None:
+    """websockets' own client, knowing only PROTOCOL.md §5."""
+    with connect(node.url) as ws:
+        welcome = hello(ws)
+        ws.send(json.dumps({"type": "msg", "seq": 1, "event": "echo", "data": "kept"}))
+        reply = receive(ws, "reply")
+        ws.socket.shutdown(socket.SHUT_RDWR)  # dies without a close frame, reply unacked
+    with connect(node.url) as ws:
+        resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
+        ws.send(json.dumps({"type": "hello", "resume": resume}))
+        again = receive(ws, "welcome")
+        assert (again["resumed"], again["ack"]) == (True, 1)
+        assert receive(ws, "reply") == reply  # resent, above our ack of 0
+        ws.send(json.dumps({"type": "bye"}))
+
+
+def test_the_secret_never_shows_in_help_or_logs() -> None:
+    secret = "a-very-secret-resume-key-0123456789"
+    env = {**os.environ, "WSGATE_SECRET": secret}
+    shown = subprocess.run(
+        [sys.executable, "-m", "trio_wsgate", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert shown.returncode == 0
+    assert secret not in shown.stdout
+    started = start_node("--log-level", "debug", env={"WSGATE_SECRET": secret})
+    try:
+        with connect(started.url) as ws:
+            hello(ws)
+    finally:
+        stop_node(started)
+    assert secret not in "".join(started.log)

@@ -1,7 +1,8 @@
-"""``trio-wsgate serve``: run a gateway node from the command line.
+"""``trio-wsgate serve`` runs a gateway node; ``trio-wsgate client`` talks to one.
 
-Every flag can also come from the environment as ``WSGATE_<FLAG>`` (``--heartbeat-interval``
-is ``WSGATE_HEARTBEAT_INTERVAL``); a flag on the command line wins.
+Every ``serve`` flag can also come from the environment as ``WSGATE_<FLAG>``
+(``--heartbeat-interval`` is ``WSGATE_HEARTBEAT_INTERVAL``); a flag on the command line
+wins. ``--secret`` is best given as ``WSGATE_SECRET``, out of the process list.
 """
 
 from __future__ import annotations
@@ -83,7 +84,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("keepalive-idle", "keepalive_idle", int, "TCP keepalive idle, seconds"),
     ("keepalive-interval", "keepalive_interval", int, "TCP keepalive interval, seconds"),
     ("keepalive-count", "keepalive_count", int, "TCP keepalive probes"),
+    ("resume-ttl", "resume_ttl", _seconds_or_none, "seconds a dropped session waits for a resume"),
+    ("max-buffered", "max_buffered", int, "envelopes a dropped session buffers at most"),
+    ("secret", "secret", str, "HMAC key of resume tokens, shared by the nodes of a cluster"),
 ]
+# Flags whose value is never shown (not even as a default in --help).
+_SECRET_FLAGS = frozenset({"secret"})
 
 
 def _env(flag: str) -> str | None:
@@ -101,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         env = _env(flag)
         if env is not None:
             default = kind(env)
+        shown = "set" if default is not None else "random per process"
+        if flag not in _SECRET_FLAGS:
+            shown = str(default)
         serve.add_argument(
-            f"--{flag}", dest=field, type=kind, default=default, help=f"{text} (default {default})"
+            f"--{flag}", dest=field, type=kind, default=default, help=f"{text} (default {shown})"
         )
     serve.add_argument(
         "--app",
@@ -114,12 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("log-level") or "info",
         choices=["debug", "info", "warning", "error"],
     )
+    client = commands.add_parser(
+        "client",
+        help="talk to a gateway: one request, or an interactive session",
+        description=(
+            "With EVENT, send one request and print the reply's data as JSON. Without, "
+            "read lines 'EVENT [JSON]' (a request) or '!send EVENT [JSON]' (fire and "
+            "forget) from stdin and print replies and server messages as they come."
+        ),
+    )
+    client.add_argument("url", help="ws://host:port/ws")
+    client.add_argument("event", nargs="?", help="the event of a single request")
+    client.add_argument("data", nargs="?", help="its data, as JSON (default null)")
+    client.add_argument("--token", default=_env("token"), help="a token for hello")
+    client.add_argument("--encoding", choices=["json", "msgpack"], default="json")
+    client.add_argument(
+        "--max-attempts", type=int, default=5, help="connection attempts in a row (default 5)"
+    )
+    client.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``trio-wsgate`` and ``python -m trio_wsgate``."""
     args = build_parser().parse_args(argv)
+    if args.command == "client":
+        from ._client_cli import run_client
+
+        sys.exit(run_client(args))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
