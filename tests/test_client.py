@@ -341,3 +341,20 @@ async def test_sends_wait_when_max_pending_are_unacknowledged(
             # The first is acknowledged once processed, 10 s later (the ack rides on
             # its reply), and that lets the third in.
             assert sent[2] == start + 10
+
+
+async def test_a_closed_client_leaves_no_task_behind(
+    autojump_clock: MockClock, make_server: Callable[..., Server], tasks: Callable[[], int]
+) -> None:
+    server = make_server()
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        before = tasks()
+        for _ in range(20):
+            async with open_client(URL, connect=wire.connect) as client:
+                await client.request("echo", 1)
+                await wire.cut()
+                assert await client.request("echo", 2) == 2  # after a resume
+        await trio.testing.wait_all_tasks_blocked()
+        assert tasks() == before
+        assert server.hub.sessions == {}  # each said bye

@@ -175,6 +175,15 @@ async def test_no_task_is_left_behind(autojump_clock: MockClock, tasks: Callable
     assert closes[("4004", "slow_consumer")] == PER_KIND
     assert closes[("1007", "protocol_error")] == PER_KIND
     assert closes[("4005", "kick")] == PER_KIND
+    # What outlives the connections is their detached sessions, for resume_ttl only
+    # (PROTOCOL.md §8: not after a protocol error or a kick).
+    hub = server.hub
+    assert 0 < len(hub.sessions) <= total - 2 * PER_KIND
+    assert all(session.connection is None for session in hub.sessions.values())
+    assert server.config.resume_ttl is not None
+    await trio.sleep(server.config.resume_ttl)
+    hub.expire()
+    assert hub.sessions == {}
 
 
 @pytest.mark.parametrize("count", [500])
