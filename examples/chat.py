@@ -8,8 +8,11 @@ Client side, after ``hello``:
     -> {"type": "msg", "seq": 2, "event": "say", "data": "hello"}
     <- {"type": "msg", "seq": 3, "event": "said", "data": {"from": "ada", "text": "hello"}}
 
-Everything here runs inside the nursery of the connection it serves: the ``typing``
-task below is cancelled the moment its connection ends, whatever ended it.
+Everything here runs inside the nursery of the connection it serves: the
+``heartbeat_stats`` task below is cancelled the moment its connection ends, whatever
+ended it. Membership follows the *session*, not the connection: a member whose
+connection drops stays in the room, its messages buffered, and gets them all when its
+client resumes; it leaves when its session ends (``bye``, or no resume in time).
 """
 
 import contextlib
@@ -33,12 +36,14 @@ def broadcast(event: str, data: Any) -> None:
 
 @gateway.on_connect
 async def joined(session: Session) -> None:
+    if session.resumed:
+        return  # back after a drop: still a member, nothing was missed
     session.state["nick"] = f"guest-{session.id[:6]}"
     room.add(session)
     broadcast("joined", session.state["nick"])
 
 
-@gateway.on_disconnect
+@gateway.on_session_end
 async def left(session: Session) -> None:
     room.discard(session)
     broadcast("left", session.state["nick"])

@@ -440,3 +440,35 @@ async def test_the_secret_never_shows_in_the_config_repr(
 ) -> None:
     server = make_server(secret="very-secret-value-0123456789")
     assert "very-secret" not in repr(server.config)
+
+
+async def test_a_chat_member_keeps_its_place_across_a_drop_and_leaves_at_expiry(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    from examples.chat import gateway, room
+
+    room.clear()
+    server = make_server(gateway, heartbeat_interval=None, resume_ttl=60)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as ada:
+            first = await ada.hello()
+        await detached(server)
+        async with open_memory_connection(server, nursery) as bob:
+            await bob.hello()
+            await bob.send({"type": "msg", "seq": 1, "event": "say", "data": "missed it?"})
+            await bob.recv_type("reply")
+            async with open_memory_connection(server, nursery) as ada:
+                assert (await ada.hello(resume=resume_of(first, 0)))["resumed"] is True
+                events = [(await ada.recv_type("msg"))["event"] for _ in range(3)]
+                assert events == ["joined", "joined", "said"]  # hers, bob's, and bob's words
+            await trio.testing.wait_all_tasks_blocked()
+            # Ada does not come back: her session ends at the TTL and bob hears it.
+            await trio.sleep(59.9)
+            assert first["session"] in server.hub.sessions
+            await trio.sleep(0.1)
+            left = await bob.recv_type("msg")
+            assert left["event"] == "left"
+            assert left["data"].startswith("guest-")
+            await bob.send({"type": "bye"})
+            await bob.wait_closed()
+    assert room == set()
