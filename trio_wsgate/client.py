@@ -563,7 +563,7 @@ class Client:
                     return
                 retry_after = exc.retry_after
                 logger.info("refused with HTTP %d; trying again", exc.status)
-            except (OSError, ConnectionError, trio.TooSlowError) as exc:
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
                 logger.info("cannot connect to %s: %s", self.url, exc)
             if self._stopping:
                 return
