@@ -358,3 +358,17 @@ async def test_a_closed_client_leaves_no_task_behind(
         await trio.testing.wait_all_tasks_blocked()
         assert tasks() == before
         assert server.hub.sessions == {}  # each said bye
+
+
+async def test_a_lost_session_fails_requests_whose_reply_was_lost_after_their_ack() -> None:
+    """The server acknowledged (processed) the request, then lost the session with its
+    reply: the waiter must not hang."""
+    from trio_wsgate.client import Client, _Request
+
+    client = Client(URL)
+    waiter = _Request(trio.Event())
+    client._requests[1] = waiter  # acked long ago: no longer in the outbox
+    client.session = "old"
+    client._new_session(window=8)
+    assert waiter.done.is_set()
+    assert isinstance(waiter.error, SessionLost)

@@ -744,13 +744,10 @@ class Client:
         old, self._outbox = self._outbox, Outbox(window)
         self._inbox = Inbox(window)
         self._buffer = deque((0, message) for _, message in self._buffer)
-        self._requests = {}
+        waiting, self._requests = self._requests, {}
         for _, item in old.unacknowledged():
             if item.written:  # it may or may not have been processed: say so
-                if item.waiter is not None:
-                    item.waiter.error = SessionLost("the server dropped the session")
-                    item.waiter.done.set()
-                else:
+                if item.waiter is None:
                     self._lost_sends += 1
                 continue
             seq = self._outbox.next_seq
@@ -759,6 +756,13 @@ class Client:
             if item.waiter is not None:
                 self._requests[seq] = item.waiter
             self._outbox.push(renumbered)
+        # Every other request went to the old session and its reply is gone with it,
+        # whether or not the server had acknowledged (processed) the request.
+        carried = set(map(id, self._requests.values()))
+        for waiter in waiting.values():
+            if id(waiter) not in carried:
+                waiter.error = SessionLost("the server dropped the session")
+                waiter.done.set()
         if self._lost_sends:
             logger.warning("%d sends may be lost with the old session", self._lost_sends)
         return [item for _, item in self._outbox.in_flight]
