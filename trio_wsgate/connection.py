@@ -272,7 +272,8 @@ class Connection:
     @property
     def queue_depth(self) -> int:
         """Envelopes waiting: in the write queue plus those the window holds back."""
-        held = len(self.session.outbox.waiting) if self.session is not None else 0
+        session = self.session
+        held = len(session.outbox.waiting) if session and session.connection is self else 0
         return len(self._queue) + held
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
