@@ -64,13 +64,14 @@ class Wire:
             await trio.aclose_forcefully(stream)
 
 
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
 async def test_request_send_and_messages(
-    autojump_clock: MockClock, make_server: Callable[..., Server]
+    autojump_clock: MockClock, make_server: Callable[..., Server], encoding: str
 ) -> None:
     server = make_server()
     async with trio.open_nursery() as nursery:
         wire = Wire(server, nursery)
-        async with open_client(URL, connect=wire.connect) as client:
+        async with open_client(URL, connect=wire.connect, encoding=encoding) as client:
             assert await client.wait_connected() is ClientState.CONNECTED
             assert await client.request("echo", {"a": [1, 2]}) == {"a": [1, 2]}
             with pytest.raises(HandlerError) as info:
