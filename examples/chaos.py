@@ -119,9 +119,20 @@ def _compare(sent: list[Any], seen: list[Any]) -> tuple[int, int, int]:
 
 
 async def run_chaos(
-    duration: float = 60.0, *, tasks: int = 4, seed: int = 1, blackhole_for: float = 3.0
+    duration: float = 60.0,
+    *,
+    tasks: int = 4,
+    seed: int = 1,
+    blackhole_for: float = 3.0,
+    min_requests: int = 0,
+    min_breaks: int = 0,
 ) -> Report:
-    """Run server, proxy and client for ``duration`` seconds; return the report."""
+    """Run server, proxy and client; return the report.
+
+    The traffic goes on for at least ``duration`` seconds, and until ``min_requests``
+    requests were answered and the proxy broke the wire ``min_breaks`` times (cut,
+    close or blackhole): a slow machine runs longer rather than test less.
+    """
     rng = random.Random(seed)
     ledger = Ledger()
     config = Config(
@@ -133,6 +144,7 @@ async def run_chaos(
         hello_timeout=2.0,
     )
     stats: dict[str, Any] = {}
+    started = trio.current_time()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve, make_gateway(ledger, rng), config)
         host, port = server.listen_addresses[0]
@@ -144,9 +156,19 @@ async def run_chaos(
         async with open_client(url, backoff=backoff, seed=seed, close_timeout=30) as client:
             stop = trio.current_time() + duration
 
+            def going() -> bool:
+                breaks = sum(
+                    proxy.stats.faults.get(kind, 0) for kind in ("cut", "close", "blackhole")
+                )
+                return (
+                    trio.current_time() < stop
+                    or len(ledger.replies) < min_requests
+                    or breaks < min_breaks
+                )
+
             async def noter() -> None:
                 n = 0
-                while trio.current_time() < stop:
+                while going():
                     ledger.notes_sent.append(n)
                     await client.send("note", n)
                     n += 1
@@ -155,7 +177,7 @@ async def run_chaos(
 
             async def requester(task: int) -> None:
                 n = 0
-                while trio.current_time() < stop:
+                while going():
                     reply = await client.request("work", [task, n])
                     ledger.replies.append((task, n, reply))
                     n += 1
@@ -197,7 +219,7 @@ async def run_chaos(
     push_lost, push_dup, push_reordered = _compare(ledger.pushes_sent, ledger.pushes_seen)
     wrong = sum(1 for task, n, data in ledger.replies if data != [task, n])
     return Report(
-        duration=duration,
+        duration=trio.current_time() - started,
         notes=len(ledger.notes_sent),
         requests=len(ledger.replies),
         pushes=len(ledger.pushes_seen),
