@@ -785,15 +785,10 @@ class Client:
 
     def _frame(self, link: _Link) -> None:
         """Everything queued into as few messages as the server's size bound allows."""
-        queue, codec, budget = link.queue, self._codec, link.max_message_size
-        while queue:
-            parts, size = [queue.popleft()], 0
-            size = len(parts[0]) + 2
-            while queue and size + len(queue[0]) + 1 <= budget:
-                parts.append(queue.popleft())
-                size += len(parts[-1]) + 1
-            payload = parts[0] if len(parts) == 1 else codec.batch(parts)
-            link.transport.send_message(payload, codec.binary)
+        payloads = list(link.queue)
+        link.queue.clear()
+        for message in self._codec.pack(payloads, link.max_message_size):
+            link.transport.send_message(message, self._codec.binary)
 
     async def _watchdog(self, link: _Link) -> None:
         # PROTOCOL.md §7: nothing received for interval + timeout means dead.

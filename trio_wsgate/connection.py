@@ -538,22 +538,12 @@ class Connection:
     def _frame_queue(self) -> None:
         """Move everything queued into frames: one envelope, or a batch per frame."""
         queue, codec, transport = self._queue, self._codec, self._transport
-        budget = self._config.max_message_size
-        binary = codec.binary
-        envelopes = len(queue)
+        payloads = [payload for payload, _ in queue]
+        queue.clear()
+        envelopes = len(payloads)
         nbytes = 0
-        while queue:
-            first = queue.popleft()[0]
-            if not queue or len(first) >= budget:
-                message = first
-            else:
-                parts, size = [first], len(first) + 2
-                while queue and size + len(queue[0][0]) + 1 <= budget:
-                    payload = queue.popleft()[0]
-                    parts.append(payload)
-                    size += len(payload) + 1
-                message = codec.batch(parts) if len(parts) > 1 else first
-            transport.send_message(message, binary)
+        for message in codec.pack(payloads, self._config.max_message_size):
+            transport.send_message(message, codec.binary)
             nbytes += len(message)
         self._metrics.messages_out.inc(envelopes)
         self._metrics.bytes_out.inc(nbytes)

@@ -131,8 +131,6 @@ class Hub:
         session = self.sessions.get(resume.session)
         if session is None or session.ended:
             return None, ResumeResult.UNKNOWN
-        if session.user != user:  # pragma: no cover - the token binds the user
-            return None, ResumeResult.BAD_TOKEN
         deadline = self._deadline(session)
         if deadline is not None and trio.current_time() >= deadline:
             self.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="expired")

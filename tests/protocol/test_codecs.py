@@ -171,3 +171,17 @@ def test_json_encoding_is_compact_utf8() -> None:
 def test_json_refuses_to_encode_nan() -> None:
     with pytest.raises(ValueError, match="JSON"):
         JsonCodec().encode(Msg(seq=1, data=float("nan")))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+@given(batch=st.lists(envelopes, max_size=12), budget=st.integers(1, 400))
+def test_pack_keeps_order_and_the_size_bound(
+    codec: Any, batch: list[Envelope], budget: int
+) -> None:
+    """What the write loops send: every envelope once, in order, and no message over
+    the budget unless it is one envelope that is larger on its own."""
+    payloads = [codec.encode(e) for e in batch]
+    messages = codec.pack(payloads, budget)
+    assert [e for m in messages for e in codec.decode(m)] == batch
+    for message in messages:
+        assert len(message) <= budget or message in payloads

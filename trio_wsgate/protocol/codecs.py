@@ -55,6 +55,23 @@ class Codec:
         """Join already-encoded envelopes into one array message, without re-encoding."""
         raise NotImplementedError
 
+    def pack(self, payloads: list[bytes], budget: int) -> list[bytes]:
+        """Group encoded envelopes, in order, into as few messages as fit ``budget`` bytes.
+
+        A run that fits becomes one batch; an envelope larger than ``budget`` goes alone.
+        """
+        messages: list[bytes] = []
+        index, count = 0, len(payloads)
+        while index < count:
+            first = payloads[index]
+            end, size = index + 1, len(first) + 2  # the batch's own framing, roughly
+            while end < count and size + len(payloads[end]) + 1 <= budget:
+                size += len(payloads[end]) + 1
+                end += 1
+            messages.append(first if end == index + 1 else self.batch(payloads[index:end]))
+            index = end
+        return messages
+
     def decode(self, payload: bytes) -> list[Envelope]:
         """Decode one WebSocket message into its envelopes, in order.
 
