@@ -28,6 +28,10 @@ from trio_wsgate.transports.websockets import Handshake, accept_websocket
 
 from .conftest import make_gateway
 
+
+async def no_route(request: object) -> None:
+    return None
+
 URL = "ws://gateway.test/ws"
 
 
@@ -164,7 +168,7 @@ async def test_a_silent_server_is_detected_at_interval_plus_timeout(
             path="/ws",
             subprotocols=["wsgate.v1.json"],
             max_message_size=65536,
-            http_route=lambda request: None,
+            http_route=no_route,
         )
         assert isinstance(result, Handshake)
         transport = result.transport

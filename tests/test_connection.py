@@ -87,7 +87,7 @@ async def test_handler_errors_become_error_replies(
         await client.send({"type": "sub", "seq": 5, "topic": "news"})
         sub = await client.recv_type("reply")
         assert sub["re"] == 5
-        assert sub["error"]["code"] == "unsupported"
+        assert sub["error"]["code"] == "forbidden"  # anonymous, and no --allow-subscribe
         # The connection survived every one of them.
         assert (await call(client, 6, "echo", 1))["data"] == 1
         await client.close()

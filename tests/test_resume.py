@@ -294,7 +294,7 @@ async def test_another_user_cannot_resume_a_session(
         assert (welcome["resumed"], welcome["user"]) == (True, "alice")
         async with open_memory_connection(server, nursery) as nobody:
             await nobody.send({"type": "hello", "token": "mallory"})
-            assert await nobody.wait_closed() == (4001, "unauthorized")
+            assert await nobody.wait_closed() == (4001, "unauthorized: unknown user")
 
 
 async def test_a_detached_session_past_max_buffered_is_dropped(

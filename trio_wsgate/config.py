@@ -57,6 +57,28 @@ class Config:
     #: tokens; ``None`` draws a random one at start-up (resume then works on this node
     #: only, until it restarts). Never printed: it is left out of ``repr``.
     secret: str | None = field(default=None, repr=False)
+    #: The HS256 key of client tokens (PROTOCOL.md §3). Never printed.
+    jwt_secret: str | None = field(default=None, repr=False)
+    #: A PEM file with the RS256 (RSA) or ES256 (EC P-256) public key of client tokens.
+    jwt_public_key: str | None = None
+    #: If set, tokens must carry this ``aud``.
+    jwt_audience: str | None = None
+    #: If set, tokens must carry this ``iss``.
+    jwt_issuer: str | None = None
+    #: Glob patterns of topics every client may subscribe to, beside its token's claim.
+    allow_subscribe: tuple[str, ...] = ()
+    #: Glob patterns of topics clients may publish to (``pub``). None by default.
+    allow_publish: tuple[str, ...] = ()
+    #: Publications each topic keeps for recovery (PROTOCOL.md §6); 0 keeps none.
+    history_size: int = 100
+    #: Seconds a publication stays in its topic's history; None keeps it until pushed out.
+    history_ttl: float | None = 300.0
+    #: The key of the server API (``Authorization: apikey <key>``). Never printed.
+    api_key: str | None = field(default=None, repr=False)
+    #: Serve the server API without a key (local use only).
+    open_api: bool = False
+    #: This node's name in ``/api/stats`` and logs; None picks ``host-pid-random``.
+    node_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -71,6 +93,16 @@ class Config:
             raise ValueError("max_buffered must not be negative")
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError("secret must be at least 16 characters")
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError("give jwt_secret or jwt_public_key, not both")
+        if self.jwt_secret == "":
+            raise ValueError("jwt_secret must not be empty")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty")
+        if self.history_size < 0:
+            raise ValueError("history_size must not be negative")
+        self.allow_subscribe = tuple(self.allow_subscribe)
+        self.allow_publish = tuple(self.allow_publish)
         if not self.path.startswith("/"):
             raise ValueError("path must start with '/'")
         self.slow_consumer = SlowConsumerPolicy(self.slow_consumer)

@@ -25,6 +25,7 @@ is left and the transport is released. Nothing the connection started outlives
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import deque
@@ -34,8 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .auth import Identity, identify
 from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer, Unauthorized
-from .hub import ResumeResult
+from .hub import (
+    ResumeResult,
+    SubscribeResult,
+    Subscription,
+    check_topic,
+    checked_identity,
+    user_topic,
+)
 from .protocol import (
     Ack,
     Bye,
@@ -48,15 +57,20 @@ from .protocol import (
     Msg,
     Ping,
     Pong,
+    Pub,
     Refresh,
     Reply,
     Sequenced,
+    Since,
+    Sub,
+    Unsub,
     Welcome,
 )
 from .session import Inbox, Outbox, Receipt
 from .transports.base import Transport, TransportBroken
 
 if TYPE_CHECKING:
+    from .brokers import Publication
     from .config import Config
     from .gateway import Gateway
     from .hub import Hub
@@ -111,6 +125,10 @@ class Session:
         self.id = session_id
         #: The authenticated user, or None on an anonymous node.
         self.user = user
+        #: The verified token's identity (claims, topics patterns); updated by ``refresh``.
+        self.identity = Identity(user)
+        #: The topics the session follows, and where it stands in each.
+        self.subscriptions: dict[str, Subscription] = {}
         #: Free for the application's own per-session data; kept across resumes.
         self.state: dict[str, Any] = {}
         #: The live connection, or None while detached.
@@ -156,6 +174,23 @@ class Session:
         """
         self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
+    @property
+    def topics(self) -> list[str]:
+        """The topics the session is subscribed to."""
+        return list(self.subscriptions)
+
+    async def subscribe(self, topic: str, since: Since | None = None) -> SubscribeResult:
+        """Subscribe the session to a topic, whatever the client may do itself.
+
+        Server-side subscriptions (from handlers and hooks) are not checked against
+        any authorisation. See :meth:`Hub.subscribe <trio_wsgate.hub.Hub.subscribe>`.
+        """
+        return await self._hub.subscribe(self, topic, since)
+
+    def unsubscribe(self, topic: str) -> bool:
+        """Unsubscribe from a topic. Returns False if the session was not subscribed."""
+        return self._hub.unsubscribe(self, topic)
+
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the current connection with ``code``. Returns at once.
 
@@ -174,7 +209,42 @@ class Session:
             return None
         return connection
 
-    def _push(self, build: Callable[[int, int | None], Sequenced]) -> None:
+    def _publish(self, pub: Publication) -> None:
+        """Queue a publication: its data encoded once for all, its head for this session."""
+        codec = self._codec
+        cached = pub.encoded.get(codec.subprotocol)
+        if cached is None:
+            fields = {} if pub.data is None else {"data": pub.data}
+            cached = pub.encoded[codec.subprotocol] = (codec.prepare(fields), len(fields))
+        prepared, count = cached
+
+        def encode(envelope: Sequenced) -> bytes:
+            head: dict[str, Any] = {"type": "msg", "seq": envelope.seq}
+            if envelope.ack is not None:
+                head["ack"] = envelope.ack
+            if pub.event is not None:
+                head["event"] = pub.event
+            head["topic"], head["offset"], head["epoch"] = pub.topic, pub.offset, pub.epoch
+            return codec.splice(head, prepared, count)
+
+        self._push(
+            lambda seq, ack: Msg(
+                seq=seq,
+                event=pub.event,
+                topic=pub.topic,
+                offset=pub.offset,
+                epoch=pub.epoch,
+                data=pub.data,
+                ack=ack,
+            ),
+            encode,
+        )
+
+    def _push(
+        self,
+        build: Callable[[int, int | None], Sequenced],
+        encode: Callable[[Sequenced], bytes] | None = None,
+    ) -> None:
         """Number, encode and queue (or buffer) a sequenced envelope.
 
         A pending ack rides along only if the window lets the envelope out now; an
@@ -194,7 +264,7 @@ class Session:
             else None
         )
         envelope = build(outbox.next_seq, ack)
-        payload = self._codec.encode(envelope)
+        payload = self._codec.encode(envelope) if encode is None else encode(envelope)
         if ack is not None:
             inbox.take_ack()
         goes_now = outbox.push(_Outgoing(envelope, payload))
@@ -227,6 +297,7 @@ class Connection:
         config: the node's settings.
         metrics: the node's metrics.
         hub: the node's sessions.
+        identity: who the client is, if a token came with the handshake.
     """
 
     def __init__(
@@ -237,6 +308,7 @@ class Connection:
         config: Config,
         metrics: Metrics,
         hub: Hub,
+        identity: Identity | None = None,
     ) -> None:
         self._transport = transport
         self._codec = codec
@@ -244,6 +316,9 @@ class Connection:
         self._config = config
         self._metrics = metrics
         self._hub = hub
+        self._identity = identity
+        self._refresh_token: str | None = None
+        self._refreshed = trio.Event()
         self._queue: deque[_Item] = deque()
         self._wake = trio.Event()
         self._ack_wanted = trio.Event()
@@ -460,7 +535,11 @@ class Connection:
         elif isinstance(envelope, Bye):
             self._begin_close(CloseCode.NORMAL, "bye", CloseReason.BYE)
         elif isinstance(envelope, Refresh):
-            pass  # no key is configured on this node, so there is no expiry to extend
+            # Verified by the token watcher; only the latest one waiting counts.
+            # Without an authenticator there is no token to renew.
+            if self._hub.authenticator is not None:
+                self._refresh_token = envelope.token
+                self._refreshed.set()
         else:  # hello again, welcome
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
@@ -608,17 +687,15 @@ class Connection:
             return
         assert isinstance(hello, Hello)
         gateway = self._gateway
-        user: str | None = None
-        if gateway.authenticator is not None:
-            try:
-                user = await gateway.authenticator(hello.token)
-            except Unauthorized:
-                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
-                return
-        session = await self._open_session(hello, user)
+        identity = await self._authenticate(hello.token)
+        if identity is None:
+            return
+        session = await self._open_session(hello, identity)
         if session is None:
             return
         self._welcomed.set()
+        if self._hub.authenticator is not None:
+            nursery.start_soon(self._guard, lambda: self._watch_token(session))
         for hook in gateway.connect_hooks:
             await hook(session)
         for task in gateway.session_tasks:
@@ -626,12 +703,50 @@ class Connection:
         async for envelope in self._inbox_recv:
             await self._process(session, envelope)
 
-    async def _open_session(self, hello: Hello, user: str | None) -> Session | None:
+    async def _authenticate(self, token: str | None) -> Identity | None:
+        """Who the client is (PROTOCOL.md §3); None after closing with 4001."""
+        authenticator = self._hub.authenticator
+        if authenticator is None:
+            return Identity(None)  # anonymous node: hello.token means nothing
+        if token is None and self._identity is not None:
+            return self._identity  # verified at the handshake
+        try:
+            return checked_identity(await identify(authenticator, token))
+        except Unauthorized as exc:
+            self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
+            return None
+
+    async def _watch_token(self, session: Session) -> None:
+        """Close with 4001 when the token expires, unless ``refresh`` renewed it (§8)."""
+        authenticator = self._hub.authenticator
+        assert authenticator is not None
+        while True:
+            deadline = session.identity.deadline
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._refreshed.wait()
+                self._refreshed = trio.Event()
+                token, self._refresh_token = self._refresh_token, None
+                assert token is not None
+                try:
+                    identity = checked_identity(await identify(authenticator, token))
+                except Unauthorized as exc:
+                    self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
+                    return
+                if identity.user != session.user:
+                    self.close(CloseCode.UNAUTHORIZED, "unauthorized: a token for another user")
+                    return
+                session.identity = identity
+                continue
+            self.close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
+            return
+
+    async def _open_session(self, hello: Hello, identity: Identity) -> Session | None:
         """Resume the session ``hello`` names, or make a new one; queue ``welcome``.
 
         Returns None if the connection is closing instead (PROTOCOL.md §5).
         """
         hub, config = self._hub, self._config
+        user = identity.user
         session: Session | None = None
         resend: list[_Outgoing] = []
         if hello.resume is not None:
@@ -666,6 +781,7 @@ class Connection:
         else:
             session._attach(self, self._codec, resumed=True)
             ack = session.inbox.resume()
+        session.identity = identity
         self.session = session
         self._enqueue_control(
             Welcome(
@@ -682,6 +798,10 @@ class Connection:
         )
         # Everything above the client's ack, in order, before anything new.
         self._queue.extend((item.payload, True) for item in resend)
+        # Each user's sessions follow user:<sub> (PROTOCOL.md §6).
+        if user is not None and user_topic(user) not in session.subscriptions:
+            with contextlib.suppress(SessionClosed):
+                await session.subscribe(user_topic(user))
         return session
 
     async def _process(self, session: Session, envelope: Envelope) -> None:
@@ -711,8 +831,13 @@ class Connection:
                     error, outcome = ErrorInfo("internal", "internal error"), "exception"
                 self._metrics.handler_latency.labels(outcome).observe(trio.current_time() - started)
         else:
-            # Topics (sub, unsub, pub) arrive with the hub, in a later version.
-            error = ErrorInfo("unsupported", f"{envelope.type} is not available on this node")
+            try:
+                data, error = await self._topic_operation(session, envelope)
+            except SessionClosed:
+                return  # as for a handler: not processed, no one to reply to
+            except Exception:
+                logger.exception("%s failed", envelope.type)
+                error = ErrorInfo("internal", "internal error")
         inbox = session.inbox
         inbox.mark_processed(envelope.seq)
         self._reply(session, envelope.seq, data, error)
@@ -720,6 +845,34 @@ class Connection:
             self._send_ack()
         elif inbox.ack_pending:
             self._ack_wanted.set()
+
+    async def _topic_operation(
+        self, session: Session, envelope: Sequenced
+    ) -> tuple[Any, ErrorInfo | None]:
+        """Answer ``sub``, ``unsub`` or ``pub`` (PROTOCOL.md §6): ``(data, error)``."""
+        assert isinstance(envelope, Sub | Unsub | Pub)
+        hub, topic = self._hub, envelope.topic
+        try:
+            check_topic(topic)
+        except ValueError as exc:
+            return None, ErrorInfo("bad_topic", str(exc))
+        if isinstance(envelope, Sub):
+            if not await hub.may_subscribe(session, topic):
+                return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
+            result = await hub.subscribe(session, topic, envelope.since)
+            return result.to_data(), None
+        if isinstance(envelope, Unsub):
+            if session.user is not None and topic == user_topic(session.user):
+                return None, ErrorInfo("forbidden", "the user topic follows the session")
+            hub.unsubscribe(session, topic)
+            return None, None
+        if not await hub.may_publish(session, topic):
+            return None, ErrorInfo("forbidden", f"not allowed to publish to {topic!r}")
+        try:
+            publication = await hub.publish(topic, envelope.data)
+        except ValueError as exc:
+            return None, ErrorInfo("bad_data", str(exc))
+        return {"offset": publication.offset, "epoch": publication.epoch}, None
 
     def _reply(self, session: Session, re: int, data: Any, error: ErrorInfo | None) -> None:
         # A reply to a processed envelope is kept by the session even if this

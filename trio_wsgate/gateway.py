@@ -14,27 +14,37 @@ Everything registered here runs inside the nursery of the connection it serves
         while True:
             await trio.sleep(1)
             session.send("tick", trio.current_time())
+
+Once a node serves it, the gateway also reaches beyond one session:
+``await gateway.publish("room:lobby", data)``, ``await gateway.send_to_user("ada", data)``,
+``gateway.kick(user="ada")`` and ``await gateway.presence("room:lobby")``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .auth import Authenticator
 from .connection import Session
 
-__all__ = ["Authenticator", "Gateway", "Handler", "SessionHook"]
+if TYPE_CHECKING:
+    from .brokers import Publication
+    from .hub import Hub
+
+__all__ = ["Authenticator", "Authorizer", "Gateway", "Handler", "SessionHook"]
 
 #: A handler receives the session and the ``data`` of a client ``msg``.
 Handler = Callable[[Session, Any], Awaitable[Any]]
 #: Hooks and per-connection tasks receive the session.
 SessionHook = Callable[[Session], Awaitable[None]]
-#: An authenticator receives ``hello.token`` and returns the user id (None: anonymous).
-Authenticator = Callable[[str | None], Awaitable[str | None]]
+#: An authoriser receives the session and a topic; True allows (PROTOCOL.md §6).
+Authorizer = Callable[[Session, str], Awaitable[bool]]
 
 H = TypeVar("H", bound=Handler)
 S = TypeVar("S", bound=SessionHook)
 A = TypeVar("A", bound=Authenticator)
+Z = TypeVar("Z", bound=Authorizer)
 
 
 class Gateway:
@@ -51,6 +61,9 @@ class Gateway:
         self.session_tasks: list[SessionHook] = []
         self.session_end_hooks: list[SessionHook] = []
         self.authenticator: Authenticator | None = None
+        self.subscribe_authorizer: Authorizer | None = None
+        self.publish_authorizer: Authorizer | None = None
+        self._hub: Hub | None = None  # set by the Server that serves this gateway
 
     def on(self, event: str) -> Callable[[H], H]:
         """Register the handler of client ``msg`` envelopes with this ``event``.
@@ -92,13 +105,64 @@ class Gateway:
         return hook
 
     def authenticate(self, authenticator: A) -> A:
-        """Register the function that turns ``hello.token`` into a user id.
+        """Register the function that turns a token into a user, instead of JWTs.
 
-        It raises :class:`~trio_wsgate.Unauthorized` to refuse (close 4001). A session
-        is bound to its user: only the same user can resume it (PROTOCOL.md §5).
+        It receives the token (from the handshake or ``hello.token``; None if the
+        client sent none) and returns a user id, an :class:`~trio_wsgate.Identity`, or
+        None for an anonymous client; it raises :class:`~trio_wsgate.Unauthorized` to
+        refuse (HTTP 401 at the handshake, close 4001 after it). It replaces the
+        node's ``--jwt-secret``/``--jwt-public-key`` verification. A session is bound
+        to its user: only the same user can resume it (PROTOCOL.md §5).
         """
         self.authenticator = authenticator
         return authenticator
+
+    def authorize_subscribe(self, authorizer: Z) -> Z:
+        """Register ``authorizer(session, topic) -> bool`` for client ``sub`` envelopes.
+
+        It is asked when neither the token's ``topics`` claim nor ``--allow-subscribe``
+        allows the topic; True allows, False answers ``forbidden``.
+        """
+        self.subscribe_authorizer = authorizer
+        return authorizer
+
+    def authorize_publish(self, authorizer: Z) -> Z:
+        """Register ``authorizer(session, topic) -> bool`` for client ``pub`` envelopes.
+
+        It is asked when ``--allow-publish`` does not allow the topic; it alone can let
+        clients publish to ``user:`` topics.
+        """
+        self.publish_authorizer = authorizer
+        return authorizer
+
+    # -- beyond one session (needs a node serving this gateway) ------------------------
+
+    @property
+    def hub(self) -> Hub:
+        """The hub of the node serving this gateway."""
+        if self._hub is None:
+            raise RuntimeError("no node serves this gateway yet: create a Server with it")
+        return self._hub
+
+    async def publish(self, topic: str, data: Any, event: str | None = None) -> Publication:
+        """Publish to every subscriber of ``topic``; returns its offset and epoch.
+
+        Raises:
+            ValueError: a bad topic name, or data that JSON or msgpack cannot encode.
+        """
+        return await self.hub.publish(topic, data, event)
+
+    async def send_to_user(self, user: str, data: Any, event: str | None = None) -> Publication:
+        """Send to every session of ``user`` (the topic ``user:<user>``), recoverably."""
+        return await self.hub.send_to_user(user, data, event)
+
+    def kick(self, *, user: str | None = None, session: str | None = None) -> int:
+        """Close a user's sessions, or one session, with 4005; returns how many."""
+        return self.hub.kick(user=user, session=session)
+
+    async def presence(self, topic: str) -> dict[str, str | None]:
+        """The sessions subscribed to ``topic``, each with its user."""
+        return await self.hub.presence(topic)
 
     def task(self, task: S) -> S:
         """Run ``task(session)`` for each connection, in its nursery, until it ends."""

@@ -11,6 +11,20 @@ looks open, that one is closed with 4006 first and the new one waits until it ha
 go of the session. A detached session past its deadline, or past ``max_buffered``, is
 ended; a resume that finds nothing gets a new session and ``resumed: false``.
 
+Users and topics (PROTOCOL.md §6). The hub also keeps who is who (``users``: a user's
+sessions across devices) and which local sessions follow which topic (``topics``).
+Publications come from the broker (``brokers/base.py``), the only way the hub talks
+to other nodes: the node subscribes to a topic at the broker when its first session
+does, and each publication the broker hands over is *fanned out* to the local
+subscribers by a plain loop: each session numbers it and queues it on its own
+bounded queue (a full one closes that connection with 4004, never the others), and
+the publication's data is encoded once per encoding, whatever the number of
+subscribers. A subscription remembers the last offset and epoch it delivered, which
+makes recovery exact: subscribe at the broker first, holding what arrives live; read
+the history second; send the history, then what was held, skipping any offset already
+sent. Work for the broker that nothing waits for (presence, leaving a topic) goes
+into an ordered queue of *chores* that :meth:`Hub.run` carries out.
+
 Resume tokens are ``HMAC-SHA256(secret, session id, user)``: unforgeable without the
 secret, bound to one session and one user, and checkable by any node that shares the
 secret (``--secret``), which the cluster's session migration relies on.
@@ -29,12 +43,21 @@ import hashlib
 import heapq
 import hmac
 import logging
+import os
 import secrets
-from typing import TYPE_CHECKING
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .protocol import CloseCode, CloseReason, Codec, Resume
+from .auth import Authenticator, Identity
+from .brokers import Broker, MemoryBroker, Publication
+from .exceptions import SessionClosed, Unauthorized
+from .protocol import CODECS, CloseCode, CloseReason, Codec, Resume, Since
 
 if TYPE_CHECKING:
     from .config import Config
@@ -42,7 +65,14 @@ if TYPE_CHECKING:
     from .gateway import Gateway
     from .metrics import Metrics
 
-__all__ = ["Hub", "ResumeResult"]
+__all__ = ["USER_TOPIC_PREFIX", "Hub", "ResumeResult", "SubscribeResult", "Subscription"]
+
+#: Each user's sessions follow the topic ``user:<sub>`` (PROTOCOL.md §6).
+USER_TOPIC_PREFIX = "user:"
+#: Longest topic name accepted, in characters.
+MAX_TOPIC_LENGTH = 256
+
+_CODECS: dict[str, Codec] = {name: codec() for name, codec in CODECS.items()}
 
 logger = logging.getLogger("trio_wsgate.hub")
 
@@ -68,21 +98,117 @@ class ResumeResult(enum.StrEnum):
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
 
 
-class Hub:
-    """The sessions of one node.
+def check_topic(topic: Any) -> str:
+    """Return ``topic`` if it is a valid topic name, else raise ValueError with why."""
+    if not isinstance(topic, str) or not topic:
+        raise ValueError("a topic is a non-empty string")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"a topic has at most {MAX_TOPIC_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in topic):
+        raise ValueError("a topic has no control characters")
+    return topic
 
-    Args:
-        gateway: the application (its session-end hooks).
-        config: the node's settings (``resume_ttl``, ``max_buffered``, ``secret``).
-        metrics: the node's metrics.
+
+def user_topic(user: str) -> str:
+    """The topic every session of ``user`` follows."""
+    return USER_TOPIC_PREFIX + user
+
+
+def checked_identity(identity: Identity) -> Identity:
+    """Return the identity if its user id can name a user topic, else raise Unauthorized."""
+    if identity.user is not None:
+        try:
+            check_topic(user_topic(identity.user))
+        except ValueError:
+            raise Unauthorized("the user id is empty, too long or has control characters") from None
+    return identity
+
+
+def prepare_data(data: Any) -> dict[str, tuple[bytes, int]]:
+    """Encode a publication's data once per encoding (both, so every subscriber can get it).
+
+    Raises:
+        ValueError: the data cannot be encoded in JSON or in msgpack.
+    """
+    fields = {} if data is None else {"data": data}
+    try:
+        return {name: (codec.prepare(fields), len(fields)) for name, codec in _CODECS.items()}
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"data must be encodable as JSON and as msgpack: {exc}") from None
+
+
+@dataclass(slots=True)
+class Subscription:
+    """A session's place in a topic: the last offset and epoch it was sent."""
+
+    topic: str
+    offset: int = 0
+    epoch: str = ""
+    #: Live publications held while the history is read (None once live).
+    pending: list[Publication] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    """The answer to a subscription (the ``data`` of the ``sub`` reply, PROTOCOL.md §6).
+
+    Every publication up to ``offset`` of ``epoch`` has been queued for the session
+    before this answer; later ones follow live.
     """
 
-    def __init__(self, gateway: Gateway, config: Config, metrics: Metrics) -> None:
+    offset: int
+    epoch: str
+    #: For a subscription with ``since``: whether the history reached back far enough
+    #: and the epoch matched. None without ``since``.
+    recovered: bool | None = None
+
+    def to_data(self) -> dict[str, Any]:
+        """The reply's data."""
+        data: dict[str, Any] = {"offset": self.offset, "epoch": self.epoch}
+        if self.recovered is not None:
+            data["recovered"] = self.recovered
+        return data
+
+
+class Hub:
+    """The sessions, users and topics of one node.
+
+    Args:
+        gateway: the application (its hooks and authorisers).
+        config: the node's settings (``resume_ttl``, ``max_buffered``, ``secret``...).
+        metrics: the node's metrics.
+        broker: what carries publications; an in-memory one by default.
+        authenticator: turns tokens into identities; None runs anonymous.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: Config,
+        metrics: Metrics,
+        broker: Broker | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.gateway = gateway
         self.config = config
         self.metrics = metrics
+        self.broker: Broker = broker or MemoryBroker(config.history_size, config.history_ttl)
+        self.broker.bind(self._receive)
+        self.authenticator = authenticator
+        #: This node's name.
+        self.node_id = config.node_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        )
         #: Every session held, attached or detached, by id.
         self.sessions: dict[str, Session] = {}
+        #: The sessions of each user, across devices.
+        self.users: dict[str, set[Session]] = {}
+        #: The local subscribers of each topic, by session id.
+        self.topics: dict[str, dict[str, Session]] = {}
+        self._broker_topics: set[str] = set()  # topics the node follows at the broker
+        self._broker_lock = trio.Lock()
+        self._chores: deque[Callable[[], Awaitable[None]]] = deque()
+        self._chore_lock = trio.Lock()
         self._secret = (config.secret or secrets.token_hex(32)).encode()
         # (deadline, tie-breaker, session): stale entries are skipped when popped.
         self._deadlines: list[tuple[float, int, Session]] = []
@@ -90,9 +216,8 @@ class Hub:
         self._ended: list[Session] = []
         self._wake = trio.Event()
         metrics.sessions.set_function(lambda: float(len(self.sessions)))
-        metrics.sessions_detached.set_function(
-            lambda: float(sum(1 for s in self.sessions.values() if s.connection is None))
-        )
+        metrics.sessions_detached.set_function(lambda: float(self.detached_count()))
+        metrics.topics.set_function(lambda: float(len(self.topics)))
 
     # -- tokens -----------------------------------------------------------------------
 
@@ -117,8 +242,14 @@ class Hub:
         session = Session(self, session_id, user, codec, self.config.window)
         session._resume_token = self.resume_token(session_id, user)
         self.sessions[session_id] = session
+        if user is not None:
+            self.users.setdefault(user, set()).add(session)
         self.metrics.sessions_opened.inc()
         return session
+
+    def detached_count(self) -> int:
+        """Sessions waiting for their client to resume."""
+        return sum(1 for s in self.sessions.values() if s.connection is None)
 
     def find(self, resume: Resume, user: str | None) -> tuple[Session | None, ResumeResult]:
         """The session a ``hello.resume`` names, if it may be resumed by ``user``.
@@ -175,6 +306,14 @@ class Hub:
         if session.connection is None:
             session.close_code, session.close_reason = code, reason
         self.sessions.pop(session.id, None)
+        if session.user is not None:
+            mine = self.users.get(session.user)
+            if mine is not None:
+                mine.discard(session)
+                if not mine:
+                    del self.users[session.user]
+        for topic in list(session.subscriptions):
+            self.unsubscribe(session, topic)
         self.metrics.sessions_ended.labels(why).inc()
         if self.gateway.session_end_hooks:
             self._ended.append(session)
@@ -198,13 +337,19 @@ class Hub:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire detached sessions and run session-end hooks, until cancelled."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.broker.run)
+            task_status.started()
+            await self._run()
+
+    async def _run(self) -> None:
         while True:
             self.expire()
+            await self.do_chores()
             ended, self._ended = self._ended, []
             for session in ended:
                 await self._run_end_hooks(session)
-            if self._ended:
+            if self._ended or self._chores:
                 continue
             self._wake = trio.Event()
             deadline = self._deadlines[0][0] if self._deadlines else float("inf")
@@ -219,3 +364,201 @@ class Hub:
                     await hook(session)
                 except Exception:
                     logger.exception("session-end hook failed")
+
+    # -- chores: broker work that nothing waits for, in order ------------------------
+
+    def _chore(self, chore: Callable[[], Awaitable[None]]) -> None:
+        self._chores.append(chore)
+        self._wake.set()
+
+    async def do_chores(self) -> None:
+        """Carry out the queued broker work, in the order it was queued."""
+        async with self._chore_lock:
+            while self._chores:
+                chore = self._chores.popleft()
+                try:
+                    await chore()
+                except Exception:
+                    logger.exception("broker chore failed")
+
+    # -- topics -----------------------------------------------------------------------
+
+    async def subscribe(
+        self, session: Session, topic: str, since: Since | None = None
+    ) -> SubscribeResult:
+        """Subscribe a session to a topic; with ``since``, recover what it missed first.
+
+        Every publication after ``since.offset`` that the history holds is queued for
+        the session, then those that arrived live meanwhile, each exactly once
+        (PROTOCOL.md §6). Without ``since``, a session already subscribed is told
+        where it stands and nothing else changes; with it, the subscription restarts
+        from ``since``. No authorisation is checked here (server-side code may
+        subscribe a session to any topic).
+
+        Raises:
+            ValueError: not a valid topic name.
+            SessionClosed: the session has ended.
+        """
+        check_topic(topic)
+        if session.ended:
+            raise SessionClosed(session.close_code, session.close_reason)
+        current = session.subscriptions.get(topic)
+        if current is not None and since is None and current.pending is None:
+            return SubscribeResult(current.offset, current.epoch)
+        subscription = Subscription(topic, pending=[])
+        session.subscriptions[topic] = subscription
+        local = self.topics.setdefault(topic, {})
+        local[session.id] = session
+        if current is None:
+            self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, True))
+        try:
+            if topic not in self._broker_topics:
+                async with self._broker_lock:
+                    if topic not in self._broker_topics:
+                        await self.broker.subscribe(topic)
+                        self._broker_topics.add(topic)
+            history = await self.broker.history(topic, None if since is None else since.offset)
+        except BaseException:
+            # Cancelled (the connection dropped) or the broker failed: the envelope is
+            # not processed, and the client will send it again.
+            if session.subscriptions.get(topic) is subscription:
+                self.unsubscribe(session, topic)
+            raise
+        if session.subscriptions.get(topic) is not subscription:
+            # Replaced or dropped while the history was read: the newer call answers.
+            return SubscribeResult(history.offset, history.epoch)
+        recovered: bool | None = None
+        if since is not None:
+            recovered = history.recovers(since.offset, since.epoch)
+            self.metrics.recoveries.labels("recovered" if recovered else "lost").inc()
+            if since.epoch == history.epoch:
+                # What the history still holds after since, even with a gap before it.
+                for publication in history.publications:
+                    self._deliver(session, subscription, publication)
+        if history.epoch != subscription.epoch or history.offset > subscription.offset:
+            subscription.offset, subscription.epoch = history.offset, history.epoch
+        held, subscription.pending = subscription.pending, None
+        for publication in held or ():
+            self._deliver(session, subscription, publication)
+        return SubscribeResult(subscription.offset, subscription.epoch, recovered)
+
+    def unsubscribe(self, session: Session, topic: str) -> bool:
+        """Unsubscribe a session from a topic. Returns False if it was not subscribed."""
+        if session.subscriptions.pop(topic, None) is None:
+            return False
+        local = self.topics.get(topic)
+        if local is not None:
+            local.pop(session.id, None)
+            if not local:
+                del self.topics[topic]
+                self._chore(lambda: self._leave_topic(topic))
+        self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, False))
+        return True
+
+    async def _leave_topic(self, topic: str) -> None:
+        async with self._broker_lock:
+            if topic in self._broker_topics and topic not in self.topics:
+                await self.broker.unsubscribe(topic)
+                self._broker_topics.discard(topic)
+
+    def _receive(self, publication: Publication) -> None:
+        """Fan a publication out to the local subscribers of its topic (the broker's call)."""
+        local = self.topics.get(publication.topic)
+        if not local:
+            return
+        self.metrics.fanout.observe(len(local))
+        for session in list(local.values()):
+            subscription = session.subscriptions.get(publication.topic)
+            if subscription is None:
+                continue
+            if subscription.pending is not None:
+                subscription.pending.append(publication)
+            else:
+                self._deliver(session, subscription, publication)
+
+    def _deliver(self, session: Session, subscription: Subscription, pub: Publication) -> None:
+        if pub.epoch == subscription.epoch and pub.offset <= subscription.offset:
+            return  # already sent (a live one that the history also held)
+        subscription.offset, subscription.epoch = pub.offset, pub.epoch
+        try:
+            session._publish(pub)
+        except SessionClosed:
+            pass  # it ended (or overflowed max_buffered): only its own loss
+        except (TypeError, ValueError, OverflowError):  # pragma: no cover - checked on publish
+            logger.exception("publication to %s could not be encoded", pub.topic)
+
+    async def publish(self, topic: str, data: Any, event: str | None = None) -> Publication:
+        """Publish to a topic: every subscriber, on every node, gets it once, in order.
+
+        Raises:
+            ValueError: not a valid topic name, or ``data`` cannot be encoded in both
+                encodings.
+        """
+        check_topic(topic)
+        encoded = prepare_data(data)
+        publication = await self.broker.publish(topic, data, event, encoded=encoded)
+        self.metrics.publications.inc()
+        return publication
+
+    async def send_to_user(self, user: str, data: Any, event: str | None = None) -> Publication:
+        """Publish to the topic ``user:<user>``, which each of the user's sessions follows."""
+        return await self.publish(user_topic(user), data, event)
+
+    def kick(self, *, user: str | None = None, session: str | None = None) -> int:
+        """Close the user's sessions, or one session, with 4005 (PROTOCOL.md §8).
+
+        Kicked sessions end: they cannot be resumed. Returns how many were kicked.
+        """
+        if (user is None) == (session is None):
+            raise ValueError("kick takes a user or a session")
+        if user is not None:
+            targets: Iterable[Session] = list(self.users.get(user, ()))
+        else:
+            assert session is not None
+            found = self.sessions.get(session)
+            targets = [found] if found is not None else []
+        kicked = 0
+        for target in targets:
+            if not target.ended:
+                target.close(CloseCode.KICKED, "kicked")
+                kicked += 1
+        return kicked
+
+    async def presence(self, topic: str) -> dict[str, str | None]:
+        """The sessions subscribed to a topic, with their users (PROTOCOL.md §9)."""
+        await self.do_chores()
+        return await self.broker.presence(topic)
+
+    # -- authorisation ----------------------------------------------------------------
+
+    async def may_subscribe(self, session: Session, topic: str) -> bool:
+        """May the client of this session subscribe to the topic itself?
+
+        Its own ``user:<sub>`` topic, yes; other users' topics only if the
+        application's hook says so. Other topics: the token's ``topics`` claim, the
+        node's ``allow_subscribe`` patterns, or the hook.
+        """
+        if topic.startswith(USER_TOPIC_PREFIX):
+            if session.user is not None and topic == user_topic(session.user):
+                return True
+        elif _matches(topic, session.identity.topics) or _matches(
+            topic, self.config.allow_subscribe
+        ):
+            return True
+        hook = self.gateway.subscribe_authorizer
+        return hook is not None and bool(await hook(session, topic))
+
+    async def may_publish(self, session: Session, topic: str) -> bool:
+        """May the client of this session publish to the topic (``pub``)?
+
+        The node's ``allow_publish`` patterns, or the application's hook; ``user:``
+        topics, which carry what the server sends to users, only by the hook.
+        """
+        if not topic.startswith(USER_TOPIC_PREFIX) and _matches(topic, self.config.allow_publish):
+            return True
+        hook = self.gateway.publish_authorizer
+        return hook is not None and bool(await hook(session, topic))
+
+
+def _matches(topic: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(topic, pattern) for pattern in patterns)

@@ -97,6 +97,24 @@ class Metrics:
             ["why"],
             registry=r,
         )
+        self.topics = Gauge(
+            "wsgate_topics", "Topics with at least one subscriber on this node.", registry=r
+        )
+        self.publications = Counter(
+            "wsgate_publications", "Publications made through this node.", registry=r
+        )
+        self.fanout = Histogram(
+            "wsgate_fanout_subscribers",
+            "Local subscribers each received publication was fanned out to.",
+            buckets=(1, 10, 100, 1000, 10000, 100000),
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "wsgate_recoveries",
+            "Subscriptions with since, by result (recovered, lost).",
+            ["result"],
+            registry=r,
+        )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
 

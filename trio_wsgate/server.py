@@ -16,10 +16,13 @@ import trio
 from websockets.http11 import Request
 
 from .admin import AdminApp, probe
+from .auth import Authenticator, Identity, authenticator_from_settings, identify, token_from_request
+from .brokers import Broker
 from .config import Config
 from .connection import Connection
+from .exceptions import Unauthorized
 from .gateway import Gateway
-from .hub import Hub
+from .hub import Hub, checked_identity
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason
 from .transports.websockets import Handshake, accept_websocket
@@ -51,15 +54,33 @@ class Server:
     Args:
         gateway: the application's handlers and hooks.
         config: the node's settings; defaults when omitted.
+        broker: what carries publications; the in-memory broker when omitted.
+
+    Raises:
+        ValueError: the settings cannot work (an unreadable JWT key, say).
+        OSError: the JWT public key file cannot be read.
     """
 
-    def __init__(self, gateway: Gateway, config: Config | None = None) -> None:
+    def __init__(
+        self, gateway: Gateway, config: Config | None = None, broker: Broker | None = None
+    ) -> None:
         self.gateway = gateway
-        self.config = config or Config()
+        self.config = config = config or Config()
         self.connections: set[Connection] = set()
         self.metrics = Metrics(queue_depth=self._queue_depth)
-        #: The node's sessions.
-        self.hub = Hub(gateway, self.config, self.metrics)
+        #: Who clients are: the application's authenticator, else JWTs if a key is
+        #: configured, else None (anonymous).
+        self.authenticator: Authenticator | None = gateway.authenticator or (
+            authenticator_from_settings(
+                jwt_secret=config.jwt_secret,
+                jwt_public_key=config.jwt_public_key,
+                jwt_audience=config.jwt_audience,
+                jwt_issuer=config.jwt_issuer,
+            )
+        )
+        #: The node's sessions, users and topics.
+        self.hub = Hub(gateway, config, self.metrics, broker, self.authenticator)
+        gateway._hub = self.hub
         self.draining = False
         self.forced = False
         #: ``(host, port)`` of each WebSocket listener, once serving.
@@ -82,14 +103,40 @@ class Server:
 
     # -- one stream -----------------------------------------------------------------
 
-    def _http_route(self, request: Request) -> tuple[int, str, dict[str, str]] | None:
+    def stats(self) -> dict[str, Any]:
+        """The node at a glance (``GET /api/stats``)."""
+        hub = self.hub
+        return {
+            "node": hub.node_id,
+            "connections": len(self.connections),
+            "sessions": len(hub.sessions),
+            "sessions_detached": hub.detached_count(),
+            "users": len(hub.users),
+            "topics": len(hub.topics),
+            "broker": hub.broker.statistics(),
+            "draining": self.draining,
+        }
+
+    async def _http_route(
+        self, request: Request, identified: list[Identity]
+    ) -> tuple[int, str, dict[str, str]] | None:
         path = request.path.split("?", 1)[0]
         answer = probe(path, self.ready)
         if answer is not None:
             status, body = answer
             return status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {}
-        if path == self.config.path and self.draining:
+        if path != self.config.path:
+            return None
+        if self.draining:
             return 503, "draining\n", {"Retry-After": RETRY_AFTER}
+        token = token_from_request(request.headers, request.path)
+        if token is not None and self.authenticator is not None:
+            # PROTOCOL.md §3: a bad token at the handshake is refused with 401.
+            try:
+                identified.append(checked_identity(await identify(self.authenticator, token)))
+            except Unauthorized as exc:
+                body = f"unauthorized: {exc}\n"
+                return 401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         return None
 
     async def serve_stream(self, stream: trio.abc.Stream, remote_address: str = "") -> None:
@@ -99,6 +146,11 @@ class Server:
         Returns once everything the stream started is released.
         """
         config = self.config
+        identified: list[Identity] = []
+
+        async def route(request: Request) -> tuple[int, str, dict[str, str]] | None:
+            return await self._http_route(request, identified)
+
         try:
             result: Any = (0, None)
             with trio.move_on_after(config.hello_timeout or 10.0):
@@ -107,7 +159,7 @@ class Server:
                     path=config.path,
                     subprotocols=list(CODECS),
                     max_message_size=config.max_message_size,
-                    http_route=self._http_route,
+                    http_route=route,
                     remote_address=remote_address,
                 )
             if not isinstance(result, Handshake):
@@ -117,7 +169,13 @@ class Server:
                 return
             codec = CODECS[result.subprotocol or JSON_SUBPROTOCOL]()
             connection = Connection(
-                result.transport, codec, self.gateway, config, self.metrics, self.hub
+                result.transport,
+                codec,
+                self.gateway,
+                config,
+                self.metrics,
+                self.hub,
+                identified[0] if identified else None,
             )
             self.connections.add(connection)
             if self.draining:

@@ -72,6 +72,20 @@ class Codec:
             index = end
         return messages
 
+    def prepare(self, fields: dict[str, Any]) -> bytes:
+        """Encode the part of a map that many envelopes share, once.
+
+        Fan-out (PROTOCOL.md §6) sends one publication to many sessions; only its
+        ``seq`` and ``ack`` differ. The shared fields are encoded here once per
+        encoding and :meth:`splice` adds each session's own head without re-encoding.
+        Raises TypeError or ValueError if a value cannot be encoded.
+        """
+        raise NotImplementedError
+
+    def splice(self, head: dict[str, Any], prepared: bytes, count: int) -> bytes:
+        """One map: ``head`` encoded now, then ``count`` fields :meth:`prepare` encoded."""
+        raise NotImplementedError
+
     def decode(self, payload: bytes) -> list[Envelope]:
         """Decode one WebSocket message into its envelopes, in order.
 
@@ -114,6 +128,17 @@ class JsonCodec(Codec):
     def batch(self, parts: list[bytes]) -> bytes:
         return b"[" + b",".join(parts) + b"]"
 
+    def prepare(self, fields: dict[str, Any]) -> bytes:
+        if not fields:
+            return b"}"
+        return self.dumps(fields)[1:]  # '"k":v,...}' without the opening brace
+
+    def splice(self, head: dict[str, Any], prepared: bytes, count: int) -> bytes:
+        opened = self.dumps(head)[:-1]  # '{"k":v,...' without the closing brace
+        if not count:
+            return opened + prepared
+        return opened + (b"," if head else b"") + prepared
+
 
 class MsgpackCodec(Codec):
     """msgpack in binary frames, decoded defensively.
@@ -145,6 +170,15 @@ class MsgpackCodec(Codec):
         packer = msgpack.Packer()
         header: bytes = packer.pack_array_header(len(parts))
         return header + b"".join(parts)
+
+    def prepare(self, fields: dict[str, Any]) -> bytes:
+        packb = self.dumps
+        return b"".join(packb(key) + packb(value) for key, value in fields.items())
+
+    def splice(self, head: dict[str, Any], prepared: bytes, count: int) -> bytes:
+        packb = self.dumps
+        header: bytes = msgpack.Packer().pack_map_header(len(head) + count)
+        return header + b"".join(packb(k) + packb(v) for k, v in head.items()) + prepared
 
 
 #: The codecs by subprotocol name, in the server's order of preference.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,14 +228,14 @@ async def accept_websocket(
     path: str,
     subprotocols: Sequence[str],
     max_message_size: int,
-    http_route: Callable[[Request], tuple[int, str, dict[str, str]] | None],
+    http_route: Callable[[Request], Awaitable[tuple[int, str, dict[str, str]] | None]],
     remote_address: str = "",
 ) -> Handshake | tuple[int, Request | None]:
     """Read the opening request and answer it.
 
-    ``http_route(request)`` is asked first: a ``(status, body, headers)`` answer is
-    sent as plain HTTP (health checks, 503 while draining); ``None`` goes on to the
-    WebSocket handshake at ``path``. The caller bounds the time this takes.
+    ``await http_route(request)`` is asked first: a ``(status, body, headers)`` answer
+    is sent as plain HTTP (health checks, 503 while draining, 401 for a bad token);
+    ``None`` goes on to the WebSocket handshake at ``path``. The caller bounds the time this takes.
 
     Returns:
         A :class:`Handshake` when the connection was upgraded, else the HTTP status
@@ -271,7 +271,7 @@ async def accept_websocket(
                 status = int(writes[9:12])
                 await stream.send_all(writes)
             return status, None
-    answer = http_route(request)
+    answer = await http_route(request)
     if answer is None and request.path.split("?", 1)[0] != path:
         answer = (404, "Not Found\n", {})
     if answer is not None:

@@ -1,0 +1,204 @@
+"""Who a client is: JWTs verified with PyJWT, and the identity they carry (PROTOCOL.md §3).
+
+A token may arrive at the handshake (``Authorization: Bearer ...`` or ``?token=...``) or
+in ``hello.token``; whichever way, one :class:`Authenticator` turns it into an
+:class:`Identity` or raises :class:`~trio_wsgate.Unauthorized`. The gateway's own is
+:class:`JwtAuthenticator`: HS256 with a shared secret, or RS256/ES256 with a public key.
+An application may register its own with :meth:`Gateway.authenticate
+<trio_wsgate.Gateway.authenticate>` instead.
+
+Tokens are bearer secrets: no message here, and no log line anywhere, contains one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import jwt
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .exceptions import Unauthorized
+
+__all__ = ["Authenticator", "Identity", "JwtAuthenticator", "token_from_request"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The verified identity behind a token.
+
+    Attributes:
+        user: the user id (the ``sub`` claim), or None for an anonymous client.
+        deadline: trio time at which the token expires (None: never). The connection
+            is closed with 4001 then, unless a ``refresh`` brought a fresh token.
+        topics: glob patterns of the topics the user may subscribe to (the ``topics``
+            claim, matched with :func:`fnmatch.fnmatchcase`).
+        claims: every claim of the token, for the application's own use.
+    """
+
+    user: str | None
+    deadline: float | None = None
+    topics: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Turns a token (None if the client sent none) into an :class:`Identity`, a user id,
+#: or None (anonymous); raises :class:`~trio_wsgate.Unauthorized` to refuse.
+Authenticator = Callable[[str | None], Awaitable["Identity | str | None"]]
+
+
+async def identify(authenticator: Authenticator, token: str | None) -> Identity:
+    """Run an authenticator and normalise its answer to an :class:`Identity`."""
+    answer = await authenticator(token)
+    if isinstance(answer, Identity):
+        return answer
+    if answer is None or isinstance(answer, str):
+        return Identity(answer)
+    raise TypeError(f"an authenticator returns an Identity, a str or None, not {answer!r}")
+
+
+def token_from_request(headers: Mapping[str, str], path: str) -> str | None:
+    """The token of an upgrade request: the Bearer header first, then ``?token=``."""
+    header = headers.get("Authorization")
+    if header is not None:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    _, _, query = path.partition("?")
+    if query:
+        values = parse_qs(query).get("token")
+        if values and values[0]:
+            return values[0]
+    return None
+
+
+def _algorithms_for(key: Any) -> list[str]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return ["RS256"]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        by_curve = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        algorithm = by_curve.get(key.curve.name)
+        if algorithm is not None:
+            return [algorithm]
+    raise ValueError(f"an RSA or EC (P-256) public key is needed, not {type(key).__name__}")
+
+
+class JwtAuthenticator:
+    """Verify JWTs with PyJWT (PROTOCOL.md §3).
+
+    Exactly one of ``secret`` (HS256) and ``public_key`` (PEM: RSA for RS256, EC P-256
+    for ES256) is given. Only the algorithm of the key is accepted, so ``alg: none``
+    and algorithm-confusion tokens are refused. ``sub`` is required and is the user;
+    ``exp``, if present, must be in the future and sets :attr:`Identity.deadline`;
+    ``topics``, if present, must be a list of strings.
+
+    Args:
+        secret: the HS256 shared secret.
+        public_key: the PEM text of the public key.
+        audience: if set, the ``aud`` claim must name it.
+        issuer: if set, the ``iss`` claim must equal it.
+        leeway: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
+        clock: the wall clock, Unix seconds (tests pass one tied to trio's clock).
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key: str | bytes | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (secret is None) == (public_key is None):
+            raise ValueError("give exactly one of a JWT secret and a JWT public key")
+        self._key: Any
+        if secret is not None:
+            if not secret:
+                raise ValueError("the JWT secret must not be empty")
+            self._key, self.algorithms = secret, ["HS256"]
+        else:
+            assert public_key is not None
+            pem = public_key.encode() if isinstance(public_key, str) else public_key
+            try:
+                self._key = load_pem_public_key(pem)
+            except ValueError as exc:
+                raise ValueError("the JWT public key is not a PEM public key") from exc
+            self.algorithms = _algorithms_for(self._key)
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self.clock = clock
+
+    @classmethod
+    def from_key_file(cls, path: str | Path, **options: Any) -> JwtAuthenticator:
+        """Read the public key from a PEM file (``--jwt-public-key FILE``)."""
+        return cls(public_key=Path(path).read_bytes(), **options)
+
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        return f"<JwtAuthenticator {'/'.join(self.algorithms)}>"
+
+    def verify(self, token: str) -> Identity:
+        """Verify a token now; return its identity or raise Unauthorized (no I/O)."""
+        now = self.clock()
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                # exp is checked below against self.clock, so that tests can move time.
+                options={"require": ["sub"], "verify_exp": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            # PyJWT's messages name the failed check, never the token.
+            raise Unauthorized(f"invalid token: {exc}") from None
+        user = claims["sub"]
+        if not isinstance(user, str) or not user:
+            raise Unauthorized("invalid token: sub must be a non-empty string")
+        exp = claims.get("exp")
+        deadline: float | None = None
+        if exp is not None:
+            if not isinstance(exp, int | float) or isinstance(exp, bool):
+                raise Unauthorized("invalid token: exp must be a number")
+            left = exp + self.leeway - now
+            if left <= 0:
+                raise Unauthorized("token expired")
+            deadline = trio.current_time() + left
+        topics = claims.get("topics", [])
+        if not isinstance(topics, Sequence) or isinstance(topics, str):
+            raise Unauthorized("invalid token: topics must be a list of strings")
+        if not all(isinstance(pattern, str) for pattern in topics):
+            raise Unauthorized("invalid token: topics must be a list of strings")
+        return Identity(user, deadline, tuple(topics), claims)
+
+    async def __call__(self, token: str | None) -> Identity:
+        """The :data:`Authenticator` interface: a token is required."""
+        if token is None:
+            raise Unauthorized("a token is required")
+        return self.verify(token)
+
+
+def authenticator_from_settings(
+    *,
+    jwt_secret: str | None,
+    jwt_public_key: str | None,
+    jwt_audience: str | None = None,
+    jwt_issuer: str | None = None,
+) -> JwtAuthenticator | None:
+    """The node's JWT verifier from its settings, or None when no key is configured."""
+    options: dict[str, Any] = {"audience": jwt_audience, "issuer": jwt_issuer}
+    if jwt_secret is not None:
+        return JwtAuthenticator(secret=jwt_secret, **options)
+    if jwt_public_key is not None:
+        return JwtAuthenticator.from_key_file(jwt_public_key, **options)
+    return None

@@ -1,0 +1,104 @@
+"""The broker interface: what the hub needs from whatever carries publications.
+
+The hub (``trio_wsgate.hub``) knows brokers only through this module (STYLE.md,
+"Layout"). A broker numbers each topic's publications (``offset``: 1, 2, 3... within
+one ``epoch``), keeps a bounded history of them, hands every publication of a topic the
+node subscribed to to the node's receiver, and keeps presence. The in-memory broker
+does all of this inside one process; the Redis one does it for many nodes.
+
+Delivery contract. For one topic, the receiver is called with publications in offset
+order, each once, from the moment :meth:`Broker.subscribe` has returned. Together with
+:meth:`Broker.history` this lets the hub subscribe first, read the history second, and
+drop what it sees twice, so that recovery has no gap and no duplicate
+(PROTOCOL.md §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+__all__ = ["Broker", "History", "Publication", "Receiver"]
+
+
+@dataclass(slots=True, eq=False)
+class Publication:
+    """One message published to a topic, as numbered by the broker."""
+
+    topic: str
+    offset: int
+    epoch: str
+    data: Any = None
+    event: str | None = None
+    #: The shared part of its ``msg`` envelope, encoded once per subprotocol
+    #: (filled by the hub on first use; see :meth:`Codec.prepare`).
+    encoded: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
+
+
+@dataclass(slots=True)
+class History:
+    """What a topic's history holds after some offset, and where the topic stands."""
+
+    #: The held publications after the asked offset, in order, of :attr:`epoch`.
+    publications: list[Publication]
+    #: The offset of the topic's latest publication (0: none yet in this epoch).
+    offset: int
+    #: The epoch the offsets belong to.
+    epoch: str
+
+    def recovers(self, since_offset: int, since_epoch: str) -> bool:
+        """True if this history continues, with no gap, a client that saw ``since_offset``."""
+        if since_epoch != self.epoch or since_offset > self.offset:
+            return False
+        if since_offset == self.offset:
+            return True
+        return bool(self.publications) and self.publications[0].offset == since_offset + 1
+
+
+#: Called by the broker for each publication of a topic the node subscribed to.
+Receiver = Callable[[Publication], None]
+
+
+class Broker(Protocol):
+    """What carries publications and presence between the sessions of a gateway."""
+
+    def bind(self, receiver: Receiver) -> None:
+        """Set the node's receiver of live publications (called once, by the hub)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The broker's own work (connections, listeners), until cancelled."""
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        event: str | None = None,
+        *,
+        encoded: dict[str, tuple[bytes, int]] | None = None,
+    ) -> Publication:
+        """Number a publication, keep it in the history and deliver it to every node.
+
+        ``encoded`` is its data already encoded (:func:`trio_wsgate.hub.prepare_data`),
+        which a broker delivering in this process passes on with the publication.
+        """
+
+    async def subscribe(self, topic: str) -> None:
+        """Start delivering the topic's publications to this node's receiver."""
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop delivering the topic's publications to this node."""
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        """The topic's held publications after ``since`` (None: none), and its position."""
+
+    async def set_presence(self, topic: str, session: str, user: str | None, present: bool) -> None:
+        """Record that a session joined (``present``) or left a topic."""
+
+    async def presence(self, topic: str) -> dict[str, str | None]:
+        """The sessions present in a topic, with their users, on every node."""
+
+    def statistics(self) -> dict[str, int]:
+        """Figures for ``/api/stats`` (``topics``: topics known to the broker)."""

@@ -1,0 +1,140 @@
+"""The in-memory broker: one process, nothing to install (the default).
+
+Each topic has an epoch (a random name drawn when the topic first appears), a counter
+of offsets and a history bounded in size (``history_size``) and age (``history_ttl``).
+A topic that no session is subscribed to and whose history has emptied is forgotten;
+when it appears again it starts a new epoch, which tells a recovering client honestly
+that what it saw before is gone (PROTOCOL.md §6). Delivery to the node is a plain call
+made inside :meth:`MemoryBroker.publish`, so publications reach subscribers in order.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .base import History, Publication, Receiver
+
+__all__ = ["MemoryBroker"]
+
+
+@dataclass(slots=True)
+class _Topic:
+    epoch: str
+    offset: int = 0
+    # (trio time published, publication), oldest first.
+    history: deque[tuple[float, Publication]] = field(default_factory=deque)
+    presence: dict[str, str | None] = field(default_factory=dict)
+
+
+class MemoryBroker:
+    """Topics, history and presence in this process.
+
+    Args:
+        history_size: publications each topic keeps; 0 keeps none.
+        history_ttl: seconds a publication is kept; None: until pushed out by newer ones.
+    """
+
+    def __init__(self, history_size: int = 100, history_ttl: float | None = 300.0) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self._topics: dict[str, _Topic] = {}
+        self._subscribed: set[str] = set()
+        self._receiver: Receiver | None = None
+
+    def bind(self, receiver: Receiver) -> None:
+        """Set the node's receiver of live publications."""
+        self._receiver = receiver
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forget expired history and idle topics now and then, until cancelled."""
+        task_status.started()
+        period = min(self.history_ttl, 60.0) if self.history_ttl else 60.0
+        while True:
+            await trio.sleep(period)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop expired publications, and topics left with nothing to remember."""
+        for name in list(self._topics):
+            self._prune(name, self._topics[name])
+
+    def _prune(self, name: str, topic: _Topic) -> bool:
+        """Expire old history; forget an idle, empty topic. True if it was forgotten."""
+        history = topic.history
+        if self.history_ttl is not None and history:
+            oldest = trio.current_time() - self.history_ttl
+            while history and history[0][0] <= oldest:
+                history.popleft()
+        if not history and not topic.presence and name not in self._subscribed:
+            del self._topics[name]
+            return True
+        return False
+
+    def _topic(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None or self._prune(name, topic):
+            topic = self._topics[name] = _Topic(secrets.token_hex(4))
+        return topic
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        event: str | None = None,
+        *,
+        encoded: dict[str, tuple[bytes, int]] | None = None,
+    ) -> Publication:
+        """Number the publication, keep it, and hand it to the node if subscribed."""
+        state = self._topic(topic)
+        state.offset += 1
+        publication = Publication(topic, state.offset, state.epoch, data, event)
+        if encoded:
+            publication.encoded.update(encoded)
+        if self.history_size:
+            state.history.append((trio.current_time(), publication))
+            while len(state.history) > self.history_size:
+                state.history.popleft()
+        if topic in self._subscribed and self._receiver is not None:
+            self._receiver(publication)
+        else:
+            self._prune(topic, state)
+        return publication
+
+    async def subscribe(self, topic: str) -> None:
+        """Deliver the topic's publications to the node."""
+        self._subscribed.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop delivering the topic's publications to the node."""
+        self._subscribed.discard(topic)
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        """Held publications after ``since``, and the topic's offset and epoch."""
+        state = self._topic(topic)
+        held: list[Publication] = []
+        if since is not None:
+            held = [p for _, p in state.history if p.offset > since]
+        return History(held, state.offset, state.epoch)
+
+    async def set_presence(self, topic: str, session: str, user: str | None, present: bool) -> None:
+        """Record a session joining or leaving a topic."""
+        if present:
+            self._topic(topic).presence[session] = user
+        else:
+            state = self._topics.get(topic)
+            if state is not None:
+                state.presence.pop(session, None)
+
+    async def presence(self, topic: str) -> dict[str, str | None]:
+        """The sessions present in the topic, with their users."""
+        state = self._topics.get(topic)
+        return dict(state.presence) if state is not None else {}
+
+    def statistics(self) -> dict[str, int]:
+        """``topics``: topics with history, subscribers or presence."""
+        return {"topics": len(self._topics)}
