@@ -32,6 +32,7 @@ from .conftest import make_gateway
 async def no_route(request: object) -> None:
     return None
 
+
 URL = "ws://gateway.test/ws"
 
 

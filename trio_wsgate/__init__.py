@@ -1,5 +1,7 @@
 """trio-wsgate: a WebSocket gateway for trio, in which a connection is a nursery."""
 
+from .auth import Identity, JwtAuthenticator
+from .brokers import MemoryBroker, Publication
 from .client import Backoff, Client, ClientState, Message, open_client
 from .config import Config, SlowConsumerPolicy
 from .connection import Connection, Session
@@ -14,6 +16,7 @@ from .exceptions import (
     WsgateError,
 )
 from .gateway import Gateway
+from .hub import SubscribeResult
 from .protocol import CloseCode, CloseReason
 from .server import Server, serve
 
@@ -28,14 +31,19 @@ __all__ = [
     "Connection",
     "Gateway",
     "HandlerError",
+    "Identity",
+    "JwtAuthenticator",
+    "MemoryBroker",
     "Message",
     "ProtocolError",
+    "Publication",
     "Server",
     "Session",
     "SessionClosed",
     "SessionLost",
     "SlowConsumer",
     "SlowConsumerPolicy",
+    "SubscribeResult",
     "Unauthorized",
     "WsgateError",
     "open_client",

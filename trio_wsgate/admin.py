@@ -1,14 +1,22 @@
-"""The admin port's ASGI application: health, readiness and metrics.
+"""The admin port's ASGI application: health, readiness, metrics and the server API.
 
 Served by hypercorn's trio worker in the node's own trio run, so the metrics
-(``wsgate_tasks`` above all) are read from the same task tree the gateway uses.
-The server API of PROTOCOL.md §9 (``/api/*``) joins it with the hub.
+(``wsgate_tasks`` above all) are read from the same task tree the gateway uses, and
+the server API (PROTOCOL.md §9) calls the hub directly.
+
+``/api/*`` needs ``Authorization: apikey <key>`` when the node has an API key; without
+one it answers 403, unless the node was started with ``--open-api``. Answers are JSON;
+errors are ``{"error": code, "reason": text}`` with the HTTP status that fits (400 for
+a malformed body, 401 for a wrong key, 403, 404, 405, 413).
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -21,6 +29,12 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+# Largest request body read, in bytes: a publication must fit a WebSocket message
+# anyway, so a body a little over max_message_size is never useful.
+_BODY_MARGIN = 4096
 
 
 def probe(path: str, ready: bool) -> tuple[int, str] | None:
@@ -36,11 +50,39 @@ def probe(path: str, ready: bool) -> tuple[int, str] | None:
     return None
 
 
+class ApiError(Exception):
+    """An API request answered with an error status."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+
+Answer = tuple[int, bytes, str, list[tuple[bytes, bytes]]]
+
+
+def _json(status: int, value: Any) -> Answer:
+    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return status, body + b"\n", JSON, []
+
+
+# method, handler name, by path
+_API: dict[str, tuple[str, str]] = {
+    "/api/publish": ("POST", "_publish"),
+    "/api/send": ("POST", "_send"),
+    "/api/kick": ("POST", "_kick"),
+    "/api/stats": ("GET", "_stats"),
+    "/api/presence": ("GET", "_presence"),
+}
+
+
 class AdminApp:
-    """ASGI app answering ``/healthz``, ``/readyz`` and ``/metrics``.
+    """ASGI app answering ``/healthz``, ``/readyz``, ``/metrics`` and ``/api/*``.
 
     Args:
-        server: the node whose state it reports.
+        server: the node whose state it reports and whose hub it drives.
     """
 
     def __init__(self, server: Server) -> None:
@@ -57,27 +99,148 @@ class AdminApp:
                     return
         if scope["type"] != "http":
             return
-        status, body, content_type = self.route(scope["method"], scope["path"])
+        status, body, content_type, extra = await self.handle(scope, receive)
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
         )
-        await send({"type": "http.response.body", "body": body})
 
-    def route(self, method: str, path: str) -> tuple[int, bytes, str]:
-        """Answer one request: ``(status, body, content type)``."""
-        text = "text/plain; charset=utf-8"
+    async def handle(self, scope: Scope, receive: Receive) -> Answer:
+        """Answer one request: ``(status, body, content type, extra headers)``."""
+        method, path = scope["method"], scope["path"]
+        if path.startswith("/api/"):
+            try:
+                return await self._api(scope, receive)
+            except ApiError as exc:
+                answer = _json(exc.status, {"error": exc.code, "reason": exc.reason})
+                if exc.status == 401:
+                    answer[3].append((b"www-authenticate", b"apikey"))
+                return answer
         if method not in ("GET", "HEAD"):
-            return 405, b"Method Not Allowed\n", text
-        answer = probe(path, self._server.ready)
-        if answer is not None:
-            return answer[0], answer[1].encode(), text
+            return 405, b"Method Not Allowed\n", TEXT, [(b"allow", b"GET, HEAD")]
+        probed = probe(path, self._server.ready)
+        if probed is not None:
+            return probed[0], probed[1].encode(), TEXT, []
         if path == "/metrics":
-            return 200, self._server.metrics.render(), CONTENT_TYPE_LATEST
-        return 404, b"Not Found\n", text
+            return 200, self._server.metrics.render(), CONTENT_TYPE_LATEST, []
+        return 404, b"Not Found\n", TEXT, []
+
+    # -- /api -------------------------------------------------------------------------
+
+    def _check_key(self, scope: Scope) -> None:
+        config = self._server.config
+        if config.api_key is None:
+            if config.open_api:
+                return
+            raise ApiError(403, "forbidden", "the server API is off: no API key is configured")
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"apikey":
+                    given = credentials.strip()
+        if not hmac.compare_digest(given, config.api_key.encode()):
+            raise ApiError(401, "unauthorized", "Authorization: apikey <key> is missing or wrong")
+
+    async def _api(self, scope: Scope, receive: Receive) -> Answer:
+        route = _API.get(scope["path"])
+        if route is None:
+            raise ApiError(404, "not_found", f"no endpoint {scope['path']}")
+        self._check_key(scope)
+        method, name = route
+        if scope["method"] != method:
+            answer = _json(405, {"error": "method_not_allowed", "reason": f"use {method}"})
+            answer[3].append((b"allow", method.encode()))
+            return answer
+        handler: Callable[[Scope, Receive], Awaitable[Any]] = getattr(self, name)
+        return _json(200, await handler(scope, receive))
+
+    async def _body(self, receive: Receive) -> dict[str, Any]:
+        limit = self._server.config.max_message_size + _BODY_MARGIN
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "bad_request", "the client left before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            value = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_request", "the body must be a JSON object")
+        return value
+
+    @staticmethod
+    def _string(body: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+        value = body.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, "bad_request", f"{key!r} must be a non-empty string")
+        return value
+
+    async def _publish(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        body = await self._body(receive)
+        topic = self._string(body, "topic")
+        assert topic is not None
+        if "data" not in body:
+            raise ApiError(400, "bad_request", "'data' is required")
+        event = self._string(body, "event", required=False)
+        try:
+            publication = await self._server.hub.publish(topic, body["data"], event)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        return {"offset": publication.offset, "epoch": publication.epoch}
+
+    async def _send(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        body = await self._body(receive)
+        user = self._string(body, "user")
+        assert user is not None
+        if "data" not in body:
+            raise ApiError(400, "bad_request", "'data' is required")
+        event = self._string(body, "event", required=False)
+        try:
+            publication = await self._server.hub.send_to_user(user, body["data"], event)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        return {"offset": publication.offset, "epoch": publication.epoch}
+
+    async def _kick(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        body = await self._body(receive)
+        if ("user" in body) == ("session" in body):
+            raise ApiError(400, "bad_request", "give either 'user' or 'session'")
+        key = "user" if "user" in body else "session"
+        target = self._string(body, key)
+        kicked = self._server.hub.kick(**{key: target})
+        return {"kicked": kicked}
+
+    async def _stats(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        return self._server.stats()
+
+    async def _presence(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        topics = query.get("topic")
+        if not topics or not topics[0]:
+            raise ApiError(400, "bad_request", "give the topic: /api/presence?topic=T")
+        topic = topics[0]
+        present = await self._server.hub.presence(topic)
+        return {
+            "topic": topic,
+            "users": sorted({user for user in present.values() if user is not None}),
+            "sessions": [
+                {"session": session, "user": user} for session, user in sorted(present.items())
+            ],
+        }

@@ -1,4 +1,5 @@
-"""``trio-wsgate serve`` runs a gateway node; ``trio-wsgate client`` talks to one.
+"""``trio-wsgate serve`` runs a gateway node; ``trio-wsgate client`` talks to one;
+``trio-wsgate token USER`` signs a development token.
 
 Every ``serve`` flag can also come from the environment as ``WSGATE_<FLAG>``
 (``--heartbeat-interval`` is ``WSGATE_HEARTBEAT_INTERVAL``); a flag on the command line
@@ -87,9 +88,22 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("resume-ttl", "resume_ttl", _seconds_or_none, "seconds a dropped session waits for a resume"),
     ("max-buffered", "max_buffered", int, "envelopes a dropped session buffers at most"),
     ("secret", "secret", str, "HMAC key of resume tokens, shared by the nodes of a cluster"),
+    ("jwt-secret", "jwt_secret", str, "HS256 key of client tokens (no key: anonymous)"),
+    ("jwt-public-key", "jwt_public_key", str, "PEM file: RS256 or ES256 key of client tokens"),
+    ("jwt-audience", "jwt_audience", str, "tokens must carry this aud"),
+    ("jwt-issuer", "jwt_issuer", str, "tokens must carry this iss"),
+    ("history-size", "history_size", int, "publications each topic keeps for recovery"),
+    ("history-ttl", "history_ttl", _seconds_or_none, "seconds a publication stays in history"),
+    ("api-key", "api_key", str, "key of the server API (Authorization: apikey KEY)"),
+    ("node-id", "node_id", str, "this node's name in /api/stats (default host-pid-random)"),
 ]
 # Flags whose value is never shown (not even as a default in --help).
-_SECRET_FLAGS = frozenset({"secret"})
+_SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key"})
+# Repeatable flags; from the environment, a comma-separated list.
+_LIST_FLAGS: list[tuple[str, str, str]] = [
+    ("allow-subscribe", "allow_subscribe", "topic glob any client may subscribe to (repeatable)"),
+    ("allow-publish", "allow_publish", "topic glob any client may publish to (repeatable)"),
+]
 
 
 def _env(flag: str) -> str | None:
@@ -107,12 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
         env = _env(flag)
         if env is not None:
             default = kind(env)
-        shown = "set" if default is not None else "random per process"
+        shown = "set" if default is not None else "unset"
+        if flag == "secret" and default is None:
+            shown = "random per process"
         if flag not in _SECRET_FLAGS:
             shown = str(default)
         serve.add_argument(
             f"--{flag}", dest=field, type=kind, default=default, help=f"{text} (default {shown})"
         )
+    for flag, field, text in _LIST_FLAGS:
+        env = _env(flag)
+        serve.add_argument(
+            f"--{flag}",
+            dest=field,
+            action="append",
+            default=None,
+            metavar="PATTERN",
+            help=f"{text}; WSGATE_{field.upper()} takes a comma-separated list"
+            + (f" (default {env})" if env else ""),
+        )
+    serve.add_argument(
+        "--open-api",
+        action="store_true",
+        default=_env("open-api") in ("1", "true", "yes"),
+        help="serve the server API without a key: for local use only",
+    )
     serve.add_argument(
         "--app",
         default=_env("app"),
@@ -141,7 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=int, default=5, help="connection attempts in a row (default 5)"
     )
     client.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    token = commands.add_parser(
+        "token",
+        help="print an HS256 token for a user (development and tests)",
+        description="Sign a JWT with the --jwt-secret of a node (default: $WSGATE_JWT_SECRET).",
+    )
+    token.add_argument("user", help="the sub claim")
+    token.add_argument(
+        "--topic", action="append", default=[], help="a topics claim pattern (repeatable)"
+    )
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (0: no exp)")
+    token.add_argument("--audience", default=_env("jwt-audience"), help="the aud claim")
+    token.add_argument("--issuer", default=_env("jwt-issuer"), help="the iss claim")
     return parser
+
+
+def _print_token(args: argparse.Namespace) -> None:
+    import time
+
+    import jwt
+
+    secret = _env("jwt-secret")
+    if not secret:
+        raise SystemExit("trio-wsgate token: set WSGATE_JWT_SECRET to the node's --jwt-secret")
+    claims: dict[str, Any] = {"sub": args.user, "iat": int(time.time())}
+    if args.ttl:
+        claims["exp"] = int(time.time() + args.ttl)
+    if args.topic:
+        claims["topics"] = args.topic
+    if args.audience:
+        claims["aud"] = args.audience
+    if args.issuer:
+        claims["iss"] = args.issuer
+    print(jwt.encode(claims, secret, algorithm="HS256"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ._client_cli import run_client
 
         sys.exit(run_client(args))
+    if args.command == "token":
+        _print_token(args)
+        return
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -158,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = {field: getattr(args, field) for _, field, _, _ in _FLAGS}
         settings["admin_port"] = settings["admin_port"] or None  # 0 turns it off
+        for flag, field, _ in _LIST_FLAGS:
+            given = getattr(args, field)
+            if given is None:
+                given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
+            settings[field] = tuple(given)
+        settings["open_api"] = args.open_api
         config = Config(**settings)
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
@@ -166,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         gateway = load_app(args.app)
     else:
         gateway = _default_app()
-    server = Server(gateway, config)
+    try:
+        server = Server(gateway, config)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"trio-wsgate: {exc}") from None
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -176,10 +253,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             for host, port in server.listen_addresses:
                 logger.info("listening on ws://%s:%d%s", host, port, config.path)
             for host, port in server.admin_addresses:
-                logger.info("admin on http://%s:%d (/healthz /readyz /metrics)", host, port)
-            logger.warning(
-                "no token key is configured: running anonymous, every client is accepted"
-            )
+                logger.info("admin on http://%s:%d (/healthz /readyz /metrics /api)", host, port)
+            if server.authenticator is None:
+                logger.warning(
+                    "ANONYMOUS MODE: no --jwt-secret or --jwt-public-key is configured, "
+                    "so every client is accepted without a token"
+                )
+            if config.admin_port is not None and config.api_key is None:
+                if config.open_api:
+                    logger.warning("the server API is OPEN (--open-api): anyone may use it")
+                else:
+                    logger.info("the server API answers 403: no --api-key is configured")
 
     trio.run(run)
     if server.forced:

@@ -95,8 +95,9 @@ class Config:
             raise ValueError("secret must be at least 16 characters")
         if self.jwt_secret is not None and self.jwt_public_key is not None:
             raise ValueError("give jwt_secret or jwt_public_key, not both")
-        if self.jwt_secret == "":
-            raise ValueError("jwt_secret must not be empty")
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            # RFC 7518 §3.2: an HS256 key has at least 256 bits.
+            raise ValueError("jwt_secret must be at least 32 bytes (RFC 7518 §3.2)")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
         if self.history_size < 0:

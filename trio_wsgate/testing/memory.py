@@ -22,6 +22,8 @@ async def open_memory_connection(
     *,
     subprotocols: Sequence[str] | None = (JSON_SUBPROTOCOL,),
     lockstep: bool = False,
+    path: str = "/ws",
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[RawClient]:
     """Connect a :class:`RawClient` to ``server`` over an in-memory stream pair.
 
@@ -30,11 +32,22 @@ async def open_memory_connection(
     Args:
         lockstep: use :func:`trio.testing.lockstep_stream_pair`, whose writes block
             until the other side reads: a peer that stops reading blocks the server.
+        path: the request path (with a query string, if any).
+        headers: extra request headers (``Authorization``, say).
+
+    Raises:
+        Refused: the server answered with HTTP instead of upgrading.
     """
     pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     client_stream, server_stream = pair()
     nursery.start_soon(server.serve_stream, server_stream, "memory")
-    client = await RawClient.connect(client_stream, subprotocols=subprotocols)
+    try:
+        client = await RawClient.connect(
+            client_stream, subprotocols=subprotocols, path=path, headers=headers
+        )
+    except BaseException:
+        await trio.aclose_forcefully(client_stream)
+        raise
     try:
         yield client
     finally:

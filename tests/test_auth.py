@@ -1,0 +1,309 @@
+"""Tokens (PROTOCOL.md §3 and §8): JWTs at the handshake and in hello, expiry, refresh."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from trio.testing import MockClock
+
+from trio_wsgate import Config, JwtAuthenticator, Server
+from trio_wsgate.testing import Refused, open_memory_connection
+
+from .conftest import make_gateway
+from .test_resume import resume_of, running
+
+SECRET = "a-test-secret-that-is-32-bytes-long!"
+# The wall clock of these tests: Unix time BASE at trio time 0, moving with trio's clock.
+BASE = 1_800_000_000.0
+
+
+def now() -> float:
+    return BASE + trio.current_time()
+
+
+def token(sub: Any = "ada", *, key: Any = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+    """A token whose ``exp`` (if given as ``ttl``) is relative to trio's clock."""
+    ttl = claims.pop("ttl", 3600)
+    payload = {"sub": sub, **claims}
+    if ttl is not None:
+        payload["exp"] = int(now() + ttl)
+    return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def jwt_server(
+    make_server: Callable[..., Server],
+    authenticator: JwtAuthenticator | None = None,
+    **settings: Any,
+) -> Server:
+    gateway = make_gateway()
+    gateway.authenticate(authenticator or JwtAuthenticator(secret=SECRET, clock=now))
+    return make_server(gateway, **settings)
+
+
+async def closed_after_hello(
+    server: Server, nursery: trio.Nursery, **hello: Any
+) -> tuple[int, str]:
+    async with open_memory_connection(server, nursery) as client:
+        await client.send({"type": "hello", **hello})
+        return await client.wait_closed()
+
+
+async def test_a_valid_token_in_hello_names_the_user(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        welcome = await client.hello(token=token("ada"))
+        assert welcome["user"] == "ada"
+        assert server.hub.users["ada"] == {server.hub.sessions[welcome["session"]]}
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (lambda: token(ttl=-1), "unauthorized: token expired"),
+        (lambda: token(key="another-secret-that-is-32-bytes-long"), "signature"),
+        (lambda: jwt.encode({"sub": "ada"}, None, algorithm="none"), "alg value is not allowed"),
+        (lambda: token(sub=None), "sub"),
+        (lambda: token(sub=""), "sub"),
+        (lambda: token(sub="a\nb"), "user id"),
+        (lambda: token(topics="room:*"), "topics"),
+        (lambda: "not.a.jwt", "invalid token"),
+        (lambda: None, "a token is required"),
+    ],
+)
+async def test_a_bad_token_in_hello_closes_with_4001(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    bad: Callable[[], str | None],
+    reason: str,
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery:
+        code, text = await closed_after_hello(server, nursery, token=bad())
+    assert code == 4001
+    assert reason in text.lower() or reason in text
+    assert not server.hub.sessions
+
+
+async def test_audience_and_issuer_are_checked_where_configured(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    strict = JwtAuthenticator(secret=SECRET, audience="chat", issuer="https://id.test", clock=now)
+    server = jwt_server(make_server, strict)
+    good = {"aud": "chat", "iss": "https://id.test"}
+    async with running(server) as nursery:
+        for claims, expected in [
+            ({**good, "aud": "billing"}, "audience"),
+            ({**good, "iss": "https://evil.test"}, "issuer"),
+            ({"iss": "https://id.test"}, "aud"),
+        ]:
+            code, text = await closed_after_hello(server, nursery, token=token(**claims))
+            assert code == 4001
+            assert expected in text.lower()
+        async with open_memory_connection(server, nursery) as client:
+            assert (await client.hello(token=token(**good)))["user"] == "ada"
+
+
+async def test_handshake_tokens_from_header_or_query_and_401_when_bad(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery:
+        bearer = {"Authorization": f"Bearer {token('ada')}"}
+        async with open_memory_connection(server, nursery, headers=bearer) as client:
+            assert (await client.hello())["user"] == "ada"  # no token in hello needed
+        async with open_memory_connection(server, nursery, path=f"/ws?token={token('bob')}") as c:
+            assert (await c.hello())["user"] == "bob"
+        for options in (
+            {"headers": {"Authorization": f"Bearer {token(ttl=-5)}"}},
+            {"path": "/ws?token=garbage"},
+        ):
+            with pytest.raises(Refused) as refused:
+                async with open_memory_connection(server, nursery, **options):
+                    pass
+            assert refused.value.status == 401
+            response = refused.value.response
+            assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+        assert (
+            server.metrics.registry.get_sample_value(
+                "wsgate_handshakes_refused_total", {"status": "401"}
+            )
+            == 2
+        )
+        # A token in hello wins over the one of the handshake.
+        async with open_memory_connection(server, nursery, headers=bearer) as client:
+            assert (await client.hello(token=token("bob")))["user"] == "bob"
+
+
+def _pem(private: Any) -> bytes:
+    return bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_key", "algorithm"),
+    [
+        (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+        (lambda: ec.generate_private_key(ec.SECP256R1()), "ES256"),
+    ],
+)
+async def test_public_key_files_rs256_and_es256(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    tmp_path: Path,
+    make_key: Callable[[], Any],
+    algorithm: str,
+) -> None:
+    private = make_key()
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(_pem(private))
+    authenticator = JwtAuthenticator.from_key_file(key_file, clock=now)
+    assert authenticator.algorithms == [algorithm]
+    server = jwt_server(make_server, authenticator)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(token=token("ada", key=private, algorithm=algorithm))
+            assert welcome["user"] == "ada"
+        # Another key pair of the same kind: the signature does not verify.
+        forged = token("ada", key=make_key(), algorithm=algorithm)
+        assert (await closed_after_hello(server, nursery, token=forged))[0] == 4001
+        # Algorithm confusion: HS256 "signed" with the public key as the secret.
+        # PyJWT refuses to even make one, so make it by hand.
+        confused = jwt.api_jws.PyJWS()
+        confused._algorithms["HS256"].prepare_key = lambda key: key  # type: ignore[method-assign]
+        made = confused.encode(b'{"sub":"ada"}', _pem(private), algorithm="HS256")
+        code, text = await closed_after_hello(server, nursery, token=made)
+        assert (code, "alg value is not allowed" in text) == (4001, True)
+
+
+def test_node_settings_build_the_authenticator(tmp_path: Path) -> None:
+    server = Server(make_gateway(), Config(jwt_secret=SECRET, admin_port=None))
+    assert isinstance(server.authenticator, JwtAuthenticator)
+    assert SECRET not in repr(server.authenticator)
+    assert SECRET not in repr(server.config)
+    assert Server(make_gateway(), Config(admin_port=None)).authenticator is None
+    with pytest.raises(ValueError, match="32 bytes"):
+        Config(jwt_secret="short")
+    with pytest.raises(ValueError, match="not both"):
+        Config(jwt_secret=SECRET, jwt_public_key="key.pem")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ValueError, match="PEM"):
+        Server(make_gateway(), Config(jwt_public_key=str(bad), admin_port=None))
+
+
+async def test_an_expired_token_closes_the_session_with_4001_at_exp(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            start = trio.current_time()
+            welcome = await client.hello(token=token("ada", ttl=30))
+            assert await client.wait_closed() == (4001, "unauthorized: token expired")
+            assert trio.current_time() - start == 30
+        # 4001 ends the session: a resume, even with a fresh token, starts anew.
+        async with open_memory_connection(server, nursery) as client:
+            again = await client.hello(token=token("ada"), resume=resume_of(welcome, 0))
+            assert again["resumed"] is False
+
+
+async def test_a_refresh_before_exp_keeps_the_session(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server, heartbeat_interval=None)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        await client.hello(token=token("ada", ttl=30))
+        await trio.sleep(20)
+        await client.send({"type": "refresh", "token": token("ada", ttl=60)})
+        await trio.sleep(20)  # past the first token's exp
+        await client.send({"type": "msg", "seq": 1, "event": "echo", "data": "still here"})
+        assert (await client.recv_type("reply"))["data"] == "still here"
+        # ... until the refreshed token expires in turn, 20 + 60 s after the start.
+        assert await client.wait_closed() == (4001, "unauthorized: token expired")
+        assert trio.current_time() - start == 80
+
+
+async def test_a_refresh_after_exp_is_too_late(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello(token=token("ada", ttl=30))
+        await trio.sleep(31)
+        # The connection closed at exp; the refresh finds no one to renew.
+        await client.send({"type": "refresh", "token": token("ada", ttl=60)})
+        assert await client.wait_closed() == (4001, "unauthorized: token expired")
+
+
+@pytest.mark.parametrize(
+    ("fresh", "reason"),
+    [
+        (lambda: token("bob", ttl=60), "unauthorized: a token for another user"),
+        (lambda: token("ada", ttl=-1), "unauthorized: token expired"),
+        (lambda: "garbage", "unauthorized: invalid token: Not enough segments"),
+    ],
+)
+async def test_a_bad_refresh_closes_with_4001(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    fresh: Callable[[], str],
+    reason: str,
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello(token=token("ada", ttl=30))
+        await trio.sleep(5)
+        await client.send({"type": "refresh", "token": fresh()})
+        assert await client.wait_closed() == (4001, reason)
+
+
+async def test_a_token_for_another_user_does_not_resume(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello(token=token("ada"))
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(token=token("bob"), resume=resume_of(first, 0))
+            assert (welcome["resumed"], welcome["user"]) == (False, "bob")
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(token=token("ada"), resume=resume_of(first, 0))
+            assert (welcome["resumed"], welcome["user"]) == (True, "ada")
+
+
+async def test_tokens_never_reach_the_logs(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = jwt_server(make_server)
+    secrets = [token("ada", ttl=-1), token("ada", key="wrong-secret-wrong-secret-wrong-sec")]
+    async with running(server) as nursery:
+        for secret in secrets:
+            await closed_after_hello(server, nursery, token=secret)
+            with pytest.raises(Refused):
+                async with open_memory_connection(
+                    server, nursery, headers={"Authorization": f"Bearer {secret}"}
+                ):
+                    pass
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for secret in secrets:
+        assert secret not in logged
+        assert secret.split(".")[2] not in logged  # not even the signature
+    assert SECRET not in logged
