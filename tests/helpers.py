@@ -9,22 +9,7 @@ async def http_get(
     port: int, path: str, host: str = "127.0.0.1"
 ) -> tuple[int, dict[str, str], bytes]:
     """A plain HTTP/1.1 GET: ``(status, headers, body)``."""
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some():
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+    return await http_request(port, "GET", path, host=host)
 
 
 def metric(text: bytes, name: str) -> float:
@@ -33,3 +18,33 @@ def metric(text: bytes, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+async def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP/1.1 request: ``(status, headers, body)``."""
+    payload = body.encode() if isinstance(body, str) else (body or b"")
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        parsed[key.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, rest
