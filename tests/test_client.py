@@ -378,3 +378,80 @@ async def test_a_lost_session_fails_requests_whose_reply_was_lost_after_their_ac
     client._new_session(window=8)
     assert waiter.done.is_set()
     assert isinstance(waiter.error, SessionLost)
+
+
+async def test_topics_subscribe_publish_and_recover_after_a_lost_session(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    from trio_wsgate import JwtAuthenticator
+
+    from .test_auth import SECRET, now, token
+
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    # resume_ttl 0: every drop loses the session, so the client must recover topics.
+    server = make_server(
+        gateway, allow_subscribe=("room:*",), allow_publish=("room:*",), resume_ttl=0
+    )
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, token=token("ada")) as client:
+            await client.wait_connected()
+            assert client.user == "ada"
+            sub = await client.subscribe("room:1")
+            assert sub["offset"] == 0
+            assert await client.publish("room:1", "one") == {"offset": 1, "epoch": sub["epoch"]}
+            await gateway.send_to_user("ada", "dm one")
+            with pytest.raises(HandlerError) as info:
+                await client.subscribe("secret")
+            assert info.value.code == "forbidden"
+            received = []
+            async for message in client.messages():
+                received.append((message.topic, message.offset, message.data))
+                if len(received) == 2:
+                    break
+            # Cut: the server forgets the session; meanwhile more is published.
+            await wire.cut()
+            await gateway.publish("room:1", "two")
+            await gateway.send_to_user("ada", "dm two")
+            assert await client.wait_state(ClientState.SESSION_LOST) is ClientState.SESSION_LOST
+            async for message in client.messages():
+                received.append((message.topic, message.offset, message.data))
+                if len(received) == 4:
+                    break
+            await gateway.publish("room:1", "three")
+            async for message in client.messages():
+                received.append((message.topic, message.offset, message.data))
+                break
+            # In order within each topic (topics are recovered one after the other).
+            assert received[:2] == [("room:1", 1, "one"), ("user:ada", 1, "dm one")]
+            assert sorted(received[2:4]) == [("room:1", 2, "two"), ("user:ada", 2, "dm two")]
+            assert received[4] == ("room:1", 3, "three")
+            assert client.recovered == {"room:1": True, "user:ada": True}
+            await client.unsubscribe("room:1")
+            await gateway.publish("room:1", "four")
+            await gateway.send_to_user("ada", "dm three")
+            async for message in client.messages():
+                assert (message.topic, message.data) == ("user:ada", "dm three")
+                break
+
+
+async def test_refresh_sends_a_fresh_token(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    from trio_wsgate import JwtAuthenticator
+
+    from .test_auth import SECRET, now, token
+
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = make_server(gateway)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, token=token("ada", ttl=30)) as client:
+            await client.wait_connected()
+            await trio.sleep(20)
+            client.refresh(token("ada", ttl=60))
+            await trio.sleep(20)  # past the first exp
+            assert await client.request("echo", 1) == 1
+            assert client.state is ClientState.CONNECTED

@@ -61,9 +61,14 @@ from .protocol import (
     Msg,
     Ping,
     Pong,
+    Pub,
+    Refresh,
     Reply,
     Resume,
     Sequenced,
+    Since,
+    Sub,
+    Unsub,
     Welcome,
 )
 from .session import Inbox, Outbox, Receipt
@@ -188,6 +193,8 @@ class _Request:
     done: trio.Event
     data: Any = None
     error: Exception | None = None
+    #: Called with the reply's data when it arrives (subscriptions track positions).
+    on_data: Callable[[Any], None] | None = None
 
 
 @dataclass(slots=True)
@@ -337,6 +344,12 @@ class Client:
         self._stopping = False  # the connect loop stops
         self._closed_by_app = False
         self._connects = self._resumes = self._sessions_lost = self._lost_sends = 0
+        # Topics subscribed (by us, or the user's own), and the last (offset, epoch)
+        # received in each: where a recovery starts (PROTOCOL.md §6).
+        self._topics: dict[str, tuple[int, str] | None] = {}
+        #: After a lost session, whether each topic's recovery had no gap (False: the
+        #: application should reload that topic's state).
+        self.recovered: dict[str, bool] = {}
 
     # -- the application's side -------------------------------------------------------
 
@@ -351,9 +364,75 @@ class Client:
             SessionLost: the server dropped the session with the request unanswered.
             ClientClosed: the client stopped first.
         """
-        waiter = _Request(trio.Event())
+        return await self._call(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
+
+    async def subscribe(self, topic: str) -> dict[str, Any]:
+        """Subscribe to a topic; return the reply's data (``offset``, ``epoch``).
+
+        Its publications arrive through :meth:`messages` (``Message.topic``). If the
+        server loses the session, the client subscribes again from the last offset it
+        received and records in :attr:`recovered` whether nothing was missed.
+
+        Raises:
+            HandlerError: ``forbidden`` or ``bad_topic``.
+        """
+        self._topics.setdefault(topic, None)
+        try:
+            return await self._call(self._sub_builder(topic), self._tracker(topic))  # type: ignore[no-any-return]
+        except HandlerError:
+            self._topics.pop(topic, None)
+            raise
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Unsubscribe from a topic."""
+        self._topics.pop(topic, None)
+        await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
+
+    async def publish(self, topic: str, data: Any) -> dict[str, Any]:
+        """Publish to a topic where the server allows it; return ``offset`` and ``epoch``.
+
+        Raises:
+            HandlerError: ``forbidden``, ``bad_topic`` or ``bad_data``.
+        """
+        result = await self._call(lambda seq, ack: Pub(seq=seq, topic=topic, data=data, ack=ack))
+        return result  # type: ignore[no-any-return]
+
+    def refresh(self, token: str) -> None:
+        """Send a fresh token for the same user before the current one expires (§8).
+
+        Later connections use it too.
+        """
+        self._token = token
+        link = self._live_link()
+        if link is not None:
+            link.enqueue(self._codec.encode(Refresh(token)))
+
+    def _sub_builder(self, topic: str) -> Callable[[int, int | None], Sequenced]:
+        position = self._topics.get(topic)
+        since = None if position is None else Since(*position)
+        return lambda seq, ack: Sub(seq=seq, topic=topic, since=since, ack=ack)
+
+    def _tracker(self, topic: str) -> Callable[[Any], None]:
+        def track(data: Any) -> None:
+            if isinstance(data, dict) and topic in self._topics:
+                offset, epoch = data.get("offset"), data.get("epoch")
+                if isinstance(offset, int) and isinstance(epoch, str):
+                    self._topics[topic] = (offset, epoch)
+                if "recovered" in data:
+                    self.recovered[topic] = bool(data["recovered"])
+                    if not data["recovered"]:
+                        logger.warning("topic %s was not recovered: reload its state", topic)
+
+        return track
+
+    async def _call(
+        self,
+        build: Callable[[int, int | None], Sequenced],
+        on_data: Callable[[Any], None] | None = None,
+    ) -> Any:
+        waiter = _Request(trio.Event(), on_data=on_data)
         await self._wait_for_room()
-        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack), waiter)
+        self._push(build, waiter)
         try:
             await waiter.done.wait()
         finally:
@@ -685,6 +764,9 @@ class Client:
                 self._update_processed()  # acks the duplicate at once
                 return
             if isinstance(envelope, Msg):
+                topic, offset, epoch = envelope.topic, envelope.offset, envelope.epoch
+                if topic in self._topics and offset is not None and epoch is not None:
+                    self._topics[topic] = (offset, epoch)
                 message = Message(
                     envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
                 )
@@ -696,6 +778,8 @@ class Client:
                         waiter.error = HandlerError(envelope.error.code, envelope.error.reason)
                     else:
                         waiter.data = envelope.data
+                        if waiter.on_data is not None:
+                            waiter.on_data(envelope.data)
                     waiter.done.set()
             self._update_processed()
         elif isinstance(envelope, Ack):
@@ -734,10 +818,28 @@ class Client:
             state = ClientState.SESSION_LOST if lost else ClientState.CONNECTED
         self.session, self._resume_token = welcome.session, welcome.resume_token
         self.user = welcome.user
+        if welcome.user is not None:
+            self._topics.setdefault("user:" + welcome.user, None)
+        if state is ClientState.SESSION_LOST:
+            resend += self._resubscribe()
         for item in resend:
             self._write(link, item)
         self._set_state(state)
         self._update_processed()
+
+    def _resubscribe(self) -> list[_Pending]:
+        """Subscribe the new session again, each topic from where we were (§6)."""
+        self.recovered = {}
+        written: list[_Pending] = []
+        for topic in self._topics:
+            waiter = _Request(trio.Event(), on_data=self._tracker(topic))
+            build = self._sub_builder(topic)
+            envelope = build(self._outbox.next_seq, None)
+            item = _Pending(envelope, self._codec.encode(envelope), waiter)
+            self._requests[envelope.seq] = waiter
+            if self._outbox.push(item):
+                written.append(item)
+        return written
 
     def _new_session(self, window: int) -> list[_Pending]:
         """Start numbering afresh; carry over what was never written (PROTOCOL.md §5)."""
