@@ -1,21 +1,35 @@
-"""A small chat on one node: every connected session hears what anyone says.
+"""A chat: users from tokens, rooms as topics, presence, and messages from the HTTP API.
 
-    scripts/serve            # runs this file: --app examples/chat.py:gateway
+    export WSGATE_JWT_SECRET=$(openssl rand -hex 32) WSGATE_API_KEY=$(openssl rand -hex 16)
+    scripts/serve                                   # runs --app examples/chat.py:gateway
+    .venv/bin/trio-wsgate client ws://127.0.0.1:8000/ws --token "$(.venv/bin/trio-wsgate token ada)"
 
-Client side, after ``hello``:
+Every session starts in ``room:lobby``. Client side, after ``hello`` (the interactive
+``trio-wsgate client`` takes the lines after ``>``)::
 
-    -> {"type": "msg", "seq": 1, "event": "nick", "data": "ada"}
-    -> {"type": "msg", "seq": 2, "event": "say", "data": "hello"}
-    <- {"type": "msg", "seq": 3, "event": "said", "data": {"from": "ada", "text": "hello"}}
+    > say "hello"           -> msg {"event": "said", "topic": "room:lobby", "data": {"from": "ada", ...}}
+    > join "rust"           -> reply {"room": "room:rust", "members": ["ada"], "offset": 0, ...}
+    > say {"room": "rust", "text": "anyone?"}
+    > who "lobby"           -> reply ["ada", "bob"]      (presence of room:lobby)
+    > leave "rust"
 
-Everything here runs inside the nursery of the connection it serves: the
-``heartbeat_stats`` task below is cancelled the moment its connection ends, whatever
-ended it. Membership follows the *session*, not the connection: a member whose
-connection drops stays in the room, its messages buffered, and gets them all when its
-client resumes; it leaves when its session ends (``bye``, or no resume in time).
+and from the server's own side, through the HTTP API of the admin port::
+
+    curl -H "Authorization: apikey $WSGATE_API_KEY" -d '{"topic": "room:lobby",
+         "event": "said", "data": {"from": "ops", "text": "restart at 5"}}' \\
+         http://127.0.0.1:8001/api/publish
+    curl -H "Authorization: apikey $WSGATE_API_KEY" \\
+         -d '{"user": "ada", "event": "dm", "data": "hi"}' http://127.0.0.1:8001/api/send
+
+Rooms are topics, so they have what topics have: each message carries an offset, and a
+client that lost its session subscribes again from the last offset it saw and gets
+what it missed (the Python client does this by itself). Who said what comes from the
+token (``sub``), never from the client's data. Without a ``--jwt-secret`` the node runs
+anonymous and everyone is a guest.
 """
 
-import contextlib
+from __future__ import annotations
+
 from typing import Any
 
 import trio
@@ -23,45 +37,85 @@ import trio
 from trio_wsgate import Gateway, HandlerError, Session, SessionClosed
 
 gateway = Gateway()
-room: set[Session] = set()
+
+LOBBY = "room:lobby"
 
 
-def broadcast(event: str, data: Any) -> None:
-    for member in list(room):
-        # A member that is gone or cannot keep up (closed with 4004) is that member's
-        # problem: it must not fail the sender's handler.
-        with contextlib.suppress(SessionClosed):
-            member.send(event, data)
+def name_of(session: Session) -> str:
+    """The user from the token, or a guest name on an anonymous node."""
+    return session.user or f"guest-{session.id[:6]}"
+
+
+def room_topic(data: Any) -> str:
+    """``"rust"`` or ``"room:rust"`` names the topic ``room:rust``."""
+    if not isinstance(data, str) or not 0 < len(data) <= 64:
+        raise HandlerError("bad_room", "a room is a name of 1 to 64 characters")
+    return data if data.startswith("room:") else f"room:{data}"
+
+
+async def members(topic: str) -> list[str]:
+    """Presence: the names of the sessions in a room."""
+    present = await gateway.presence(topic)
+    return sorted({user or f"guest-{session[:6]}" for session, user in present.items()})
+
+
+@gateway.authorize_subscribe
+async def public_rooms(session: Session, topic: str) -> bool:
+    # Rooms are open to everyone; a token's topics claim can open more.
+    return topic.startswith("room:")
+
+
+async def enter(session: Session, topic: str) -> dict[str, Any]:
+    position = await session.subscribe(topic)
+    await gateway.publish(topic, {"from": name_of(session)}, event="joined")
+    return {"room": topic, "members": await members(topic), **position.to_data()}
 
 
 @gateway.on_connect
-async def joined(session: Session) -> None:
-    if session.resumed:
-        return  # back after a drop: still a member, nothing was missed
-    session.state["nick"] = f"guest-{session.id[:6]}"
-    room.add(session)
-    broadcast("joined", session.state["nick"])
+async def arrived(session: Session) -> None:
+    if not session.resumed:  # a resumed session is still in its rooms
+        await enter(session, LOBBY)
 
 
 @gateway.on_session_end
-async def left(session: Session) -> None:
-    room.discard(session)
-    broadcast("left", session.state["nick"])
+async def departed(session: Session) -> None:
+    for topic in session.topics:
+        if topic.startswith("room:"):
+            await gateway.publish(topic, {"from": name_of(session)}, event="left")
 
 
-@gateway.on("nick")
-async def nick(session: Session, data: Any) -> str:
-    if not isinstance(data, str) or not 0 < len(data) <= 32:
-        raise HandlerError("bad_nick", "a nick is a string of 1 to 32 characters")
-    session.state["nick"] = data
-    return data
+@gateway.on("join")
+async def join(session: Session, data: Any) -> dict[str, Any]:
+    topic = room_topic(data)
+    if not await gateway.hub.may_subscribe(session, topic):
+        raise HandlerError("forbidden", f"you may not join {topic}")
+    return await enter(session, topic)
+
+
+@gateway.on("leave")
+async def leave(session: Session, data: Any) -> None:
+    topic = room_topic(data)
+    if session.unsubscribe(topic):
+        await gateway.publish(topic, {"from": name_of(session)}, event="left")
 
 
 @gateway.on("say")
-async def say(session: Session, data: Any) -> None:
-    if not isinstance(data, str):
-        raise HandlerError("bad_text", "say takes a string")
-    broadcast("said", {"from": session.state["nick"], "text": data})
+async def say(session: Session, data: Any) -> dict[str, Any]:
+    """``say "text"`` speaks in the lobby; ``say {"room": r, "text": t}`` in room r."""
+    room, text = (LOBBY, data) if isinstance(data, str) else (None, None)
+    if isinstance(data, dict):
+        room, text = room_topic(data.get("room")), data.get("text")
+    if not isinstance(text, str) or not text or room is None:
+        raise HandlerError("bad_text", 'say takes "text" or {"room": ..., "text": ...}')
+    if room not in session.subscriptions:
+        raise HandlerError("not_joined", f"join {room} first")
+    said = await gateway.publish(room, {"from": name_of(session), "text": text}, event="said")
+    return {"offset": said.offset}
+
+
+@gateway.on("who")
+async def who(session: Session, data: Any) -> list[str]:
+    return await members(LOBBY if data is None else room_topic(data))
 
 
 @gateway.on("echo")
@@ -69,14 +123,13 @@ async def echo(session: Session, data: Any) -> Any:
     return data
 
 
-@gateway.on("who")
-async def who(session: Session, data: Any) -> list[str]:
-    return sorted(member.state["nick"] for member in room)
-
-
 @gateway.task
-async def heartbeat_stats(session: Session) -> None:
-    # A per-connection task: tell the client every minute how many are here.
+async def lobby_count(session: Session) -> None:
+    # A per-connection task: tell the client every minute how many are in the lobby.
+    # It runs in the connection's nursery and is cancelled the moment it ends.
     while True:
         await trio.sleep(60)
-        session.send("room", {"members": len(room)})
+        try:
+            session.send("lobby", {"members": len(await members(LOBBY))})
+        except SessionClosed:
+            return

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,15 +189,15 @@ def test_chat_between_two_clients(node: Node) -> None:
     with connect(node.url) as alice, connect(node.url) as bob:
         hello(alice)
         hello(bob)
-        alice.send(json.dumps({"type": "msg", "seq": 1, "event": "nick", "data": "alice"}))
-        assert receive(alice, "reply")["data"] == "alice"
-        alice.send(json.dumps({"type": "msg", "seq": 2, "event": "say", "data": "hi bob"}))
+        alice.send(json.dumps({"type": "msg", "seq": 1, "event": "say", "data": "hi bob"}))
         for ws in (alice, bob):
             for _ in range(20):
                 said = receive(ws, "msg")
                 if said.get("event") == "said":
                     break
-            assert said["data"] == {"from": "alice", "text": "hi bob"}
+            assert said["topic"] == "room:lobby"
+            assert said["data"]["text"] == "hi bob"
+            assert said["data"]["from"].startswith("guest-")  # an anonymous node
 
 
 @pytest.mark.parametrize(
@@ -296,22 +296,23 @@ def test_a_second_signal_exits_at_once() -> None:
         stop_node(node)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trio_wsgate", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_the_cli_client_makes_one_request(node: Node) -> None:
     done = run_cli("client", node.url, "echo", '{"a": [1, 2]}')
     assert (done.returncode, json.loads(done.stdout)) == (0, {"a": [1, 2]})
-    refused = run_cli("client", node.url, "nick", '""')
+    refused = run_cli("client", node.url, "join", '""')
     assert refused.returncode == 1
-    assert "error bad_nick" in refused.stderr
+    assert "error bad_room" in refused.stderr
     nowhere = run_cli("client", f"ws://127.0.0.1:{free_port()}/ws", "echo", "--max-attempts", "1")
     assert nowhere.returncode == 2
     assert "gave up after 1 attempts" in nowhere.stderr
@@ -321,15 +322,19 @@ def test_the_cli_client_reads_commands_from_stdin(node: Node) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "trio_wsgate", "client", node.url],
         cwd=ROOT,
-        input='nick "ada"\nwho\n',
+        input='join "rust"\nwho "rust"\n!sub room:go\n!pub room:go 1\n',
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert '< reply nick: "ada"' in done.stdout
+    (joined,) = [line for line in done.stdout.splitlines() if line.startswith("< reply join: ")]
+    assert json.loads(joined.removeprefix("< reply join: "))["room"] == "room:rust"
     (who,) = [line for line in done.stdout.splitlines() if line.startswith("< reply who: ")]
-    assert "ada" in json.loads(who.removeprefix("< reply who: "))
+    assert json.loads(who.removeprefix("< reply who: "))[0].startswith("guest-")
+    assert '< sub room:go: {"offset": 0' in done.stdout
+    # No --allow-publish: clients may not publish.
+    assert "< error pub room:go: forbidden" in done.stdout
 
 
 def test_an_independent_client_resumes_after_its_socket_dies(node: Node) -> None:
@@ -368,3 +373,86 @@ def test_the_secret_never_shows_in_help_or_logs() -> None:
     finally:
         stop_node(started)
     assert secret not in "".join(started.log)
+
+
+def _api(node: Node, method: str, path: str, body: Any = None, key: str = "") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.admin_port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"apikey {key}"} if key else {},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _call(ws: ClientConnection, seq: int, event: str, data: Any) -> Any:
+    ws.send(json.dumps({"type": "msg", "seq": seq, "event": event, "data": data}))
+    reply = receive(ws, "reply")
+    assert reply["re"] == seq, reply
+    return reply.get("data", reply.get("error"))
+
+
+def _next_event(ws: ClientConnection, event: str) -> dict[str, Any]:
+    for _ in range(50):
+        message = receive(ws, "msg")
+        if message.get("event") == event:
+            return message
+    raise AssertionError(f"no {event}")
+
+
+def test_the_chat_of_the_readme_users_rooms_presence_and_the_http_api() -> None:
+    """What the README walks through: tokens, rooms, who, and the server API."""
+    secrets = {"WSGATE_JWT_SECRET": "s" * 32 + "-readme-chat", "WSGATE_API_KEY": "api-key-of-test"}
+    node = start_node(env=secrets)
+    try:
+        assert not any("ANONYMOUS" in line for line in node.log)
+        ada_token = run_cli("token", "ada", env=secrets).stdout.strip()
+        bob_token = run_cli("token", "bob", "--ttl", "600", env=secrets).stdout.strip()
+        # A bad token is refused at the handshake with 401.
+        with pytest.raises(InvalidStatus) as refused:
+            connect(node.url, additional_headers={"Authorization": "Bearer nope"})
+        assert refused.value.response.status_code == 401
+        with (
+            connect(node.url, additional_headers={"Authorization": f"Bearer {ada_token}"}) as ada,
+            connect(f"{node.url}?token={bob_token}") as bob,
+        ):
+            assert hello(ada)["user"] == "ada"
+            assert hello(bob)["user"] == "bob"
+            assert _call(ada, 1, "join", "rust")["room"] == "room:rust"
+            assert _call(bob, 1, "join", "rust")["members"] == ["ada", "bob"]
+            assert _call(ada, 2, "who", "rust") == ["ada", "bob"]
+            assert _call(bob, 2, "say", {"room": "rust", "text": "hi"})["offset"] == 3
+            said = _next_event(ada, "said")
+            assert (said["topic"], said["data"]) == ("room:rust", {"from": "bob", "text": "hi"})
+            # The server API: without the key, 401; with it, a publication to the room
+            # and a message to one user, both delivered.
+            note = {"topic": "room:rust", "event": "said", "data": {"from": "ops", "text": "!"}}
+            assert _api(node, "POST", "/api/publish", note)[0] == 401
+            key = secrets["WSGATE_API_KEY"]
+            status, published = _api(node, "POST", "/api/publish", note, key)
+            assert (status, published["offset"]) == (200, 4)
+            for ws in (ada, bob):
+                assert _next_event(ws, "said")["data"] == {"from": "ops", "text": "!"}
+            dm = {"user": "bob", "event": "dm", "data": "psst"}
+            assert _api(node, "POST", "/api/send", dm, key)[0] == 200
+            got = _next_event(bob, "dm")
+            assert (got["topic"], got["data"]) == ("user:bob", "psst")
+            status, present = _api(node, "GET", "/api/presence?topic=room:rust", key=key)
+            assert (status, present["users"]) == (200, ["ada", "bob"])
+            status, stats = _api(node, "GET", "/api/stats", key=key)
+            assert (stats["connections"], stats["users"]) == (2, 2)
+            assert _api(node, "POST", "/api/kick", {"user": "bob"}, key) == (200, {"kicked": 1})
+            assert close_code(bob) == 4005
+        log = "".join(node.log)
+        for secret in (*secrets.values(), ada_token, bob_token):
+            assert secret not in log
+    finally:
+        stop_node(node)
+
+
+def test_an_anonymous_node_says_so_loudly(node: Node) -> None:
+    assert any("ANONYMOUS MODE" in line and "WARNING" in line for line in node.log)

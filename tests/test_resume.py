@@ -412,9 +412,8 @@ async def test_the_secret_never_shows_in_the_config_repr(
 async def test_a_chat_member_keeps_its_place_across_a_drop_and_leaves_at_expiry(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
-    from examples.chat import gateway, room
+    from examples.chat import LOBBY, gateway
 
-    room.clear()
     server = make_server(gateway, heartbeat_interval=None, resume_ttl=60)
     async with running(server) as nursery:
         async with open_memory_connection(server, nursery) as ada:
@@ -426,18 +425,23 @@ async def test_a_chat_member_keeps_its_place_across_a_drop_and_leaves_at_expiry(
             await bob.recv_type("reply")
             async with open_memory_connection(server, nursery) as ada:
                 assert (await ada.hello(resume=resume_of(first, 0)))["resumed"] is True
-                events = [(await ada.recv_type("msg"))["event"] for _ in range(3)]
-                assert events == ["joined", "joined", "said"]  # hers, bob's, and bob's words
+                got = [await ada.recv_type("msg") for _ in range(3)]
+                # Hers, bob's, and bob's words, with consecutive offsets of the lobby.
+                assert [m["event"] for m in got] == ["joined", "joined", "said"]
+                assert [m["offset"] for m in got] == [1, 2, 3]
+                assert {m["topic"] for m in got} == {LOBBY}
             await trio.testing.wait_all_tasks_blocked()
+            assert len(await gateway.presence(LOBBY)) == 2  # she is still in, detached
             # Ada does not come back: her session ends at the TTL and bob hears it.
             await trio.sleep(59.9)
             assert first["session"] in server.hub.sessions
             await trio.sleep(0.1)
             left = await bob.recv_type("msg")
-            while left["event"] == "room":  # the example's minute stats may come first
+            while left["event"] != "left":  # his own joined and said come first
                 left = await bob.recv_type("msg")
-            assert left["event"] == "left"
-            assert left["data"].startswith("guest-")
+            assert left["data"]["from"].startswith("guest-")
+            assert list((await gateway.presence(LOBBY)).values()) == [None]  # bob, a guest
             await bob.send({"type": "bye"})
             await bob.wait_closed()
-    assert room == set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await gateway.presence(LOBBY) == {}

@@ -78,18 +78,37 @@ async def _read_commands(client: Client, nursery: trio.Nursery) -> int:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        fire_and_forget = line.startswith("!send ")
-        if fire_and_forget:
-            line = line[len("!send ") :]
-        event, _, rest = line.partition(" ")
+        command, _, rest = line.partition(" ")
         try:
-            if fire_and_forget:
+            if command == "!send":
+                event, _, rest = rest.strip().partition(" ")
                 await client.send(event, _parse_data(rest))
+            elif command in _TOPIC_COMMANDS:
+                topic, _, rest = rest.strip().partition(" ")
+                nursery.start_soon(_topic_command, client, command, topic, _parse_data(rest))
             else:
-                nursery.start_soon(_request, client, event, _parse_data(rest))
+                nursery.start_soon(_request, client, command, _parse_data(rest))
         except ClientClosed as exc:
             print(f"! {exc}", file=sys.stderr)
             return 2
+
+
+_TOPIC_COMMANDS = ("!sub", "!unsub", "!pub")
+
+
+async def _topic_command(client: Client, command: str, topic: str, data: Any) -> None:
+    try:
+        if command == "!sub":
+            answer: Any = await client.subscribe(topic)
+        elif command == "!unsub":
+            answer = await client.unsubscribe(topic)
+        else:
+            answer = await client.publish(topic, data)
+        print(f"< {command[1:]} {topic}: {_show(answer)}", flush=True)
+    except HandlerError as exc:
+        print(f"< error {command[1:]} {topic}: {exc.code}: {exc.reason}", flush=True)
+    except (ClientClosed, SessionLost) as exc:
+        print(f"! {command[1:]} {topic}: {exc}", file=sys.stderr, flush=True)
 
 
 async def _request(client: Client, event: str, data: Any) -> None:

@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk to a gateway: one request, or an interactive session",
         description=(
             "With EVENT, send one request and print the reply's data as JSON. Without, "
-            "read lines 'EVENT [JSON]' (a request) or '!send EVENT [JSON]' (fire and "
-            "forget) from stdin and print replies and server messages as they come."
+            "read lines from stdin: 'EVENT [JSON]' (a request), '!send EVENT [JSON]' "
+            "(fire and forget), '!sub TOPIC', '!unsub TOPIC' or '!pub TOPIC JSON'; "
+            "replies and server messages are printed as they come."
         ),
     )
     client.add_argument("url", help="ws://host:port/ws")

@@ -176,7 +176,8 @@ class Session:
 
     @property
     def topics(self) -> list[str]:
-        """The topics the session is subscribed to."""
+        """The topics the session is subscribed to (once ended: those it was, for the
+        session-end hooks)."""
         return list(self.subscriptions)
 
     async def subscribe(self, topic: str, since: Since | None = None) -> SubscribeResult:

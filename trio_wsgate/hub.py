@@ -312,8 +312,9 @@ class Hub:
                 mine.discard(session)
                 if not mine:
                     del self.users[session.user]
-        for topic in list(session.subscriptions):
-            self.unsubscribe(session, topic)
+        # It leaves its topics, but its own list stays for the session-end hooks.
+        for topic in session.subscriptions:
+            self._leave(session, topic)
         self.metrics.sessions_ended.labels(why).inc()
         if self.gateway.session_end_hooks:
             self._ended.append(session)
@@ -446,6 +447,10 @@ class Hub:
         """Unsubscribe a session from a topic. Returns False if it was not subscribed."""
         if session.subscriptions.pop(topic, None) is None:
             return False
+        self._leave(session, topic)
+        return True
+
+    def _leave(self, session: Session, topic: str) -> None:
         local = self.topics.get(topic)
         if local is not None:
             local.pop(session.id, None)
@@ -453,7 +458,6 @@ class Hub:
                 del self.topics[topic]
                 self._chore(lambda: self._leave_topic(topic))
         self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, False))
-        return True
 
     async def _leave_topic(self, topic: str) -> None:
         async with self._broker_lock:
