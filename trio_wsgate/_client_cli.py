@@ -101,7 +101,8 @@ async def _topic_command(client: Client, command: str, topic: str, data: Any) ->
         if command == "!sub":
             answer: Any = await client.subscribe(topic)
         elif command == "!unsub":
-            answer = await client.unsubscribe(topic)
+            await client.unsubscribe(topic)
+            answer = None
         else:
             answer = await client.publish(topic, data)
         print(f"< {command[1:]} {topic}: {_show(answer)}", flush=True)
