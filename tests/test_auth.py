@@ -63,7 +63,14 @@ async def test_a_valid_token_in_hello_names_the_user(
     async with running(server) as nursery, open_memory_connection(server, nursery) as client:
         welcome = await client.hello(token=token("ada"))
         assert welcome["user"] == "ada"
-        assert server.hub.users["ada"] == {server.hub.sessions[welcome["session"]]}
+        # The registry: connection id -> session -> user, and the user's sessions.
+        session = server.hub.sessions[welcome["session"]]
+        (connection,) = server.hub.connections.values()
+        assert connection.session is session
+        assert session.connection is connection
+        assert session.user == "ada"
+        assert server.hub.users["ada"] == {session}
+    assert not server.hub.connections
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from .config import Config, SlowConsumerPolicy
 from .gateway import Gateway
 from .server import Server
 
-__all__ = ["load_app", "main"]
+__all__ = ["build_parser", "config_from_args", "load_app", "main"]
 
 logger = logging.getLogger("trio_wsgate")
 
@@ -210,6 +210,23 @@ def _print_token(args: argparse.Namespace) -> None:
     print(jwt.encode(claims, secret, algorithm="HS256"))
 
 
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The node's settings from parsed ``serve`` arguments (and the environment).
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
+    settings = {field: getattr(args, field) for _, field, _, _ in _FLAGS}
+    settings["admin_port"] = settings["admin_port"] or None  # 0 turns it off
+    for flag, field, _ in _LIST_FLAGS:
+        given = getattr(args, field)
+        if given is None:
+            given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
+        settings[field] = tuple(given)
+    settings["open_api"] = args.open_api
+    return Config(**settings)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``trio-wsgate`` and ``python -m trio_wsgate``."""
     args = build_parser().parse_args(argv)
@@ -225,15 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = {field: getattr(args, field) for _, field, _, _ in _FLAGS}
-        settings["admin_port"] = settings["admin_port"] or None  # 0 turns it off
-        for flag, field, _ in _LIST_FLAGS:
-            given = getattr(args, field)
-            if given is None:
-                given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
-            settings[field] = tuple(given)
-        settings["open_api"] = args.open_api
-        config = Config(**settings)
+        config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
     if args.app:

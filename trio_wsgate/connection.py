@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -332,6 +333,8 @@ class Connection:
         self._app_scope = trio.CancelScope()
         self._done = trio.Event()
         self._detached = trio.Event()
+        #: This connection's id, unique within the node (logs, the hub's registry).
+        self.id = secrets.token_urlsafe(8)
         #: The session, once ``hello`` was answered.
         self.session: Session | None = None
         #: True from the decision to close on.
@@ -390,7 +393,8 @@ class Connection:
             self._metrics.closes.labels(str(self.close_code), str(self.close_reason)).inc()
             self._done.set()
             logger.debug(
-                "connection %s closed: %s %s",
+                "connection %s from %s closed: %s %s",
+                self.id,
                 self._transport.remote_address,
                 self.close_code,
                 self.close_reason,

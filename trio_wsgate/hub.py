@@ -61,7 +61,7 @@ from .protocol import CODECS, CloseCode, CloseReason, Codec, Resume, Since
 
 if TYPE_CHECKING:
     from .config import Config
-    from .connection import Session
+    from .connection import Connection, Session
     from .gateway import Gateway
     from .metrics import Metrics
 
@@ -199,6 +199,9 @@ class Hub:
         self.node_id = config.node_id or (
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         )
+        #: Every live connection of the node, by connection id (its ``session`` and
+        #: that session's ``user`` complete the registry).
+        self.connections: dict[str, Connection] = {}
         #: Every session held, attached or detached, by id.
         self.sessions: dict[str, Session] = {}
         #: The sessions of each user, across devices.

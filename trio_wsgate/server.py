@@ -178,12 +178,14 @@ class Server:
                 identified[0] if identified else None,
             )
             self.connections.add(connection)
+            self.hub.connections[connection.id] = connection
             if self.draining:
                 connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
             try:
                 await connection.run()
             finally:
                 self.connections.discard(connection)
+                self.hub.connections.pop(connection.id, None)
                 if self.draining and not self.connections:
                     self._drained.set()
         finally:

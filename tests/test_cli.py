@@ -1,0 +1,54 @@
+"""``trio-wsgate serve`` settings from flags and the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from trio_wsgate import Config
+from trio_wsgate.cli import build_parser, config_from_args
+
+
+def config(*argv: str) -> Config:
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_repeatable_topic_patterns_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = config("--allow-subscribe", "room:*", "--allow-subscribe", "news")
+    assert settings.allow_subscribe == ("room:*", "news")
+    assert settings.allow_publish == ()
+    monkeypatch.setenv("WSGATE_ALLOW_PUBLISH", "room:*, chat:* ,")
+    monkeypatch.setenv("WSGATE_OPEN_API", "1")
+    settings = config()
+    assert settings.allow_publish == ("room:*", "chat:*")
+    assert settings.open_api is True
+    # The command line wins over the environment.
+    settings = config("--allow-publish", "x")
+    assert settings.allow_publish == ("x",)
+
+
+def test_token_and_api_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "k" * 40
+    monkeypatch.setenv("WSGATE_JWT_SECRET", secret)
+    monkeypatch.setenv("WSGATE_API_KEY", "the-api-key-value")
+    settings = config("--history-size", "5", "--history-ttl", "off", "--node-id", "n1")
+    assert (settings.jwt_secret, settings.api_key) == (secret, "the-api-key-value")
+    assert (settings.history_size, settings.history_ttl) == (5, None)
+    assert settings.node_id == "n1"
+    assert secret not in repr(settings)
+    assert "the-api-key-value" not in repr(settings)
+    with pytest.raises(ValueError, match="32 bytes"):
+        config("--jwt-secret", "short")
+
+
+def test_secrets_never_show_in_help(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WSGATE_JWT_SECRET", "j" * 40)
+    monkeypatch.setenv("WSGATE_API_KEY", "the-api-key-value")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert "j" * 40 not in shown
+    assert "the-api-key-value" not in shown
