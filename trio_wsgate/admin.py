@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from .brokers import Publication
     from .server import Server
 
 __all__ = ["AdminApp", "probe"]
@@ -196,24 +197,27 @@ class AdminApp:
         body = await self._body(receive)
         topic = self._string(body, "topic")
         assert topic is not None
-        if "data" not in body:
-            raise ApiError(400, "bad_request", "'data' is required")
-        event = self._string(body, "event", required=False)
-        try:
-            publication = await self._server.hub.publish(topic, body["data"], event)
-        except ValueError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
-        return {"offset": publication.offset, "epoch": publication.epoch}
+        return await self._published(
+            body, lambda data, event: self._server.hub.publish(topic, data, event)
+        )
 
     async def _send(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         body = await self._body(receive)
         user = self._string(body, "user")
         assert user is not None
+        return await self._published(
+            body, lambda data, event: self._server.hub.send_to_user(user, data, event)
+        )
+
+    async def _published(
+        self, body: dict[str, Any], publish: Callable[[Any, str | None], Awaitable[Publication]]
+    ) -> dict[str, Any]:
+        """Publish the body's ``data`` (required) with its ``event`` (optional)."""
         if "data" not in body:
             raise ApiError(400, "bad_request", "'data' is required")
         event = self._string(body, "event", required=False)
         try:
-            publication = await self._server.hub.send_to_user(user, body["data"], event)
+            publication = await publish(body["data"], event)
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         return {"offset": publication.offset, "epoch": publication.epoch}
