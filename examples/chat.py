@@ -7,7 +7,7 @@
 Every session starts in ``room:lobby``. Client side, after ``hello`` (the interactive
 ``trio-wsgate client`` takes the lines after ``>``)::
 
-    > say "hello"           -> msg {"event": "said", "topic": "room:lobby", "data": {"from": "ada", ...}}
+    > say "hello"           -> msg "said" in room:lobby, data {"from": "ada", "text": "hello"}
     > join "rust"           -> reply {"room": "room:rust", "members": ["ada"], "offset": 0, ...}
     > say {"room": "rust", "text": "anyone?"}
     > who "lobby"           -> reply ["ada", "bob"]      (presence of room:lobby)
