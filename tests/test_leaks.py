@@ -215,3 +215,59 @@ async def test_drain_leaves_no_task_behind(
         assert not server.ready
     assert codes == [1001] * count
     assert tasks() == before
+
+
+async def test_users_topics_and_history_are_forgotten_when_sessions_go(
+    autojump_clock: MockClock, tasks: Callable[[], int]
+) -> None:
+    """Subscriptions, presence, users and topic history leave nothing behind."""
+    from trio_wsgate import JwtAuthenticator
+
+    from .test_auth import SECRET, now, token
+    from .test_topics import Seq, request
+
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = Server(
+        gateway,
+        Config(admin_port=None, allow_subscribe=("room:*",), resume_ttl=30, history_ttl=60),
+    )
+    hub = server.hub
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        before = tasks()
+
+        async def visit(index: int) -> None:
+            stream = await _connect(server, nursery)
+            client = await RawClient.connect(stream)
+            await client.hello(token=token(f"user{index % 7}"))
+            seq = Seq()
+            for room in range(index % 4):
+                await request(client, seq, "sub", topic=f"room:{room}")
+            await gateway.publish(f"room:{index % 4}", index)
+            if index % 2:
+                await client.send({"type": "bye"})  # the session ends now
+            await trio.aclose_forcefully(stream)  # else it ends at resume_ttl
+
+        async with trio.open_nursery() as visitors:
+            for index in range(200):
+                visitors.start_soon(visit, index)
+        await trio.sleep(30)  # every detached session expires
+        await trio.testing.wait_all_tasks_blocked()
+        assert not hub.sessions
+        assert not hub.users
+        assert not hub.topics
+        assert not hub.connections
+        for topic in ("room:0", "room:1", "room:2", "room:3", "user:user0"):
+            assert await gateway.presence(topic) == {}
+        assert not hub._broker_topics
+        await trio.sleep(60)  # the history expires: the broker forgets every topic
+        assert hub.broker.statistics() == {"topics": 0}
+        assert tasks() == before
+        nursery.cancel_scope.cancel()
+
+
+async def _connect(server: Server, nursery: trio.Nursery) -> trio.abc.Stream:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_stream, server_stream, "memory")
+    return client_stream

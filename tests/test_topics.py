@@ -92,6 +92,11 @@ async def test_publications_carry_topic_consecutive_offsets_and_epoch(
         assert (publication.offset, publication.epoch) == (6, epoch)
         (note,) = await msgs(reader, 1)
         assert (note["event"], note["data"], note["offset"]) == ("note", "from the server", 6)
+        registry = server.metrics.registry
+        assert registry.get_sample_value("wsgate_publications_total") == 6
+        assert registry.get_sample_value("wsgate_topics") == 1
+        assert registry.get_sample_value("wsgate_fanout_subscribers_count") == 6
+        assert registry.get_sample_value("wsgate_fanout_subscribers_sum") == 6
 
 
 async def test_sub_and_pub_are_authorised(
@@ -152,6 +157,8 @@ async def test_the_topics_claim_and_the_application_hooks_authorise(
 
     @gateway.authorize_publish
     async def whispers(session: Session, topic: str) -> bool:
+        if topic == "crash":
+            raise RuntimeError("the hook broke")
         return topic == "user:bob" and session.user == "ada"
 
     server = make_server(gateway)
@@ -177,6 +184,10 @@ async def test_the_topics_claim_and_the_application_hooks_authorise(
         assert reply["data"]["offset"] == 1
         (whisper,) = await msgs(bob, 1)
         assert (whisper["topic"], whisper["data"]) == ("user:bob", "psst")
+        # A hook that raises answers "internal"; the connection carries on.
+        reply = await request(ada, sa, "pub", topic="crash", data=1)
+        assert reply["error"] == {"code": "internal", "reason": "internal error"}
+        assert "data" in await request(ada, sa, "sub", topic="room:2")
 
 
 async def test_data_that_one_encoding_cannot_carry_is_refused(
