@@ -75,22 +75,13 @@ class Node:
         return seen
 
 
-def start_node(*flags: str, env: dict[str, str] | None = None) -> Node:
+SERVE = [sys.executable, "-m", "trio_wsgate", "serve", "--app", "examples/chat.py:gateway"]
+
+
+def start_node(*flags: str, env: dict[str, str] | None = None, command: list[str] = SERVE) -> Node:
     admin_port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trio_wsgate",
-            "serve",
-            "--port",
-            "0",
-            "--admin-port",
-            str(admin_port),
-            "--app",
-            "examples/chat.py:gateway",
-            *flags,
-        ],
+        [*command, "--port", "0", "--admin-port", str(admin_port), *flags],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
@@ -405,9 +396,9 @@ def _next_event(ws: ClientConnection, event: str) -> dict[str, Any]:
 
 
 def test_the_chat_of_the_readme_users_rooms_presence_and_the_http_api() -> None:
-    """What the README walks through: tokens, rooms, who, and the server API."""
+    """What the README walks through: scripts/serve, tokens, rooms, who, the server API."""
     secrets = {"WSGATE_JWT_SECRET": "s" * 32 + "-readme-chat", "WSGATE_API_KEY": "api-key-of-test"}
-    node = start_node(env=secrets)
+    node = start_node(env=secrets, command=["bash", "scripts/serve"])
     try:
         assert not any("ANONYMOUS" in line for line in node.log)
         ada_token = run_cli("token", "ada", env=secrets).stdout.strip()
