@@ -209,6 +209,14 @@ def test_node_settings_build_the_authenticator(tmp_path: Path) -> None:
     bad.write_text("not a key")
     with pytest.raises(ValueError, match="PEM"):
         Server(make_gateway(), Config(jwt_public_key=str(bad), admin_port=None))
+    good = tmp_path / "ec.pem"
+    good.write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+    settings = Config(jwt_public_key=str(good), jwt_audience="chat", admin_port=None)
+    verifier = Server(make_gateway(), settings).authenticator
+    assert isinstance(verifier, JwtAuthenticator)
+    assert (verifier.algorithms, verifier.audience) == (["ES256"], "chat")
+    with pytest.raises(ValueError, match="RSA or EC"):
+        JwtAuthenticator(public_key=_pem(ec.generate_private_key(ec.SECP192R1())))
 
 
 async def test_an_expired_token_closes_the_session_with_4001_at_exp(
