@@ -435,16 +435,16 @@ async def test_send_to_user_reaches_every_device_and_kick_ends_them(
                 {"hi": 1},
                 1,
             )
-        assert gateway.kick(session=p["session"]) == 1
+        assert await gateway.kick(session=p["session"]) == 1
         assert await phone.wait_closed() == (4005, "kicked")
-        assert gateway.kick(user="ada") == 1
+        assert await gateway.kick(user="ada") == 1
         assert await laptop.wait_closed() == (4005, "kicked")
         await trio.testing.wait_all_tasks_blocked()
         assert set(server.hub.sessions) == {o["session"]}
         assert "ada" not in server.hub.users
-        assert gateway.kick(user="nobody") == 0
+        assert await gateway.kick(user="nobody") == 0
         with pytest.raises(ValueError, match="a user or a session"):
-            gateway.kick()
+            await gateway.kick()
 
 
 async def test_a_detached_session_gets_its_publications_on_resume(

@@ -17,7 +17,7 @@ Everything registered here runs inside the nursery of the connection it serves
 
 Once a node serves it, the gateway also reaches beyond one session:
 ``await gateway.publish("room:lobby", data)``, ``await gateway.send_to_user("ada", data)``,
-``gateway.kick(user="ada")`` and ``await gateway.presence("room:lobby")``.
+``await gateway.kick(user="ada")`` and ``await gateway.presence("room:lobby")``.
 """
 
 from __future__ import annotations
@@ -156,8 +156,11 @@ class Gateway:
         """Send to every session of ``user`` (the topic ``user:<user>``), recoverably."""
         return await self.hub.send_to_user(user, data, event)
 
-    def kick(self, *, user: str | None = None, session: str | None = None) -> int:
-        """Close a user's sessions, or one session, with 4005; returns how many."""
+    async def kick(self, *, user: str | None = None, session: str | None = None) -> int:
+        """Close a user's sessions, or one session, with 4005; returns how many.
+
+        Asynchronous because a cluster will reach the sessions on other nodes too.
+        """
         return self.hub.kick(user=user, session=session)
 
     async def presence(self, topic: str) -> dict[str, str | None]:
