@@ -65,10 +65,14 @@ class Node:
         return float(match.group(1))
 
     def settle(self, name: str, value: float) -> float:
-        """Poll a metric until it equals ``value`` (bounded: 10 s, 200 reads)."""
+        """Poll a metric until it is at most ``value`` (bounded: 10 s, 200 reads).
+
+        At most, not equal: a reading taken as a baseline may include a transient
+        task (the previous scrape's, say); a leak still shows as more.
+        """
         seen = self.metric(name)
         for _ in range(200):
-            if seen == value:
+            if seen <= value:
                 break
             time.sleep(0.05)
             seen = self.metric(name)
@@ -241,7 +245,7 @@ def test_killing_the_peer_socket_any_way_leaves_wsgate_tasks_where_it_was(node: 
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         busy.close()
     assert node.settle("wsgate_connections_open", 0) == 0
-    assert node.settle("wsgate_tasks", baseline) == baseline
+    assert node.settle("wsgate_tasks", baseline) <= baseline
     _, text = node.get("/metrics")
     assert 'wsgate_closes_total{code="1006",reason="reset"}' in text
 
