@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,6 +10,8 @@ import trio
 
 from trio_wsgate import Config, Gateway, HandlerError, Server, Session
 from trio_wsgate.metrics import count_tasks
+
+from .redis_server import RedisServer, redis_binary
 
 
 def make_gateway() -> Gateway:
@@ -55,3 +57,14 @@ def make_server() -> Callable[..., Server]:
 def tasks() -> Callable[[], int]:
     """Count the live trio tasks (what ``wsgate_tasks`` reports)."""
     return count_tasks
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server on a free port for one test (skips if none is installed)."""
+    server = RedisServer(redis_binary())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -228,7 +228,7 @@ class AdminApp:
             raise ApiError(400, "bad_request", "give either 'user' or 'session'")
         key = "user" if "user" in body else "session"
         target = self._string(body, key)
-        kicked = self._server.hub.kick(**{key: target})
+        kicked = await self._server.hub.kick(**{key: target})
         return {"kicked": kicked}
 
     async def _stats(self, scope: Scope, receive: Receive) -> dict[str, Any]:

@@ -96,9 +96,11 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("history-ttl", "history_ttl", _seconds_or_none, "seconds a publication stays in history"),
     ("api-key", "api_key", str, "key of the server API (Authorization: apikey KEY)"),
     ("node-id", "node_id", str, "this node's name in /api/stats (default host-pid-random)"),
+    ("redis", "redis_url", str, "redis://host:port/db: nodes sharing it act as one gateway"),
+    ("redis-prefix", "redis_prefix", str, "prefix of the gateway's Redis keys and channels"),
 ]
 # Flags whose value is never shown (not even as a default in --help).
-_SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key"})
+_SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key", "redis"})
 # Repeatable flags; from the environment, a comma-separated list.
 _LIST_FLAGS: list[tuple[str, str, str]] = [
     ("allow-subscribe", "allow_subscribe", "topic glob any client may subscribe to (repeatable)"),

@@ -79,6 +79,13 @@ class Config:
     open_api: bool = False
     #: This node's name in ``/api/stats`` and logs; None picks ``host-pid-random``.
     node_id: str | None = None
+    #: ``redis://host:port/db``: the nodes sharing it act as one gateway. None keeps
+    #: everything in this process (the in-memory broker). Never printed (it may hold a
+    #: password).
+    redis_url: str | None = field(default=None, repr=False)
+    #: The prefix of every Redis key and channel, so that several gateways can share one
+    #: Redis.
+    redis_prefix: str = "wsgate"
 
     def __post_init__(self) -> None:
         if self.window < 1:

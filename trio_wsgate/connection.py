@@ -780,7 +780,11 @@ class Connection:
                     self.close(exc.code, exc.reason)
                     return None
         if session is None:
-            session = hub.create(user, self._codec)
+            session = await self._new_session(identity)
+            if session is None:
+                return None
+            # What the user topic sent it already, after the welcome.
+            resend = [item for _, item in session.outbox.in_flight]
             session._attach(self, self._codec, resumed=False)
             ack = 0
         else:
@@ -803,10 +807,34 @@ class Connection:
         )
         # Everything above the client's ack, in order, before anything new.
         self._queue.extend((item.payload, True) for item in resend)
-        # Each user's sessions follow user:<sub> (PROTOCOL.md §6).
+        # A resumed session follows its user topic already, unless subscribing failed
+        # when it was new.
         if user is not None and user_topic(user) not in session.subscriptions:
             with contextlib.suppress(SessionClosed):
                 await session.subscribe(user_topic(user))
+        return session
+
+    async def _new_session(self, identity: Identity) -> Session | None:
+        """A new session, following ``user:<sub>`` before its ``welcome`` is sent.
+
+        So that nothing sent to the user after the client has its ``welcome`` can be
+        missed (PROTOCOL.md §6). Returns None if the connection closed meanwhile.
+        """
+        hub, user = self._hub, identity.user
+        session = hub.create(user, self._codec)
+        session.identity = identity
+        if user is None:
+            return session
+        try:
+            await session.subscribe(user_topic(user))
+        except BaseException:
+            # Cancelled (the client left) or the broker failed: no one can resume a
+            # session that was never welcomed.
+            hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
+            raise
+        if self.closing:
+            hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
+            return None
         return session
 
     async def _process(self, session: Session, envelope: Envelope) -> None:

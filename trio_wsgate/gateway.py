@@ -161,7 +161,7 @@ class Gateway:
 
         Asynchronous because a cluster will reach the sessions on other nodes too.
         """
-        return self.hub.kick(user=user, session=session)
+        return await self.hub.kick(user=user, session=session)
 
     async def presence(self, topic: str) -> dict[str, str | None]:
         """The sessions subscribed to ``topic``, each with its user."""

@@ -193,7 +193,7 @@ class Hub:
         self.config = config
         self.metrics = metrics
         self.broker: Broker = broker or MemoryBroker(config.history_size, config.history_ttl)
-        self.broker.bind(self._receive)
+        self.broker.bind(self._receive, self._on_control)
         self.authenticator = authenticator
         #: This node's name.
         self.node_id = config.node_id or (
@@ -511,13 +511,30 @@ class Hub:
         """Publish to the topic ``user:<user>``, which each of the user's sessions follows."""
         return await self.publish(user_topic(user), data, event)
 
-    def kick(self, *, user: str | None = None, session: str | None = None) -> int:
-        """Close the user's sessions, or one session, with 4005 (PROTOCOL.md §8).
+    async def kick(self, *, user: str | None = None, session: str | None = None) -> int:
+        """Close the user's sessions, or one session, with 4005, on every node (§8).
 
-        Kicked sessions end: they cannot be resumed. Returns how many were kicked.
+        Kicked sessions end: they cannot be resumed. Returns how many were kicked: for
+        a user, the sessions of the user on every node (those following ``user:<sub>``);
+        for a session, 1 if this node holds it (a session of another node is kicked
+        there, but not counted here).
         """
         if (user is None) == (session is None):
             raise ValueError("kick takes a user or a session")
+        if user is not None:
+            count = len(await self.presence(user_topic(user)))
+        else:
+            count = 1 if session in self.sessions else 0
+        await self.broker.broadcast({"kind": "kick", "user": user, "session": session})
+        return count
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        """A control message from any node (the broker's call)."""
+        if message.get("kind") == "kick":
+            self.kick_here(user=message.get("user"), session=message.get("session"))
+
+    def kick_here(self, *, user: str | None = None, session: str | None = None) -> int:
+        """Close this node's sessions of the user, or the session, with 4005."""
         if user is not None:
             targets: Iterable[Session] = list(self.users.get(user, ()))
         else:

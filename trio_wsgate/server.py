@@ -78,6 +78,15 @@ class Server:
                 jwt_issuer=config.jwt_issuer,
             )
         )
+        if broker is None and config.redis_url is not None:
+            from .brokers.redis import RedisBroker  # coredis is imported only when used
+
+            broker = RedisBroker(
+                config.redis_url,
+                history_size=config.history_size,
+                history_ttl=config.history_ttl,
+                prefix=config.redis_prefix,
+            )
         #: The node's sessions, users and topics.
         self.hub = Hub(gateway, config, self.metrics, broker, self.authenticator)
         gateway._hub = self.hub

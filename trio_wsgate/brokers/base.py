@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
-__all__ = ["Broker", "History", "Publication", "Receiver"]
+__all__ = ["Broker", "ControlReceiver", "History", "Publication", "Receiver"]
 
 
 @dataclass(slots=True, eq=False)
@@ -60,13 +60,15 @@ class History:
 
 #: Called by the broker for each publication of a topic the node subscribed to.
 Receiver = Callable[[Publication], None]
+#: Called by the broker for each control message broadcast to every node (kicks).
+ControlReceiver = Callable[[dict[str, Any]], None]
 
 
 class Broker(Protocol):
     """What carries publications and presence between the sessions of a gateway."""
 
-    def bind(self, receiver: Receiver) -> None:
-        """Set the node's receiver of live publications (called once, by the hub)."""
+    def bind(self, receiver: Receiver, control: ControlReceiver | None = None) -> None:
+        """Set the node's receivers of live publications and of control messages."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The broker's own work (connections, listeners), until cancelled."""
@@ -99,6 +101,9 @@ class Broker(Protocol):
 
     async def presence(self, topic: str) -> dict[str, str | None]:
         """The sessions present in a topic, with their users, on every node."""
+
+    async def broadcast(self, message: dict[str, Any]) -> None:
+        """Hand a control message to every node's control receiver, this one's included."""
 
     def statistics(self) -> dict[str, int]:
         """Figures for ``/api/stats`` (``topics``: topics known to the broker)."""

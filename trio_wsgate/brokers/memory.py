@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from .base import History, Publication, Receiver
+from .base import ControlReceiver, History, Publication, Receiver
 
 __all__ = ["MemoryBroker"]
 
@@ -45,10 +45,17 @@ class MemoryBroker:
         self._topics: dict[str, _Topic] = {}
         self._subscribed: set[str] = set()
         self._receiver: Receiver | None = None
+        self._control: ControlReceiver | None = None
 
-    def bind(self, receiver: Receiver) -> None:
-        """Set the node's receiver of live publications."""
+    def bind(self, receiver: Receiver, control: ControlReceiver | None = None) -> None:
+        """Set the node's receivers of live publications and of control messages."""
         self._receiver = receiver
+        self._control = control
+
+    async def broadcast(self, message: dict[str, Any]) -> None:
+        """Hand a control message to the node (the only one), at once."""
+        if self._control is not None:
+            self._control(message)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Forget expired history and idle topics now and then, until cancelled."""

@@ -1,0 +1,157 @@
+"""Several nodes through one real Redis act as one gateway (PROTOCOL.md §6, DESIGN.md)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+
+from trio_wsgate import Config, JwtAuthenticator, Server
+from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker
+from trio_wsgate.testing import RawClient, open_memory_connection
+
+from .conftest import make_gateway
+from .redis_server import RedisServer
+from .test_auth import SECRET, now, token
+from .test_topics import Seq, msgs, offsets, request
+
+pytestmark = pytest.mark.redis
+
+
+def node(redis: RedisServer, name: str, **settings: Any) -> Server:
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    settings.setdefault("allow_subscribe", ("room:*",))
+    config = Config(
+        admin_port=None, port=0, node_id=name, redis_url=redis.url, secret="s" * 32, **settings
+    )
+    return Server(gateway, config)
+
+
+@asynccontextmanager
+async def cluster(
+    redis: RedisServer, count: int = 2, **settings: Any
+) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
+    async with trio.open_nursery() as nursery:
+        servers = [node(redis, f"node-{i}", **settings) for i in range(count)]
+        for server in servers:
+            await nursery.start(server.serve)
+        yield nursery, servers
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def user(server: Server, nursery: trio.Nursery, name: str) -> AsyncIterator[RawClient]:
+    async with open_memory_connection(server, nursery) as client:
+        await client.hello(token=token(name))
+        yield client
+
+
+async def test_publications_cross_nodes_with_one_numbering(redis_server: RedisServer) -> None:
+    async with (
+        cluster(redis_server) as (nursery, (a, b)),
+        user(a, nursery, "ada") as ada,
+        user(b, nursery, "bob") as bob,
+    ):
+        sa = await request(ada, Seq(), "sub", topic="room:1")
+        sb = await request(bob, Seq(), "sub", topic="room:1")
+        epoch = sa["data"]["epoch"]
+        assert sb["data"] == {"offset": 0, "epoch": epoch}
+        for i in range(6):
+            publication = await (a, b)[i % 2].gateway.publish("room:1", i)
+            assert (publication.offset, publication.epoch) == (i + 1, epoch)
+        for client in (ada, bob):
+            got = await msgs(client, 6)
+            assert [(m["offset"], m["data"], m["epoch"]) for m in got] == [
+                (i + 1, i, epoch) for i in range(6)
+            ]
+
+
+async def test_send_to_user_presence_and_kick_span_the_cluster(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        cluster(redis_server) as (nursery, (a, b)),
+        user(a, nursery, "ada") as phone,
+        user(b, nursery, "ada") as laptop,
+        user(b, nursery, "bob") as bob,
+    ):
+        await b.gateway.send_to_user("ada", "hi", event="dm")
+        for device in (phone, laptop):
+            (dm,) = await msgs(device, 1)
+            assert (dm["topic"], dm["data"], dm["offset"]) == ("user:ada", "hi", 1)
+        await request(phone, Seq(), "sub", topic="room:1")
+        await request(bob, Seq(), "sub", topic="room:1")
+        present = await a.gateway.presence("room:1")
+        assert sorted(present.values()) == ["ada", "bob"]
+        assert len(await b.gateway.presence("user:ada")) == 2
+        assert await b.gateway.kick(user="ada") == 2
+        assert await phone.wait_closed() == (4005, "kicked")
+        assert await laptop.wait_closed() == (4005, "kicked")
+        for _ in range(100):  # the kicked sessions leave room:1 on node a's side
+            if sorted((await a.gateway.presence("room:1")).values()) == ["bob"]:
+                break
+            await trio.sleep(0.05)
+        assert sorted((await b.gateway.presence("room:1")).values()) == ["bob"]
+        bob_session = next(iter(b.hub.users["bob"])).id
+        assert await a.gateway.kick(session=bob_session) == 0  # held by b: kicked, not counted
+        assert await bob.wait_closed() == (4005, "kicked")
+
+
+async def test_recovery_on_another_node(redis_server: RedisServer) -> None:
+    async with cluster(redis_server) as (nursery, (a, b)):
+        async with user(a, nursery, "ada") as ada:
+            sub = await request(ada, Seq(), "sub", topic="room:1")
+            await a.gateway.publish("room:1", "seen")
+            assert offsets(await msgs(ada, 1)) == [1]
+            await ada.send({"type": "bye"})
+        for i in range(3):
+            await a.gateway.publish("room:1", f"missed {i}")
+        async with user(b, nursery, "ada") as ada:
+            since = {"offset": 1, "epoch": sub["data"]["epoch"]}
+            reply = await request(ada, Seq(), "sub", topic="room:1", since=since)
+            assert reply["data"]["recovered"] is True
+            assert [m["data"] for m in await msgs(ada, 3)] == ["missed 0", "missed 1", "missed 2"]
+
+
+async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisServer) -> None:
+    """Redis pub/sub is at-most-once: gaps are filled from the topic's log."""
+    async with (
+        cluster(redis_server, count=1) as (nursery, (a,)),
+        user(a, nursery, "ada") as ada,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        broker.sync_interval = 0.2
+        await request(ada, Seq(), "sub", topic="room:1")
+
+        async def publish_unheard(data: str) -> None:
+            # The publish script, but its PUBLISH goes to a channel nobody listens to.
+            payload = b"\x92\xc0" + bytes([0xA0 | len(data)]) + data.encode()
+            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
+            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 100, 60000])
+
+        await publish_unheard("lost 1")
+        await publish_unheard("lost 2")
+        await a.gateway.publish("room:1", "heard")  # reveals the gap at once
+        got = await msgs(ada, 3)
+        assert [(m["offset"], m["data"]) for m in got] == [
+            (1, "lost 1"),
+            (2, "lost 2"),
+            (3, "heard"),
+        ]
+        await publish_unheard("lost 4")  # nothing comes after it: the periodic check finds it
+        with trio.fail_after(5):
+            (late,) = await msgs(ada, 1)
+        assert (late["offset"], late["data"]) == (4, "lost 4")
+
+
+def test_redis_settings_stay_out_of_reprs() -> None:
+    config = Config(redis_url="redis://:hunter2@127.0.0.1:6379/0")
+    assert "hunter2" not in repr(config)
+    assert "hunter2" not in repr(RedisBroker(config.redis_url or ""))

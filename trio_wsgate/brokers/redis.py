@@ -1,0 +1,432 @@
+"""The Redis broker: many nodes act as one gateway (DESIGN.md, layer 5).
+
+Built on coredis, which runs under trio (it is anyio-based). What lives in Redis, under a
+prefix (``wsgate`` by default):
+
+* ``{p}:t:{topic}:meta``, a hash: the topic's ``epoch`` and last ``offset``. It outlives
+  the history (a day, or the history TTL if longer, from the last use), so a client that
+  saw the last offset still recovers after the history expired.
+* ``{p}:t:{topic}:log``, a Stream: the history. Entry ids are ``<offset>-1``; each entry
+  holds the publication (``p``: msgpack of ``[event, data]``) and the Redis time it was
+  published (``t``, ms), against which ``history_ttl`` is applied. ``MAXLEN`` keeps
+  ``history_size`` entries.
+* ``{p}:c:{topic}``, a pub/sub channel: live publications, as ``offset\\nepoch\\npayload``.
+* ``{p}:presence:{topic}``, a sorted set of ``session\\nuser`` scored by expiry (Redis
+  time, ms): every node refreshes its own entries, so a node that dies leaves nothing
+  behind for long.
+* ``{p}:control``, a pub/sub channel: messages to every node (kicks).
+
+Publishing is one Lua script: it creates the epoch if the topic has none (a new epoch
+starts a new log), assigns the next offset atomically, appends to the log and publishes.
+Offsets are therefore consecutive per topic across all nodes.
+
+Delivery to the node keeps the contract of ``base.py`` (each publication once, in offset
+order). Redis pub/sub is at-most-once: a message lost while the listener reconnects shows
+up as a gap in offsets, filled from the log before the message that revealed it; and a
+periodic check compares each topic's offset in Redis with the last one delivered, so a
+gap is filled even when no later message comes to reveal it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import coredis
+import msgpack
+import trio
+
+from ..exceptions import WsgateError
+from .base import History, Publication, Receiver
+
+__all__ = ["BrokerUnavailable", "RedisBroker"]
+
+logger = logging.getLogger("trio_wsgate.redis")
+
+# What coredis raises when Redis cannot be reached (TimeoutError is an OSError).
+_UNREACHABLE = (coredis.exceptions.ConnectionError, OSError)
+
+#: How long a topic's meta outlives its last use at least (ms).
+_META_TTL_MS = 24 * 3600 * 1000
+
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local maxlen = tonumber(ARGV[3])
+if maxlen > 0 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, offset .. '-1', 'p', ARGV[2], 't', ms)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('PUBLISH', KEYS[3], offset .. '\\n' .. epoch .. '\\n' .. ARGV[2])
+return {offset, epoch}
+"""
+
+_HISTORY = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local first = tonumber(ARGV[2])
+local last = tonumber(ARGV[4])
+local entries = {}
+if first >= 0 and (last < 0 or last >= first) then
+  local upto = '+'
+  if last >= 0 then upto = last .. '-1' end
+  entries = redis.call('XRANGE', KEYS[2], first .. '-0', upto)
+end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return {offset, epoch, entries, ms}
+"""
+
+_PRESENCE_SET = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] == '1' then
+    redis.call('ZADD', KEYS[1], ms + ttl, ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+_PRESENCE_GET = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ms, '+inf')
+"""
+
+
+class BrokerUnavailable(WsgateError):
+    """The broker could not be reached: the operation did not happen."""
+
+
+@dataclass(slots=True)
+class _Position:
+    epoch: str
+    offset: int
+
+
+def _decode_payload(payload: bytes) -> tuple[str | None, Any]:
+    event, data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    return event, data
+
+
+def _int(value: Any) -> int:
+    return int(value.decode() if isinstance(value, bytes) else value)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBroker:
+    """Topics, history and presence in Redis, shared by every node that uses it.
+
+    Args:
+        url: ``redis://host:port/db``.
+        history_size: publications each topic keeps; 0 keeps none.
+        history_ttl: seconds a publication is kept; None: until pushed out.
+        prefix: the prefix of every key and channel.
+        presence_ttl: seconds a presence entry lives unless its node refreshes it.
+        sync_interval: seconds between checks that no live publication was missed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 100,
+        history_ttl: float | None = 300.0,
+        prefix: str = "wsgate",
+        presence_ttl: float = 60.0,
+        sync_interval: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.prefix = prefix
+        self.presence_ttl = presence_ttl
+        self.sync_interval = sync_interval
+        self._client: coredis.Redis[bytes] | None = None
+        self._pubsub: Any = None
+        self._receiver: Receiver | None = None
+        self._control: Callable[[dict[str, Any]], None] | None = None
+        self._positions: dict[str, _Position] = {}  # last delivered, per subscribed topic
+        self._presence: dict[str, dict[str, str | None]] = {}  # what this node put there
+        self._ready = trio.Event()
+        self._order = trio.Lock()  # one delivery at a time: offsets stay in order
+
+    def __repr__(self) -> str:  # the URL may hold a password
+        return f"<RedisBroker prefix={self.prefix!r}>"
+
+    # -- keys -------------------------------------------------------------------------
+
+    def _meta(self, topic: str) -> str:
+        return f"{self.prefix}:t:{topic}:meta"
+
+    def _log(self, topic: str) -> str:
+        return f"{self.prefix}:t:{topic}:log"
+
+    def _channel(self, topic: str) -> str:
+        return f"{self.prefix}:c:{topic}"
+
+    def _presence_key(self, topic: str) -> str:
+        return f"{self.prefix}:presence:{topic}"
+
+    @property
+    def _control_channel(self) -> str:
+        return f"{self.prefix}:control"
+
+    def _meta_ttl_ms(self) -> int:
+        return max(_META_TTL_MS, int((self.history_ttl or 0) * 1000))
+
+    # -- life -------------------------------------------------------------------------
+
+    def bind(
+        self, receiver: Receiver, control: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """Set the node's receivers: of live publications, and of control messages."""
+        self._receiver = receiver
+        self._control = control
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, listen and keep presence fresh, until cancelled."""
+        async with coredis.Redis.from_url(self.url) as client:
+            self._client = client
+            try:
+                async with client.pubsub(channels=[self._control_channel]) as pubsub:
+                    self._pubsub = pubsub
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._listen, pubsub)
+                        nursery.start_soon(self._refresh_presence)
+                        nursery.start_soon(self._check_positions)
+                        self._ready.set()
+                        task_status.started()
+                        await trio.sleep_forever()
+            except* anyio.ClosedResourceError:
+                # coredis 6.9's pubsub, cancelled, tries to UNSUBSCRIBE on a connection it
+                # has already closed. Being cancelled is the only way out of here.
+                if trio.current_effective_deadline() != -math.inf:
+                    raise
+            finally:
+                self._client = self._pubsub = None
+
+    def _redis(self) -> coredis.Redis[bytes]:
+        if self._client is None:
+            raise BrokerUnavailable("the Redis broker is not running")
+        return self._client
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._redis().eval(script, keys=keys, args=args)
+        except _UNREACHABLE as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    # -- publications -----------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        event: str | None = None,
+        *,
+        encoded: dict[str, tuple[bytes, int]] | None = None,
+    ) -> Publication:
+        """Number the publication in Redis, log it and publish it to every node.
+
+        Raises:
+            BrokerUnavailable: Redis could not be reached; nothing was published.
+        """
+        payload = msgpack.packb([event, data], use_bin_type=True)
+        offset, epoch = await self._call(
+            _PUBLISH,
+            [self._meta(topic), self._log(topic), self._channel(topic)],
+            [secrets.token_hex(4), payload, self.history_size, self._meta_ttl_ms()],
+        )
+        publication = Publication(topic, _int(offset), _str(epoch), data, event)
+        if encoded:
+            publication.encoded.update(encoded)
+        return publication
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        """The held publications after ``since`` (within ``history_ttl``) and the position."""
+        return await self._history(topic, since)
+
+    async def _history(self, topic: str, since: int | None, until: int | None = None) -> History:
+        first = -1 if since is None else since + 1
+        last = -1 if until is None else until
+        offset, epoch, entries, now_ms = await self._call(
+            _HISTORY,
+            [self._meta(topic), self._log(topic)],
+            [secrets.token_hex(4), first, self._meta_ttl_ms(), last],
+        )
+        epoch = _str(epoch)
+        oldest = -math.inf if self.history_ttl is None else _int(now_ms) - self.history_ttl * 1000
+        held: list[Publication] = []
+        for entry_id, fields in entries:
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            if _int(values[b"t"]) <= oldest:
+                continue
+            event, data = _decode_payload(values[b"p"])
+            entry_offset = _int(_str(entry_id).partition("-")[0])
+            held.append(Publication(topic, entry_offset, epoch, data, event))
+        return History(held, _int(offset), epoch)
+
+    async def subscribe(self, topic: str) -> None:
+        """Listen to the topic's channel; deliveries start from its current offset."""
+        await self._ready.wait()
+        try:
+            await self._pubsub.subscribe(self._channel(topic))
+        except _UNREACHABLE as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        position = await self._history(topic, None)
+        async with self._order:
+            self._positions.setdefault(topic, _Position(position.epoch, position.offset))
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop listening to the topic's channel."""
+        self._positions.pop(topic, None)
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.unsubscribe(self._channel(topic))
+            except _UNREACHABLE:
+                logger.warning("could not unsubscribe from %s: Redis is unreachable", topic)
+
+    async def _listen(self, pubsub: Any) -> None:
+        prefix = f"{self.prefix}:c:".encode()
+        control = self._control_channel.encode()
+        async for message in pubsub:
+            if message.get("type") != "message":
+                continue
+            channel, data = message["channel"], message["data"]
+            if isinstance(channel, str):
+                channel = channel.encode()
+            try:
+                if channel == control:
+                    if self._control is not None:
+                        self._control(msgpack.unpackb(data, raw=False))
+                elif channel.startswith(prefix):
+                    await self._on_live(channel[len(prefix) :].decode(), data)
+            except Exception:
+                logger.exception("a message from Redis could not be handled")
+
+    async def _on_live(self, topic: str, data: bytes) -> None:
+        offset_text, epoch_text, payload = data.split(b"\n", 2)
+        offset, epoch = int(offset_text), epoch_text.decode()
+        async with self._order:
+            position = self._positions.get(topic)
+            if position is None:
+                return  # no longer subscribed
+            if epoch == position.epoch:
+                if offset <= position.offset:
+                    return  # already delivered (filled from the log)
+                if offset > position.offset + 1:
+                    await self._fill(topic, position, offset - 1)
+            event, value = _decode_payload(payload)
+            self._deliver(topic, position, Publication(topic, offset, epoch, value, event))
+
+    async def _fill(self, topic: str, position: _Position, until: int) -> None:
+        """Deliver from the log what pub/sub lost, up to ``until`` (holding ``_order``)."""
+        history = await self._history(topic, position.offset, until)
+        if history.epoch != position.epoch:
+            return
+        for publication in history.publications:
+            if publication.offset > position.offset:
+                self._deliver(topic, position, publication)
+        if history.publications:
+            logger.info("filled a gap of %s from the log", topic)
+
+    def _deliver(self, topic: str, position: _Position, publication: Publication) -> None:
+        position.epoch, position.offset = publication.epoch, publication.offset
+        if self._receiver is not None:
+            self._receiver(publication)
+
+    async def _check_positions(self) -> None:
+        """Now and then, fill what pub/sub lost though no later message revealed it."""
+        while True:
+            await trio.sleep(self.sync_interval)
+            for topic in list(self._positions):
+                try:
+                    async with self._order:
+                        position = self._positions.get(topic)
+                        if position is not None:
+                            await self._fill(topic, position, -1)
+                except BrokerUnavailable:
+                    break  # try again next time
+                except Exception:
+                    logger.exception("checking %s failed", topic)
+
+    # -- presence and control ----------------------------------------------------------
+
+    async def set_presence(self, topic: str, session: str, user: str | None, present: bool) -> None:
+        """Record a session joining or leaving a topic, for every node to see."""
+        local = self._presence.setdefault(topic, {})
+        if present:
+            local[session] = user
+        else:
+            local.pop(session, None)
+            if not local:
+                del self._presence[topic]
+        member = f"{session}\n{user or ''}"
+        await self._call(
+            _PRESENCE_SET,
+            [self._presence_key(topic)],
+            [int(self.presence_ttl * 1000), member, "1" if present else "0"],
+        )
+
+    async def presence(self, topic: str) -> dict[str, str | None]:
+        """The sessions present in the topic on every node, with their users."""
+        members = await self._call(_PRESENCE_GET, [self._presence_key(topic)], [])
+        present: dict[str, str | None] = {}
+        for member in members:
+            session, _, user = _str(member).partition("\n")
+            present[session] = user or None
+        return present
+
+    async def _refresh_presence(self) -> None:
+        while True:
+            await trio.sleep(self.presence_ttl / 3)
+            for topic, sessions in list(self._presence.items()):
+                args: list[Any] = [int(self.presence_ttl * 1000)]
+                for session, user in sessions.items():
+                    args += [f"{session}\n{user or ''}", "1"]
+                try:
+                    await self._call(_PRESENCE_SET, [self._presence_key(topic)], args)
+                except BrokerUnavailable:
+                    break
+
+    async def broadcast(self, message: dict[str, Any]) -> None:
+        """Send a control message to every node, this one included."""
+        try:
+            await self._redis().publish(
+                self._control_channel, msgpack.packb(message, use_bin_type=True)
+            )
+        except _UNREACHABLE as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    def statistics(self) -> dict[str, int]:
+        """``topics``: topics this node listens to."""
+        return {"topics": len(self._positions)}
