@@ -6,6 +6,7 @@ from .client import Backoff, Client, ClientState, Message, open_client
 from .config import Config, SlowConsumerPolicy
 from .connection import Connection, Session
 from .exceptions import (
+    BrokerUnavailable,
     ClientClosed,
     HandlerError,
     ProtocolError,
@@ -22,6 +23,7 @@ from .server import Server, serve
 
 __all__ = [
     "Backoff",
+    "BrokerUnavailable",
     "Client",
     "ClientClosed",
     "ClientState",

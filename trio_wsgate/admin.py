@@ -20,6 +20,8 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .exceptions import BrokerUnavailable
+
 if TYPE_CHECKING:
     from .brokers import Publication
     from .server import Server
@@ -38,16 +40,20 @@ JSON = "application/json"
 _BODY_MARGIN = 4096
 
 
-def probe(path: str, ready: bool) -> tuple[int, str] | None:
+def probe(path: str, ready: bool, degraded: bool = False) -> tuple[int, str] | None:
     """Answer the load balancers' probes, on either port: ``(status, body)``.
 
     ``/healthz`` is 200 while the process serves; ``/readyz`` is 200 while it
-    accepts connections and 503 while it drains (PROTOCOL.md §9). Other paths: None.
+    accepts connections and 503 while it drains (PROTOCOL.md §9). While the broker
+    cannot be reached, ``/readyz`` stays 200 (a Redis blip must not empty the load
+    balancer) and says ``degraded`` in its body. Other paths: None.
     """
     if path == "/healthz":
         return 200, "ok\n"
     if path == "/readyz":
-        return (200, "ready\n") if ready else (503, "draining\n")
+        if not ready:
+            return 503, "draining\n"
+        return 200, "ready (degraded: the broker is unreachable)\n" if degraded else "ready\n"
     return None
 
 
@@ -124,7 +130,7 @@ class AdminApp:
                 return answer
         if method not in ("GET", "HEAD"):
             return 405, b"Method Not Allowed\n", TEXT, [(b"allow", b"GET, HEAD")]
-        probed = probe(path, self._server.ready)
+        probed = probe(path, self._server.ready, self._server.degraded)
         if probed is not None:
             return probed[0], probed[1].encode(), TEXT, []
         if path == "/metrics":
@@ -159,7 +165,12 @@ class AdminApp:
             answer[3].append((b"allow", method.encode()))
             return answer
         handler: Callable[[Scope, Receive], Awaitable[Any]] = getattr(self, name)
-        return _json(200, await handler(scope, receive))
+        try:
+            return _json(200, await handler(scope, receive))
+        except BrokerUnavailable as exc:
+            answer = _json(503, {"error": "unavailable", "reason": str(exc)})
+            answer[3].append((b"retry-after", b"1"))
+            return answer
 
     async def _body(self, receive: Receive) -> dict[str, Any]:
         limit = self._server.config.max_message_size + _BODY_MARGIN

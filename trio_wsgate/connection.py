@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .auth import Identity, identify
-from .exceptions import HandlerError, ProtocolError, SessionClosed, SlowConsumer, Unauthorized
+from .exceptions import (
+    BrokerUnavailable,
+    HandlerError,
+    ProtocolError,
+    SessionClosed,
+    SlowConsumer,
+    Unauthorized,
+)
 from .hub import (
     ResumeResult,
     SubscribeResult,
@@ -827,6 +834,9 @@ class Connection:
             return session
         try:
             await session.subscribe(user_topic(user))
+        except BrokerUnavailable:
+            # Serve it all the same; it follows its topic once the broker is back.
+            logger.warning("session of %s opened without its user topic: broker down", user)
         except BaseException:
             # Cancelled (the client left) or the broker failed: no one can resume a
             # session that was never welcomed.
@@ -868,6 +878,8 @@ class Connection:
                 data, error = await self._topic_operation(session, envelope)
             except SessionClosed:
                 return  # as for a handler: not processed, no one to reply to
+            except BrokerUnavailable as exc:
+                error = ErrorInfo("unavailable", str(exc))
             except Exception:
                 logger.exception("%s failed", envelope.type)
                 error = ErrorInfo("internal", "internal error")

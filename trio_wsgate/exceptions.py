@@ -10,6 +10,8 @@ Every error the package raises on purpose derives from one root::
     ├── ClientClosed           the client has stopped for good (see trio_wsgate.client)
     ├── SessionLost            the server dropped the client's session: a request's
     │                          outcome is unknown
+    ├── BrokerUnavailable      the broker (Redis) could not be reached: nothing was
+    │                          published or subscribed
     └── SessionClosed          the session ended; nothing more can be sent on it
         └── SlowConsumer       ... because its queue overflowed (close 4004)
 
@@ -21,6 +23,7 @@ connection ended.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailable",
     "ClientClosed",
     "HandlerError",
     "ProtocolError",
@@ -98,6 +101,14 @@ class SessionLost(WsgateError):
 
     The client carries on with a new session (``resumed: false``); a request that was
     written but not acknowledged may or may not have run.
+    """
+
+
+class BrokerUnavailable(WsgateError):
+    """The broker could not be reached: the operation did not happen.
+
+    A publication refused this way was not delivered to anyone; the caller may retry.
+    Clients get the error code ``unavailable``; the server API answers 503.
     """
 
 

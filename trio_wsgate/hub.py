@@ -221,6 +221,7 @@ class Hub:
         metrics.sessions.set_function(lambda: float(len(self.sessions)))
         metrics.sessions_detached.set_function(lambda: float(self.detached_count()))
         metrics.topics.set_function(lambda: float(len(self.topics)))
+        metrics.broker_up.set_function(lambda: 1.0 if self.broker.healthy else 0.0)
 
     # -- tokens -----------------------------------------------------------------------
 
@@ -529,9 +530,21 @@ class Hub:
         return count
 
     def _on_control(self, message: dict[str, Any]) -> None:
-        """A control message from any node (the broker's call)."""
-        if message.get("kind") == "kick":
+        """A control message from any node, or from the broker itself (its call)."""
+        kind = message.get("kind")
+        if kind == "kick":
             self.kick_here(user=message.get("user"), session=message.get("session"))
+        elif kind == "recovered":
+            self._chore(self._follow_user_topics)
+
+    async def _follow_user_topics(self) -> None:
+        """Subscribe the sessions that could not follow their user topic (broker outage)."""
+        for session in list(self.sessions.values()):
+            if session.user is not None and user_topic(session.user) not in session.subscriptions:
+                try:
+                    await self.subscribe(session, user_topic(session.user))
+                except SessionClosed:
+                    continue
 
     def kick_here(self, *, user: str | None = None, session: str | None = None) -> int:
         """Close this node's sessions of the user, or the session, with 4005."""

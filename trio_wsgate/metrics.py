@@ -115,6 +115,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.broker_up = Gauge(
+            "wsgate_broker_up", "1 while the broker (Redis) can be reached, else 0.", registry=r
+        )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
 

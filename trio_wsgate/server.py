@@ -107,6 +107,11 @@ class Server:
         """True while the node accepts connections (``/readyz``)."""
         return not self.draining
 
+    @property
+    def degraded(self) -> bool:
+        """True while the broker cannot be reached (``/readyz`` says so, still 200)."""
+        return not self.hub.broker.healthy
+
     def _queue_depth(self) -> int:
         return sum(connection.queue_depth for connection in self.connections)
 
@@ -130,7 +135,7 @@ class Server:
         self, request: Request, identified: list[Identity]
     ) -> tuple[int, str, dict[str, str]] | None:
         path = request.path.split("?", 1)[0]
-        answer = probe(path, self.ready)
+        answer = probe(path, self.ready, self.degraded)
         if answer is not None:
             status, body = answer
             return status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {}

@@ -65,7 +65,15 @@ ControlReceiver = Callable[[dict[str, Any]], None]
 
 
 class Broker(Protocol):
-    """What carries publications and presence between the sessions of a gateway."""
+    """What carries publications and presence between the sessions of a gateway.
+
+    Operations that cannot reach the broker raise
+    :class:`~trio_wsgate.exceptions.BrokerUnavailable`. When the broker can be reached
+    again after an outage, it tells the control receiver ``{"kind": "recovered"}``.
+    """
+
+    #: False while the broker cannot be reached (``/readyz`` says so, still 200).
+    healthy: bool
 
     def bind(self, receiver: Receiver, control: ControlReceiver | None = None) -> None:
         """Set the node's receivers of live publications and of control messages."""

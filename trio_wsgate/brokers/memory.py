@@ -39,6 +39,9 @@ class MemoryBroker:
         history_ttl: seconds a publication is kept; None: until pushed out by newer ones.
     """
 
+    #: Always reachable: it is this process.
+    healthy = True
+
     def __init__(self, history_size: int = 100, history_ttl: float | None = 300.0) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +40,10 @@ import coredis
 import msgpack
 import trio
 
-from ..exceptions import WsgateError
-from .base import History, Publication, Receiver
+from ..exceptions import BrokerUnavailable
+from .base import ControlReceiver, History, Publication, Receiver
 
-__all__ = ["BrokerUnavailable", "RedisBroker"]
+__all__ = ["RedisBroker"]
 
 logger = logging.getLogger("trio_wsgate.redis")
 
@@ -119,10 +118,6 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ms, '+inf')
 """
 
 
-class BrokerUnavailable(WsgateError):
-    """The broker could not be reached: the operation did not happen."""
-
-
 @dataclass(slots=True)
 class _Position:
     epoch: str
@@ -152,6 +147,7 @@ class RedisBroker:
         prefix: the prefix of every key and channel.
         presence_ttl: seconds a presence entry lives unless its node refreshes it.
         sync_interval: seconds between checks that no live publication was missed.
+        health_interval: seconds between pings that tell whether Redis is reachable.
     """
 
     def __init__(
@@ -163,6 +159,7 @@ class RedisBroker:
         prefix: str = "wsgate",
         presence_ttl: float = 60.0,
         sync_interval: float = 5.0,
+        health_interval: float = 1.0,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -170,10 +167,15 @@ class RedisBroker:
         self.prefix = prefix
         self.presence_ttl = presence_ttl
         self.sync_interval = sync_interval
+        self.health_interval = health_interval
+        #: True while Redis answers (``/readyz`` says "degraded" otherwise).
+        self.healthy = False
+        # Set when Redis answers again: each catching-up task waits on its own.
+        self._recovered = {"positions": trio.Event(), "presence": trio.Event()}
         self._client: coredis.Redis[bytes] | None = None
         self._pubsub: Any = None
         self._receiver: Receiver | None = None
-        self._control: Callable[[dict[str, Any]], None] | None = None
+        self._control: ControlReceiver | None = None
         self._positions: dict[str, _Position] = {}  # last delivered, per subscribed topic
         self._presence: dict[str, dict[str, str | None]] = {}  # what this node put there
         self._ready = trio.Event()
@@ -205,9 +207,7 @@ class RedisBroker:
 
     # -- life -------------------------------------------------------------------------
 
-    def bind(
-        self, receiver: Receiver, control: Callable[[dict[str, Any]], None] | None = None
-    ) -> None:
+    def bind(self, receiver: Receiver, control: ControlReceiver | None = None) -> None:
         """Set the node's receivers: of live publications, and of control messages."""
         self._receiver = receiver
         self._control = control
@@ -223,6 +223,7 @@ class RedisBroker:
                         nursery.start_soon(self._listen, pubsub)
                         nursery.start_soon(self._refresh_presence)
                         nursery.start_soon(self._check_positions)
+                        nursery.start_soon(self._watch_health)
                         self._ready.set()
                         task_status.started()
                         await trio.sleep_forever()
@@ -243,7 +244,31 @@ class RedisBroker:
         try:
             return await self._redis().eval(script, keys=keys, args=args)
         except _UNREACHABLE as exc:
+            self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    def _lost(self) -> None:
+        if self.healthy:
+            logger.warning("Redis is unreachable: serving local connections only")
+        self.healthy = False
+
+    async def _watch_health(self) -> None:
+        """Ping Redis; when it answers again, catch up at once (positions, presence)."""
+        while True:
+            try:
+                with trio.fail_after(max(self.health_interval, 1.0)):
+                    await self._redis().ping()
+            except (*_UNREACHABLE, trio.TooSlowError):
+                self._lost()
+            else:
+                if not self.healthy:
+                    self.healthy = True
+                    logger.warning("Redis is reachable: catching up")
+                    for event in self._recovered.values():
+                        event.set()
+                    if self._control is not None:
+                        self._control({"kind": "recovered"})
+            await trio.sleep(self.health_interval)
 
     # -- publications -----------------------------------------------------------------
 
@@ -301,6 +326,7 @@ class RedisBroker:
         try:
             await self._pubsub.subscribe(self._channel(topic))
         except _UNREACHABLE as exc:
+            self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
         position = await self._history(topic, None)
         async with self._order:
@@ -349,12 +375,18 @@ class RedisBroker:
             self._deliver(topic, position, Publication(topic, offset, epoch, value, event))
 
     async def _fill(self, topic: str, position: _Position, until: int) -> None:
-        """Deliver from the log what pub/sub lost, up to ``until`` (holding ``_order``)."""
+        """Deliver from the log what pub/sub lost, up to ``until`` (holding ``_order``).
+
+        If the topic has a new epoch (Redis lost it, and it started again), everything
+        of the new epoch is what was lost.
+        """
         history = await self._history(topic, position.offset, until)
         if history.epoch != position.epoch:
-            return
+            history = await self._history(topic, 0, until)
+            if history.publications:
+                logger.warning("%s started a new epoch: its earlier offsets are gone", topic)
         for publication in history.publications:
-            if publication.offset > position.offset:
+            if publication.epoch != position.epoch or publication.offset > position.offset:
                 self._deliver(topic, position, publication)
         if history.publications:
             logger.info("filled a gap of %s from the log", topic)
@@ -367,7 +399,7 @@ class RedisBroker:
     async def _check_positions(self) -> None:
         """Now and then, fill what pub/sub lost though no later message revealed it."""
         while True:
-            await trio.sleep(self.sync_interval)
+            await self._pause("positions", self.sync_interval)
             for topic in list(self._positions):
                 try:
                     async with self._order:
@@ -406,9 +438,15 @@ class RedisBroker:
             present[session] = user or None
         return present
 
+    async def _pause(self, task: str, seconds: float) -> None:
+        """Sleep ``seconds``, or until Redis is back after an outage."""
+        with trio.move_on_after(seconds):
+            await self._recovered[task].wait()
+        self._recovered[task] = trio.Event()
+
     async def _refresh_presence(self) -> None:
         while True:
-            await trio.sleep(self.presence_ttl / 3)
+            await self._pause("presence", self.presence_ttl / 3)
             for topic, sessions in list(self._presence.items()):
                 args: list[Any] = [int(self.presence_ttl * 1000)]
                 for session, user in sessions.items():
@@ -425,6 +463,7 @@ class RedisBroker:
                 self._control_channel, msgpack.packb(message, use_bin_type=True)
             )
         except _UNREACHABLE as exc:
+            self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
     def statistics(self) -> dict[str, int]:
