@@ -451,3 +451,84 @@ def test_the_chat_of_the_readme_users_rooms_presence_and_the_http_api() -> None:
 
 def test_an_anonymous_node_says_so_loudly(node: Node) -> None:
     assert any("ANONYMOUS MODE" in line and "WARNING" in line for line in node.log)
+
+
+def _free_run(count: int) -> int:
+    """A base port with ``count`` free ports after it."""
+    for _ in range(50):
+        base = free_port()
+        if base + count >= 65000:
+            continue
+        try:
+            for port in (*range(base, base + count), *range(base + 100, base + 100 + count)):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+@pytest.mark.redis
+def test_scripts_cluster_runs_three_nodes_that_act_as_one(redis_server: Any) -> None:
+    """scripts/cluster: three chat nodes through one Redis, clients spread over them."""
+    base = _free_run(3)
+    secrets = {"WSGATE_JWT_SECRET": "c" * 40, "WSGATE_API_KEY": "cluster-api-key"}
+    env = {
+        **os.environ,
+        **secrets,
+        "WSGATE_CLUSTER_PORT": str(base),
+        "WSGATE_REDIS": redis_server.url,
+    }
+    process = subprocess.Popen(
+        ["bash", "scripts/cluster", "3", "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        urls = [f"ws://127.0.0.1:{base + i}/ws" for i in range(3)]
+        for i in range(3):
+            _wait_for_port(base + 100 + i)
+        ada_token = run_cli("token", "ada", env=secrets).stdout.strip()
+        bob_token = run_cli("token", "bob", env=secrets).stdout.strip()
+        with (
+            connect(f"{urls[0]}?token={ada_token}") as ada,
+            connect(f"{urls[2]}?token={bob_token}") as bob,
+        ):
+            hello(ada)
+            hello(bob)
+            assert _call(ada, 1, "join", "rust")["room"] == "room:rust"
+            assert _call(bob, 1, "join", "rust")["members"] == ["ada", "bob"]
+            assert _call(ada, 2, "say", {"room": "rust", "text": "across"})["offset"] == 3
+            for ws in (ada, bob):
+                said = _next_event(ws, "said")
+                assert said["data"] == {"from": "ada", "text": "across"}
+            middle = Node(process, base + 1, base + 101, [])  # type: ignore[arg-type]
+            note = {"topic": "room:rust", "event": "said", "data": {"from": "ops", "text": "!"}}
+            status, published = _api(middle, "POST", "/api/publish", note, "cluster-api-key")
+            assert (status, published["offset"]) == (200, 4)
+            for ws in (ada, bob):
+                assert _next_event(ws, "said")["data"] == {"from": "ops", "text": "!"}
+            status, present = _api(
+                middle, "GET", "/api/presence?topic=room:rust", key="cluster-api-key"
+            )
+            assert present["users"] == ["ada", "bob"]
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)
+        if process.stderr:
+            process.stderr.close()
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
