@@ -532,3 +532,67 @@ def _wait_for_port(port: int) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.mark.redis
+def test_the_owner_killed_the_client_recovers_every_publication_on_another_node(
+    redis_server: Any,
+) -> None:
+    """SIGKILL the node holding a session: the client carries on at another, losing nothing."""
+    import jwt
+    import trio
+
+    from trio_wsgate import Backoff, ClientState, open_client
+
+    secrets = {
+        "WSGATE_JWT_SECRET": "k" * 40,
+        "WSGATE_API_KEY": "kill-test-key",
+        "WSGATE_SECRET": "r" * 32,
+        "WSGATE_REDIS": redis_server.url,
+    }
+    first, second = start_node(env=secrets), start_node(env=secrets)
+    token = jwt.encode({"sub": "ada", "exp": int(time.time()) + 600}, "k" * 40, algorithm="HS256")
+
+    def publish(text: str) -> int:
+        note = {"topic": "room:1", "data": text}
+        status, answer = _api(second, "POST", "/api/publish", note, "kill-test-key")
+        assert status == 200, answer
+        return int(answer["offset"])
+
+    async def scenario() -> None:
+        target = [first.port]
+
+        async def connect() -> trio.abc.Stream:
+            return await trio.open_tcp_stream("127.0.0.1", target[0])
+
+        backoff = Backoff(base=0.05, cap=0.2)
+        async with open_client(first.url, token=token, connect=connect, backoff=backoff) as client:
+            await client.wait_connected()
+            await client.subscribe("room:1")
+            got: list[tuple[int | None, Any]] = []
+
+            async def receive(count: int) -> None:
+                with trio.fail_after(30):
+                    async for message in client.messages():
+                        if message.topic == "room:1":
+                            got.append((message.offset, message.data))
+                            if len(got) == count:
+                                return
+
+            for i in range(5):
+                await trio.to_thread.run_sync(publish, f"m{i}")
+            await receive(5)
+            first.process.kill()  # SIGKILL: the session's owner is gone, mid-stream
+            target[0] = second.port
+            for i in range(5, 10):
+                await trio.to_thread.run_sync(publish, f"m{i}")
+            await receive(10)
+            assert got == [(i + 1, f"m{i}") for i in range(10)]  # once each, in order
+            assert client.recovered == {"room:1": True, "user:ada": True}
+            assert client.state in (ClientState.SESSION_LOST, ClientState.CONNECTED)
+
+    try:
+        trio.run(scenario)
+    finally:
+        stop_node(first)
+        stop_node(second)

@@ -818,20 +818,23 @@ class Client:
             state = ClientState.SESSION_LOST if lost else ClientState.CONNECTED
         self.session, self._resume_token = welcome.session, welcome.resume_token
         self.user = welcome.user
-        if welcome.user is not None:
-            self._topics.setdefault("user:" + welcome.user, None)
         if state is ClientState.SESSION_LOST:
-            resend += self._resubscribe()
+            resend += self._resubscribe(list(self._topics))
+        elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
+            # Learn where the user topic stands, so that a lost session can recover it
+            # even if nothing was sent to the user before (PROTOCOL.md §6).
+            self._topics["user:" + welcome.user] = None
+            resend += self._resubscribe(["user:" + welcome.user])
         for item in resend:
             self._write(link, item)
         self._set_state(state)
         self._update_processed()
 
-    def _resubscribe(self) -> list[_Pending]:
-        """Subscribe the new session again, each topic from where we were (§6)."""
+    def _resubscribe(self, topics: list[str]) -> list[_Pending]:
+        """Subscribe the session to the topics, each from where we were (§6)."""
         self.recovered = {}
         written: list[_Pending] = []
-        for topic in self._topics:
+        for topic in topics:
             waiter = _Request(trio.Event(), on_data=self._tracker(topic))
             build = self._sub_builder(topic)
             envelope = build(self._outbox.next_seq, None)

@@ -763,6 +763,11 @@ class Connection:
         resend: list[_Outgoing] = []
         if hello.resume is not None:
             session, result = hub.find(hello.resume, user)
+            if session is None and result is ResumeResult.UNKNOWN:
+                # Perhaps another node holds it (PROTOCOL.md §5: sessions may move).
+                session = await hub.migrate(hello.resume, user, self._codec)
+                if session is not None:
+                    result = ResumeResult.MIGRATED
             if session is not None:
                 # The newest claim wins: an earlier connection still waiting for the
                 # session to be let go loses it to this one.
@@ -830,16 +835,17 @@ class Connection:
         hub, user = self._hub, identity.user
         session = hub.create(user, self._codec)
         session.identity = identity
-        if user is None:
-            return session
         try:
-            await session.subscribe(user_topic(user))
-        except BrokerUnavailable:
-            # Serve it all the same; it follows its topic once the broker is back.
-            logger.warning("session of %s opened without its user topic: broker down", user)
+            await hub.claim(session)
+            if user is not None:
+                try:
+                    await session.subscribe(user_topic(user))
+                except BrokerUnavailable:
+                    # Serve it all the same; it follows its topic once the broker is back.
+                    logger.warning("session of %s opened without its user topic", user)
         except BaseException:
-            # Cancelled (the client left) or the broker failed: no one can resume a
-            # session that was never welcomed.
+            # Cancelled (the client left) or failed: no one can resume a session that
+            # was never welcomed.
             hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
             raise
         if self.closing:

@@ -52,12 +52,23 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
 
 from .auth import Authenticator, Identity
 from .brokers import Broker, MemoryBroker, Publication
-from .exceptions import SessionClosed, Unauthorized
-from .protocol import CODECS, CloseCode, CloseReason, Codec, Resume, Since
+from .exceptions import BrokerUnavailable, SessionClosed, Unauthorized
+from .protocol import (
+    CODECS,
+    CloseCode,
+    CloseReason,
+    Codec,
+    Resume,
+    Sequenced,
+    Since,
+    parse_envelope,
+)
+from .session import Inbox, Outbox
 
 if TYPE_CHECKING:
     from .config import Config
@@ -93,7 +104,8 @@ class ResumeResult(enum.StrEnum):
 
     RESUMED = "resumed"
     TAKEN_OVER = "taken_over"  # resumed from a connection that still looked open
-    UNKNOWN = "unknown"  # never held here, ended, or expired
+    MIGRATED = "migrated"  # handed over by the node that held it
+    UNKNOWN = "unknown"  # held by no node, ended, or expired
     EXPIRED = "expired"  # found, but its resume_ttl had run out
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
 
@@ -211,6 +223,7 @@ class Hub:
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
         self._broker_lock = trio.Lock()
         self._chores: deque[Callable[[], Awaitable[None]]] = deque()
+        self._tasks: trio.Nursery | None = None  # the hub's own, while it runs
         self._chore_lock = trio.Lock()
         self._secret = (config.secret or secrets.token_hex(32)).encode()
         # (deadline, tie-breaker, session): stale entries are skipped when popped.
@@ -245,11 +258,33 @@ class Hub:
         session_id = secrets.token_urlsafe(16)
         session = Session(self, session_id, user, codec, self.config.window)
         session._resume_token = self.resume_token(session_id, user)
-        self.sessions[session_id] = session
-        if user is not None:
-            self.users.setdefault(user, set()).add(session)
+        self._register(session)
         self.metrics.sessions_opened.inc()
         return session
+
+    def _register(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        if session.user is not None:
+            self.users.setdefault(session.user, set()).add(session)
+
+    def _unregister(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        if session.user is not None:
+            mine = self.users.get(session.user)
+            if mine is not None:
+                mine.discard(session)
+                if not mine:
+                    del self.users[session.user]
+        # It leaves its topics, but its own list stays (for the session-end hooks).
+        for topic in session.subscriptions:
+            self._leave(session, topic)
+
+    async def claim(self, session: Session) -> None:
+        """Record in the broker that this node holds the session (for migration)."""
+        try:
+            await self.broker.claim_sessions([session.id], self.node_id)
+        except BrokerUnavailable:
+            logger.warning("session %s is not recorded as this node's: broker down", session.id)
 
     def detached_count(self) -> int:
         """Sessions waiting for their client to resume."""
@@ -309,16 +344,8 @@ class Hub:
         session.ended = True
         if session.connection is None:
             session.close_code, session.close_reason = code, reason
-        self.sessions.pop(session.id, None)
-        if session.user is not None:
-            mine = self.users.get(session.user)
-            if mine is not None:
-                mine.discard(session)
-                if not mine:
-                    del self.users[session.user]
-        # It leaves its topics, but its own list stays for the session-end hooks.
-        for topic in session.subscriptions:
-            self._leave(session, topic)
+        self._unregister(session)
+        self._chore(lambda: self.broker.release_session(session.id, self.node_id))
         self.metrics.sessions_ended.labels(why).inc()
         if self.gateway.session_end_hooks:
             self._ended.append(session)
@@ -344,8 +371,12 @@ class Hub:
         """Expire detached sessions and run session-end hooks, until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.broker.run)
+            self._tasks = nursery
             task_status.started()
-            await self._run()
+            try:
+                await self._run()
+            finally:
+                self._tasks = None
 
     async def _run(self) -> None:
         while True:
@@ -536,6 +567,116 @@ class Hub:
             self.kick_here(user=message.get("user"), session=message.get("session"))
         elif kind == "recovered":
             self._chore(self._follow_user_topics)
+        elif (
+            kind == "handover" and message.get("owner") == self.node_id and self._tasks is not None
+        ):
+            self._tasks.start_soon(
+                self._hand_over, message["session"], message["to"], message["request"]
+            )
+
+    # -- session migration (DESIGN.md, "Session migration") ---------------------------
+
+    async def migrate(self, resume: Resume, user: str | None, codec: Codec) -> Session | None:
+        """Fetch a session that another node holds, for a resume here; None if none.
+
+        The holder closes its connection (4006) if it still has one, and passes the
+        session's state: its numbering and unacknowledged envelopes both ways, its
+        subscriptions and the application's ``state``. The session follows its topics
+        here from where it was, so publications made meanwhile are not lost.
+        """
+        try:
+            owner = await self.broker.session_owner(resume.session)
+            if owner is None or owner == self.node_id:
+                return None
+            state = await self.broker.request_handover(
+                resume.session, owner, self.node_id, timeout=2 * self.config.close_timeout
+            )
+        except BrokerUnavailable:
+            return None
+        if state is None or state.get("id") != resume.session or state.get("user") != user:
+            return None
+        from .connection import Session, _Outgoing  # the connection module imports this one
+
+        outbox = state["outbox"]
+        session = Session(self, state["id"], user, codec, outbox["window"])
+        session._resume_token = self.resume_token(session.id, user)
+        session.state = state.get("state") or {}
+        session.outbox = Outbox(outbox["window"], outbox["next_seq"], outbox["acked"])
+        for queue, wires in (
+            (session.outbox.in_flight, outbox["in_flight"]),
+            (session.outbox.waiting, outbox["waiting"]),
+        ):
+            for wire in wires:
+                envelope = parse_envelope(wire)
+                assert isinstance(envelope, Sequenced)
+                queue.append((envelope.seq, _Outgoing(envelope, codec.encode(envelope))))
+        inbox = state["inbox"]
+        session.inbox = Inbox(
+            inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]
+        )
+        session.detached_at = trio.current_time()
+        self._register(session)
+        await self.claim(session)
+        self.metrics.sessions_migrated.labels("in").inc()
+        for topic, (offset, epoch) in state["subscriptions"].items():
+            try:
+                await self.subscribe(session, topic, Since(offset, epoch))
+            except (BrokerUnavailable, SessionClosed):
+                logger.warning("migrated session %s could not follow %s", session.id, topic)
+        return session
+
+    async def _hand_over(self, session_id: str, to: str, request: str) -> None:
+        """Another node asks for a session of ours: let go of it and send its state."""
+        state: dict[str, Any] | None = None
+        session = self.sessions.get(session_id)
+        if session is not None and not session.ended:
+            old = session.connection
+            if old is not None:
+                old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
+                await old.wait_detached()
+            if not session.ended and session.connection is None:
+                state = self._export(session)
+                session.ended = True  # here; it lives on at the other node
+                session.close_code, session.close_reason = (
+                    CloseCode.TAKEN_OVER,
+                    CloseReason.TAKE_OVER,
+                )
+                self._unregister(session)
+                self.metrics.sessions_migrated.labels("out").inc()
+        try:
+            await self.broker.answer_handover(request, to, state)
+        except BrokerUnavailable:
+            logger.warning("could not hand session %s over: broker down", session_id)
+
+    @staticmethod
+    def _export(session: Session) -> dict[str, Any]:
+        outbox, inbox = session.outbox, session.inbox
+        app_state: dict[str, Any] = session.state
+        try:
+            msgpack.packb(app_state, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            logger.warning("the state of session %s cannot move between nodes", session.id)
+            app_state = {}
+        return {
+            "id": session.id,
+            "user": session.user,
+            "state": app_state,
+            "outbox": {
+                "window": outbox.window,
+                "next_seq": outbox.next_seq,
+                "acked": outbox.acked,
+                "in_flight": [item.envelope.to_wire() for _, item in outbox.in_flight],
+                "waiting": [item.envelope.to_wire() for _, item in outbox.waiting],
+            },
+            "inbox": {
+                "window": inbox.window,
+                "processed": inbox.processed,
+                "acked": inbox.acked,
+            },
+            "subscriptions": {
+                topic: [sub.offset, sub.epoch] for topic, sub in session.subscriptions.items()
+            },
+        }
 
     async def _follow_user_topics(self) -> None:
         """Subscribe the sessions that could not follow their user topic (broker outage)."""

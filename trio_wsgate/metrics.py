@@ -118,6 +118,12 @@ class Metrics:
         self.broker_up = Gauge(
             "wsgate_broker_up", "1 while the broker (Redis) can be reached, else 0.", registry=r
         )
+        self.sessions_migrated = Counter(
+            "wsgate_sessions_migrated",
+            "Sessions handed over between nodes, by direction (in, out).",
+            ["direction"],
+            registry=r,
+        )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
 

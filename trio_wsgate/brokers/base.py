@@ -113,5 +113,28 @@ class Broker(Protocol):
     async def broadcast(self, message: dict[str, Any]) -> None:
         """Hand a control message to every node's control receiver, this one's included."""
 
+    # Session migration (DESIGN.md): which node holds a session, and handing one over.
+
+    async def claim_sessions(self, sessions: list[str], node: str) -> None:
+        """Record that ``node`` holds these sessions (refreshed by the node now and then)."""
+
+    async def release_session(self, session: str, node: str) -> None:
+        """Forget that ``node`` holds the session (if it still does)."""
+
+    async def session_owner(self, session: str) -> str | None:
+        """The node that holds the session, or None if no node does."""
+
+    async def request_handover(
+        self, session: str, owner: str, node: str, timeout: float
+    ) -> dict[str, Any] | None:
+        """Ask ``owner`` to hand the session over to ``node``; its state, or None.
+
+        The owner gets the control message ``{"kind": "handover", "session", "owner",
+        "to", "request"}`` and answers with :meth:`answer_handover`.
+        """
+
+    async def answer_handover(self, request: str, to: str, state: dict[str, Any] | None) -> None:
+        """Send a session's state (None: not here) to the node that asked for it."""
+
     def statistics(self) -> dict[str, int]:
         """Figures for ``/api/stats`` (``topics``: topics known to the broker)."""

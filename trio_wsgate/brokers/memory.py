@@ -145,6 +145,27 @@ class MemoryBroker:
         state = self._topics.get(topic)
         return dict(state.presence) if state is not None else {}
 
+    # One process: no other node to hand a session over to.
+
+    async def claim_sessions(self, sessions: list[str], node: str) -> None:
+        """Nothing to record: every session is this node's."""
+
+    async def release_session(self, session: str, node: str) -> None:
+        """Nothing to forget."""
+
+    async def session_owner(self, session: str) -> str | None:
+        """No other node holds anything."""
+        return None
+
+    async def request_handover(
+        self, session: str, owner: str, node: str, timeout: float
+    ) -> dict[str, Any] | None:
+        """No other node to ask."""
+        return None
+
+    async def answer_handover(self, request: str, to: str, state: dict[str, Any] | None) -> None:
+        """No other node to answer."""
+
     def statistics(self) -> dict[str, int]:
         """``topics``: topics with history, subscribers or presence."""
         return {"topics": len(self._topics)}

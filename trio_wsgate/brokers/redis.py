@@ -14,7 +14,9 @@ prefix (``wsgate`` by default):
 * ``{p}:presence:{topic}``, a sorted set of ``session\\nuser`` scored by expiry (Redis
   time, ms): every node refreshes its own entries, so a node that dies leaves nothing
   behind for long.
-* ``{p}:control``, a pub/sub channel: messages to every node (kicks).
+* ``{p}:control``, a pub/sub channel: messages to every node (kicks, hand-overs).
+* ``{p}:s:{session}``: the node that holds the session, refreshed by that node; and
+  ``{p}:handover:{request}``, a session's state on its way to another node.
 
 Publishing is one Lua script: it creates the epoch if the topic has none (a new epoch
 starts a new log), assigns the next offset atomically, appends to the log and publishes.
@@ -111,6 +113,24 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+_CLAIM = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+end
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+_GET = "return redis.call('GET', KEYS[1])"
+
+_PUT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
+
+_TAKE = "return redis.call('GETDEL', KEYS[1])"
+
 _PRESENCE_GET = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -179,6 +199,8 @@ class RedisBroker:
         self._positions: dict[str, _Position] = {}  # last delivered, per subscribed topic
         self._presence: dict[str, dict[str, str | None]] = {}  # what this node put there
         self._ready = trio.Event()
+        self._handovers: dict[str, trio.Event] = {}  # requests waiting for an answer
+        self._owned: dict[str, str] = {}  # session -> node, as claimed by this process
         self._order = trio.Lock()  # one delivery at a time: offsets stay in order
 
     def __repr__(self) -> str:  # the URL may hold a password
@@ -352,8 +374,7 @@ class RedisBroker:
                 channel = channel.encode()
             try:
                 if channel == control:
-                    if self._control is not None:
-                        self._control(msgpack.unpackb(data, raw=False))
+                    self._on_control(msgpack.unpackb(data, raw=False))
                 elif channel.startswith(prefix):
                     await self._on_live(channel[len(prefix) :].decode(), data)
             except Exception:
@@ -444,9 +465,21 @@ class RedisBroker:
             await self._recovered[task].wait()
         self._recovered[task] = trio.Event()
 
+    def _on_control(self, message: dict[str, Any]) -> None:
+        if message.get("kind") == "handed":
+            waiter = self._handovers.get(message.get("request", ""))
+            if waiter is not None:
+                waiter.set()
+        elif self._control is not None:
+            self._control(message)
+
     async def _refresh_presence(self) -> None:
         while True:
             await self._pause("presence", self.presence_ttl / 3)
+            try:
+                await self._claim(dict(self._owned))
+            except BrokerUnavailable:
+                continue
             for topic, sessions in list(self._presence.items()):
                 args: list[Any] = [int(self.presence_ttl * 1000)]
                 for session, user in sessions.items():
@@ -465,6 +498,62 @@ class RedisBroker:
         except _UNREACHABLE as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    # -- sessions: ownership and hand-over ---------------------------------------------
+
+    def _session_key(self, session: str) -> str:
+        return f"{self.prefix}:s:{session}"
+
+    async def _claim(self, owned: dict[str, str]) -> None:
+        if not owned:
+            return
+        ttl = int(self.presence_ttl * 1000)
+        keys = [self._session_key(session) for session in owned]
+        await self._call(_CLAIM, keys, [ttl, *owned.values()])
+
+    async def claim_sessions(self, sessions: list[str], node: str) -> None:
+        """Record ``node`` as the holder of the sessions, refreshed until released."""
+        for session in sessions:
+            self._owned[session] = node
+        await self._claim({session: node for session in sessions})
+
+    async def release_session(self, session: str, node: str) -> None:
+        """Forget the session's holder, if it is still ``node``."""
+        self._owned.pop(session, None)
+        await self._call(_RELEASE, [self._session_key(session)], [node])
+
+    async def session_owner(self, session: str) -> str | None:
+        """The node holding the session, if any."""
+        owner = await self._call(_GET, [self._session_key(session)], [])
+        return None if owner is None else _str(owner)
+
+    async def request_handover(
+        self, session: str, owner: str, node: str, timeout: float
+    ) -> dict[str, Any] | None:
+        """Ask the owner for the session; wait up to ``timeout`` for its state."""
+        request = secrets.token_hex(8)
+        answered = self._handovers[request] = trio.Event()
+        try:
+            message = {"kind": "handover", "session": session, "owner": owner}
+            await self.broadcast({**message, "to": node, "request": request})
+            with trio.move_on_after(timeout):
+                await answered.wait()
+            if not answered.is_set():
+                return None
+            packed = await self._call(_TAKE, [f"{self.prefix}:handover:{request}"], [])
+        finally:
+            del self._handovers[request]
+        if packed is None:
+            return None
+        state: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        return state
+
+    async def answer_handover(self, request: str, to: str, state: dict[str, Any] | None) -> None:
+        """Leave the state for the asking node and tell it."""
+        if state is not None:
+            packed = msgpack.packb(state, use_bin_type=True)
+            await self._call(_PUT, [f"{self.prefix}:handover:{request}"], [packed, 30000])
+        await self.broadcast({"kind": "handed", "request": request, "to": to})
 
     def statistics(self) -> dict[str, int]:
         """``topics``: topics this node listens to."""
