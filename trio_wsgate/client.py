@@ -195,6 +195,8 @@ class _Request:
     error: Exception | None = None
     #: Called with the reply's data when it arrives (subscriptions track positions).
     on_data: Callable[[Any], None] | None = None
+    #: Called with the error when the reply is one (failed resubscriptions retry).
+    on_error: Callable[[HandlerError], None] | None = None
 
 
 @dataclass(slots=True)
@@ -343,6 +345,7 @@ class Client:
         self._closing = False  # no new sends: aclose() is flushing
         self._stopping = False  # the connect loop stops
         self._closed_by_app = False
+        self._tasks: trio.Nursery | None = None  # open_client's nursery
         self._connects = self._resumes = self._sessions_lost = self._lost_sends = 0
         # Topics subscribed (by us, or the user's own), and the last (offset, epoch)
         # received in each: where a recovery starts (PROTOCOL.md §6).
@@ -424,6 +427,30 @@ class Client:
                         logger.warning("topic %s was not recovered: reload its state", topic)
 
         return track
+
+    def _retrier(self, topic: str) -> Callable[[HandlerError], None]:
+        """Try an automatic resubscription again while the server says ``unavailable``."""
+
+        def retry(error: HandlerError) -> None:
+            if error.code == "unavailable" and topic in self._topics and self._tasks:
+                self._tasks.start_soon(self._subscribe_again, topic)
+
+        return retry
+
+    async def _subscribe_again(self, topic: str) -> None:
+        delay = 0.5
+        while topic in self._topics and not self._stopping:
+            await trio.sleep(delay * (0.5 + self._rng.random()))
+            try:
+                await self._call(self._sub_builder(topic), self._tracker(topic))
+                return
+            except HandlerError as exc:
+                if exc.code != "unavailable":
+                    logger.warning("topic %s could not be followed again: %s", topic, exc)
+                    return
+            except (SessionLost, ClientClosed):
+                return  # a new session resubscribes anyway, or the client is done
+            delay = min(delay * 2, 10.0)
 
     async def _call(
         self,
@@ -766,6 +793,12 @@ class Client:
             if isinstance(envelope, Msg):
                 topic, offset, epoch = envelope.topic, envelope.offset, envelope.epoch
                 if topic in self._topics and offset is not None and epoch is not None:
+                    position = self._topics[topic]
+                    if position is not None and position[1] == epoch and offset <= position[0]:
+                        # Already received: a subscription restarted from an older
+                        # offset sent it again. Offsets exist to drop exactly this.
+                        self._update_processed()
+                        return
                     self._topics[topic] = (offset, epoch)
                 message = Message(
                     envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
@@ -776,6 +809,8 @@ class Client:
                 if waiter is not None:  # None: answered before a drop, or cancelled
                     if envelope.error is not None:
                         waiter.error = HandlerError(envelope.error.code, envelope.error.reason)
+                        if waiter.on_error is not None:
+                            waiter.on_error(waiter.error)
                     else:
                         waiter.data = envelope.data
                         if waiter.on_data is not None:
@@ -835,7 +870,9 @@ class Client:
         self.recovered = {}
         written: list[_Pending] = []
         for topic in topics:
-            waiter = _Request(trio.Event(), on_data=self._tracker(topic))
+            waiter = _Request(
+                trio.Event(), on_data=self._tracker(topic), on_error=self._retrier(topic)
+            )
             build = self._sub_builder(topic)
             envelope = build(self._outbox.next_seq, None)
             item = _Pending(envelope, self._codec.encode(envelope), waiter)
@@ -958,6 +995,7 @@ async def open_client(url: str, **options: Any) -> AsyncIterator[Client]:
     client = Client(url, **options)
     try:
         async with trio.open_nursery() as nursery:
+            client._tasks = nursery
             nursery.start_soon(client._run)
             try:
                 yield client

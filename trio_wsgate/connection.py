@@ -820,9 +820,9 @@ class Connection:
         # Everything above the client's ack, in order, before anything new.
         self._queue.extend((item.payload, True) for item in resend)
         # A resumed session follows its user topic already, unless subscribing failed
-        # when it was new.
-        if user is not None and user_topic(user) not in session.subscriptions:
-            with contextlib.suppress(SessionClosed):
+        # when it was new (the broker was down: it is tried again when it is back).
+        if session.resumed and user is not None and user_topic(user) not in session.subscriptions:
+            with contextlib.suppress(SessionClosed, BrokerUnavailable):
                 await session.subscribe(user_topic(user))
         return session
 

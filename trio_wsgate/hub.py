@@ -414,6 +414,9 @@ class Hub:
                 chore = self._chores.popleft()
                 try:
                     await chore()
+                except BrokerUnavailable as exc:
+                    # Presence and ownership entries expire by themselves in Redis.
+                    logger.warning("broker chore skipped: %s", exc)
                 except Exception:
                     logger.exception("broker chore failed")
 
@@ -645,6 +648,9 @@ class Hub:
                 self.metrics.sessions_migrated.labels("out").inc()
         try:
             await self.broker.answer_handover(request, to, state)
+            if state is not None:
+                # No longer ours (the new holder claims it; this only stops our refresh).
+                await self.broker.release_session(session_id, self.node_id)
         except BrokerUnavailable:
             logger.warning("could not hand session %s over: broker down", session_id)
 
@@ -686,6 +692,8 @@ class Hub:
                     await self.subscribe(session, user_topic(session.user))
                 except SessionClosed:
                     continue
+                except BrokerUnavailable:
+                    return  # down again: the next recovery tries again
 
     def kick_here(self, *, user: str | None = None, session: str | None = None) -> int:
         """Close this node's sessions of the user, or the session, with 4005."""

@@ -240,7 +240,7 @@ class Server:
         async with trio.open_nursery() as root:
             self._root = root
             handler_nursery: trio.Nursery = await root.start(_open_connections_nursery)
-            root.start_soon(self.hub.run)
+            await root.start(self.hub.run)  # the broker is ready before the first client
             root.start_soon(self._accept, handler_nursery)
             if config.admin_port is not None:
                 await root.start(self._serve_admin)

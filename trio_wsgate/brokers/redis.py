@@ -168,6 +168,7 @@ class RedisBroker:
         presence_ttl: seconds a presence entry lives unless its node refreshes it.
         sync_interval: seconds between checks that no live publication was missed.
         health_interval: seconds between pings that tell whether Redis is reachable.
+        command_timeout: seconds a Redis command may take before Redis counts as lost.
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class RedisBroker:
         presence_ttl: float = 60.0,
         sync_interval: float = 5.0,
         health_interval: float = 1.0,
+        command_timeout: float = 2.0,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -188,8 +190,11 @@ class RedisBroker:
         self.presence_ttl = presence_ttl
         self.sync_interval = sync_interval
         self.health_interval = health_interval
+        self.command_timeout = command_timeout
         #: True while Redis answers (``/readyz`` says "degraded" otherwise).
         self.healthy = False
+        self._healthy_again = trio.Event()
+        self._pubsub_scope: trio.CancelScope | None = None
         # Set when Redis answers again: each catching-up task waits on its own.
         self._recovered = {"positions": trio.Event(), "presence": trio.Event()}
         self._client: coredis.Redis[bytes] | None = None
@@ -239,23 +244,55 @@ class RedisBroker:
         async with coredis.Redis.from_url(self.url) as client:
             self._client = client
             try:
-                async with client.pubsub(channels=[self._control_channel]) as pubsub:
-                    self._pubsub = pubsub
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._listen, pubsub)
-                        nursery.start_soon(self._refresh_presence)
-                        nursery.start_soon(self._check_positions)
-                        nursery.start_soon(self._watch_health)
-                        self._ready.set()
-                        task_status.started()
-                        await trio.sleep_forever()
-            except* anyio.ClosedResourceError:
-                # coredis 6.9's pubsub, cancelled, tries to UNSUBSCRIBE on a connection it
-                # has already closed. Being cancelled is the only way out of here.
-                if trio.current_effective_deadline() != -math.inf:
-                    raise
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._listen_forever, client)
+                    nursery.start_soon(self._refresh_presence)
+                    nursery.start_soon(self._check_positions)
+                    nursery.start_soon(self._watch_health)
+                    self._ready.set()
+                    task_status.started()
             finally:
                 self._client = self._pubsub = None
+
+    async def _listen_forever(
+        self, client: coredis.Redis[bytes], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """One pub/sub connection at a time, subscribed to every channel we want.
+
+        When Redis is lost (the health check says so), the connection is dropped and,
+        once Redis answers again, a new one subscribes everything anew; then the
+        positions are checked, so what was published meanwhile is delivered from the
+        logs. (coredis reconnects a pub/sub by itself too, but it may take its
+        keepalive interval to notice that Redis went away.)
+        """
+        started = False
+        while True:
+            scope = self._pubsub_scope = trio.CancelScope()
+            channels = [self._control_channel, *map(self._channel, self._positions)]
+            try:
+                with scope:
+                    async with client.pubsub(channels=channels) as pubsub:
+                        self._pubsub = pubsub
+                        if not started:
+                            started = True
+                            task_status.started()
+                        else:
+                            self._recovered["positions"].set()  # catch up from the logs
+                        await self._listen(pubsub)
+            except* anyio.ClosedResourceError:
+                # coredis 6.9's pubsub, cancelled, tries to UNSUBSCRIBE on a connection
+                # it has already closed: only ever while we are dropping it.
+                if not scope.cancel_called and trio.current_effective_deadline() != -math.inf:
+                    raise
+            except* _UNREACHABLE:
+                self._lost()
+            self._pubsub = None
+            if not scope.cancel_called:
+                await trio.sleep(0.5)  # it ended by itself: do not spin
+            if not started:  # Redis was down at start-up: serve anyway, degraded
+                started = True
+                task_status.started()
+            await self._healthy_again.wait()
 
     def _redis(self) -> coredis.Redis[bytes]:
         if self._client is None:
@@ -263,16 +300,22 @@ class RedisBroker:
         return self._client
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        # Bounded: after Redis restarts, a command on a connection it never answered
+        # on could otherwise wait forever (and hold up everything behind it).
         try:
-            return await self._redis().eval(script, keys=keys, args=args)
-        except _UNREACHABLE as exc:
+            with trio.fail_after(self.command_timeout):
+                return await self._redis().eval(script, keys=keys, args=args)
+        except (*_UNREACHABLE, trio.TooSlowError) as exc:
             self._lost()
-            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+            raise BrokerUnavailable(f"Redis is unreachable: {exc!r}") from exc
 
     def _lost(self) -> None:
         if self.healthy:
             logger.warning("Redis is unreachable: serving local connections only")
         self.healthy = False
+        self._healthy_again = trio.Event()
+        if self._pubsub_scope is not None:
+            self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
     async def _watch_health(self) -> None:
         """Ping Redis; when it answers again, catch up at once (positions, presence)."""
@@ -285,6 +328,7 @@ class RedisBroker:
             else:
                 if not self.healthy:
                     self.healthy = True
+                    self._healthy_again.set()
                     logger.warning("Redis is reachable: catching up")
                     for event in self._recovered.values():
                         event.set()
@@ -345,9 +389,13 @@ class RedisBroker:
     async def subscribe(self, topic: str) -> None:
         """Listen to the topic's channel; deliveries start from its current offset."""
         await self._ready.wait()
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise BrokerUnavailable("Redis is unreachable")
         try:
-            await self._pubsub.subscribe(self._channel(topic))
-        except _UNREACHABLE as exc:
+            with trio.fail_after(self.command_timeout):
+                await pubsub.subscribe(self._channel(topic))
+        except (*_UNREACHABLE, trio.TooSlowError) as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
         position = await self._history(topic, None)
@@ -359,8 +407,9 @@ class RedisBroker:
         self._positions.pop(topic, None)
         if self._pubsub is not None:
             try:
-                await self._pubsub.unsubscribe(self._channel(topic))
-            except _UNREACHABLE:
+                with trio.fail_after(self.command_timeout):
+                    await self._pubsub.unsubscribe(self._channel(topic))
+            except (*_UNREACHABLE, trio.TooSlowError):
                 logger.warning("could not unsubscribe from %s: Redis is unreachable", topic)
 
     async def _listen(self, pubsub: Any) -> None:
@@ -492,10 +541,11 @@ class RedisBroker:
     async def broadcast(self, message: dict[str, Any]) -> None:
         """Send a control message to every node, this one included."""
         try:
-            await self._redis().publish(
-                self._control_channel, msgpack.packb(message, use_bin_type=True)
-            )
-        except _UNREACHABLE as exc:
+            with trio.fail_after(self.command_timeout):
+                await self._redis().publish(
+                    self._control_channel, msgpack.packb(message, use_bin_type=True)
+                )
+        except (*_UNREACHABLE, trio.TooSlowError) as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
