@@ -312,8 +312,10 @@ class RedisBroker:
     def _lost(self) -> None:
         if self.healthy:
             logger.warning("Redis is unreachable: serving local connections only")
-        self.healthy = False
-        self._healthy_again = trio.Event()
+            self.healthy = False
+            # A new event only on the way down: whoever waits for Redis to come back
+            # waits on this one, which the health check sets when it answers again.
+            self._healthy_again = trio.Event()
         if self._pubsub_scope is not None:
             self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
