@@ -2,12 +2,13 @@
 
     .venv/bin/python examples/cluster_chaos.py --duration 60
 
-Starts a redis-server (an append-only file fsynced on every write, so that what it
-acknowledged survives its SIGKILL) and three gateway nodes as separate processes, like
-``scripts/cluster``. Clients (the project's Python client) connect to different nodes;
-each follows the topic ``feed`` and makes requests. Meanwhile a publisher posts numbered
-publications through the server API of whichever node is up, a chaos task SIGKILLs a
-node now and then (and starts it again), and restarts Redis. At the end every client
+Runs ``scripts/cluster 3``: a redis-server (an append-only file fsynced on every write,
+so that what it acknowledged survives its SIGKILL) and three gateway nodes, each
+restarted by the script when it dies. Clients (the project's Python client) connect to
+different nodes; each follows the topic ``feed`` and makes requests. Meanwhile a
+publisher posts numbered publications through the server API of whichever node is up,
+and a chaos task SIGKILLs nodes and Redis (the script starts them again) and cuts
+connections (their sessions migrate to another node). At the end every client
 must have received every publication the API accepted, exactly once and in order, and
 got exactly one right reply to each request whose session survived.
 
@@ -33,7 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,32 +67,25 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 
 
 @dataclass
-class Process:
-    """A child process that can be SIGKILLed and started again with the same command."""
+class Member:
+    """A process that ``scripts/cluster`` runs, and restarts whenever it dies."""
 
-    command: list[str]
+    pidfile: Path
     port: int
-    env: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
 
     def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        """SIGKILL it; wait until scripts/cluster has it serving again."""
+        pid = int(self.pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if int(self.pidfile.read_text()) != pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        wait_for_port(self.port)
 
 
 @dataclass
@@ -126,52 +120,61 @@ class Report:
         )
 
 
-def start_cluster(workdir: str) -> tuple[Process, list[Process], list[int]]:
-    redis_port = free_port()
-    redis = Process(
-        [
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            workdir,
-        ],
-        redis_port,
-    )
-    redis.start()
+def free_run(count: int) -> int:
+    """A base port with ``count`` free ports from it, and as many from it + 100."""
+    for _ in range(100):
+        base = free_port()
+        if base + 100 + count >= 65000:
+            continue
+        try:
+            for port in (*range(base, base + count), *range(base + 100, base + 100 + count)):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+def start_cluster(workdir: str) -> tuple[subprocess.Popen[bytes], Member, list[Member], list[int]]:
+    """``scripts/cluster 3``: a redis-server and three nodes, each restarted if it dies."""
+    base = free_run(3)
     env = {
-        "WSGATE_REDIS": f"redis://127.0.0.1:{redis_port}/0",
+        **os.environ,
+        "WSGATE_CLUSTER_PORT": str(base),
+        "WSGATE_CLUSTER_RUN": workdir,
         "WSGATE_SECRET": "cluster-chaos-resume-secret-0123",
         "WSGATE_JWT_SECRET": JWT_SECRET,
         "WSGATE_API_KEY": API_KEY,
         "WSGATE_ALLOW_SUBSCRIBE": "feed",
     }
-    nodes, admin_ports = [], []
-    for i in range(3):
-        port, admin = free_port(), free_port()
-        command = [sys.executable, "-m", "trio_wsgate", "serve", "--port", str(port)]
-        command += ["--admin-port", str(admin), "--node-id", f"node-{i}"]
-        command += ["--history-size", "10000", "--close-timeout", "1", "--log-level", "error"]
-        node = Process(command, port, env)
-        node.start()
-        nodes.append(node)
-        admin_ports.append(admin)
-    return redis, nodes, admin_ports
+    env.pop("WSGATE_REDIS", None)  # its own redis-server
+    flags = ["--history-size", "10000", "--close-timeout", "1", "--log-level", "error"]
+    cluster = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "cluster"), "3", *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its whole process group is stopped at the end
+    )
+    admin_ports = [base + 100 + i for i in range(3)]
+    for port in admin_ports:
+        wait_for_port(port, timeout=60)
+    run = Path(workdir)
+    redis_port = _redis_port(run)
+    nodes = [Member(run / f"node-{i}.pid", base + i) for i in range(3)]
+    return cluster, Member(run / "redis.pid", redis_port), nodes, admin_ports
 
 
-def publish(admin_ports: list[int], nodes: list[Process], text: str) -> str:
+def _redis_port(run: Path) -> int:
+    url = (run / "redis.url").read_text().strip()  # redis://127.0.0.1:PORT/0
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def publish(admin_ports: list[int], text: str) -> str:
     """POST /api/publish to a live node: "accepted", "refused" (503) or "down"."""
-    for index in random.sample(range(len(nodes)), len(nodes)):
-        if not nodes[index].alive:
-            continue
+    for index in random.sample(range(len(admin_ports)), len(admin_ports)):
         request = urllib.request.Request(
             f"http://127.0.0.1:{admin_ports[index]}/api/publish",
             method="POST",
@@ -202,7 +205,7 @@ async def run_cluster_chaos(
     rng = random.Random(seed)
     report = Report(duration, clients)
     workdir = tempfile.mkdtemp(prefix="wsgate-chaos-")
-    redis, nodes, admin_ports = await trio.to_thread.run_sync(start_cluster, workdir)
+    cluster, redis, nodes, admin_ports = await trio.to_thread.run_sync(start_cluster, workdir)
     accepted: list[str] = []
     received: list[list[tuple[int | None, str | None, Any]]] = [[] for _ in range(clients)]
     stop_publishing = trio.Event()
@@ -214,7 +217,7 @@ async def run_cluster_chaos(
                     _client, index, nodes, wires, received[index], report, stop_publishing
                 )
             # Every client follows the topic before the first publication.
-            nursery.start_soon(_publisher, admin_ports, nodes, accepted, report, stop_publishing)
+            nursery.start_soon(_publisher, admin_ports, accepted, report, stop_publishing)
             start = trio.current_time()
             while (
                 trio.current_time() - start < duration
@@ -227,15 +230,11 @@ async def run_cluster_chaos(
                     and report.node_kills % 2 == 1
                     and report.redis_restarts * 2 < report.node_kills
                 ):
-                    await trio.to_thread.run_sync(redis.kill)
-                    await trio.sleep(0.5)
-                    await trio.to_thread.run_sync(redis.start)
+                    await trio.to_thread.run_sync(redis.kill)  # scripts/cluster restarts it
                     report.redis_restarts += 1
                 victim = nodes[rng.randrange(len(nodes))]
-                await trio.to_thread.run_sync(victim.kill)
+                await trio.to_thread.run_sync(victim.kill)  # and restarts the node
                 report.node_kills += 1
-                await trio.sleep(rng.uniform(0.5, 1.5))
-                await trio.to_thread.run_sync(victim.start)
                 await trio.sleep(2.5)  # the clients of the killed node have settled
                 # Everything is up: cut two clients' connections. They come back on
                 # another node, to which their sessions migrate.
@@ -252,8 +251,8 @@ async def run_cluster_chaos(
                 await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     finally:
-        for process in (*nodes, redis):
-            process.kill()
+        os.killpg(cluster.pid, signal.SIGTERM)
+        cluster.wait(30)
     report.accepted = len(accepted)
     published = set(accepted)
     for mine in received:
@@ -272,7 +271,6 @@ async def run_cluster_chaos(
 
 async def _publisher(
     admin_ports: list[int],
-    nodes: list[Process],
     accepted: list[str],
     report: Report,
     stop: trio.Event,
@@ -281,7 +279,7 @@ async def _publisher(
     while not stop.is_set():
         text = f"p{number}"
         number += 1
-        outcome = await trio.to_thread.run_sync(publish, admin_ports, nodes, text)
+        outcome = await trio.to_thread.run_sync(publish, admin_ports, text)
         if outcome == "accepted":
             accepted.append(text)
         elif outcome == "refused":
@@ -291,7 +289,7 @@ async def _publisher(
 
 async def _client(
     index: int,
-    nodes: list[Process],
+    nodes: list[Member],
     wires: list[trio.abc.Stream | None],
     received: list[tuple[int | None, str | None, Any]],
     report: Report,
