@@ -217,7 +217,10 @@ async def run_cluster_chaos(
                     _client, index, nodes, wires, received[index], report, stop_publishing
                 )
             # Every client follows the topic before the first publication.
-            nursery.start_soon(_publisher, admin_ports, accepted, report, stop_publishing)
+            published = trio.Event()
+            nursery.start_soon(
+                _publisher, admin_ports, accepted, report, stop_publishing, published
+            )
             start = trio.current_time()
             while (
                 trio.current_time() - start < duration
@@ -244,6 +247,7 @@ async def run_cluster_chaos(
                         await trio.aclose_forcefully(wire)
                         report.cuts += 1
             stop_publishing.set()
+            await published.wait()  # its last publication counted before we look
             expected = set(accepted)
             for _ in range(600):  # up to a minute for the last ones to arrive
                 if not any(expected - {data for _, _, data in mine} for mine in received):
@@ -274,6 +278,7 @@ async def _publisher(
     accepted: list[str],
     report: Report,
     stop: trio.Event,
+    done: trio.Event,
 ) -> None:
     number = 0
     while not stop.is_set():
@@ -285,6 +290,7 @@ async def _publisher(
         elif outcome == "refused":
             report.refused += 1
         await trio.sleep(0.05)
+    done.set()
 
 
 async def _client(

@@ -29,6 +29,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from examples.cluster_chaos import free_run, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -453,26 +455,10 @@ def test_an_anonymous_node_says_so_loudly(node: Node) -> None:
     assert any("ANONYMOUS MODE" in line and "WARNING" in line for line in node.log)
 
 
-def _free_run(count: int) -> int:
-    """A base port with ``count`` free ports after it."""
-    for _ in range(50):
-        base = free_port()
-        if base + count >= 65000:
-            continue
-        try:
-            for port in (*range(base, base + count), *range(base + 100, base + 100 + count)):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 @pytest.mark.redis
 def test_scripts_cluster_runs_three_nodes_that_act_as_one(redis_server: Any) -> None:
     """scripts/cluster: three chat nodes through one Redis, clients spread over them."""
-    base = _free_run(3)
+    base = free_run(3)
     secrets = {"WSGATE_JWT_SECRET": "c" * 40, "WSGATE_API_KEY": "cluster-api-key"}
     env = {
         **os.environ,
@@ -491,7 +477,7 @@ def test_scripts_cluster_runs_three_nodes_that_act_as_one(redis_server: Any) -> 
     try:
         urls = [f"ws://127.0.0.1:{base + i}/ws" for i in range(3)]
         for i in range(3):
-            _wait_for_port(base + 100 + i)
+            wait_for_port(base + 100 + i, timeout=30)
         ada_token = run_cli("token", "ada", env=secrets).stdout.strip()
         bob_token = run_cli("token", "bob", env=secrets).stdout.strip()
         with (
@@ -521,17 +507,6 @@ def test_scripts_cluster_runs_three_nodes_that_act_as_one(redis_server: Any) -> 
         process.wait(20)
         if process.stderr:
             process.stderr.close()
-
-
-def _wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 @pytest.mark.redis
