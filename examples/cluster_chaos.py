@@ -217,9 +217,9 @@ async def run_cluster_chaos(
                     _client, index, nodes, wires, received[index], report, stop_publishing
                 )
             # Every client follows the topic before the first publication.
-            published = trio.Event()
+            publisher_done = trio.Event()
             nursery.start_soon(
-                _publisher, admin_ports, accepted, report, stop_publishing, published
+                _publisher, admin_ports, accepted, report, stop_publishing, publisher_done
             )
             start = trio.current_time()
             while (
@@ -247,7 +247,7 @@ async def run_cluster_chaos(
                         await trio.aclose_forcefully(wire)
                         report.cuts += 1
             stop_publishing.set()
-            await published.wait()  # its last publication counted before we look
+            await publisher_done.wait()  # its last publication counted before we look
             expected = set(accepted)
             for _ in range(600):  # up to a minute for the last ones to arrive
                 if not any(expected - {data for _, _, data in mine} for mine in received):
