@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,7 @@ class RedisBroker:
         sync_interval: seconds between checks that no live publication was missed.
         health_interval: seconds between pings that tell whether Redis is reachable.
         command_timeout: seconds a Redis command may take before Redis counts as lost.
+        max_backoff: the longest pause between pings while Redis does not answer.
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class RedisBroker:
         sync_interval: float = 5.0,
         health_interval: float = 1.0,
         command_timeout: float = 2.0,
+        max_backoff: float = 5.0,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -191,6 +194,7 @@ class RedisBroker:
         self.sync_interval = sync_interval
         self.health_interval = health_interval
         self.command_timeout = command_timeout
+        self.max_backoff = max_backoff
         #: True while Redis answers (``/readyz`` says "degraded" otherwise).
         self.healthy = False
         self._healthy_again = trio.Event()
@@ -320,22 +324,34 @@ class RedisBroker:
             self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
     async def _watch_health(self) -> None:
-        """Ping Redis; when it answers again, catch up at once (positions, presence)."""
+        """Ping Redis; when it answers again, catch up at once (positions, presence).
+
+        While it does not answer, the pings back off exponentially (with jitter, up to
+        ``max_backoff``), so that a fleet of nodes does not hammer a Redis coming up.
+        """
+        rng = random.Random()
+        failures = 0
         while True:
             try:
                 with trio.fail_after(max(self.health_interval, 1.0)):
                     await self._redis().ping()
             except (*_UNREACHABLE, trio.TooSlowError):
                 self._lost()
-            else:
-                if not self.healthy:
-                    self.healthy = True
-                    self._healthy_again.set()
-                    logger.warning("Redis is reachable: catching up")
-                    for event in self._recovered.values():
-                        event.set()
-                    if self._control is not None:
-                        self._control({"kind": "recovered"})
+                failures += 1
+                ceiling = max(
+                    self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
+                )
+                await trio.sleep(rng.uniform(self.health_interval, ceiling))
+                continue
+            failures = 0
+            if not self.healthy:
+                self.healthy = True
+                self._healthy_again.set()
+                logger.warning("Redis is reachable: catching up")
+                for event in self._recovered.values():
+                    event.set()
+                if self._control is not None:
+                    self._control({"kind": "recovered"})
             await trio.sleep(self.health_interval)
 
     # -- publications -----------------------------------------------------------------
