@@ -492,7 +492,7 @@ def test_scripts_cluster_runs_three_nodes_that_act_as_one(redis_server: Any) -> 
             for ws in (ada, bob):
                 said = _next_event(ws, "said")
                 assert said["data"] == {"from": "ada", "text": "across"}
-            middle = Node(process, base + 1, base + 101, [])  # type: ignore[arg-type]
+            middle = Node(process, base + 1, base + 101, [])
             note = {"topic": "room:rust", "event": "said", "data": {"from": "ops", "text": "!"}}
             status, published = _api(middle, "POST", "/api/publish", note, "cluster-api-key")
             assert (status, published["offset"]) == (200, 4)
