@@ -44,10 +44,25 @@ def make_gateway() -> Gateway:
     return gateway
 
 
+#: Every transport (DESIGN.md, "Transports"); the behaviour suite runs over each.
+ALL_TRANSPORTS = ("websockets", "trio-websocket", "asgi")
+#: The transports with wsproto underneath (trio-websocket, and hypercorn's ASGI).
+WSPROTO_TRANSPORTS = ("trio-websocket", "asgi")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests that make a server run over the transports their module or their own
+    # ``transports`` marker names (the closest marker wins); by default, the default.
+    if "transport" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("transports")
+        metafunc.parametrize("transport", marker.args if marker else ("websockets",))
+
+
 @pytest.fixture
-def make_server() -> Callable[..., Server]:
+def make_server(transport: str) -> Callable[..., Server]:
     def factory(gateway: Gateway | None = None, **settings: Any) -> Server:
         settings.setdefault("admin_port", None)
+        settings.setdefault("transport", transport)
         return Server(gateway or make_gateway(), Config(**settings))
 
     return factory

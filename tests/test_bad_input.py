@@ -15,6 +15,10 @@ from trio_wsgate import Server
 from trio_wsgate.protocol import MSGPACK_SUBPROTOCOL
 from trio_wsgate.testing import RawClient, Refused, open_memory_connection
 
+from .conftest import ALL_TRANSPORTS, WSPROTO_TRANSPORTS
+
+pytestmark = pytest.mark.transports(*ALL_TRANSPORTS)
+
 HELLO = {"type": "hello"}
 JSON = ["wsgate.v1.json"]
 MSGPACK = [MSGPACK_SUBPROTOCOL]
@@ -73,11 +77,16 @@ async def _send(client: RawClient, item: Any) -> None:
 async def test_bad_input_closes_with_its_code_and_others_keep_going(
     autojump_clock: MockClock,
     make_server: Callable[..., Server],
+    transport: str,
     subprotocols: list[str],
     hello: bool,
     items: list[Any],
     code: int,
 ) -> None:
+    # wsproto (under trio-websocket and hypercorn) drops the TCP connection without a
+    # close frame when a text frame is not UTF-8 (docs/transports.md).
+    dropped = transport in WSPROTO_TRANSPORTS and code == 1007 and not items[0][1]
+    dropped = dropped and b"\xff" in items[0][0]
     server = make_server(window=2)
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as neighbour:
         await neighbour.hello()
@@ -89,8 +98,9 @@ async def test_bad_input_closes_with_its_code_and_others_keep_going(
             for item in items:
                 await _send(bad, item)
             got, reason = await bad.wait_closed()
-            assert got == code, reason
-            assert reason  # every close says why, in a few words
+            assert got == (1006 if dropped else code), reason
+            # Every close says why, in a few words (hypercorn's own 1009 says nothing).
+            assert reason or dropped or (transport == "asgi" and code == 1009)
         await trio.testing.wait_all_tasks_blocked()
         # The neighbour is untouched and still served.
         assert len(server.connections) == 1
@@ -104,11 +114,12 @@ async def test_bad_input_closes_with_its_code_and_others_keep_going(
         for s in metric.samples
         if s.name == "wsgate_closes_total"
     }
-    assert (str(code), "protocol_error") in labels
+    if not dropped and not (transport == "asgi" and code == 1009):
+        assert (str(code), "protocol_error") in labels
 
 
 async def test_bad_websocket_framing_is_1002(
-    autojump_clock: MockClock, make_server: Callable[..., Server]
+    autojump_clock: MockClock, make_server: Callable[..., Server], transport: str
 ) -> None:
     server = make_server()
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as bad:
@@ -116,7 +127,10 @@ async def test_bad_websocket_framing_is_1002(
         # An unmasked text frame: clients must mask (RFC 6455 §5.1).
         await bad.stream.send_all(b"\x81\x02hi")
         code, _ = await bad.wait_closed()
-        assert code == 1002
+        # wsproto drops the TCP connection without a close frame (docs/transports.md).
+        assert code == (1006 if transport in WSPROTO_TRANSPORTS else 1002)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.connections
 
 
 async def test_a_fragmented_message_over_the_limit_is_1009(
@@ -182,8 +196,17 @@ async def test_refused_upgrades_get_http_answers(
     ],
 )
 async def test_plain_http_on_the_websocket_port(
-    autojump_clock: MockClock, make_server: Callable[..., Server], request_bytes: bytes, status: int
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    transport: str,
+    request_bytes: bytes,
+    status: int,
 ) -> None:
+    if transport == "trio-websocket" or (transport == "asgi" and status == 414):
+        # wsproto answers every request that is not an upgrade (probes included)
+        # with 400, and so does h11 under hypercorn a request line over its limit
+        # (docs/transports.md): the probes are on the admin port there.
+        status = 400
     server = make_server()
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:

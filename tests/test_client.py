@@ -24,13 +24,14 @@ from trio_wsgate import (
 )
 from trio_wsgate.client import reconnects_after
 from trio_wsgate.protocol import JsonCodec, Welcome
+from trio_wsgate.transports import Accept, UpgradeRequest
 from trio_wsgate.transports.websockets import Handshake, accept_websocket
 
 from .conftest import make_gateway
 
 
-async def no_route(request: object) -> None:
-    return None
+async def accept_json(request: UpgradeRequest) -> Accept:
+    return Accept("wsgate.v1.json")
 
 
 URL = "ws://gateway.test/ws"
@@ -166,10 +167,8 @@ async def test_a_silent_server_is_detected_at_interval_plus_timeout(
     async def silent_server(stream: trio.abc.Stream) -> None:
         result = await accept_websocket(
             stream,
-            path="/ws",
-            subprotocols=["wsgate.v1.json"],
+            decide=accept_json,
             max_message_size=65536,
-            http_route=no_route,
         )
         assert isinstance(result, Handshake)
         transport = result.transport

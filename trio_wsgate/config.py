@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["Config", "SlowConsumerPolicy"]
+__all__ = ["Config", "SlowConsumerPolicy", "TransportKind", "UserLimitPolicy"]
 
 
 class SlowConsumerPolicy(enum.StrEnum):
@@ -17,6 +17,26 @@ class SlowConsumerPolicy(enum.StrEnum):
     #: envelopes are never dropped, so with none to drop the connection closes
     #: with 4004 all the same.
     DROP_OLDEST = "drop-oldest"
+
+
+class UserLimitPolicy(enum.StrEnum):
+    """Which connection a user over ``max_connections_per_user`` loses (close 1008)."""
+
+    #: The new connection is refused: a stolen token cannot push the owner out.
+    REJECT_NEWEST = "reject-newest"
+    #: The user's oldest connection is closed to make room (the last tab opened wins).
+    CLOSE_OLDEST = "close-oldest"
+
+
+class TransportKind(enum.StrEnum):
+    """What carries the WebSocket in the standalone server (``--transport``)."""
+
+    #: websockets' sans-I/O protocol driven by the connection's own tasks (fastest).
+    WEBSOCKETS = "websockets"
+    #: trio-websocket (wsproto underneath).
+    TRIO_WEBSOCKET = "trio-websocket"
+    #: The gateway as an ASGI application under hypercorn's trio worker.
+    ASGI = "asgi"
 
 
 @dataclass(slots=True)
@@ -86,6 +106,40 @@ class Config:
     #: The prefix of every Redis key and channel, so that several gateways can share one
     #: Redis.
     redis_prefix: str = "wsgate"
+    #: What carries the WebSocket (DESIGN.md, "Transports").
+    transport: TransportKind = TransportKind.WEBSOCKETS
+    #: The whole opening handshake (request and answer) must finish within this.
+    handshake_timeout: float = 10.0
+    #: Largest request head (request line and headers), bytes; more is answered 431.
+    max_request_head: int = 16384
+    #: Most request headers; more are answered 431.
+    max_headers: int = 64
+    #: Origins allowed to connect (exact match, e.g. ``https://app.example.com``);
+    #: others get 403. Empty allows every origin. Requests without ``Origin`` (not
+    #: from a browser) are allowed: only browsers send it, and only they need it.
+    allowed_origins: tuple[str, ...] = ()
+    #: Most WebSocket connections on this node; more get 503 with ``Retry-After``.
+    max_connections: int | None = None
+    #: Most connections from one IP address; more get 503 with ``Retry-After``.
+    max_connections_per_ip: int | None = None
+    #: Most live connections of one user; see ``user_limit_policy`` (close 1008).
+    max_connections_per_user: int | None = None
+    user_limit_policy: UserLimitPolicy = UserLimitPolicy.REJECT_NEWEST
+    #: Sockets still in their opening handshake; more are closed at once (slowloris).
+    max_handshakes: int = 1000
+    #: New WebSocket connections per second this node accepts (a token bucket of
+    #: ``accept_burst``); more get 503 with ``Retry-After``. None: no cap.
+    accept_rate: float | None = None
+    accept_burst: int = 100
+    #: Envelopes (and WebSocket pings) per second one connection may send, a token
+    #: bucket of ``rate_burst``; more: close 4009. None: no limit.
+    rate_limit: float | None = None
+    rate_burst: int | None = None
+    #: Most frames one fragmented message may arrive in; more: close 1009.
+    max_fragments: int = 1024
+    #: Offer permessage-deflate (websockets transport). Decompressed messages are
+    #: held to ``max_message_size`` like any other.
+    compression: bool = False
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -114,3 +168,22 @@ class Config:
         if not self.path.startswith("/"):
             raise ValueError("path must start with '/'")
         self.slow_consumer = SlowConsumerPolicy(self.slow_consumer)
+        self.transport = TransportKind(self.transport)
+        self.user_limit_policy = UserLimitPolicy(self.user_limit_policy)
+        self.allowed_origins = tuple(self.allowed_origins)
+        for name in ("max_connections", "max_connections_per_ip", "max_connections_per_user"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset)")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ValueError("rate_limit must be positive (or unset)")
+        if self.accept_rate is not None and self.accept_rate <= 0:
+            raise ValueError("accept_rate must be positive (or unset)")
+        if self.rate_burst is not None and self.rate_burst < 1:
+            raise ValueError("rate_burst must be at least 1")
+        if self.accept_burst < 1 or self.max_fragments < 1 or self.max_handshakes < 1:
+            raise ValueError("accept_burst, max_fragments and max_handshakes must be at least 1")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        if self.compression and self.transport is not TransportKind.WEBSOCKETS:
+            raise ValueError("compression is offered by the websockets transport only")

@@ -7,27 +7,31 @@ config)`` and get the :class:`Server` back, to read its addresses or :meth:`drai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import trio
-from websockets.http11 import Request
 
 from .admin import AdminApp, probe
 from .auth import Authenticator, Identity, authenticator_from_settings, identify, token_from_request
 from .brokers import Broker
-from .config import Config
+from .config import Config, TransportKind
 from .connection import Connection
 from .exceptions import Unauthorized
 from .gateway import Gateway
 from .hub import Hub, checked_identity
+from .limits import ConnectionCounts, TokenBucket
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason
+from .transports.base import Accept, Refusal, Transport, UpgradeRequest
 from .transports.websockets import Handshake, accept_websocket
 
-__all__ = ["Server", "serve"]
+__all__ = ["Admission", "Server", "serve"]
 
 logger = logging.getLogger("trio_wsgate.server")
 
@@ -46,6 +50,15 @@ def set_keepalive(stream: trio.SocketStream, config: Config) -> None:
         option = getattr(socket, name, None)
         if option is not None:
             stream.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+@dataclass(slots=True)
+class Admission(Accept):
+    """An opening request the server accepted, counted against its limits."""
+
+    identity: Identity | None = None
+    ip: str = ""
+    released: bool = False
 
 
 class Server:
@@ -101,6 +114,12 @@ class Server:
         self._drained = trio.Event()
         self._stopped = trio.Event()
         self._root: trio.Nursery | None = None
+        self._counts = ConnectionCounts()
+        self._asgi_app: Any = None  # built by the asgi transport on first use
+        self._handshaking = 0
+        self._accept_bucket: TokenBucket | None = None
+        if config.accept_rate is not None:
+            self._accept_bucket = TokenBucket(config.accept_rate, config.accept_burst, 0.0)
 
     @property
     def ready(self) -> bool:
@@ -131,65 +150,91 @@ class Server:
             "draining": self.draining,
         }
 
-    async def _http_route(
-        self, request: Request, identified: list[Identity]
-    ) -> tuple[int, str, dict[str, str]] | None:
-        path = request.path.split("?", 1)[0]
-        answer = probe(path, self.ready, self.degraded)
+    def _over_limit(self, request: UpgradeRequest) -> Refusal | None:
+        config, counts = self.config, self._counts
+        if config.max_connections is not None and counts.total >= config.max_connections:
+            return Refusal(503, "over the connection limit\n", {"Retry-After": RETRY_AFTER})
+        limit = config.max_connections_per_ip
+        if limit is not None and counts.of(request.ip) >= limit:
+            return Refusal(
+                503, "over the connection limit of this address\n", {"Retry-After": RETRY_AFTER}
+            )
+        return None
+
+    async def admit(self, request: UpgradeRequest) -> Refusal | Admission:
+        """Decide what an opening request gets (PROTOCOL.md §8, "Before the handshake").
+
+        In this order: the probes, 404 off the WebSocket path, 503 while draining,
+        403 for an origin not allowed, 400 for foreign subprotocols, 503 over a
+        connection limit or the accept rate, 401 for a bad token. An
+        :class:`Admission` is counted against the limits until :meth:`release`.
+        """
+        config = self.config
+        answer = probe(request.path, self.ready, self.degraded)
         if answer is not None:
             status, body = answer
-            return status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {}
-        if path != self.config.path:
-            return None
+            return Refusal(status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {})
+        if request.path != config.path:
+            return Refusal(404, "Not Found\n")
         if self.draining:
-            return 503, "draining\n", {"Retry-After": RETRY_AFTER}
-        token = token_from_request(request.headers, request.path)
+            return Refusal(503, "draining\n", {"Retry-After": RETRY_AFTER})
+        origin = request.headers.get("Origin")
+        if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
+            return Refusal(403, "origin not allowed\n")
+        subprotocol: str | None = None
+        if request.subprotocols:
+            # PROTOCOL.md §1: no offer means JSON (browsers often offer none); an
+            # offer with none of ours is refused. Among ours, the client's order wins.
+            subprotocol = next((name for name in request.subprotocols if name in CODECS), None)
+            if subprotocol is None:
+                return Refusal(400, "no supported subprotocol; offer one of " + ", ".join(CODECS))
+        refusal = self._over_limit(request)
+        if refusal is not None:
+            return refusal
+        if self._accept_bucket is not None:
+            now = trio.current_time()
+            if not self._accept_bucket.take(now):
+                retry = self._accept_bucket.retry_after(now)
+                return Refusal(503, "over the accept rate\n", {"Retry-After": retry})
+        identity: Identity | None = None
+        token = token_from_request(request.headers, request.target)
         if token is not None and self.authenticator is not None:
             # PROTOCOL.md §3: a bad token at the handshake is refused with 401.
             try:
-                identified.append(checked_identity(await identify(self.authenticator, token)))
+                identity = checked_identity(await identify(self.authenticator, token))
             except Unauthorized as exc:
                 body = f"unauthorized: {exc}\n"
-                return 401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-        return None
+                return Refusal(401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            # Checked again: others may have come in while the token was checked.
+            refusal = self._over_limit(request)
+            if refusal is not None:
+                return refusal
+        self._counts.add(request.ip)
+        return Admission(subprotocol, identity, request.ip)
 
-    async def serve_stream(self, stream: trio.abc.Stream, remote_address: str = "") -> None:
-        """Serve one accepted byte stream: the opening handshake, then the connection.
+    def release(self, admission: Admission) -> None:
+        """The admitted connection is gone: it no longer counts against the limits."""
+        if not admission.released:
+            admission.released = True
+            self._counts.remove(admission.ip)
 
-        The handshake (or the plain HTTP answer) is bounded by ``hello_timeout``.
-        Returns once everything the stream started is released.
+    async def run_connection(
+        self, transport: Transport, admission: Admission, remote_address: str = ""
+    ) -> None:
+        """Serve an upgraded WebSocket until it ends, whatever transport carries it.
+
+        Releases ``admission`` when done.
         """
-        config = self.config
-        identified: list[Identity] = []
-
-        async def route(request: Request) -> tuple[int, str, dict[str, str]] | None:
-            return await self._http_route(request, identified)
-
         try:
-            result: Any = (0, None)
-            with trio.move_on_after(config.hello_timeout or 10.0):
-                result = await accept_websocket(
-                    stream,
-                    path=config.path,
-                    subprotocols=list(CODECS),
-                    max_message_size=config.max_message_size,
-                    http_route=route,
-                    remote_address=remote_address,
-                )
-            if not isinstance(result, Handshake):
-                status = result[0]
-                if status >= 400:
-                    self.metrics.handshakes_refused.labels(str(status)).inc()
-                return
-            codec = CODECS[result.subprotocol or JSON_SUBPROTOCOL]()
+            codec = CODECS[admission.subprotocol or JSON_SUBPROTOCOL]()
             connection = Connection(
-                result.transport,
+                transport,
                 codec,
                 self.gateway,
-                config,
+                self.config,
                 self.metrics,
                 self.hub,
-                identified[0] if identified else None,
+                admission.identity,
             )
             self.connections.add(connection)
             self.hub.connections[connection.id] = connection
@@ -203,7 +248,91 @@ class Server:
                 if self.draining and not self.connections:
                     self._drained.set()
         finally:
+            self.release(admission)
+
+    def count_refusal(self, status: int) -> None:
+        """Count an opening request answered with an HTTP error."""
+        if status >= 400:
+            self.metrics.handshakes_refused.labels(str(status)).inc()
+
+    def handshake_started(self) -> None:
+        """Count a socket as in its opening handshake (``max_handshakes``)."""
+        self._handshaking += 1
+
+    def handshake_ended(self) -> None:
+        """The socket's opening handshake is over, however it ended."""
+        self._handshaking -= 1
+
+    @contextlib.contextmanager
+    def handshake_slot(self) -> Iterator[None]:
+        """A socket's opening handshake, counted while it lasts."""
+        self.handshake_started()
+        try:
+            yield
+        finally:
+            self.handshake_ended()
+
+    async def serve_stream(self, stream: trio.abc.Stream, remote_address: str = "") -> None:
+        """Serve one accepted byte stream: the opening handshake, then the connection.
+
+        The transport is the configured one (``websockets``, ``trio-websocket`` or
+        ``asgi``); the handshake (or the plain HTTP answer) is bounded by
+        ``handshake_timeout``. Returns once everything the stream started is released.
+        """
+        kind = self.config.transport
+        if self._handshaking >= self.config.max_handshakes:
+            self.count_refusal(503)  # counted, not answered: reading the request costs too
             await trio.aclose_forcefully(stream)
+            return
+        try:
+            if kind is TransportKind.WEBSOCKETS:
+                await self._serve_websockets(stream, remote_address)
+            elif kind is TransportKind.TRIO_WEBSOCKET:
+                from .transports.trio_websocket import serve_trio_websocket
+
+                await serve_trio_websocket(self, stream, remote_address)
+            else:
+                from .transports.asgi import serve_asgi_stream
+
+                await serve_asgi_stream(self, stream, remote_address)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_websockets(self, stream: trio.abc.Stream, remote_address: str) -> None:
+        config = self.config
+        admitted: list[Admission] = []
+
+        async def decide(request: UpgradeRequest) -> Refusal | Accept:
+            answer = await self.admit(request)
+            if isinstance(answer, Admission):
+                admitted.append(answer)
+            return answer
+
+        result: Handshake | tuple[int, Any] = (0, None)
+        try:
+            with self.handshake_slot(), trio.move_on_after(config.handshake_timeout):
+                result = await accept_websocket(
+                    stream,
+                    decide=decide,
+                    max_message_size=config.max_message_size,
+                    max_fragments=config.max_fragments,
+                    max_request_head=config.max_request_head,
+                    max_headers=config.max_headers,
+                    compression=config.compression,
+                    remote_address=remote_address,
+                )
+        except BaseException:
+            for admission in admitted:
+                self.release(admission)
+            raise
+        if not isinstance(result, Handshake):
+            for admission in admitted:
+                self.release(admission)
+            self.count_refusal(result[0])
+            return
+        accepted = result.accept
+        assert isinstance(accepted, Admission)
+        await self.run_connection(result.transport, accepted, remote_address)
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:

@@ -8,12 +8,62 @@ the write loop flushes.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..protocol.closecodes import CloseReason
 
-__all__ = ["Incoming", "Transport", "TransportBroken"]
+__all__ = [
+    "Accept",
+    "Decide",
+    "Incoming",
+    "Refusal",
+    "Transport",
+    "TransportBroken",
+    "UpgradeRequest",
+]
+
+
+@dataclass(slots=True)
+class UpgradeRequest:
+    """An opening request, whatever transport read it."""
+
+    #: The request target: the path and its query string.
+    target: str
+    #: The request headers (case-insensitive; the first value of a repeated header).
+    headers: Mapping[str, str]
+    #: The subprotocols the client offered, in its order.
+    subprotocols: tuple[str, ...]
+    #: The peer's address (``ip:port``), for logs.
+    remote: str
+    #: The peer's IP address, for the per-address limit.
+    ip: str
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.split("?", 1)[0]
+
+
+@dataclass(slots=True)
+class Refusal:
+    """Answer the opening request with plain HTTP instead of upgrading."""
+
+    status: int
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Accept:
+    """Upgrade, with this subprotocol (None: the client offered none)."""
+
+    subprotocol: str | None
+
+
+#: What the server tells a transport to do with an opening request.
+Decide = Callable[[UpgradeRequest], Awaitable[Refusal | Accept]]
 
 
 class TransportBroken(Exception):
@@ -36,6 +86,8 @@ class Incoming:
     messages: list[tuple[bytes, bool]] = field(default_factory=list)
     #: How many frames arrived (control frames included): each proves liveness.
     frames: int = 0
+    #: How many of them were WebSocket pings (they count against the rate limit).
+    pings: int = 0
     #: Bytes received from the network.
     nbytes: int = 0
     #: The peer sent a close frame: its ``(code, reason)``.

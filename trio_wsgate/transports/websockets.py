@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 from websockets.client import ClientProtocol
-from websockets.exceptions import NegotiationError
+from websockets.exceptions import InvalidHeader
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
+from websockets.headers import parse_subprotocol
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
@@ -27,7 +29,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
 from ..protocol.closecodes import CloseCode, CloseReason
-from .base import Incoming, TransportBroken
+from .base import Accept, Decide, Incoming, Refusal, TransportBroken, UpgradeRequest
 
 __all__ = [
     "Handshake",
@@ -36,6 +38,7 @@ __all__ = [
     "accept_websocket",
     "classify_os_error",
     "client_handshake",
+    "remote_ip",
 ]
 
 RECEIVE_SIZE = 65536
@@ -74,6 +77,8 @@ class WebsocketsTransport:
         protocol: the websockets protocol (server or client side) in state OPEN.
         pending: events parsed together with the handshake request (pipelined frames).
         remote_address: the peer's address, for logs.
+        max_fragments: most frames one message may arrive in; more fail the
+            connection with 1009 (websockets caps the size, not the count).
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class WebsocketsTransport:
         protocol: Protocol,
         pending: Sequence[Any] = (),
         remote_address: str = "",
+        *,
+        max_fragments: int = 1024,
     ) -> None:
         self._stream = stream
         self._protocol = protocol
@@ -90,6 +97,7 @@ class WebsocketsTransport:
         self._fragment_binary = False
         self._eof_sent = False
         self._failure_reported = False
+        self._max_fragments = max_fragments
         self.remote_address = remote_address
 
     async def receive(self) -> Incoming:
@@ -126,11 +134,22 @@ class WebsocketsTransport:
                     self._fragments = [data]
                     self._fragment_binary = opcode is Opcode.BINARY
             elif opcode is Opcode.CONT:
+                if not self._fragments:
+                    continue  # after a failure: websockets discards the rest
                 self._fragments.append(bytes(event.data))
+                if len(self._fragments) > self._max_fragments:
+                    self._fragments = []
+                    reason = f"a message in more than {self._max_fragments} fragments"
+                    self._protocol.fail(CloseCode.MESSAGE_TOO_BIG, reason)
+                    self._failure_reported = True
+                    incoming.failed = (int(CloseCode.MESSAGE_TOO_BIG), reason)
+                    break
                 if event.fin:
                     message = b"".join(self._fragments)
                     self._fragments = []
                     incoming.messages.append((message, self._fragment_binary))
+            elif opcode is Opcode.PING:
+                incoming.pings += 1
             elif opcode is Opcode.CLOSE:
                 rcvd = self._protocol.close_rcvd
                 if rcvd is not None:
@@ -196,24 +215,9 @@ class Handshake:
     """A completed opening handshake."""
 
     transport: WebsocketsTransport
-    #: The subprotocol the client offered and we chose, or None if it offered none.
-    subprotocol: str | None
-    request: Request
-
-
-def _select_subprotocol(
-    protocol: ServerProtocol, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    # PROTOCOL.md §1: no offer means JSON (browsers often offer none); an offer
-    # with none of ours is refused with 400. Among ours, the client's order wins.
-    if not offered:
-        return None
-    for name in offered:
-        if name in (protocol.available_subprotocols or ()):
-            return name
-    raise NegotiationError(
-        "no supported subprotocol; offer one of " + ", ".join(protocol.available_subprotocols or ())
-    )
+    #: What the server decided: the subprotocol (and whatever the server attached).
+    accept: Accept
+    request: UpgradeRequest
 
 
 async def _write_all(stream: trio.abc.Stream, protocol: Protocol) -> None:
@@ -222,47 +226,69 @@ async def _write_all(stream: trio.abc.Stream, protocol: Protocol) -> None:
             await stream.send_all(chunk)
 
 
+def _offered_subprotocols(request: Request) -> tuple[str, ...]:
+    offered: list[str] = []
+    for header in request.headers.get_all("Sec-WebSocket-Protocol"):
+        offered.extend(parse_subprotocol(header))
+    return tuple(offered)
+
+
+def remote_ip(remote_address: str) -> str:
+    """The IP address of an ``ip:port`` (``[v6]:port``) peer address."""
+    host, sep, _ = remote_address.rpartition(":")
+    return host.strip("[]") if sep else remote_address
+
+
 async def accept_websocket(
     stream: trio.abc.Stream,
     *,
-    path: str,
-    subprotocols: Sequence[str],
+    decide: Decide,
     max_message_size: int,
-    http_route: Callable[[Request], Awaitable[tuple[int, str, dict[str, str]] | None]],
+    max_fragments: int = 1024,
+    max_request_head: int = 16384,
+    max_headers: int = 64,
+    compression: bool = False,
     remote_address: str = "",
-) -> Handshake | tuple[int, Request | None]:
+) -> Handshake | tuple[int, UpgradeRequest | None]:
     """Read the opening request and answer it.
 
-    ``await http_route(request)`` is asked first: a ``(status, body, headers)`` answer
-    is sent as plain HTTP (health checks, 503 while draining, 401 for a bad token);
-    ``None`` goes on to the WebSocket handshake at ``path``. The caller bounds the time this takes.
+    ``await decide(request)`` says what to do with any request that parsed: a
+    :class:`Refusal` is sent as plain HTTP (health checks, 404, 503 while draining,
+    401 for a bad token...); an :class:`Accept` goes on to the WebSocket handshake,
+    which websockets validates (a malformed upgrade is answered 400). The caller
+    bounds the time this takes.
 
     Returns:
         A :class:`Handshake` when the connection was upgraded, else the HTTP status
-        that was answered (0 if the peer left before a request was read) and the
-        request, if one was read. The stream is left open in every case.
+        that was answered (0 if the peer left or nothing was answered) and the request,
+        if one was read. The stream is left open in every case.
     """
+    chosen: list[Subprotocol | None] = [None]
+    extensions = [ServerPerMessageDeflateFactory()] if compression else None
     protocol = ServerProtocol(
-        subprotocols=[Subprotocol(s) for s in subprotocols],
-        select_subprotocol=_select_subprotocol,
+        subprotocols=None,
+        select_subprotocol=lambda _protocol, _offered: chosen[0],
+        extensions=extensions,
         max_size=max_message_size,
         logger=_wire_logger,
     )
-    request: Request | None = None
+    raw: Request | None = None
     events: list[Any] = []
-    while request is None:
+    received = 0
+    while raw is None:
         try:
             data = await stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError:
             return 0, None
         if not data:
             return 0, None
+        received += len(data)
         protocol.receive_data(data)
         events = protocol.events_received()
         if events:
             first, events = events[0], events[1:]
             assert isinstance(first, Request)
-            request = first
+            raw = first
         elif protocol.writes or protocol.handshake_exc is not None:
             # An unparseable request: websockets answered (414, 431) or gave up.
             status = 400
@@ -271,19 +297,26 @@ async def accept_websocket(
                 status = int(writes[9:12])
                 await stream.send_all(writes)
             return status, None
-    answer = await http_route(request)
-    if answer is None and request.path.split("?", 1)[0] != path:
-        answer = (404, "Not Found\n", {})
-    if answer is not None:
-        status, body, headers = answer
-        response = protocol.reject(status, body)
-        for key, value in headers.items():
-            response.headers[key] = value
-        protocol.send_response(response)
-        await _write_all(stream, protocol)
-        return status, request
-
-    response = protocol.accept(request)
+        elif received > max_request_head:
+            await _send_refusal(stream, protocol, Refusal(431, "Request Header Fields Too Large\n"))
+            return 431, None
+    if len(raw.headers) > max_headers:
+        await _send_refusal(stream, protocol, Refusal(431, "Request Header Fields Too Large\n"))
+        return 431, None
+    try:
+        offered = _offered_subprotocols(raw)
+    except InvalidHeader:
+        await _send_refusal(stream, protocol, Refusal(400, "Bad Sec-WebSocket-Protocol\n"))
+        return 400, None
+    request = UpgradeRequest(
+        raw.path, raw.headers, offered, remote_address, remote_ip(remote_address)
+    )
+    answer = await decide(request)
+    if isinstance(answer, Refusal):
+        await _send_refusal(stream, protocol, answer)
+        return answer.status, request
+    chosen[0] = Subprotocol(answer.subprotocol) if answer.subprotocol else None
+    response = protocol.accept(raw)
     if response.status_code in _MALFORMED:
         # PROTOCOL.md §8 answers every malformed upgrade with 400; websockets'
         # helpful headers (Allow, Upgrade) and text stay.
@@ -292,9 +325,20 @@ async def accept_websocket(
     await _write_all(stream, protocol)
     if response.status_code != 101:
         return response.status_code, request
-    transport = WebsocketsTransport(stream, protocol, events, remote_address)
-    chosen = response.headers.get("Sec-WebSocket-Protocol")
-    return Handshake(transport, chosen, request)
+    transport = WebsocketsTransport(
+        stream, protocol, events, remote_address, max_fragments=max_fragments
+    )
+    return Handshake(transport, answer, request)
+
+
+async def _send_refusal(
+    stream: trio.abc.Stream, protocol: ServerProtocol, refusal: Refusal
+) -> None:
+    response = protocol.reject(refusal.status, refusal.body)
+    for key, value in refusal.headers.items():
+        response.headers[key] = value
+    protocol.send_response(response)
+    await _write_all(stream, protocol)
 
 
 class HandshakeRefused(Exception):

@@ -1,0 +1,395 @@
+"""The ASGI transport: the gateway as an ASGI application, under hypercorn's trio worker.
+
+:class:`GatewayApp` mounts the gateway into an ASGI server (or beside another ASGI
+application) on one port for WebSocket and HTTP: the WebSocket path, the probes and,
+unless told otherwise, ``/metrics`` and ``/api/*``. Its ``lifespan`` starts the
+node's hub (the broker) and drains the node on shutdown::
+
+    server = Server(gateway, config)
+    await hypercorn.trio.serve(GatewayApp(server), hypercorn_config)
+
+What ASGI cannot do (docs/transports.md): it carries no WebSocket ping frames, so the
+envelope heartbeat alone proves liveness; pings the client sends are answered by the
+ASGI server and are not counted against the rate limit; the ASGI server, not the
+gateway, bounds the opening request and frames (hypercorn: 16 KiB request heads,
+``websocket_max_message_size``); and hypercorn always accepts permessage-deflate
+when a client offers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+from websockets.datastructures import Headers
+
+from ..protocol.closecodes import CloseCode
+from .base import Incoming, Refusal, UpgradeRequest
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HypercornConfig
+
+    from ..server import Server
+
+__all__ = ["ASGITransport", "GatewayApp", "GuardedStream", "hypercorn_config", "serve_asgi_stream"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# The cancel scope bounding the opening handshake of a stream that
+# serve_asgi_stream serves (hypercorn starts the app's task in that context).
+_HANDSHAKE_BOUND: contextvars.ContextVar[_Bound | None] = contextvars.ContextVar(
+    "wsgate_handshake_bound", default=None
+)
+
+# Close codes with which the ASGI server itself fails a connection (it tells the app
+# only the code): a malformed frame, bad UTF-8, a message over the size limit.
+_FAILURES = frozenset({1002, 1007, 1009})
+
+
+class ASGITransport:
+    """An accepted ASGI WebSocket, as the gateway's connection sees it.
+
+    Args:
+        stream: the stream hypercorn writes to, when the gateway gave it one
+            (:func:`serve_asgi_stream`): its writes are then bounded once a close is
+            decided. Under an ASGI server of your own, that server bounds them.
+        close_timeout: how long writes may still take after the close is decided.
+    """
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        remote_address: str,
+        *,
+        stream: GuardedStream | None = None,
+        close_timeout: float = 2.0,
+    ) -> None:
+        self._stream = stream
+        self._close_timeout = close_timeout
+        self._receive = receive
+        self._send = send
+        self._out: list[tuple[bytes, bool]] = []
+        self._close: tuple[int, str] | None = None
+        self._close_sent = False
+        self._gone = False
+        self.remote_address = remote_address
+
+    async def receive(self) -> Incoming:
+        """The next message, or how the WebSocket ended."""
+        if self._gone:
+            raise trio.ClosedResourceError("the ASGI WebSocket has ended")
+        event = await self._receive()
+        kind = event["type"]
+        if kind == "websocket.receive":
+            data = event.get("bytes")
+            if data is not None:
+                return Incoming(messages=[(data, True)], frames=1, nbytes=len(data))
+            payload = (event.get("text") or "").encode()
+            return Incoming(messages=[(payload, False)], frames=1, nbytes=len(payload))
+        # websocket.disconnect: the end, however it came.
+        self._gone = True
+        incoming = Incoming(eof=True)
+        if self._close_sent:
+            return incoming
+        code = int(event.get("code", 1005))  # 1005: no status received
+        reason = str(event.get("reason") or "")
+        if code in _FAILURES:
+            incoming.failed = (code, reason or "closed by the ASGI server")
+        elif code != CloseCode.ABNORMAL:
+            incoming.peer_close = (code, reason)
+        return incoming
+
+    def send_message(self, payload: bytes, binary: bool) -> None:
+        """Queue one message."""
+        self._out.append((payload, binary))
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Queue the close, once."""
+        if self._close is None:
+            self._close = (code, reason.encode()[:120].decode(errors="ignore"))
+            if self._stream is not None:
+                self._stream.send_deadline = trio.current_time() + self._close_timeout
+
+    def wants_flush(self) -> bool:
+        """True if messages or the close wait to be sent."""
+        return bool(self._out) or (self._close is not None and not self._close_sent)
+
+    async def flush(self) -> bool:
+        """Hand what is queued to the ASGI server, then the close.
+
+        Returns:
+            True once the close was handed over (the ASGI server finishes it).
+        """
+        out, self._out = self._out, []
+        send = self._send
+        try:
+            for payload, binary in out:
+                if binary:
+                    await send({"type": "websocket.send", "bytes": payload})
+                else:
+                    await send({"type": "websocket.send", "text": payload.decode()})
+            if self._close is not None and not self._close_sent:
+                self._close_sent = True
+                code, reason = self._close
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The ASGI server says the WebSocket is gone; the reader learns how.
+            pass
+        return self._close_sent
+
+    async def aclose(self) -> None:
+        """Ask the ASGI server to close now (it releases the socket when the app returns)."""
+        if not self._close_sent and not self._gone:
+            self._close_sent = True
+            with contextlib.suppress(Exception):
+                await self._send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
+
+
+def _upgrade_request(scope: Scope) -> UpgradeRequest:
+    headers = Headers(
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+    )
+    target = scope.get("raw_path") or scope["path"].encode()
+    if isinstance(target, bytes):
+        target = target.decode("latin-1")
+    query = scope.get("query_string") or b""
+    if query:
+        target = f"{target}?{query.decode('latin-1')}"
+    client = scope.get("client") or ("", 0)
+    remote = f"{client[0]}:{client[1]}"
+    return UpgradeRequest(
+        target, headers, tuple(scope.get("subprotocols") or ()), remote, client[0]
+    )
+
+
+async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+        await send(
+            {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": refusal.body.encode()})
+    else:  # the ASGI server answers 403 for a close before accept
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+
+
+class GatewayApp:
+    """The gateway as an ASGI application (WebSocket, probes, metrics and API).
+
+    Args:
+        server: the node (its settings, hub and limits).
+        admin: also serve ``/metrics`` and ``/api/*`` (the admin port's routes) on
+            this port; the standalone server keeps them on the admin port.
+    """
+
+    def __init__(self, server: Server, *, admin: bool = True) -> None:
+        from ..admin import AdminApp
+
+        self.server = server
+        self._admin = AdminApp(server) if admin else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from ..admin import probe
+
+        answer = probe(scope["path"], self.server.ready, self.server.degraded)
+        if answer is None and scope["path"] == self.server.config.path:
+            answer = (400, "Bad Request: not a WebSocket upgrade\n")  # PROTOCOL.md §8
+        if answer is None and self._admin is not None:
+            await self._admin(scope, receive, send)
+            return
+        status, body = answer or (404, "Not Found\n")
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = self.server
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        request = _upgrade_request(scope)
+        answer: Refusal | Any = Refusal(503, "the handshake took too long\n")
+        with trio.move_on_after(server.config.handshake_timeout):
+            answer = await server.admit(request)
+        if isinstance(answer, Refusal):
+            server.count_refusal(answer.status)
+            await _refuse(scope, send, answer)
+            return
+        try:
+            await send({"type": "websocket.accept", "subprotocol": answer.subprotocol})
+        except BaseException:
+            server.release(answer)
+            raise
+        bound = _HANDSHAKE_BOUND.get()
+        if bound is not None:
+            bound.lift()
+        transport = ASGITransport(
+            receive,
+            send,
+            request.remote,
+            stream=bound.stream if bound is not None else None,
+            close_timeout=server.config.close_timeout,
+        )
+        await server.run_connection(transport, answer, request.remote)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        # The hub (the broker) runs as long as the ASGI server does.
+        async with trio.open_nursery() as nursery:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    try:
+                        await nursery.start(self.server.hub.run)
+                    except Exception as exc:
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        raise
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    nursery.cancel_scope.cancel()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+
+def hypercorn_config(server: Server) -> HypercornConfig:
+    """hypercorn settings that follow the node's (message size, quiet logs)."""
+    import logging
+
+    from hypercorn.config import Config as HypercornConfig
+
+    config = server.config
+    hconfig = HypercornConfig()
+    hconfig.accesslog = None  # access logs would show ?token= query strings
+    hconfig.errorlog = logging.getLogger("trio_wsgate.asgi")
+    hconfig.websocket_max_message_size = config.max_message_size
+    hconfig.h11_max_incomplete_size = config.max_request_head
+    hconfig.websocket_ping_interval = None  # the gateway's heartbeat does this
+    hconfig.graceful_timeout = config.close_timeout
+    # An idle or unfinished request waits as long as a handshake may take.
+    hconfig.keep_alive_timeout = config.handshake_timeout
+    return hconfig
+
+
+class _Peer:
+    """The socket-shaped view hypercorn takes of a stream that has no socket."""
+
+    family = socket.AF_INET
+
+    def __init__(self, remote: str) -> None:
+        host, _, port = remote.rpartition(":")
+        self._peer = (host or "127.0.0.1", int(port) if port.isdigit() else 0)
+
+    def getpeername(self) -> tuple[str, int]:
+        return self._peer
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 0)
+
+
+class GuardedStream(trio.abc.HalfCloseableStream):
+    """The stream hypercorn writes to, with a deadline the gateway can set.
+
+    hypercorn shields its writes from cancellation, so a peer that stops reading
+    would hold a closing connection forever. Once the gateway decides to close, it
+    sets :attr:`send_deadline`; a write still blocked then fails as a broken stream,
+    and the connection is released within ``close_timeout`` like on every transport.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, remote: str) -> None:
+        self._stream = stream
+        self.socket = getattr(stream, "socket", None) or _Peer(remote)
+        self._scope = trio.CancelScope()
+
+    @property
+    def send_deadline(self) -> float:
+        return self._scope.deadline
+
+    @send_deadline.setter
+    def send_deadline(self, deadline: float) -> None:
+        self._scope.deadline = min(self._scope.deadline, deadline)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.CancelScope(deadline=self._scope.deadline) as scope:
+            self._scope = scope
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self._stream)
+            raise trio.BrokenResourceError("the peer stopped reading past the close timeout")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        if isinstance(self._stream, trio.abc.HalfCloseableStream):
+            await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def serve_asgi_stream(server: Server, stream: trio.abc.Stream, remote: str) -> None:
+    """Serve one accepted stream through hypercorn's trio worker and :class:`GatewayApp`.
+
+    The standalone server (``--transport asgi``) and the in-memory tests use this, so
+    the node's own accept loop, limits and drain are the same for every transport.
+    """
+    from hypercorn.app_wrappers import ASGIWrapper
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+
+    app = server._asgi_app
+    if app is None:
+        gateway_app: Any = GatewayApp(server, admin=False)
+        app = server._asgi_app = (ASGIWrapper(gateway_app), hypercorn_config(server))
+    wrapper, hconfig = app
+    guarded = GuardedStream(stream, remote)
+    # The opening handshake (or a plain HTTP exchange) is bounded like on the other
+    # transports; GatewayApp lifts the bound once it has accepted the WebSocket.
+    with trio.move_on_after(server.config.handshake_timeout) as scope:
+        bound = _Bound(server, scope, guarded)
+        token = _HANDSHAKE_BOUND.set(bound)
+        try:
+            await TCPServer(wrapper, hconfig, WorkerContext(None), ConnectionState({}), guarded)  # type: ignore[arg-type]
+        finally:
+            _HANDSHAKE_BOUND.reset(token)
+            bound.lift()
+
+
+class _Bound:
+    """The handshake of one stream: its time bound and its ``max_handshakes`` slot."""
+
+    def __init__(self, server: Server, scope: trio.CancelScope, stream: GuardedStream) -> None:
+        self._server = server
+        self.stream = stream
+        self._scope = scope
+        self._open = True
+        server.handshake_started()
+
+    def lift(self) -> None:
+        """The handshake is over: no more bound, and the slot is free."""
+        if self._open:
+            self._open = False
+            self._scope.deadline = math.inf
+            self._server.handshake_ended()

@@ -1,0 +1,163 @@
+"""The trio-websocket transport: the gateway over trio-websocket (wsproto underneath).
+
+trio-websocket runs a reader task of its own (in a nursery this module opens around
+the connection, so it still ends with the connection) and answers WebSocket pings
+itself. What that means for the gateway (docs/transports.md):
+
+- pings and pongs never reach the connection, so only messages prove liveness and
+  only messages count against the rate limit; the envelope heartbeat covers it;
+- the number of fragments of a message is not capped (its size is);
+- ``/healthz`` and ``/readyz`` are served on the admin port only: wsproto refuses a
+  request that is not an upgrade before the gateway sees it;
+- a protocol violation is answered by wsproto with its close frame, after which
+  trio-websocket drops the TCP connection at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from websockets.datastructures import Headers
+
+from ..protocol.closecodes import CloseCode
+from .base import Incoming, Refusal, UpgradeRequest
+from .websockets import RECEIVE_SIZE, remote_ip
+
+if TYPE_CHECKING:
+    from ..server import Server
+
+__all__ = ["TrioWebsocketTransport", "serve_trio_websocket"]
+
+# Protocol errors wsproto fails the connection with: the reader learns no code.
+_PROTOCOL_FAILURE = (int(CloseCode.PROTOCOL_ERROR), "protocol error")
+
+
+class TrioWebsocketTransport:
+    """An accepted trio-websocket connection, as the gateway's connection sees it.
+
+    Args:
+        ws: the accepted connection.
+        stream: the byte stream under it (closed at once by :meth:`aclose`).
+        max_message_size: the limit trio-websocket was given (to tell its 1009 apart).
+    """
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        stream: trio.abc.Stream,
+        remote_address: str,
+        max_message_size: int,
+    ) -> None:
+        self._ws = ws
+        self._stream = stream
+        self._out: list[tuple[bytes, bool]] = []
+        self._close: tuple[int, str] | None = None
+        self._close_sent = False
+        self._closed = trio.Event()
+        self._too_big = f"Exceeded maximum message size: {max_message_size} bytes"
+        self.remote_address = remote_address
+
+    async def receive(self) -> Incoming:
+        """The next message, or how the WebSocket ended."""
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            incoming = Incoming(eof=True)
+            reason = exc.reason
+            if self._close_sent:
+                # Our own close: trio-websocket stops delivering at once, but the
+                # connection lasts until the peer has answered (or close_timeout).
+                await self._closed.wait()
+                return incoming
+            if reason is None:
+                incoming.failed = _PROTOCOL_FAILURE
+            elif reason.code == CloseCode.MESSAGE_TOO_BIG and reason.reason == self._too_big:
+                incoming.failed = (reason.code, reason.reason)
+            elif reason.code != CloseCode.ABNORMAL:
+                incoming.peer_close = (reason.code, reason.reason or "")
+            return incoming
+        if isinstance(message, str):
+            payload, binary = message.encode(), False
+        else:
+            payload, binary = message, True
+        return Incoming(messages=[(payload, binary)], frames=1, nbytes=len(payload))
+
+    def send_message(self, payload: bytes, binary: bool) -> None:
+        """Queue one message."""
+        self._out.append((payload, binary))
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Queue the close, once."""
+        if self._close is None:
+            self._close = (code, reason.encode()[:120].decode(errors="ignore"))
+
+    def wants_flush(self) -> bool:
+        """True if messages or the close wait to be sent."""
+        return bool(self._out) or (self._close is not None and not self._close_sent)
+
+    async def flush(self) -> bool:
+        """Send what is queued, then the close (which waits for the peer's answer).
+
+        Returns:
+            True once the close handshake is over.
+        """
+        out, self._out = self._out, []
+        try:
+            for payload, binary in out:
+                await self._ws.send_message(payload if binary else payload.decode())
+        except ConnectionClosed:
+            return self._close_sent  # the reader learns how it ended
+        if self._close is not None and not self._close_sent:
+            self._close_sent = True
+            code, reason = self._close
+            await self._ws.aclose(code, reason)
+            self._closed.set()
+            return True
+        return self._close_sent
+
+    async def aclose(self) -> None:
+        """Release the stream at once."""
+        await trio.aclose_forcefully(self._stream)
+
+
+async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: str) -> None:
+    """Serve one accepted stream with trio-websocket, start to end."""
+    config = server.config
+    async with trio.open_nursery() as nursery:  # trio-websocket's reader lives here
+        admission = None
+        ws: WebSocketConnection | None = None
+        with server.handshake_slot(), trio.move_on_after(config.handshake_timeout):
+            request = await wrap_server_stream(
+                nursery,
+                stream,
+                message_queue_size=1,
+                max_message_size=config.max_message_size,
+                receive_buffer_size=RECEIVE_SIZE,
+            )
+            headers = Headers(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+            )
+            upgrade = UpgradeRequest(
+                request.path, headers, request.proposed_subprotocols, remote, remote_ip(remote)
+            )
+            answer = await server.admit(upgrade)
+            if isinstance(answer, Refusal):
+                server.count_refusal(answer.status)
+                extra = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
+                await request.reject(answer.status, extra_headers=extra, body=answer.body.encode())
+            else:
+                admission = answer
+                try:
+                    ws = await request.accept(subprotocol=answer.subprotocol)
+                except BaseException:
+                    server.release(admission)
+                    raise
+        if admission is not None:
+            if ws is None:  # the handshake timed out after the admission
+                server.release(admission)
+            else:
+                transport = TrioWebsocketTransport(ws, stream, remote, config.max_message_size)
+                await server.run_connection(transport, admission, remote)
+        nursery.cancel_scope.cancel()
