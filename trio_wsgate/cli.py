@@ -20,8 +20,9 @@ from typing import Any
 
 import trio
 
-from .config import Config, SlowConsumerPolicy
+from .config import Config, SlowConsumerPolicy, TransportKind, UserLimitPolicy
 from .gateway import Gateway
+from .logs import install_redaction
 from .server import Server
 
 __all__ = ["build_parser", "config_from_args", "load_app", "main"]
@@ -66,6 +67,10 @@ def _seconds_or_none(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "0") else float(text)
 
 
+def _count_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "off", "0") else int(text)
+
+
 # (flag, Config field or None, type, help)
 _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("host", "host", str, "address to listen on"),
@@ -98,6 +103,25 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("node-id", "node_id", str, "this node's name in /api/stats (default host-pid-random)"),
     ("redis", "redis_url", str, "redis://host:port/db: nodes sharing it act as one gateway"),
     ("redis-prefix", "redis_prefix", str, "prefix of the gateway's Redis keys and channels"),
+    ("transport", "transport", TransportKind, "websockets, trio-websocket or asgi"),
+    ("handshake-timeout", "handshake_timeout", float, "bound on the opening handshake, seconds"),
+    ("max-request-head", "max_request_head", int, "largest request head, bytes (431 above)"),
+    ("max-headers", "max_headers", int, "most request headers (431 above)"),
+    ("max-connections", "max_connections", _count_or_none, "connections on this node (503)"),
+    ("max-connections-per-ip", "max_connections_per_ip", _count_or_none, "per address (503)"),
+    (
+        "max-connections-per-user",
+        "max_connections_per_user",
+        _count_or_none,
+        "live connections of one user (close 1008)",
+    ),
+    ("user-limit-policy", "user_limit_policy", UserLimitPolicy, "reject-newest or close-oldest"),
+    ("max-handshakes", "max_handshakes", int, "sockets in their handshake at once"),
+    ("accept-rate", "accept_rate", _seconds_or_none, "new connections per second (503 above)"),
+    ("accept-burst", "accept_burst", int, "new connections at once after a quiet spell"),
+    ("rate-limit", "rate_limit", _seconds_or_none, "envelopes per second per connection (4009)"),
+    ("rate-burst", "rate_burst", _count_or_none, "envelopes at once; unset: twice the rate"),
+    ("max-fragments", "max_fragments", int, "frames one message may come in (1009 above)"),
 ]
 # Flags whose value is never shown (not even as a default in --help).
 _SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key", "redis"})
@@ -105,6 +129,7 @@ _SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key", "redis"})
 _LIST_FLAGS: list[tuple[str, str, str]] = [
     ("allow-subscribe", "allow_subscribe", "topic glob any client may subscribe to (repeatable)"),
     ("allow-publish", "allow_publish", "topic glob any client may publish to (repeatable)"),
+    ("allowed-origin", "allowed_origins", "an Origin allowed to connect, exact (repeatable)"),
 ]
 
 
@@ -139,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             default=None,
             metavar="PATTERN",
-            help=f"{text}; WSGATE_{field.upper()} takes a comma-separated list"
+            help=f"{text}; WSGATE_{flag.upper().replace('-', '_')} takes a comma-separated list"
             + (f" (default {env})" if env else ""),
         )
     serve.add_argument(
@@ -147,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=_env("open-api") in ("1", "true", "yes"),
         help="serve the server API without a key: for local use only",
+    )
+    serve.add_argument(
+        "--compression",
+        action="store_true",
+        default=_env("compression") in ("1", "true", "yes"),
+        help="offer permessage-deflate (websockets transport; off by default)",
     )
     serve.add_argument(
         "--app",
@@ -226,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
         settings[field] = tuple(given)
     settings["open_api"] = args.open_api
+    settings["compression"] = args.compression
     return Config(**settings)
 
 
@@ -247,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
+    install_redaction(
+        s for s in (config.secret, config.jwt_secret, config.api_key, config.redis_url) if s
+    )
     if args.app:
         sys.path.insert(0, os.getcwd())
         gateway = load_app(args.app)

@@ -49,6 +49,7 @@ import trio
 from websockets.uri import parse_uri
 
 from .exceptions import ClientClosed, HandlerError, ProtocolError, SessionLost
+from .logs import redact
 from .protocol import (
     CODECS,
     JSON_SUBPROTOCOL,
@@ -670,7 +671,7 @@ class Client:
                 retry_after = exc.retry_after
                 logger.info("refused with HTTP %d; trying again", exc.status)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-                logger.info("cannot connect to %s: %s", self.url, exc)
+                logger.info("cannot connect to %s: %s", redact(self.url), exc)
             if self._stopping:
                 return
             if link is not None:

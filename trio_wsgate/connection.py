@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .auth import Identity, identify
+from .config import UserLimitPolicy
 from .exceptions import (
     BrokerUnavailable,
     HandlerError,
@@ -53,6 +54,7 @@ from .hub import (
     checked_identity,
     user_topic,
 )
+from .limits import TokenBucket
 from .protocol import (
     Ack,
     Bye,
@@ -101,6 +103,7 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.SLOW_CONSUMER: CloseReason.SLOW_CONSUMER,
     CloseCode.KICKED: CloseReason.KICK,
     CloseCode.TAKEN_OVER: CloseReason.TAKE_OVER,
+    CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
 }
 
 # What waits in the write queue: an encoded envelope and whether it is sequenced
@@ -336,6 +339,10 @@ class Connection:
         self._welcomed = trio.Event()
         self._liveness: trio.CancelScope | None = None
         self._pings: dict[int, float] = {}
+        self._bucket: TokenBucket | None = None
+        if config.rate_limit is not None:
+            burst = config.rate_burst or max(1, math.ceil(2 * config.rate_limit))
+            self._bucket = TokenBucket(config.rate_limit, burst, trio.current_time())
         self._nursery: trio.Nursery | None = None
         self._app_scope = trio.CancelScope()
         self._done = trio.Event()
@@ -352,6 +359,9 @@ class Connection:
         #: trio time of the decision to close, and of the release of the transport.
         self.close_decided_at: float | None = None
         self.released_at: float | None = None
+        #: trio time the connection was opened at (the oldest goes first, if the
+        #: user limit says so).
+        self.opened_at = trio.current_time()
 
     # -- public ---------------------------------------------------------------------
 
@@ -446,13 +456,20 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def internal_error(self, what: str) -> None:
+        """Log the exception being handled, once, with this connection's id; count it."""
+        self._metrics.internal_errors.inc()
+        logger.exception(
+            "%s on connection %s from %s", what, self.id, self._transport.remote_address
+        )
+
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
         # The root of each of the connection's own tasks: an unexpected error is
         # logged once and becomes close 1011 (STYLE.md, "Errors").
         try:
             await task()
         except Exception:
-            logger.exception("internal error on connection %s", self._transport.remote_address)
+            self.internal_error("internal error")
             self._begin_close(
                 CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR
             )
@@ -476,11 +493,16 @@ class Connection:
                 self._touch()
             if incoming.nbytes:
                 metrics.bytes_in.inc(incoming.nbytes)
+            if incoming.pings and not self._within_rate(incoming.pings):
+                continue
             for payload, binary in incoming.messages:
                 if self.closing:
                     break
                 try:
-                    for envelope in self._decode(payload, binary):
+                    envelopes = self._decode(payload, binary)
+                    if not self._within_rate(len(envelopes)):
+                        break
+                    for envelope in envelopes:
                         if self.closing:
                             break
                         self._on_envelope(envelope)
@@ -503,6 +525,15 @@ class Connection:
                 # The peer closed its end; after a close handshake this is the normal end.
                 self._abort(CloseCode.ABNORMAL, CloseReason.EOF)
                 return
+
+    def _within_rate(self, count: int) -> bool:
+        """Take ``count`` from the rate limit's bucket; over it, close with 4009."""
+        bucket = self._bucket
+        if bucket is None or bucket.take(trio.current_time(), count):
+            return True
+        self._metrics.rate_limited.inc()
+        self._begin_close(CloseCode.RATE_LIMITED, "rate limit exceeded", CloseReason.RATE_LIMIT)
+        return False
 
     def _touch(self) -> None:
         assert self._liveness is not None
@@ -795,11 +826,16 @@ class Connection:
             session = await self._new_session(identity)
             if session is None:
                 return None
+            if not self._within_user_limit(session):
+                hub.end(session, CloseCode.POLICY_VIOLATION, CloseReason.POLICY, why="user limit")
+                return None
             # What the user topic sent it already, after the welcome.
             resend = [item for _, item in session.outbox.in_flight]
             session._attach(self, self._codec, resumed=False)
             ack = 0
         else:
+            if not self._within_user_limit(session):
+                return None  # the session stays detached, for a resume within the limit
             session._attach(self, self._codec, resumed=True)
             ack = session.inbox.resume()
         session.identity = identity
@@ -825,6 +861,36 @@ class Connection:
             with contextlib.suppress(SessionClosed, BrokerUnavailable):
                 await session.subscribe(user_topic(user))
         return session
+
+    def _within_user_limit(self, session: Session) -> bool:
+        """Apply ``max_connections_per_user`` before ``session`` is attached here.
+
+        Over the limit, either this connection or the user's oldest is closed with
+        1008, as ``user_limit_policy`` says. Called with no await between it and the
+        attach, so that two connections at once cannot both slip under the limit.
+        """
+        config, user = self._config, session.user
+        limit = config.max_connections_per_user
+        if limit is None or user is None:
+            return True
+        live = [
+            other.connection
+            for other in self._hub.users.get(user, ())
+            if other is not session
+            and other.connection is not None
+            and not other.connection.closing
+        ]
+        if len(live) < limit:
+            return True
+        reason = f"too many connections for this user (at most {limit})"
+        if config.user_limit_policy is UserLimitPolicy.REJECT_NEWEST:
+            self.close(CloseCode.POLICY_VIOLATION, reason)
+            return False
+        for oldest in sorted(live, key=lambda connection: connection.opened_at)[
+            : len(live) - limit + 1
+        ]:
+            oldest.close(CloseCode.POLICY_VIOLATION, reason)
+        return True
 
     async def _new_session(self, identity: Identity) -> Session | None:
         """A new session, following ``user:<sub>`` before its ``welcome`` is sent.
@@ -876,7 +942,7 @@ class Connection:
                 except HandlerError as exc:
                     error, outcome = ErrorInfo(exc.code, exc.reason), "error"
                 except Exception:
-                    logger.exception("handler for %r failed", envelope.event)
+                    self.internal_error(f"handler for {envelope.event!r} failed")
                     error, outcome = ErrorInfo("internal", "internal error"), "exception"
                 self._metrics.handler_latency.labels(outcome).observe(trio.current_time() - started)
         else:
@@ -887,7 +953,7 @@ class Connection:
             except BrokerUnavailable as exc:
                 error = ErrorInfo("unavailable", str(exc))
             except Exception:
-                logger.exception("%s failed", envelope.type)
+                self.internal_error(f"{envelope.type} failed")
                 error = ErrorInfo("internal", "internal error")
         inbox = session.inbox
         inbox.mark_processed(envelope.seq)

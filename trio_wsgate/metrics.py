@@ -51,6 +51,16 @@ class Metrics:
             ["code", "reason"],
             registry=r,
         )
+        self.internal_errors = Counter(
+            "wsgate_internal_errors",
+            "Unexpected errors contained to one connection (logged with its id).",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "wsgate_rate_limited",
+            "Connections closed with 4009 for going over the inbound rate limit.",
+            registry=r,
+        )
         self.handshakes_refused = Counter(
             "wsgate_handshakes_refused",
             "Upgrades answered with HTTP, by status.",

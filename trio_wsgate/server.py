@@ -205,6 +205,11 @@ class Server:
             except Unauthorized as exc:
                 body = f"unauthorized: {exc}\n"
                 return Refusal(401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            except Exception:
+                # The application's authenticator failed: this request only.
+                self.metrics.internal_errors.inc()
+                logger.exception("the authenticator failed for a request from %s", request.remote)
+                return Refusal(500, "internal error\n")
             # Checked again: others may have come in while the token was checked.
             refusal = self._over_limit(request)
             if refusal is not None:

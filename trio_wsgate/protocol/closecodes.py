@@ -52,4 +52,5 @@ class CloseReason(enum.StrEnum):
     DRAIN = "drain"
     TAKE_OVER = "take_over"
     INTERNAL_ERROR = "internal_error"
+    RATE_LIMIT = "rate_limit"  # 4009: the session is kept
     SERVER_CLOSE = "server_close"  # the application closed the session

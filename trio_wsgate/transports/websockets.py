@@ -300,7 +300,7 @@ async def accept_websocket(
         elif received > max_request_head:
             await _send_refusal(stream, protocol, Refusal(431, "Request Header Fields Too Large\n"))
             return 431, None
-    if len(raw.headers) > max_headers:
+    if len(raw.headers) > max_headers or received > max_request_head:
         await _send_refusal(stream, protocol, Refusal(431, "Request Header Fields Too Large\n"))
         return 431, None
     try:
