@@ -571,3 +571,47 @@ def test_the_owner_killed_the_client_recovers_every_publication_on_another_node(
     finally:
         stop_node(first)
         stop_node(second)
+
+
+@pytest.mark.transports("websockets", "trio-websocket", "asgi")
+def test_each_transport_serves_drains_and_logs_no_secret(transport: str) -> None:
+    """The standalone server on each ``--transport``, logging at DEBUG."""
+    jwt_secret, api_key = "an-e2e-jwt-secret-of-32-bytes-or-more!", "an-e2e-api-key"
+    started = start_node(
+        "--transport",
+        transport,
+        "--log-level",
+        "debug",
+        "--close-timeout",
+        "1",
+        "--allowed-origin",
+        "https://chat.example.com",
+        env={"WSGATE_JWT_SECRET": jwt_secret, "WSGATE_API_KEY": api_key},
+    )
+    tokens = []
+    try:
+        for user in ("ada", "bob"):
+            made = run_cli("token", user, env={"WSGATE_JWT_SECRET": jwt_secret})
+            tokens.append(made.stdout.strip())
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{started.url}?token={tokens[0]}", origin="https://evil.example.com")  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 403
+        with connect(f"{started.url}?token={tokens[0]}", origin="https://chat.example.com") as ws:  # type: ignore[arg-type]
+            assert hello(ws)["user"] == "ada"
+            assert _call(ws, 1, "echo", "over " + transport) == "over " + transport
+            ws.send(json.dumps({"type": "refresh", "token": tokens[1]}))  # another user: 4001
+            assert close_code(ws) == 4001
+        assert _api(started, "GET", "/api/stats", key="not-the-key")[0] == 401
+        assert _api(started, "GET", "/api/stats", key=api_key)[0] == 200
+        with connect(started.url) as ws:
+            ws.send(json.dumps({"type": "hello", "token": tokens[1]}))
+            assert receive(ws, "welcome")["user"] == "bob"
+            started.process.send_signal(signal.SIGTERM)
+            assert close_code(ws) == 1001
+        assert started.process.wait(15) == 0
+    finally:
+        stop_node(started)
+    log = "".join(started.log)
+    assert "listening on" in log
+    for secret in (jwt_secret, api_key, *tokens):
+        assert secret not in log
