@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("log-level") or "info",
         choices=["debug", "info", "warning", "error"],
     )
+    echo = commands.add_parser(
+        "raw-echo",
+        help="the raw-echo profile: echo WebSocket messages, for conformance tests only",
+        description="Echo every WebSocket message on 127.0.0.1, through the node's accept "
+        "loop, handshake and transport, without the wsgate protocol: what the Autobahn "
+        "suite (scripts/conformance) drives. Loopback only; not a server to expose.",
+    )
+    echo.add_argument("--transport", default="websockets", type=TransportKind)
+    echo.add_argument("--port", type=int, default=9001, help="0 picks a free one (logged)")
+    echo.add_argument("--host", default="127.0.0.1", help="a loopback address")
     client = commands.add_parser(
         "client",
         help="talk to a gateway: one request, or an interactive session",
@@ -243,6 +253,26 @@ def _print_token(args: argparse.Namespace) -> None:
     print(jwt.encode(claims, secret, algorithm="HS256"))
 
 
+def _raw_echo(args: argparse.Namespace) -> None:
+    from .testing.raw_echo import RawEchoServer, raw_echo_config
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = RawEchoServer(raw_echo_config(args.transport, args.port, args.host))
+    except ValueError as exc:
+        raise SystemExit(f"trio-wsgate raw-echo: {exc}") from None
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: server.serve(handle_signals=True, task_status=task_status)
+            )
+            for host, port in server.listen_addresses:
+                logger.info("raw echo (%s) on ws://%s:%d/", args.transport, host, port)
+
+    trio.run(run)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The node's settings from parsed ``serve`` arguments (and the environment).
 
@@ -270,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_client(args))
     if args.command == "token":
         _print_token(args)
+        return
+    if args.command == "raw-echo":
+        _raw_echo(args)
         return
     logging.basicConfig(
         level=args.log_level.upper(),

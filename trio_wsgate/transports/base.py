@@ -117,7 +117,7 @@ class Transport(Protocol):
         ...
 
     def send_message(self, payload: bytes, binary: bool) -> None:
-        """Queue one message (one frame)."""
+        """Queue one message (one frame); dropped once the closing handshake began."""
         ...
 
     def send_close(self, code: int, reason: str) -> None:

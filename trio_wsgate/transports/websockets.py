@@ -10,6 +10,7 @@ codes for framing errors (1002) and oversized messages (1009).
 
 from __future__ import annotations
 
+import codecs
 import errno
 import logging
 from collections.abc import Sequence
@@ -52,6 +53,9 @@ _MALFORMED = frozenset({405, 426, 505})
 # below WARNING (its INFO lines, one per connection, are noise at scale).
 _wire_logger = logging.getLogger("trio_wsgate.wire")
 _wire_logger.setLevel(logging.WARNING)
+
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def classify_os_error(exc: BaseException) -> CloseReason:
@@ -98,6 +102,7 @@ class WebsocketsTransport:
         self._eof_sent = False
         self._failure_reported = False
         self._max_fragments = max_fragments
+        self._utf8: codecs.IncrementalDecoder | None = None
         self.remote_address = remote_address
 
     async def receive(self) -> Incoming:
@@ -120,6 +125,14 @@ class WebsocketsTransport:
         self._handle_events(self._protocol.events_received(), incoming)
         return incoming
 
+    def _fail(self, incoming: Incoming, code: CloseCode, reason: str) -> None:
+        """Fail the connection here (websockets leaves these checks to its callers)."""
+        self._fragments = []
+        self._utf8 = None
+        self._protocol.fail(code, reason)
+        self._failure_reported = True
+        incoming.failed = (int(code), reason)
+
     def _handle_events(self, events: list[Any], incoming: Incoming) -> None:
         for event in events:
             if not isinstance(event, Frame):
@@ -128,21 +141,31 @@ class WebsocketsTransport:
             opcode = event.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 data = bytes(event.data)
+                binary = opcode is Opcode.BINARY
+                if not binary:
+                    # RFC 6455 §8.1: text is UTF-8, checked as it arrives (fail fast).
+                    self._utf8 = _utf8_decoder()
+                    if not self._valid_utf8(data, event.fin):
+                        self._fail(
+                            incoming, CloseCode.INVALID_DATA, "invalid UTF-8 in a text message"
+                        )
+                        break
                 if event.fin:
-                    incoming.messages.append((data, opcode is Opcode.BINARY))
+                    incoming.messages.append((data, binary))
                 else:
                     self._fragments = [data]
-                    self._fragment_binary = opcode is Opcode.BINARY
+                    self._fragment_binary = binary
             elif opcode is Opcode.CONT:
                 if not self._fragments:
                     continue  # after a failure: websockets discards the rest
-                self._fragments.append(bytes(event.data))
+                data = bytes(event.data)
+                self._fragments.append(data)
                 if len(self._fragments) > self._max_fragments:
-                    self._fragments = []
                     reason = f"a message in more than {self._max_fragments} fragments"
-                    self._protocol.fail(CloseCode.MESSAGE_TOO_BIG, reason)
-                    self._failure_reported = True
-                    incoming.failed = (int(CloseCode.MESSAGE_TOO_BIG), reason)
+                    self._fail(incoming, CloseCode.MESSAGE_TOO_BIG, reason)
+                    break
+                if not self._fragment_binary and not self._valid_utf8(data, event.fin):
+                    self._fail(incoming, CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
                     break
                 if event.fin:
                     message = b"".join(self._fragments)
@@ -163,8 +186,20 @@ class WebsocketsTransport:
             elif sent is None:
                 incoming.failed = (int(CloseCode.ABNORMAL), str(protocol.parser_exc))
 
+    def _valid_utf8(self, data: bytes, final: bool) -> bool:
+        assert self._utf8 is not None
+        try:
+            self._utf8.decode(data, final)
+        except UnicodeDecodeError:
+            return False
+        if final:
+            self._utf8 = None
+        return True
+
     def send_message(self, payload: bytes, binary: bool) -> None:
-        """Queue one message as one frame."""
+        """Queue one message as one frame; nothing once the closing handshake began."""
+        if self._protocol.state is not State.OPEN:
+            return
         if binary:
             self._protocol.send_binary(payload)
         else:
