@@ -52,6 +52,8 @@ class Report:
     canary_calls: int = 0
     canary_failures: int = 0
     canary_error: str = ""
+    #: The node's ERROR lines and tracebacks, if any (there should be none).
+    node_errors: list[str] = field(default_factory=list)
     tasks_before: float = 0
     tasks_after: float = 0
     connections_after: float = 0
@@ -85,6 +87,7 @@ class Report:
             f"internal errors: {self.internal_errors:.0f}\n"
             f"RSS: {self.rss_before_mib:.1f} MiB before, {self.rss_after_mib:.1f} MiB after\n"
             f"still serving: {self.still_serving}; healthy: {self.healthy}"
+            + "".join("\n  " + line.rstrip() for line in self.node_errors)
         )
 
 
@@ -342,6 +345,9 @@ async def run_hostile(
         report.still_serving = node.process.poll() is None and await _one_call(port)
     finally:
         node.stop()
+        errors = [i for i, line in enumerate(node.log) if " ERROR " in line]
+        if errors:
+            report.node_errors = node.log[errors[0] : errors[0] + 60]
     return report
 
 

@@ -52,3 +52,31 @@ def test_secrets_never_show_in_help(
     shown = capsys.readouterr().out
     assert "j" * 40 not in shown
     assert "the-api-key-value" not in shown
+
+
+def test_limit_and_transport_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = config(
+        *("--transport", "asgi", "--max-connections", "100", "--max-connections-per-ip", "5"),
+        *("--max-connections-per-user", "3", "--user-limit-policy", "close-oldest"),
+        *("--accept-rate", "50", "--rate-limit", "20", "--rate-burst", "40"),
+        *("--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example"),
+        *("--max-fragments", "16", "--handshake-timeout", "5"),
+    )
+    assert settings.transport == "asgi"
+    assert (settings.max_connections, settings.max_connections_per_ip) == (100, 5)
+    assert (settings.max_connections_per_user, settings.user_limit_policy) == (3, "close-oldest")
+    assert (settings.accept_rate, settings.rate_limit, settings.rate_burst) == (50, 20, 40)
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert (settings.max_fragments, settings.handshake_timeout) == (16, 5)
+    assert config("--rate-limit", "off").rate_limit is None
+    monkeypatch.setenv("WSGATE_ALLOWED_ORIGIN", "https://c.example")
+    monkeypatch.setenv("WSGATE_COMPRESSION", "yes")
+    settings = config()
+    assert settings.allowed_origins == ("https://c.example",)
+    assert settings.compression is True
+    with pytest.raises(ValueError, match="websockets transport"):
+        config("--transport", "trio-websocket")  # compression is on from the environment
+    with pytest.raises(ValueError, match="at least 1"):
+        config("--max-connections-per-user", "-1")
+    with pytest.raises(SystemExit):
+        config("--transport", "carrier-pigeon")
