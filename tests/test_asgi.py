@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 
 import hypercorn.trio
+import pytest
 import trio
 from websockets.trio.client import connect
 
@@ -44,3 +45,26 @@ async def test_one_port_serves_websocket_probes_metrics_and_the_api(
         assert (await http_request(port, "GET", "/ws"))[0] == 400  # not an upgrade
         assert (await http_request(port, "GET", "/elsewhere"))[0] == 404
         nursery.cancel_scope.cancel()
+
+
+async def test_an_asgi_server_refusing_a_send_ends_the_connection_not_the_node() -> None:
+    """Each ASGI server has its own exception for "the WebSocket is gone"."""
+    from trio_wsgate.transports import TransportBroken
+    from trio_wsgate.transports.asgi import ASGITransport
+
+    class Gone(Exception):
+        pass
+
+    async def receive() -> dict[str, object]:
+        raise Gone("disconnected")
+
+    async def send(message: object) -> None:
+        raise Gone("disconnected")
+
+    transport = ASGITransport(receive, send, "10.0.0.1:1")
+    transport.send_message(b'{"type": "pong"}', False)
+    with pytest.raises(TransportBroken, match="disconnected"):
+        await transport.flush()
+    transport = ASGITransport(receive, send, "10.0.0.1:1")
+    with pytest.raises(TransportBroken, match="disconnected"):
+        await transport.receive()

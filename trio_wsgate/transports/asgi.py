@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,13 +29,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 from websockets.datastructures import Headers
 
-from ..protocol.closecodes import CloseCode
-from .base import Incoming, Refusal, UpgradeRequest
+from ..protocol.closecodes import CloseCode, CloseReason
+from .base import Incoming, Refusal, TransportBroken, UpgradeRequest
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
 
     from ..server import Server
+
+logger = logging.getLogger("trio_wsgate.asgi")
 
 __all__ = ["ASGITransport", "GatewayApp", "GuardedStream", "hypercorn_config", "serve_asgi_stream"]
 
@@ -87,7 +90,11 @@ class ASGITransport:
         """The next message, or how the WebSocket ended."""
         if self._gone:
             raise trio.ClosedResourceError("the ASGI WebSocket has ended")
-        event = await self._receive()
+        try:
+            event = await self._receive()
+        except Exception as exc:  # the ASGI server's own way of saying "gone"
+            self._gone = True
+            raise TransportBroken(CloseReason.RESET, str(exc)) from exc
         kind = event["type"]
         if kind == "websocket.receive":
             data = event.get("bytes")
@@ -141,9 +148,13 @@ class ASGITransport:
                 self._close_sent = True
                 code, reason = self._close
                 await send({"type": "websocket.close", "code": code, "reason": reason})
-        except (OSError, RuntimeError, trio.BrokenResourceError, trio.ClosedResourceError):
-            # The ASGI server says the WebSocket is gone; the reader learns how.
-            pass
+        except Exception as exc:
+            # An ASGI server's send fails once its WebSocket is gone (each server has
+            # its own exception for that: OSError, ClientDisconnected, hypercorn's
+            # UnexpectedMessageError...). Nothing more can be sent; end it here.
+            logger.debug("the ASGI server refused a send (%r): the WebSocket is gone", exc)
+            self._gone = True
+            raise TransportBroken(CloseReason.RESET, str(exc)) from exc
         return self._close_sent
 
     async def aclose(self) -> None:
@@ -271,7 +282,6 @@ class GatewayApp:
 
 def hypercorn_config(server: Server) -> HypercornConfig:
     """hypercorn settings that follow the node's (message size, quiet logs)."""
-    import logging
 
     from hypercorn.config import Config as HypercornConfig
 
