@@ -409,22 +409,6 @@ async def test_hooks_and_tasks_live_in_the_connection_nursery(
     assert tasks() == before
 
 
-async def test_a_crashing_session_task_closes_1011(
-    autojump_clock: MockClock, make_server: Callable[..., Server]
-) -> None:
-    gateway = make_gateway()
-
-    @gateway.task
-    async def crash(session: Session) -> None:
-        await trio.sleep(5)
-        raise ValueError("boom")
-
-    server = make_server(gateway, heartbeat_interval=None)
-    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
-        await client.hello()
-        assert await client.wait_closed() == (1011, "internal error")
-
-
 async def test_bye_ends_the_session_with_1000(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

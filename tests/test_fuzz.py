@@ -160,6 +160,19 @@ async def _fuzz_connection(
     return code, int(errors)
 
 
+def fuzz_connection(
+    subprotocol: str, steps: list[tuple[str, Any]], hello_first: bool
+) -> tuple[int | None, int]:
+    """Run the steps on MockClock: how the connection ended, and the internal errors."""
+    return trio.run(
+        _fuzz_connection,
+        subprotocol,
+        steps,
+        hello_first,
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
+
+
 @settings(
     max_examples=120,
     deadline=None,
@@ -180,13 +193,7 @@ async def _fuzz_connection(
 def test_a_fuzzed_connection_ends_only_with_documented_codes(
     subprotocol: str, hello_first: bool, steps: list[tuple[str, Any]]
 ) -> None:
-    code, errors = trio.run(
-        _fuzz_connection,
-        subprotocol,
-        steps,
-        hello_first,
-        clock=trio.testing.MockClock(autojump_threshold=0),
-    )
+    code, errors = fuzz_connection(subprotocol, steps, hello_first)
     assert errors == 0
     assert code is None or code in CLOSE_CODES, code
 
@@ -227,11 +234,4 @@ def test_the_fuzzing_harness_sees_each_ending(
     steps: list[tuple[str, Any]], hello_first: bool, expected: int
 ) -> None:
     """The harness of the property above reports what really happened."""
-    code, errors = trio.run(
-        _fuzz_connection,
-        JSON_SUBPROTOCOL,
-        steps,
-        hello_first,
-        clock=trio.testing.MockClock(autojump_threshold=0),
-    )
-    assert (code, errors) == (expected, 0)
+    assert fuzz_connection(JSON_SUBPROTOCOL, steps, hello_first) == (expected, 0)

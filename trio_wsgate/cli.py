@@ -262,13 +262,22 @@ def _raw_echo(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate raw-echo: {exc}") from None
 
+    def announce() -> None:
+        for host, port in server.listen_addresses:
+            logger.info("raw echo (%s) on ws://%s:%d/", args.transport, host, port)
+
+    _run_node(server, announce)
+
+
+def _run_node(server: Server, announce: Callable[[], None]) -> None:
+    """Serve until drained by a signal; ``announce`` once listening."""
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: server.serve(handle_signals=True, task_status=task_status)
             )
-            for host, port in server.listen_addresses:
-                logger.info("raw echo (%s) on ws://%s:%d/", args.transport, host, port)
+            announce()
 
     trio.run(run)
 
@@ -325,26 +334,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, OSError) as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: server.serve(handle_signals=True, task_status=task_status)
+    def announce() -> None:
+        for host, port in server.listen_addresses:
+            logger.info("listening on ws://%s:%d%s", host, port, config.path)
+        for host, port in server.admin_addresses:
+            logger.info("admin on http://%s:%d (/healthz /readyz /metrics /api)", host, port)
+        if server.authenticator is None:
+            logger.warning(
+                "ANONYMOUS MODE: no --jwt-secret or --jwt-public-key is configured, "
+                "so every client is accepted without a token"
             )
-            for host, port in server.listen_addresses:
-                logger.info("listening on ws://%s:%d%s", host, port, config.path)
-            for host, port in server.admin_addresses:
-                logger.info("admin on http://%s:%d (/healthz /readyz /metrics /api)", host, port)
-            if server.authenticator is None:
-                logger.warning(
-                    "ANONYMOUS MODE: no --jwt-secret or --jwt-public-key is configured, "
-                    "so every client is accepted without a token"
-                )
-            if config.admin_port is not None and config.api_key is None:
-                if config.open_api:
-                    logger.warning("the server API is OPEN (--open-api): anyone may use it")
-                else:
-                    logger.info("the server API answers 403: no --api-key is configured")
+        if config.admin_port is not None and config.api_key is None:
+            if config.open_api:
+                logger.warning("the server API is OPEN (--open-api): anyone may use it")
+            else:
+                logger.info("the server API answers 403: no --api-key is configured")
 
-    trio.run(run)
+    _run_node(server, announce)
     if server.forced:
         sys.exit(1)
