@@ -10,8 +10,9 @@ mutated envelopes after a real ``hello``, bursts over the rate limit, forged res
 and an end at a random moment: a clean close, a FIN, or a reset (RST). All the while a
 well-behaved canary client makes calls and must get every answer.
 
-Afterwards, with every hostile socket gone: the node still answers, ``wsgate_tasks`` is
-back where it was before the attack, the open connections are 0, no internal error
+Afterwards, with every hostile socket gone and every detached session expired (the node
+keeps them for a resume for 5 s here): the node still answers, ``wsgate_tasks`` is back
+where it was before the attack, no connection or session is left, no internal error
 was counted, and the resident memory grew by less than the bound. The loops are bounded
 by count and by time, and everything talks to 127.0.0.1 only.
 """
@@ -57,6 +58,7 @@ class Report:
     tasks_before: float = 0
     tasks_after: float = 0
     connections_after: float = 0
+    sessions_after: float = 0
     internal_errors: float = 0
     rss_before_mib: float = 0
     rss_after_mib: float = 0
@@ -69,6 +71,7 @@ class Report:
             and self.canary_failures == 0
             and self.tasks_after <= self.tasks_before
             and self.connections_after == 0
+            and self.sessions_after == 0
             and self.internal_errors == 0
             and self.rss_after_mib - self.rss_before_mib < RSS_BOUND_MIB
         )
@@ -84,6 +87,7 @@ class Report:
             + "\n"
             f"wsgate_tasks: {self.tasks_before:.0f} before, {self.tasks_after:.0f} after; "
             f"connections open after: {self.connections_after:.0f}; "
+            f"sessions after: {self.sessions_after:.0f}; "
             f"internal errors: {self.internal_errors:.0f}\n"
             f"RSS: {self.rss_before_mib:.1f} MiB before, {self.rss_after_mib:.1f} MiB after\n"
             f"still serving: {self.still_serving}; healthy: {self.healthy}"
@@ -324,6 +328,9 @@ async def run_hostile(
         [
             *("--transport", transport, "--rate-limit", "200", "--max-connections-per-ip", "200"),
             *("--max-message-size", "4096", "--hello-timeout", "2", "--handshake-timeout", "2"),
+            # Detached sessions are kept for a resume this long: short, so that the
+            # end of the run can wait for them to expire before measuring.
+            *("--resume-ttl", "5"),
         ]
     )
     try:
@@ -331,6 +338,7 @@ async def run_hostile(
         # A warm-up round, so that the baseline includes what the allocator keeps.
         await _round(port, min(5.0, duration / 4), workers, rng, Report(), max_attacks)
         await _settle(node, "wsgate_connections_open", 0)
+        await _settle(node, "wsgate_sessions", 0)  # the warm-up's have expired
         report.tasks_before = node.metric("wsgate_tasks")
         report.rss_before_mib = node.rss_mib()
         stop = trio.Event()
@@ -339,6 +347,7 @@ async def run_hostile(
             await _round(port, duration, workers, rng, report, max_attacks)
             stop.set()
         report.connections_after = await _settle(node, "wsgate_connections_open", 0)
+        report.sessions_after = await _settle(node, "wsgate_sessions", 0)
         report.tasks_after = await _settle(node, "wsgate_tasks", report.tasks_before)
         report.internal_errors = node.metric("wsgate_internal_errors_total")
         report.rss_after_mib = node.rss_mib()

@@ -78,11 +78,12 @@ def _free_port() -> int:
         return port
 
 
+def _matches(glob: str, case: str) -> bool:
+    return re.fullmatch(glob.replace(".", r"\.").replace("*", ".*"), case) is not None
+
+
 def _unoffered(transport: str, case: str) -> bool:
-    return any(
-        t == transport and re.fullmatch(glob.replace(".", r"\.").replace("*", ".*"), case)
-        for t, glob in UNOFFERED
-    )
+    return any(t == transport and _matches(glob, case) for t, glob in UNOFFERED)
 
 
 def run_transport(transport: str, cases: list[str] | None, exclude: list[str]) -> Outcome:
@@ -155,7 +156,7 @@ def table(outcomes: list[Outcome], selection: str) -> str:
             if (o.transport, case) in DEVIATIONS:
                 lines.append(f"- **{o.transport}, {case}**: {DEVIATIONS[(o.transport, case)]}")
         for (transport, glob), why in UNOFFERED.items():
-            count = sum(1 for case in o.explained if _unoffered(transport, case))
+            count = sum(1 for case in o.explained if _matches(glob, case))
             if transport == o.transport and count:
                 lines.append(f"- **{o.transport}, {glob} ({count} cases, UNIMPLEMENTED)**: {why}")
         for case in o.unexplained:

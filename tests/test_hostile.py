@@ -20,6 +20,7 @@ async def test_a_hostile_run_leaves_the_node_serving_with_nothing_leaked() -> No
     assert report.canary_calls > 10
     assert report.canary_failures == 0
     assert report.connections_after == 0
+    assert report.sessions_after == 0
     assert report.tasks_after <= report.tasks_before
     assert report.internal_errors == 0
     assert report.rss_after_mib - report.rss_before_mib < 24
