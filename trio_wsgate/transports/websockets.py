@@ -143,8 +143,9 @@ class WebsocketsTransport:
                 data = bytes(event.data)
                 binary = opcode is Opcode.BINARY
                 if not binary:
-                    # RFC 6455 §8.1: text is UTF-8, checked as it arrives (fail fast).
-                    self._utf8 = _utf8_decoder()
+                    # RFC 6455 §8.1: text is UTF-8, checked as it arrives (fail fast);
+                    # only a fragmented message needs the incremental decoder.
+                    self._utf8 = _utf8_decoder() if not event.fin else None
                     if not self._valid_utf8(data, event.fin):
                         self._fail(
                             incoming, CloseCode.INVALID_DATA, "invalid UTF-8 in a text message"
@@ -187,9 +188,11 @@ class WebsocketsTransport:
                 incoming.failed = (int(CloseCode.ABNORMAL), str(protocol.parser_exc))
 
     def _valid_utf8(self, data: bytes, final: bool) -> bool:
-        assert self._utf8 is not None
         try:
-            self._utf8.decode(data, final)
+            if self._utf8 is None:
+                data.decode()
+            else:
+                self._utf8.decode(data, final)
         except UnicodeDecodeError:
             return False
         if final:
