@@ -418,3 +418,28 @@ async def test_an_authenticator_that_crashes_costs_one_connection_only(
         assert (await fine.hello(token="ada"))["user"] == "ada"
         nursery.cancel_scope.cancel()
     assert server.metrics.internal_errors._value.get() == 2
+
+
+@pytest.mark.transports("trio-websocket")
+async def test_a_ping_while_trio_websocket_closes_ends_that_connection_quietly(
+    autojump_clock: MockClock, make_server: Callable[..., Server], tasks: Callable[[], int]
+) -> None:
+    """trio-websocket 0.12 fails its reader task on a ping that arrives during its close
+    (found by examples/hostile.py); the connection ends, nothing else happens."""
+    server = make_server(heartbeat_interval=None)
+    before = tasks()
+    async with trio.open_nursery() as nursery:
+        client = await connect_from(server, nursery)
+        await client.hello()
+        (connection,) = server.connections
+        connection.close(4005, "kicked")
+        await trio.testing.wait_all_tasks_blocked()
+        client.protocol.send_ping(b"late")
+        await client.flush()
+        await connection.wait_released()
+        await client.wait_closed()
+        nursery.cancel_scope.cancel()
+    assert server.metrics.internal_errors._value.get() == 0
+    assert connection.close_code == 4005
+    await trio.testing.wait_all_tasks_blocked()
+    assert tasks() == before

@@ -300,6 +300,9 @@ class Server:
                 from .transports.asgi import serve_asgi_stream
 
                 await serve_asgi_stream(self, stream, remote_address)
+        except Exception:  # the root of a connection's task: log once, count, keep serving
+            self.metrics.internal_errors.inc()
+            logger.exception("internal error serving %s", remote_address)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -347,10 +350,7 @@ class Server:
         except OSError:  # the peer left before we looked
             await trio.aclose_forcefully(stream)
             return
-        try:
-            await self.serve_stream(stream, remote)
-        except Exception:  # the root of a connection's task: log once, keep serving
-            logger.exception("internal error serving %s", remote)
+        await self.serve_stream(stream, remote)
 
     # -- the node -------------------------------------------------------------------
 

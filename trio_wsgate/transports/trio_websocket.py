@@ -15,11 +15,14 @@ itself. What that means for the gateway (docs/transports.md):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 from websockets.datastructures import Headers
+from wsproto.utilities import LocalProtocolError
 
 from ..protocol.closecodes import CloseCode
 from .base import Incoming, Refusal, UpgradeRequest
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from ..server import Server
 
 __all__ = ["TrioWebsocketTransport", "serve_trio_websocket"]
+
+logger = logging.getLogger("trio_wsgate.trio_websocket")
 
 # Protocol errors wsproto fails the connection with: the reader learns no code.
 _PROTOCOL_FAILURE = (int(CloseCode.PROTOCOL_ERROR), "protocol error")
@@ -122,6 +127,30 @@ class TrioWebsocketTransport:
         await trio.aclose_forcefully(self._stream)
 
 
+class _ContainingNursery:
+    """Starts trio-websocket's reader task, ending the connection if the library fails.
+
+    trio-websocket 0.12 answers a ping that arrives while its close is under way with a
+    pong wsproto refuses to send (``LocalProtocolError`` in state LOCAL_CLOSING), and
+    the error escapes its reader task. The connection is closing anyway: it is ended
+    here, quietly, instead of failing the task that serves it.
+    """
+
+    def __init__(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+        self._nursery = nursery
+        self._stream = stream
+
+    def start_soon(self, task: Callable[[], Awaitable[None]]) -> None:
+        self._nursery.start_soon(self._contained, task)
+
+    async def _contained(self, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        except LocalProtocolError as exc:
+            logger.debug("trio-websocket failed on a closing connection: %s", exc)
+            await trio.aclose_forcefully(self._stream)
+
+
 async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: str) -> None:
     """Serve one accepted stream with trio-websocket, start to end."""
     config = server.config
@@ -129,8 +158,9 @@ async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: 
         admission = None
         ws: WebSocketConnection | None = None
         with server.handshake_slot(), trio.move_on_after(config.handshake_timeout):
+            containing: Any = _ContainingNursery(nursery, stream)  # duck-typed: start_soon
             request = await wrap_server_stream(
-                nursery,
+                containing,
                 stream,
                 message_queue_size=1,
                 max_message_size=config.max_message_size,
