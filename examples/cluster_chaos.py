@@ -42,17 +42,11 @@ import jwt
 import trio
 
 from trio_wsgate import Backoff, SessionLost, open_client
+from trio_wsgate.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "cluster-chaos-jwt-secret-0123456789abcdef"
 API_KEY = "cluster-chaos-api-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = 20) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from trio_wsgate.testing import RawClient
+from trio_wsgate.testing import RawClient, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["hello", "msg", "reply", "sub", "unsub", "pub", "ack", "ping", "pong", "refresh", "bye"]
@@ -99,7 +99,7 @@ class Node:
     """The node under attack: a real process on free ports."""
 
     def __init__(self, flags: list[str]) -> None:
-        self.admin_port = _free_port()
+        self.admin_port = free_port()
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "trio_wsgate", "serve", "--port", "0"),
@@ -148,13 +148,6 @@ class Node:
         self.process.wait(10)
         if self.process.stderr is not None:
             self.process.stderr.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _envelope(rng: random.Random) -> Any:

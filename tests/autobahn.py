@@ -23,6 +23,8 @@ from pathlib import Path
 
 from kosoku import FailureError, run_fuzzingclient
 
+from trio_wsgate.testing import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("websockets", "trio-websocket", "asgi")
 QUICK = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "10.*"]
@@ -71,13 +73,6 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _matches(glob: str, case: str) -> bool:
     return re.fullmatch(glob.replace(".", r"\.").replace("*", ".*"), case) is not None
 
@@ -88,7 +83,7 @@ def _unoffered(transport: str, case: str) -> bool:
 
 def run_transport(transport: str, cases: list[str] | None, exclude: list[str]) -> Outcome:
     """Start the raw-echo profile on ``transport`` and drive the cases at it."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "trio_wsgate", "raw-echo", "--transport", transport]
     process = subprocess.Popen(
         [*command, "--port", str(port)],

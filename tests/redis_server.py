@@ -16,12 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from trio_wsgate.testing import free_port
 
 
 @dataclass
@@ -29,7 +24,7 @@ class RedisServer:
     """One redis-server process; :meth:`kill` and :meth:`start` it at will."""
 
     binary: str
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     #: A directory for an append-only file fsynced on every write: what it
     #: acknowledged survives a SIGKILL. None: it keeps nothing.

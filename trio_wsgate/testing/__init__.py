@@ -3,6 +3,7 @@
 from .client import Closed, RawClient, Refused
 from .faults import Fault, FaultProxy, FaultStatistics
 from .memory import memory_connector, open_memory_connection
+from .ports import free_port
 
 __all__ = [
     "Closed",
@@ -11,6 +12,7 @@ __all__ = [
     "FaultStatistics",
     "RawClient",
     "Refused",
+    "free_port",
     "memory_connector",
     "open_memory_connection",
 ]
