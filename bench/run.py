@@ -1,0 +1,436 @@
+"""Run the benchmark: every scenario, the gateway and its peers in the same run.
+
+    scripts/bench [--quick] [--only SCENARIO ...] [--no-write]
+
+The server under test is pinned to CPU 0 and the load generator (bench/loadgen.py) to
+CPU 1 with ``taskset``. Each scenario runs the gateway and the peers (bench/peers.py)
+one after the other on the same machine, so that the ratios between them hold even
+when the machine is noisy. The figures go to ``bench/results.json``, and the tables and
+plots to ``docs/benchmarks.md`` and ``docs/img/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trio_wsgate.testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+SERVER_CPU, GENERATOR_CPU = "0", "1"
+ECHO_PEERS = ["raw", "websockets-trio", "trio-websocket", "hypercorn-trio", "websockets-asyncio"]
+BROADCAST_PEERS = ["websockets-asyncio", "websockets-trio", "trio-websocket"]
+GATEWAY = ["gateway-json", "gateway-msgpack"]
+
+
+def pinned(cpu: str, *command: str) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") else list(command)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    proto: str
+    admin: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def metric(self, name: str) -> float:
+        assert self.admin is not None
+        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def gateway_command(port: int, admin_port: int, *flags: str) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "trio_wsgate",
+        "serve",
+        "--app",
+        "bench/app.py:gateway",
+        "--port",
+        str(port),
+        "--admin-port",
+        str(admin_port),
+        "--open-api",
+        "--log-level",
+        "warning",
+        "--max-handshakes",
+        "100000",
+        "--allow-subscribe",
+        "bench",
+        "--allow-subscribe",
+        "herd",
+        *flags,
+    ]
+
+
+@contextmanager
+def server(name: str, *flags: str, log: Path | None = None) -> Iterator[Server]:
+    """Start the gateway (``gateway-json``/``gateway-msgpack``) or a peer, pinned to CPU 0."""
+    port = free_port()
+    admin = None
+    if name.startswith("gateway"):
+        admin_port = free_port()
+        command = gateway_command(port, admin_port, *flags)
+        url, proto = f"ws://127.0.0.1:{port}/ws", name.split("-")[1]
+        admin = f"http://127.0.0.1:{admin_port}"
+    else:
+        command = [PYTHON, "-m", "bench.peers", name, "--port", str(port)]
+        url, proto = f"ws://127.0.0.1:{port}/", "echo"
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(pinned(SERVER_CPU, *command), cwd=ROOT, stdout=out, stderr=out)
+    try:
+        wait_for_port(port, process)
+        yield Server(name, process, url, proto, admin)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def loadgen(scenario: str, target: Server, **options: Any) -> dict[str, Any]:
+    command = [
+        PYTHON,
+        "-m",
+        "bench.loadgen",
+        scenario,
+        "--url",
+        target.url,
+        "--proto",
+        target.proto,
+        "--server-pid",
+        str(target.pid),
+    ]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(
+        pinned(GENERATOR_CPU, *command), cwd=ROOT, capture_output=True, timeout=900, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen {scenario} on {target.name} failed:\n{done.stderr.decode()}")
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def show(scenario: str, name: str, result: dict[str, Any], *keys: str) -> None:
+    figures = ", ".join(
+        f"{key}={result[key]:,.2f}" for key in keys if isinstance(result.get(key), int | float)
+    )
+    print(f"  {scenario:<8} {name:<20} {figures}", flush=True)
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+
+
+def request_reply(quick: bool) -> dict[str, Any]:
+    """Scenario 1: 100 connections, 8 in flight each, 64-byte payloads."""
+    options = {"connections": 100, "inflight": 8, "warmup": 0.5 if quick else 1.0}
+    options["duration"] = 1.5 if quick else 5.0
+    results = {}
+    for name in GATEWAY + ECHO_PEERS:
+        with server(name) as target:
+            results[name] = loadgen("rr", target, **options)
+        show("rr", name, results[name], "requests_per_s", "server_cpu", "generator_busy")
+    return results
+
+
+def latency(quick: bool) -> dict[str, Any]:
+    """Scenario 2: 5,000 requests/s over 100 connections; reply latency."""
+    options = {"connections": 100, "rate": 5000, "warmup": 0.5 if quick else 1.0}
+    options["duration"] = 2.0 if quick else 10.0
+    results = {}
+    for name in GATEWAY + ECHO_PEERS:
+        with server(name) as target:
+            results[name] = loadgen("latency", target, **options)
+        show("latency", name, results[name], "p50_ms", "p99_ms", "p999_ms", "server_cpu")
+    return results
+
+
+def fanout(quick: bool) -> dict[str, Any]:
+    """Scenario 3: 1,000 and 10,000 subscribers of one topic."""
+    results: dict[str, Any] = {}
+    for subscribers in [1000] if quick else [1000, 10000]:
+        options = {"connections": subscribers, "warmup": 0.5 if quick else 1.0}
+        options["duration"] = 1.5 if quick else 5.0
+        for name in GATEWAY + BROADCAST_PEERS:
+            key = f"{name}@{subscribers}"
+            with server(name) as target:
+                results[key] = loadgen("fanout", target, **options)
+            show("fanout", key, results[key], "deliveries_per_s", "p99_ms", "generator_busy")
+    return results
+
+
+def connection_ceiling() -> int:
+    """How many connections one process can hold here: the hard limit on open files."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return hard - 200  # the listener, the admin port, epoll, logs, Python's own
+
+
+def idle(quick: bool) -> dict[str, Any]:
+    """Scenario 4: 5,000 and 20,000 idle connections with heartbeats on."""
+    results: dict[str, Any] = {}
+    ceiling = connection_ceiling()
+    counts = [1000] if quick else [5000, min(20000, ceiling)]
+    for count in counts:
+        options = {"connections": count, "warmup": 1.0 if quick else 3.0}
+        options["duration"] = 2.0 if quick else 30.0
+        for name in ["gateway-json", "raw", "websockets-asyncio", "trio-websocket"]:
+            key = f"{name}@{count}"
+            with server(name) as target:
+                results[key] = loadgen("idle", target, **options)
+            show("idle", key, results[key], "kib_per_connection", "server_cpu", "open_seconds")
+    return results
+
+
+def churn(quick: bool) -> dict[str, Any]:
+    """Scenario 5: connections opened and closed as fast as they go; the node's tasks and
+    RSS before and after."""
+    results: dict[str, Any] = {}
+    duration = 2.0 if quick else 30.0
+    for name in ["gateway-json", "raw", "websockets-asyncio", "trio-websocket"]:
+        with server(name) as target:
+            gateway = target.admin is not None
+            if gateway:
+                # One warm-up round, so that "before" is the node after its first
+                # connections (imports, caches), as in production.
+                loadgen("churn", target, connections=20, duration=1.0)
+                time.sleep(1.0)
+                tasks_before = target.metric("wsgate_tasks")
+                rss_before = rss(target.pid)
+            result = loadgen("churn", target, connections=50, duration=duration)
+            if gateway:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:  # closes are bounded by close_timeout
+                    if target.metric("wsgate_connections_open") == 0:
+                        break
+                    time.sleep(0.2)
+                time.sleep(1.0)
+                result.update(
+                    tasks_before=tasks_before,
+                    tasks_after=target.metric("wsgate_tasks"),
+                    sessions_after=target.metric("wsgate_sessions"),
+                    rss_before=rss_before,
+                    rss_after=rss(target.pid),
+                )
+            results[name] = result
+        show("churn", name, result, "cycles_per_s", "tasks_before", "tasks_after", "failures")
+    return results
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def herd(quick: bool) -> dict[str, Any]:
+    """Scenario 6: drain a node under clients of the project's client; they resume on a
+    second node through Redis. Counted: time until all resumed, peak reconnect rate, lost."""
+    redis = shutil.which("redis-server")
+    if redis is None:
+        raise RuntimeError("the herd needs redis-server (scripts/bench installs it)")
+    clients = 200 if quick else 5000
+    drain_timeout = 10.0
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_port = free_port()
+        redis_process = subprocess.Popen(
+            [
+                redis,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(redis_port, redis_process)
+            secret = os.urandom(16).hex()
+            flags = [
+                "--redis",
+                f"redis://127.0.0.1:{redis_port}/0",
+                "--secret",
+                secret,
+                "--drain-timeout",
+                str(drain_timeout),
+            ]
+            log = Path(workdir) / "nodes.log"
+            with (
+                server("gateway-json", *flags, "--node-id", "a", log=log) as a,
+                server("gateway-json", *flags, "--node-id", "b", log=log) as b,
+            ):
+                command = [
+                    PYTHON,
+                    "-m",
+                    "bench.herd",
+                    "--clients",
+                    str(clients),
+                    "--node",
+                    a.url,
+                    "--node",
+                    b.url,
+                    "--drain-pid",
+                    str(a.pid),
+                    "--admin",
+                    b.admin or "",
+                    "--admin",
+                    a.admin or "",
+                    "--drain-timeout",
+                    str(drain_timeout),
+                ]
+                done = subprocess.run(
+                    pinned(GENERATOR_CPU, *command),
+                    cwd=ROOT,
+                    capture_output=True,
+                    timeout=600,
+                    check=False,
+                )
+            if done.returncode != 0:
+                print(log.read_text()[-4000:], file=sys.stderr)
+                raise RuntimeError(f"the herd failed:\n{done.stderr.decode()[-4000:]}")
+            result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        finally:
+            redis_process.kill()
+            redis_process.wait()
+    print(f"  herd     {json.dumps(result)}", flush=True)
+    return {"gateway-json": result}
+
+
+SCENARIOS = {
+    "rr": request_reply,
+    "latency": latency,
+    "fanout": fanout,
+    "idle": idle,
+    "churn": churn,
+    "herd": herd,
+}
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for package in [
+        "trio",
+        "websockets",
+        "trio-websocket",
+        "hypercorn",
+        "msgpack",
+        "picows",
+        "uvloop",
+        "trio-wsgate",
+    ]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False
+        )
+        .stdout.decode()
+        .strip()
+    )
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        "versions": versions,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="these scenarios")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave results.json and docs"
+    )
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results: dict[str, Any] = {"quick": args.quick, "machine": machine(), "scenarios": {}}
+    for name in args.only or list(SCENARIOS):
+        print(f"{name}:", flush=True)
+        results["scenarios"][name] = SCENARIOS[name](args.quick)
+    results["seconds"] = time.monotonic() - started
+
+    from .report import report, targets
+
+    results["targets"] = targets(results["scenarios"])
+    for target in results["targets"]:
+        mark = "met" if target["met"] else "NOT MET"
+        print(f"  {mark:<8} {target['target']}: {target['figure']}")
+    if not args.no_write:
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        report(results, ROOT / "docs")
+        print(f"wrote {args.results.relative_to(ROOT)}, docs/benchmarks.md and docs/img/")
+    print(f"{results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
