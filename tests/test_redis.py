@@ -285,3 +285,36 @@ async def test_a_session_migrates_between_live_nodes_with_traffic_in_flight(
         assert (
             b.metrics.registry.get_sample_value("wsgate_resumes_total", {"result": "migrated"}) == 1
         )
+
+
+async def test_a_draining_node_stays_until_its_sessions_have_moved(
+    redis_server: RedisServer,
+) -> None:
+    # Drain closes the connections with 1001 (sessions kept, PROTOCOL.md §8); with a
+    # shared broker the node must then stay to hand each session over, or its clients
+    # would all resume with ``resumed: false`` on the other node.
+    async with cluster(redis_server, heartbeat_interval=None, drain_timeout=30) as (
+        nursery,
+        (a, b),
+    ):
+        async with open_memory_connection(a, nursery) as old:
+            first = await old.hello(token=token("ada"))
+            seq = Seq()
+            assert (await request(old, seq, "msg", event="echo", data=1))["data"] == 1
+            drained = trio.Event()
+
+            async def drain() -> None:
+                await a.drain()
+                drained.set()
+
+            nursery.start_soon(drain)
+            assert await old.wait_closed() == (1001, "server draining")
+        assert not drained.is_set()  # the session is still a's to hand over
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert (welcome["resumed"], welcome["ack"]) == (True, 1)
+            assert (await request(new, seq, "msg", event="echo", data=2))["data"] == 2
+            with trio.fail_after(10):
+                await drained.wait()  # a left as soon as its last session had moved
+        assert not a.hub.sessions

@@ -9,6 +9,7 @@ wins. ``--secret`` is best given as ``WSGATE_SECRET``, out of the process list.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import logging
@@ -269,6 +270,21 @@ def _raw_echo(args: argparse.Namespace) -> None:
     _run_node(server, announce)
 
 
+#: The cyclic garbage collector's thresholds for a node process (CPython's are 700, 10,
+#: 10). A node holds many long-lived objects (sessions, their queues, the tasks of every
+#: connection) and allocates a few short-lived ones per message; at the default a
+#: full collection walks all of them often, which halved fan-out throughput in
+#: bench/ (docs/benchmarks.md). Cycles are still collected, in larger batches.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Collect garbage in larger batches, and never scan what start-up left behind."""
+    gc.collect()
+    gc.freeze()  # modules, the app, the config: alive for the life of the process
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _run_node(server: Server, announce: Callable[[], None]) -> None:
     """Serve until drained by a signal; ``announce`` once listening."""
 
@@ -278,6 +294,7 @@ def _run_node(server: Server, announce: Callable[[], None]) -> None:
                 lambda task_status: server.serve(handle_signals=True, task_status=task_status)
             )
             announce()
+            tune_gc()
 
     trio.run(run)
 

@@ -743,7 +743,20 @@ class Connection:
             await hook(session)
         for task in gateway.session_tasks:
             nursery.start_soon(self._guard, lambda task=task: task(session))
-        async for envelope in self._inbox_recv:
+        inbox = self._inbox_recv
+        while True:
+            # Everything already read is processed before this task yields, so the
+            # write loop finds all the replies of one read queued and sends them in one
+            # write (a channel's receive() yields after every item).
+            try:
+                envelope = inbox.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    envelope = await inbox.receive()
+                except trio.EndOfChannel:
+                    return
+            except trio.EndOfChannel:
+                return
             await self._process(session, envelope)
 
     async def _authenticate(self, token: str | None) -> Identity | None:
@@ -935,16 +948,14 @@ class Connection:
                 except SessionClosed:
                     # The handler's own session closed under it (4004, kick...): the
                     # envelope is not processed and there is no one to reply to.
-                    self._metrics.handler_latency.labels("closed").observe(
-                        trio.current_time() - started
-                    )
+                    self._metrics.handler_outcome["closed"].observe(trio.current_time() - started)
                     return
                 except HandlerError as exc:
                     error, outcome = ErrorInfo(exc.code, exc.reason), "error"
                 except Exception:
                     self.internal_error(f"handler for {envelope.event!r} failed")
                     error, outcome = ErrorInfo("internal", "internal error"), "exception"
-                self._metrics.handler_latency.labels(outcome).observe(trio.current_time() - started)
+                self._metrics.handler_outcome[outcome].observe(trio.current_time() - started)
         else:
             try:
                 data, error = await self._topic_operation(session, envelope)

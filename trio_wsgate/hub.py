@@ -216,6 +216,10 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         #: Every session held, attached or detached, by id.
         self.sessions: dict[str, Session] = {}
+        # Set when the last session has left this node, its hand-over (if it moved)
+        # answered: a draining node waits for it.
+        self._emptied = trio.Event()
+        self._handing_over = 0
         #: The sessions of each user, across devices.
         self.users: dict[str, set[Session]] = {}
         #: The local subscribers of each topic, by session id.
@@ -269,6 +273,8 @@ class Hub:
 
     def _unregister(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        if not self.sessions and not self._handing_over:
+            self._emptied.set()
         if session.user is not None:
             mine = self.users.get(session.user)
             if mine is not None:
@@ -278,6 +284,12 @@ class Hub:
         # It leaves its topics, but its own list stays (for the session-end hooks).
         for topic in session.subscriptions:
             self._leave(session, topic)
+
+    async def wait_no_sessions(self) -> None:
+        """Until this node holds no session (each one handed over, ended or expired)."""
+        while self.sessions or self._handing_over:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
 
     async def claim(self, session: Session) -> None:
         """Record in the broker that this node holds the session (for migration)."""
@@ -630,6 +642,15 @@ class Hub:
 
     async def _hand_over(self, session_id: str, to: str, request: str) -> None:
         """Another node asks for a session of ours: let go of it and send its state."""
+        self._handing_over += 1
+        try:
+            await self._hand_over_one(session_id, to, request)
+        finally:
+            self._handing_over -= 1
+            if not self.sessions and not self._handing_over:
+                self._emptied.set()
+
+    async def _hand_over_one(self, session_id: str, to: str, request: str) -> None:
         state: dict[str, Any] | None = None
         session = self.sessions.get(session_id)
         if session is not None and not session.ended:

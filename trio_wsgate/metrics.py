@@ -90,6 +90,12 @@ class Metrics:
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
             registry=r,
         )
+        #: The histogram's child per outcome, looked up once (``labels()`` costs a lock
+        #: and a dict lookup on every call, on the request path).
+        self.handler_outcome = {
+            outcome: self.handler_latency.labels(outcome)
+            for outcome in ("ok", "error", "exception", "closed")
+        }
         self.sessions = Gauge("wsgate_sessions", "Sessions held, attached or detached.", registry=r)
         self.sessions_detached = Gauge(
             "wsgate_sessions_detached", "Sessions waiting for their client to resume.", registry=r

@@ -411,11 +411,16 @@ class Server:
 
         ``/readyz`` turns 503, the listeners close, every connection is closed with
         1001, and the node waits up to ``drain_timeout`` for them before cancelling
-        what is left.
+        what is left. Where the broker is shared with other nodes (Redis), it then
+        waits, within the same ``drain_timeout``, for its sessions to be asked for by
+        the nodes their clients resume on (DESIGN.md, "Session migration"): leaving
+        sooner would drop every session with the process, and the clients would
+        resume with ``resumed: false``.
         """
         if self.draining:
             return
         self.draining = True
+        deadline = trio.current_time() + self.config.drain_timeout
         logger.warning("draining %d connections", len(self.connections))
         self._accepting.cancel()
         for listener in self._listeners:
@@ -423,11 +428,17 @@ class Server:
         for connection in list(self.connections):
             connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
         if self.connections:
-            with trio.move_on_after(self.config.drain_timeout):
+            with trio.move_on_at(deadline):
                 await self._drained.wait()
         left = len(self.connections)
         if left:
             logger.warning("drain timeout: cancelling %d connections", left)
+        elif self.hub.broker.shared and self.hub.sessions:
+            logger.warning("waiting for %d sessions to move to other nodes", len(self.hub.sessions))
+            with trio.move_on_at(deadline):
+                await self.hub.wait_no_sessions()
+            if self.hub.sessions:
+                logger.warning("drain timeout: %d sessions did not move", len(self.hub.sessions))
         self._stopped.set()
 
     def stop(self) -> None:

@@ -74,6 +74,9 @@ class Broker(Protocol):
 
     #: False while the broker cannot be reached (``/readyz`` says so, still 200).
     healthy: bool
+    #: True where other nodes share the broker, so a session this node holds can move
+    #: to one of them (a draining node waits for its sessions to be asked for).
+    shared: bool
 
     def bind(self, receiver: Receiver, control: ControlReceiver | None = None) -> None:
         """Set the node's receivers of live publications and of control messages."""

@@ -41,6 +41,7 @@ class MemoryBroker:
 
     #: Always reachable: it is this process.
     healthy = True
+    shared = False
 
     def __init__(self, history_size: int = 100, history_ttl: float | None = 300.0) -> None:
         self.history_size = history_size

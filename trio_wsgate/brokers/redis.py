@@ -173,6 +173,8 @@ class RedisBroker:
         max_backoff: the longest pause between pings while Redis does not answer.
     """
 
+    shared = True
+
     def __init__(
         self,
         url: str,
