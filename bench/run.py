@@ -30,7 +30,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from trio_wsgate.testing import free_port
+from trio_wsgate.testing import free_port, wait_for_port
+
+from .loadgen import server_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -38,25 +40,12 @@ SERVER_CPU, GENERATOR_CPU = "0", "1"
 ECHO_PEERS = ["raw", "websockets-trio", "trio-websocket", "hypercorn-trio", "websockets-asyncio"]
 BROADCAST_PEERS = ["websockets-asyncio", "websockets-trio", "trio-websocket"]
 GATEWAY = ["gateway-json", "gateway-msgpack"]
+# --quick measures the gateway against the peers its targets name, and nothing else.
+QUICK_PEERS = ["trio-websocket", "websockets-asyncio"]
 
 
 def pinned(cpu: str, *command: str) -> list[str]:
     return ["taskset", "-c", cpu, *command] if shutil.which("taskset") else list(command)
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 @dataclass
@@ -121,7 +110,7 @@ def server(name: str, *flags: str, log: Path | None = None) -> Iterator[Server]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(pinned(SERVER_CPU, *command), cwd=ROOT, stdout=out, stderr=out)
     try:
-        wait_for_port(port, process)
+        wait_for_port(port, 30, process)
         yield Server(name, process, url, proto, admin)
     finally:
         process.send_signal(signal.SIGINT)
@@ -170,10 +159,10 @@ def show(scenario: str, name: str, result: dict[str, Any], *keys: str) -> None:
 
 def request_reply(quick: bool) -> dict[str, Any]:
     """Scenario 1: 100 connections, 8 in flight each, 64-byte payloads."""
-    options = {"connections": 100, "inflight": 8, "warmup": 0.5 if quick else 1.0}
-    options["duration"] = 1.5 if quick else 5.0
+    options = {"connections": 100, "inflight": 8, "warmup": 0.3 if quick else 1.0}
+    options["duration"] = 1.0 if quick else 5.0
     results = {}
-    for name in GATEWAY + ECHO_PEERS:
+    for name in GATEWAY + (QUICK_PEERS if quick else ECHO_PEERS):
         with server(name) as target:
             results[name] = loadgen("rr", target, **options)
         show("rr", name, results[name], "requests_per_s", "server_cpu", "generator_busy")
@@ -182,10 +171,10 @@ def request_reply(quick: bool) -> dict[str, Any]:
 
 def latency(quick: bool) -> dict[str, Any]:
     """Scenario 2: 5,000 requests/s over 100 connections; reply latency."""
-    options = {"connections": 100, "rate": 5000, "warmup": 0.5 if quick else 1.0}
-    options["duration"] = 2.0 if quick else 10.0
+    options = {"connections": 100, "rate": 5000, "warmup": 0.3 if quick else 1.0}
+    options["duration"] = 1.0 if quick else 10.0
     results = {}
-    for name in GATEWAY + ECHO_PEERS:
+    for name in GATEWAY + (QUICK_PEERS[1:] if quick else ECHO_PEERS):
         with server(name) as target:
             results[name] = loadgen("latency", target, **options)
         show("latency", name, results[name], "p50_ms", "p99_ms", "p999_ms", "server_cpu")
@@ -196,9 +185,9 @@ def fanout(quick: bool) -> dict[str, Any]:
     """Scenario 3: 1,000 and 10,000 subscribers of one topic."""
     results: dict[str, Any] = {}
     for subscribers in [1000] if quick else [1000, 10000]:
-        options = {"connections": subscribers, "warmup": 0.5 if quick else 1.0}
-        options["duration"] = 1.5 if quick else 5.0
-        for name in GATEWAY + BROADCAST_PEERS:
+        options = {"connections": subscribers, "warmup": 0.3 if quick else 1.0}
+        options["duration"] = 1.0 if quick else 5.0
+        for name in ["gateway-json", "websockets-asyncio"] if quick else GATEWAY + BROADCAST_PEERS:
             key = f"{name}@{subscribers}"
             with server(name) as target:
                 results[key] = loadgen("fanout", target, **options)
@@ -216,11 +205,12 @@ def idle(quick: bool) -> dict[str, Any]:
     """Scenario 4: 5,000 and 20,000 idle connections with heartbeats on."""
     results: dict[str, Any] = {}
     ceiling = connection_ceiling()
-    counts = [1000] if quick else [5000, min(20000, ceiling)]
+    counts = [500] if quick else [5000, min(20000, ceiling)]
     for count in counts:
-        options = {"connections": count, "warmup": 1.0 if quick else 3.0}
-        options["duration"] = 2.0 if quick else 30.0
-        for name in ["gateway-json", "raw", "websockets-asyncio", "trio-websocket"]:
+        options = {"connections": count, "warmup": 0.5 if quick else 3.0}
+        options["duration"] = 1.0 if quick else 30.0
+        names = ["gateway-json", "websockets-asyncio"]
+        for name in names if quick else [*names, "raw", "trio-websocket"]:
             key = f"{name}@{count}"
             with server(name) as target:
                 results[key] = loadgen("idle", target, **options)
@@ -232,17 +222,18 @@ def churn(quick: bool) -> dict[str, Any]:
     """Scenario 5: connections opened and closed as fast as they go; the node's tasks and
     RSS before and after."""
     results: dict[str, Any] = {}
-    duration = 2.0 if quick else 30.0
-    for name in ["gateway-json", "raw", "websockets-asyncio", "trio-websocket"]:
+    duration = 1.0 if quick else 30.0
+    names = ["gateway-json", "websockets-asyncio"]
+    for name in names if quick else [*names, "raw", "trio-websocket"]:
         with server(name) as target:
             gateway = target.admin is not None
             if gateway:
                 # One warm-up round, so that "before" is the node after its first
                 # connections (imports, caches), as in production.
-                loadgen("churn", target, connections=20, duration=1.0)
-                time.sleep(1.0)
+                loadgen("churn", target, connections=20, duration=0.5 if quick else 1.0)
+                time.sleep(0.5 if quick else 1.0)
                 tasks_before = target.metric("wsgate_tasks")
-                rss_before = rss(target.pid)
+                rss_before = server_rss(target.pid)
             result = loadgen("churn", target, connections=50, duration=duration)
             if gateway:
                 deadline = time.monotonic() + 15
@@ -256,19 +247,11 @@ def churn(quick: bool) -> dict[str, Any]:
                     tasks_after=target.metric("wsgate_tasks"),
                     sessions_after=target.metric("wsgate_sessions"),
                     rss_before=rss_before,
-                    rss_after=rss(target.pid),
+                    rss_after=server_rss(target.pid),
                 )
             results[name] = result
         show("churn", name, result, "cycles_per_s", "tasks_before", "tasks_after", "failures")
     return results
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def herd(quick: bool) -> dict[str, Any]:
@@ -277,7 +260,7 @@ def herd(quick: bool) -> dict[str, Any]:
     redis = shutil.which("redis-server")
     if redis is None:
         raise RuntimeError("the herd needs redis-server (scripts/bench installs it)")
-    clients = 200 if quick else 5000
+    clients = 100 if quick else 5000
     drain_timeout = 10.0
     with tempfile.TemporaryDirectory() as workdir:
         redis_port = free_port()
@@ -298,7 +281,7 @@ def herd(quick: bool) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
         )
         try:
-            wait_for_port(redis_port, redis_process)
+            wait_for_port(redis_port, 30, redis_process)
             secret = os.urandom(16).hex()
             flags = [
                 "--redis",

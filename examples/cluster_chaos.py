@@ -42,22 +42,11 @@ import jwt
 import trio
 
 from trio_wsgate import Backoff, SessionLost, open_client
-from trio_wsgate.testing import free_port
+from trio_wsgate.testing import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "cluster-chaos-jwt-secret-0123456789abcdef"
 API_KEY = "cluster-chaos-api-key"
-
-
-def wait_for_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 @dataclass

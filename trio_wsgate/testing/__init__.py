@@ -3,7 +3,7 @@
 from .client import Closed, RawClient, Refused
 from .faults import Fault, FaultProxy, FaultStatistics
 from .memory import memory_connector, open_memory_connection
-from .ports import free_port
+from .ports import free_port, wait_for_port
 
 __all__ = [
     "Closed",
@@ -15,4 +15,5 @@ __all__ = [
     "free_port",
     "memory_connector",
     "open_memory_connection",
+    "wait_for_port",
 ]
