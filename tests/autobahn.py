@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import collections
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from kosoku import FailureError, run_fuzzingclient
 
-from trio_wsgate.testing import free_port
+from trio_wsgate.testing import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("websockets", "trio-websocket", "asgi")
@@ -92,13 +91,7 @@ def run_transport(transport: str, cases: list[str] | None, exclude: list[str]) -
     )
     outcome = Outcome(transport)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(port, 30, process)
         started = time.monotonic()
         try:
             results = asyncio.run(

@@ -749,12 +749,10 @@ class Connection:
             # write loop finds all the replies of one read queued and sends them in one
             # write (a channel's receive() yields after every item).
             try:
-                envelope = inbox.receive_nowait()
-            except trio.WouldBlock:
                 try:
+                    envelope = inbox.receive_nowait()
+                except trio.WouldBlock:
                     envelope = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
             except trio.EndOfChannel:
                 return
             await self._process(session, envelope)

@@ -273,8 +273,7 @@ class Hub:
 
     def _unregister(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        if not self.sessions and not self._handing_over:
-            self._emptied.set()
+        self._note_if_empty()
         if session.user is not None:
             mine = self.users.get(session.user)
             if mine is not None:
@@ -284,6 +283,10 @@ class Hub:
         # It leaves its topics, but its own list stays (for the session-end hooks).
         for topic in session.subscriptions:
             self._leave(session, topic)
+
+    def _note_if_empty(self) -> None:
+        if not self.sessions and not self._handing_over:
+            self._emptied.set()
 
     async def wait_no_sessions(self) -> None:
         """Until this node holds no session (each one handed over, ended or expired)."""
@@ -647,8 +650,7 @@ class Hub:
             await self._hand_over_one(session_id, to, request)
         finally:
             self._handing_over -= 1
-            if not self.sessions and not self._handing_over:
-                self._emptied.set()
+            self._note_if_empty()
 
     async def _hand_over_one(self, session_id: str, to: str, request: str) -> None:
         state: dict[str, Any] | None = None
