@@ -142,15 +142,24 @@ class Herd:
             # there) and closes its own with 1001.
             self.drained = True
             self.drained_at = time.monotonic()
+            cpu_at_drain = resource.getrusage(resource.RUSAGE_SELF)
             os.kill(args.drain_pid, signal.SIGTERM)
             self.drain_started.set()
             await self.wait_until(
                 lambda: None not in self.reconnected_at,
                 self.drained_at + args.drain_timeout + 10 + 20,
             )
-            back = [at - self.drained_at for at in self.reconnected_at if at is not None]
+            back = sorted(at - self.drained_at for at in self.reconnected_at if at is not None)
             result["reconnected"] = len(back)
-            result["resumed_within_s"] = max(back) if back else None
+            result["resumed_within_s"] = back[-1] if back else None
+            for q in (50, 90, 99):
+                result[f"resumed_p{q}_s"] = back[len(back) * q // 100] if back else None
+            # The generator's own busy share from the drain until the last was back: near
+            # 1, the clients (not the nodes) set the pace of the herd.
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            result["generator_busy_in_herd"] = (
+                usage.ru_utime + usage.ru_stime - cpu_at_drain.ru_utime - cpu_at_drain.ru_stime
+            ) / max(time.monotonic() - self.drained_at, 1e-9)
             await trio.sleep(1.0)
             stop.set()
             await trio.sleep(0.5)
@@ -184,6 +193,12 @@ class Herd:
             + self.replies["wrong"]
             + (args.clients - sum(self.replies.values())),
             peak_reconnects_per_s=max(buckets.values(), default=0) * 10,
+            # Clients back in each second after the drain.
+            reconnects_by_second=[
+                sum(buckets[tenth] for tenth in range(10 * second, 10 * second + 10))
+                for second in range(max(buckets, default=0) // 10 + 1)
+            ],
+            connects=sum(s.connects for s in stats),
             sessions_resumed=sum(s.resumes > 0 for s in stats),
             sessions_lost=sum(s.sessions_lost > 0 for s in stats),
             generator_cpu_s=usage.ru_utime + usage.ru_stime - cpu.ru_utime - cpu.ru_stime,

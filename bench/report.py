@@ -262,6 +262,8 @@ def _markdown(results: dict[str, Any]) -> str:
                 [
                     "clients",
                     "all connected again after",
+                    "half after",
+                    "generator busy meanwhile",
                     "peak reconnects/s",
                     "sessions resumed",
                     "sessions lost (topic recovered)",
@@ -272,6 +274,8 @@ def _markdown(results: dict[str, Any]) -> str:
                     [
                         f"{herd['clients']}",
                         f"{herd['resumed_within_s'] or float('nan'):.2f} s",
+                        f"{herd.get('resumed_p50_s') or float('nan'):.2f} s",
+                        f"{herd.get('generator_busy_in_herd', float('nan')):.0%}",
                         f"{herd['peak_reconnects_per_s']:,}",
                         f"{herd['sessions_resumed']}",
                         f"{herd['sessions_lost']}",

@@ -287,16 +287,63 @@ async def test_a_session_migrates_between_live_nodes_with_traffic_in_flight(
         )
 
 
-async def test_a_draining_node_stays_until_its_sessions_have_moved(
+async def test_a_drained_node_parks_its_sessions_for_the_next_node(
     redis_server: RedisServer,
 ) -> None:
     # Drain closes the connections with 1001 (sessions kept, PROTOCOL.md §8); with a
-    # shared broker the node must then stay to hand each session over, or its clients
-    # would all resume with ``resumed: false`` on the other node.
+    # shared broker the node leaves their state in Redis and exits. The node the client
+    # comes back to takes it from there: the session resumes with its unacknowledged
+    # messages, and publications made after the drain follow without a gap or a double.
     async with cluster(redis_server, heartbeat_interval=None, drain_timeout=30) as (
         nursery,
         (a, b),
     ):
+        async with open_memory_connection(a, nursery) as old:
+            first = await old.hello(token=token("ada"))
+            seq = Seq()
+            sub = await request(old, seq, "sub", topic="room:1")
+            await a.gateway.publish("room:1", "before")
+            (before,) = await msgs(old, 1)  # not acknowledged: it must come again
+            with trio.fail_after(10):
+                await a.drain()  # returns once the node has stopped
+            assert await old.wait_closed() == (1001, "server draining")
+        assert not a.hub.sessions
+        assert (
+            a.metrics.registry.get_sample_value(
+                "wsgate_sessions_migrated_total", {"direction": "parked"}
+            )
+            == 1
+        )
+        await b.gateway.publish("room:1", "after")
+        async with open_memory_connection(b, nursery) as new:
+            resume = {
+                "session": first["session"],
+                "token": first["resume_token"],
+                "ack": sub["seq"],
+            }
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert (welcome["resumed"], welcome["ack"]) == (True, 1)
+            again, after = await msgs(new, 2)
+            assert (again["seq"], again["offset"], again["data"]) == (before["seq"], 1, "before")
+            assert (after["offset"], after["data"]) == (2, "after")
+            assert (await request(new, seq, "msg", event="echo", data=2))["data"] == 2
+            assert not new.received  # nothing more than those two
+        # Taken: no other node can resume it from Redis a second time.
+        assert await b.hub.broker.find_session(first["session"]) == (None, b.hub.node_id)
+
+
+async def test_a_draining_node_that_cannot_park_stays_to_hand_its_sessions_over(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cluster(redis_server, heartbeat_interval=None, drain_timeout=30) as (
+        nursery,
+        (a, b),
+    ):
+
+        async def refused(*args: Any) -> None:
+            raise BrokerUnavailable("Redis refused the script")
+
+        monkeypatch.setattr(a.hub.broker, "park_sessions", refused)
         async with open_memory_connection(a, nursery) as old:
             first = await old.hello(token=token("ada"))
             seq = Seq()
@@ -318,3 +365,56 @@ async def test_a_draining_node_stays_until_its_sessions_have_moved(
             with trio.fail_after(10):
                 await drained.wait()  # a left as soon as its last session had moved
         assert not a.hub.sessions
+
+
+async def test_a_hand_over_asked_for_while_parking_finds_the_parked_session(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b asks a for the session just as a parks it: a answers "not here" only once the
+    # state is in Redis, and b takes it from there.
+    async with cluster(redis_server, heartbeat_interval=None, drain_timeout=30) as (
+        nursery,
+        (a, b),
+    ):
+        park = a.hub.broker.park_sessions
+        parking, go = trio.Event(), trio.Event()
+
+        async def held(*args: Any) -> None:
+            parking.set()
+            await go.wait()
+            await park(*args)
+
+        monkeypatch.setattr(a.hub.broker, "park_sessions", held)
+        hand_over, asked = a.hub._hand_over_one, trio.Event()
+
+        async def ask(*args: Any) -> None:
+            asked.set()
+            await hand_over(*args)
+
+        monkeypatch.setattr(a.hub, "_hand_over_one", ask)
+        async with open_memory_connection(a, nursery) as old:
+            first = await old.hello(token=token("ada"))
+            seq = Seq()
+            assert (await request(old, seq, "msg", event="echo", data=1))["data"] == 1
+            nursery.start_soon(a.drain)
+            assert await old.wait_closed() == (1001, "server draining")
+        with trio.fail_after(10):
+            await parking.wait()
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+            hello: dict[str, Any] = {}
+            welcomed = trio.Event()
+
+            async def resume_at_b() -> None:
+                hello.update(await new.hello(token=token("ada"), resume=resume))
+                welcomed.set()
+
+            nursery.start_soon(resume_at_b)
+            with trio.fail_after(10):
+                await asked.wait()  # a has the request, and waits for the park
+            assert not welcomed.is_set()
+            go.set()
+            with trio.fail_after(10):
+                await welcomed.wait()
+            assert (hello["resumed"], hello["ack"]) == (True, 1)
+            assert (await request(new, seq, "msg", event="echo", data=2))["data"] == 2

@@ -87,6 +87,9 @@ _CODECS: dict[str, Codec] = {name: codec() for name, codec in CODECS.items()}
 
 logger = logging.getLogger("trio_wsgate.hub")
 
+#: Sessions parked in one call to the broker (one round trip) when a node drains.
+_PARK_STEP = 200
+
 # Connection ends after which PROTOCOL.md §8 keeps nothing to resume.
 _ENDS_SESSION = frozenset(
     {
@@ -220,6 +223,8 @@ class Hub:
         # answered: a draining node waits for it.
         self._emptied = trio.Event()
         self._handing_over = 0
+        # Sessions being parked (a draining node), each with its batch's event.
+        self._parking: dict[str, trio.Event] = {}
         #: The sessions of each user, across devices.
         self.users: dict[str, set[Session]] = {}
         #: The local subscribers of each topic, by session id.
@@ -603,12 +608,15 @@ class Hub:
         here from where it was, so publications made meanwhile are not lost.
         """
         try:
-            owner = await self.broker.session_owner(resume.session)
-            if owner is None or owner == self.node_id:
-                return None
-            state = await self.broker.request_handover(
-                resume.session, owner, self.node_id, timeout=2 * self.config.close_timeout
-            )
+            state, owner = await self.broker.find_session(resume.session)
+            if state is None and owner is not None and owner != self.node_id:
+                state = await self.broker.request_handover(
+                    resume.session, owner, self.node_id, timeout=2 * self.config.close_timeout
+                )
+                if state is None:
+                    # The owner may have parked it meanwhile (it drains); then it
+                    # answered "not here" only once the state was in the broker.
+                    state, _ = await self.broker.find_session(resume.session)
         except BrokerUnavailable:
             return None
         if state is None or state.get("id") != resume.session or state.get("user") != user:
@@ -653,6 +661,11 @@ class Hub:
             self._note_if_empty()
 
     async def _hand_over_one(self, session_id: str, to: str, request: str) -> None:
+        parking = self._parking.get(session_id)
+        if parking is not None:
+            # Parked (then the answer is "not here" and the state is in the broker
+            # before it), or, if the broker refused it, still here to hand over.
+            await parking.wait()
         state: dict[str, Any] | None = None
         session = self.sessions.get(session_id)
         if session is not None and not session.ended:
@@ -676,6 +689,48 @@ class Hub:
                 await self.broker.release_session(session_id, self.node_id)
         except BrokerUnavailable:
             logger.warning("could not hand session %s over: broker down", session_id)
+
+    async def park(self) -> int:
+        """Leave every detached session in the shared broker; how many were left.
+
+        A draining node's last act: the node a client resumes on then takes the
+        session's state from the broker, without a round trip to this node, which
+        may exit. Sessions the broker refuses (it is down) stay here, and can still
+        be handed over on request.
+        """
+        if not self.broker.shared:
+            return 0
+        parked = 0
+        waiting = [s for s in self.sessions.values() if not s.ended and s.connection is None]
+        for start in range(0, len(waiting), _PARK_STEP):
+            now = trio.current_time()
+            done = trio.Event()
+            batch: list[tuple[Session, float]] = []
+            for session in waiting[start : start + _PARK_STEP]:
+                deadline = self._deadline(session)
+                if not session.ended and deadline is not None:
+                    batch.append((session, deadline - now))
+                    self._parking[session.id] = done
+            try:
+                states = [(self._export(session), ttl) for session, ttl in batch]
+                await self.broker.park_sessions(states, self.node_id)
+            except BrokerUnavailable as exc:
+                logger.warning("could not park %d sessions: %s", len(batch), exc)
+                return parked
+            finally:
+                for session, _ in batch:
+                    del self._parking[session.id]
+                done.set()  # hand-overs asked for meanwhile go on (no checkpoint first)
+            for session, _ in batch:
+                if session.ended:
+                    continue  # expired meanwhile: its parked state expires too
+                session.ended = True  # here; it lives on at whichever node it resumes
+                session.close_code = CloseCode.GOING_AWAY
+                session.close_reason = CloseReason.DRAIN
+                self._unregister(session)
+                self.metrics.sessions_migrated.labels("parked").inc()
+                parked += 1
+        return parked
 
     @staticmethod
     def _export(session: Session) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class Metrics:
         )
         self.sessions_migrated = Counter(
             "wsgate_sessions_migrated",
-            "Sessions handed over between nodes, by direction (in, out).",
+            "Sessions moved between nodes, by direction (in, out, parked by a draining node).",
             ["direction"],
             registry=r,
         )

@@ -412,10 +412,11 @@ class Server:
         ``/readyz`` turns 503, the listeners close, every connection is closed with
         1001, and the node waits up to ``drain_timeout`` for them before cancelling
         what is left. Where the broker is shared with other nodes (Redis), it then
-        waits, within the same ``drain_timeout``, for its sessions to be asked for by
-        the nodes their clients resume on (DESIGN.md, "Session migration"): leaving
-        sooner would drop every session with the process, and the clients would
-        resume with ``resumed: false``.
+        parks its sessions there (:meth:`Hub.park`), for the nodes their clients
+        resume on to take, and waits, within the same ``drain_timeout``, for the
+        hand-overs already asked for and for any session it could not park: leaving
+        sooner would drop those sessions with the process, and their clients would
+        resume with ``resumed: false`` (DESIGN.md, "Session migration").
         """
         if self.draining:
             return
@@ -434,8 +435,13 @@ class Server:
         if left:
             logger.warning("drain timeout: cancelling %d connections", left)
         elif self.hub.broker.shared and self.hub.sessions:
-            logger.warning("waiting for %d sessions to move to other nodes", len(self.hub.sessions))
             with trio.move_on_at(deadline):
+                parked = await self.hub.park()
+                logger.warning("%d sessions left in the broker for other nodes", parked)
+                if self.hub.sessions:
+                    logger.warning(
+                        "waiting for %d sessions to move to other nodes", len(self.hub.sessions)
+                    )
                 await self.hub.wait_no_sessions()
             if self.hub.sessions:
                 logger.warning("drain timeout: %d sessions did not move", len(self.hub.sessions))

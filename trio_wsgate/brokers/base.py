@@ -124,8 +124,15 @@ class Broker(Protocol):
     async def release_session(self, session: str, node: str) -> None:
         """Forget that ``node`` holds the session (if it still does)."""
 
-    async def session_owner(self, session: str) -> str | None:
-        """The node that holds the session, or None if no node does."""
+    async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Where a session this node does not hold is: ``(state, None)`` if it was
+        parked (the state is taken, so that only one node resumes it), ``(None,
+        owner)`` if a node holds it, ``(None, None)`` if it is nowhere."""
+
+    async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
+        """Leave each session's state (with how many seconds it may still be resumed)
+        for whichever node its client comes back to, and stop recording ``node`` as
+        its holder. A draining node's last act with a shared broker."""
 
     async def request_handover(
         self, session: str, owner: str, node: str, timeout: float

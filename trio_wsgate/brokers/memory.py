@@ -154,9 +154,12 @@ class MemoryBroker:
     async def release_session(self, session: str, node: str) -> None:
         """Nothing to forget."""
 
-    async def session_owner(self, session: str) -> str | None:
-        """No other node holds anything."""
-        return None
+    async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
+        """No other node holds anything, and nothing is parked."""
+        return None, None
+
+    async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
+        """Never called: the broker is not shared (a restart loses the sessions)."""
 
     async def request_handover(
         self, session: str, owner: str, node: str, timeout: float

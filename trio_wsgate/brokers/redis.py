@@ -15,8 +15,10 @@ prefix (``wsgate`` by default):
   time, ms): every node refreshes its own entries, so a node that dies leaves nothing
   behind for long.
 * ``{p}:control``, a pub/sub channel: messages to every node (kicks, hand-overs).
-* ``{p}:s:{session}``: the node that holds the session, refreshed by that node; and
-  ``{p}:handover:{request}``, a session's state on its way to another node.
+* ``{p}:s:{session}``: the node that holds the session, refreshed by that node;
+  ``{p}:handover:{request}``, a session's state on its way to another node; and
+  ``{p}:parked:{session}``, the state of a session that a draining node left behind
+  for whichever node its client resumes on (until its resume window runs out).
 
 Publishing is one Lua script: it creates the epoch if the topic has none (a new epoch
 starts a new log), assigns the next offset atomically, appends to the log and publishes.
@@ -126,11 +128,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
-_GET = "return redis.call('GET', KEYS[1])"
-
 _PUT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
 
 _TAKE = "return redis.call('GETDEL', KEYS[1])"
+
+# KEYS: (parked, owner) per session; ARGV: node, then (ttl ms, state) per session.
+_PARK = """
+for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
+  redis.call('SET', KEYS[i], ARGV[2 * n + 1], 'PX', ARGV[2 * n])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+end
+return 1
+"""
+
+# A parked session's state (taken: one node resumes it), or else its holder.
+_FIND = """
+local state = redis.call('GETDEL', KEYS[1])
+if state then return {1, state} end
+return {0, redis.call('GET', KEYS[2])}
+"""
 
 _PRESENCE_GET = """
 local now = redis.call('TIME')
@@ -156,6 +173,11 @@ def _int(value: Any) -> int:
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unpack_state(packed: bytes) -> dict[str, Any]:
+    state: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return state
 
 
 class RedisBroker:
@@ -592,10 +614,33 @@ class RedisBroker:
         self._owned.pop(session, None)
         await self._call(_RELEASE, [self._session_key(session)], [node])
 
-    async def session_owner(self, session: str) -> str | None:
-        """The node holding the session, if any."""
-        owner = await self._call(_GET, [self._session_key(session)], [])
-        return None if owner is None else _str(owner)
+    def _parked_key(self, session: str) -> str:
+        return f"{self.prefix}:parked:{session}"
+
+    async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
+        """A parked session's state (taken from Redis), or else the node holding it."""
+        found, value = await self._call(
+            _FIND, [self._parked_key(session), self._session_key(session)], []
+        )
+        if value is None:
+            return None, None
+        if found:
+            return _unpack_state(value), None
+        return None, _str(value)
+
+    async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
+        """Leave the sessions' states for other nodes, and stop holding them.
+
+        One Lua script, so that either all of them are parked or none is.
+        """
+        keys: list[str] = []
+        args: list[Any] = [node]
+        for state, ttl in sessions:
+            keys += [self._parked_key(state["id"]), self._session_key(state["id"])]
+            args += [max(1, int(ttl * 1000)), msgpack.packb(state, use_bin_type=True)]
+        await self._call(_PARK, keys, args)
+        for state, _ in sessions:
+            self._owned.pop(state["id"], None)
 
     async def request_handover(
         self, session: str, owner: str, node: str, timeout: float
@@ -613,10 +658,7 @@ class RedisBroker:
             packed = await self._call(_TAKE, [f"{self.prefix}:handover:{request}"], [])
         finally:
             del self._handovers[request]
-        if packed is None:
-            return None
-        state: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
-        return state
+        return None if packed is None else _unpack_state(packed)
 
     async def answer_handover(self, request: str, to: str, state: dict[str, Any] | None) -> None:
         """Leave the state for the asking node and tell it."""
