@@ -9,11 +9,15 @@ because the peer is connected runs in it:
 * the **write loop**: the only task that writes. Producers append encoded envelopes to
   a bounded queue and wake it; it writes everything queued in one ``send_all``, several
   envelopes batched into one frame;
-* inside a nested *application scope*: the **heartbeat** (a ping every interval; a
-  liveness cancel scope whose deadline every received frame moves forward), the
+* the *application scope*, a nested cancel scope and nursery whose own task is the
   **dispatcher** (waits for ``hello``, answers ``welcome``, runs the application's
-  handlers one at a time in arrival order), the **ack timer** and the application's
-  per-connection tasks.
+  handlers one at a time in arrival order), with the application's per-connection
+  tasks beside it.
+
+The **heartbeat** (a ping every interval, and a liveness deadline that every received
+frame moves forward) and the **ack delay** are entries in the node's timers
+(:mod:`trio_wsgate.timers`), not tasks: an idle connection is three sleeping tasks.
+They belong to the application scope all the same: deciding to close cancels them.
 
 Closing is a decision, never a wait: :meth:`Connection.close` records the code and
 reason, cancels the application scope, queues the close frame and sets the nursery's
@@ -29,7 +33,6 @@ import contextlib
 import logging
 import math
 import secrets
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,6 +80,7 @@ from .protocol import (
     Welcome,
 )
 from .session import Inbox, Outbox, Receipt
+from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken
 
 if TYPE_CHECKING:
@@ -128,6 +132,28 @@ class Session:
     Handlers, hooks and per-connection tasks receive it; it never exposes a transport.
     Sessions are made by the node's :class:`~trio_wsgate.hub.Hub`.
     """
+
+    # Slots: a node holds tens of thousands of sessions (docs/benchmarks.md, idle).
+    __slots__ = (
+        "__weakref__",
+        "_claimant",
+        "_codec",
+        "_hub",
+        "_resume_token",
+        "close_code",
+        "close_reason",
+        "connection",
+        "detached_at",
+        "ended",
+        "id",
+        "identity",
+        "inbox",
+        "outbox",
+        "resumed",
+        "state",
+        "subscriptions",
+        "user",
+    )
 
     def __init__(
         self, hub: Hub, session_id: str, user: str | None, codec: Codec, window: int
@@ -312,6 +338,44 @@ class Connection:
         identity: who the client is, if a token came with the handshake.
     """
 
+    __slots__ = (
+        "_ack_timer",
+        "_app_scope",
+        "_arrived",
+        "_bucket",
+        "_codec",
+        "_config",
+        "_detached",
+        "_done",
+        "_gateway",
+        "_hello_seen",
+        "_hub",
+        "_identity",
+        "_last_seen",
+        "_let_go",
+        "_liveness_timer",
+        "_metrics",
+        "_nursery",
+        "_pending",
+        "_ping_timer",
+        "_pings",
+        "_queue",
+        "_refresh_token",
+        "_refreshed",
+        "_timers",
+        "_transport",
+        "_wake",
+        "_welcomed",
+        "close_code",
+        "close_decided_at",
+        "close_reason",
+        "closing",
+        "id",
+        "opened_at",
+        "released_at",
+        "session",
+    )
+
     def __init__(
         self,
         transport: Transport,
@@ -330,23 +394,34 @@ class Connection:
         self._hub = hub
         self._identity = identity
         self._refresh_token: str | None = None
-        self._refreshed = trio.Event()
-        self._queue: deque[_Item] = deque()
+        # Set when a refresh arrives; made before welcome, on nodes that check tokens.
+        self._refreshed: trio.Event | None = None
+        self._queue: list[_Item] = []
         self._wake = trio.Event()
-        self._ack_wanted = trio.Event()
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Envelope](math.inf)
+        # Envelopes for the dispatcher, in order, and the event it waits on for more.
+        self._pending: list[Envelope] = []
+        self._arrived = trio.Event()
         self._hello_seen = False
-        self._welcomed = trio.Event()
-        self._liveness: trio.CancelScope | None = None
-        self._pings: dict[int, float] = {}
+        # Made when the reader hands hello over and waits for welcome; the events
+        # below, when someone first waits (an idle connection holds none of them).
+        self._welcomed: trio.Event | None = None
+        # The timers: the node's (one task for all), and this connection's in them:
+        # the next ping, the liveness check and the ack delay.
+        self._timers = hub.timers if hub.running else Timers()
+        self._ping_timer: Timer | None = None
+        self._liveness_timer: Timer | None = None
+        self._ack_timer: Timer | None = None
+        self._last_seen = 0.0  # trio time of the last frame received
+        self._pings: list[tuple[int, float]] = []  # (ts, sent at), the 4 newest
         self._bucket: TokenBucket | None = None
         if config.rate_limit is not None:
             burst = config.rate_burst or max(1, math.ceil(2 * config.rate_limit))
             self._bucket = TokenBucket(config.rate_limit, burst, trio.current_time())
         self._nursery: trio.Nursery | None = None
         self._app_scope = trio.CancelScope()
-        self._done = trio.Event()
-        self._detached = trio.Event()
+        self._done: trio.Event | None = None
+        self._detached: trio.Event | None = None
+        self._let_go = False  # the session is let go of (or there never was one)
         #: This connection's id, unique within the node (logs, the hub's registry).
         self.id = secrets.token_urlsafe(8)
         #: The session, once ``hello`` was answered.
@@ -385,20 +460,25 @@ class Connection:
 
     async def wait_released(self) -> None:
         """Wait until the connection has ended and its transport is released."""
-        await self._done.wait()
+        if self.released_at is None:
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
 
     async def run(self) -> None:
         """Serve the connection until it ends; release everything before returning."""
         self._metrics.connections_open.inc()
         self._metrics.connections_total.inc()
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self.closing:  # closed before it started (a drain raced us)
-                    nursery.cancel_scope.deadline = self._close_deadline()
-                nursery.start_soon(self._guard, self._reader)
-                nursery.start_soon(self._guard, self._write_loop)
-                nursery.start_soon(self._application)
+            if self._timers is self._hub.timers:
+                await self._serve()
+            else:
+                # Served while the hub is not running (``serve_stream`` on a server
+                # that is not serving): the connection runs timers of its own.
+                async with trio.open_nursery() as outer:
+                    await outer.start(self._timers.run)
+                    await self._serve()
+                    outer.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._transport.aclose()
@@ -408,7 +488,8 @@ class Connection:
             self.closing = True
             self._metrics.connections_open.dec()
             self._metrics.closes.labels(str(self.close_code), str(self.close_reason)).inc()
-            self._done.set()
+            if self._done is not None:
+                self._done.set()
             logger.debug(
                 "connection %s from %s closed: %s %s",
                 self.id,
@@ -419,9 +500,21 @@ class Connection:
         if self.session is not None:
             await self._run_disconnect_hooks(self.session)
 
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.closing:  # closed before it started (a drain raced us)
+                nursery.cancel_scope.deadline = self._close_deadline()
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._write_loop)
+            nursery.start_soon(self._application)
+
     async def wait_detached(self) -> None:
         """Wait until this connection has let go of its session (or never had one)."""
-        await self._detached.wait()
+        if not self._let_go:
+            if self._detached is None:
+                self._detached = trio.Event()
+            await self._detached.wait()
 
     # -- closing --------------------------------------------------------------------
 
@@ -440,19 +533,26 @@ class Connection:
             return
         self.closing = True
         self.close_decided_at = trio.current_time()
-        self._welcomed.set()  # a reader waiting for welcome goes back to reading
+        self._answered_hello()  # a reader waiting for welcome goes back to reading
         self._app_scope.cancel()
+        self._stop_timers()
         if self._nursery is not None:
             self._nursery.cancel_scope.deadline = self._close_deadline()
         if send:
             self._transport.send_close(code, text)
         self._wake.set()
 
+    def _answered_hello(self) -> None:
+        welcomed, self._welcomed = self._welcomed, None
+        if welcomed is not None:
+            welcomed.set()
+
     def _abort(self, code: int, label: CloseReason) -> None:
         """The transport is gone: nothing more can be sent or received."""
         self._record_end(code, label)
         self.closing = True
         self._app_scope.cancel()
+        self._stop_timers()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -463,20 +563,28 @@ class Connection:
             "%s on connection %s from %s", what, self.id, self._transport.remote_address
         )
 
+    def _crashed(self) -> None:
+        # An unexpected error in any of the connection's own tasks or timers: logged
+        # once, and it becomes close 1011 (STYLE.md, "Errors").
+        self.internal_error("internal error")
+        self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
+
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
-        # The root of each of the connection's own tasks: an unexpected error is
-        # logged once and becomes close 1011 (STYLE.md, "Errors").
+        # The root of the application's per-connection tasks and the token watcher.
         try:
             await task()
         except Exception:
-            self.internal_error("internal error")
-            self._begin_close(
-                CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR
-            )
+            self._crashed()
 
     # -- the reader -----------------------------------------------------------------
 
     async def _reader(self) -> None:
+        try:
+            await self._read_loop()
+        except Exception:
+            self._crashed()
+
+    async def _read_loop(self) -> None:
         transport = self._transport
         metrics = self._metrics
         while True:
@@ -489,8 +597,8 @@ class Connection:
                 # Closed under us (by whoever holds the stream): nothing more comes.
                 self._abort(CloseCode.ABNORMAL, CloseReason.RESET)
                 return
-            if incoming.frames and self._liveness is not None:
-                self._touch()
+            if incoming.frames:
+                self._last_seen = trio.current_time()
             if incoming.nbytes:
                 metrics.bytes_in.inc(incoming.nbytes)
             if incoming.pings and not self._within_rate(incoming.pings):
@@ -508,6 +616,7 @@ class Connection:
                         self._on_envelope(envelope)
                         if isinstance(envelope, Hello):
                             # welcome answers hello before anything else is answered.
+                            self._welcomed = trio.Event()
                             await self._welcomed.wait()
                 except ProtocolError as exc:
                     self.close(exc.code, exc.reason)
@@ -535,12 +644,6 @@ class Connection:
         self._begin_close(CloseCode.RATE_LIMITED, "rate limit exceeded", CloseReason.RATE_LIMIT)
         return False
 
-    def _touch(self) -> None:
-        assert self._liveness is not None
-        interval = self._config.heartbeat_interval
-        assert interval is not None
-        self._liveness.deadline = trio.current_time() + interval + self._config.heartbeat_timeout
-
     def _decode(self, payload: bytes, binary: bool) -> list[Envelope]:
         codec = self._codec
         if binary is not codec.binary:
@@ -557,7 +660,8 @@ class Connection:
             if not isinstance(envelope, Hello):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "the first envelope must be hello")
             self._hello_seen = True
-            self._inbox_send.send_nowait(envelope)
+            self._pending.append(envelope)
+            self._arrived.set()
             return
         if isinstance(envelope, Sequenced):
             if isinstance(envelope, Reply):
@@ -566,7 +670,8 @@ class Connection:
                 self._on_ack(envelope.ack)
             inbox = self._session().inbox
             if inbox.receive(envelope.seq) is Receipt.NEW:
-                self._inbox_send.send_nowait(envelope)
+                self._pending.append(envelope)
+                self._arrived.set()
             elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
@@ -580,7 +685,7 @@ class Connection:
         elif isinstance(envelope, Refresh):
             # Verified by the token watcher; only the latest one waiting counts.
             # Without an authenticator there is no token to renew.
-            if self._hub.authenticator is not None:
+            if self._refreshed is not None:
                 self._refresh_token = envelope.token
                 self._refreshed.set()
         else:  # hello again, welcome
@@ -601,9 +706,11 @@ class Connection:
 
     def _on_pong(self, ts: Any) -> None:
         if isinstance(ts, int):
-            sent = self._pings.pop(ts, None)
-            if sent is not None:
-                self._metrics.heartbeat_rtt.observe(trio.current_time() - sent)
+            for index, (pinged, sent) in enumerate(self._pings):
+                if pinged == ts:
+                    del self._pings[index]
+                    self._metrics.heartbeat_rtt.observe(trio.current_time() - sent)
+                    return
 
     # -- producers ------------------------------------------------------------------
 
@@ -641,6 +748,12 @@ class Connection:
     # -- the write loop -------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write()
+        except Exception:
+            self._crashed()
+
+    async def _write(self) -> None:
         transport = self._transport
         while True:
             await self._wake.wait()
@@ -677,12 +790,13 @@ class Connection:
             with self._app_scope:
                 async with trio.open_nursery() as nursery:
                     if self._config.heartbeat_interval is not None:
-                        self._liveness = trio.CancelScope()
-                        self._touch()
-                        nursery.start_soon(self._guard, self._heartbeat)
-                    nursery.start_soon(self._guard, self._ack_timer)
-                    nursery.start_soon(self._guard, lambda: self._dispatcher(nursery))
+                        self._start_heartbeat()
+                    try:
+                        await self._dispatcher(nursery)
+                    except Exception:
+                        self._crashed()
         finally:
+            self._stop_timers()
             # Every handler has returned or been cancelled: let go of the session
             # (PROTOCOL.md §5), so that a resume elsewhere can take it.
             self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
@@ -690,39 +804,77 @@ class Connection:
             session = self.session
             if session is not None and session.connection is self:
                 self._hub.detach(session)
-            self._detached.set()
+            self._let_go = True
+            if self._detached is not None:
+                self._detached.set()
 
-    async def _heartbeat(self) -> None:
+    # -- the timers: heartbeat and ack delay ----------------------------------------
+
+    def _start_heartbeat(self) -> None:
         interval = self._config.heartbeat_interval
         assert interval is not None
-        assert self._liveness is not None
-        with self._liveness:
-            while True:
-                await trio.sleep(interval)
-                now = trio.current_time()
-                ts = round(now * 1000)
-                self._pings[ts] = now
-                while len(self._pings) > 4:  # unanswered pings are forgotten
-                    del self._pings[next(iter(self._pings))]
-                self._enqueue_control(Ping(ts))
-        if self._liveness.cancelled_caught:
+        timers, now = self._timers, trio.current_time()
+        self._last_seen = now
+        self._ping_timer = timers.call_at(now + interval, self._ping)
+        self._liveness_timer = timers.call_at(
+            now + interval + self._config.heartbeat_timeout, self._check_liveness
+        )
+
+    def _stop_timers(self) -> None:
+        timers = self._timers
+        timers.cancel(self._ping_timer)
+        timers.cancel(self._liveness_timer)
+        timers.cancel(self._ack_timer)
+        self._ping_timer = self._liveness_timer = self._ack_timer = None
+
+    def _ping(self) -> None:
+        """Due every heartbeat interval: queue a ping."""
+        try:
+            interval = self._config.heartbeat_interval
+            assert interval is not None
+            now = trio.current_time()
+            ts = round(now * 1000)
+            self._pings.append((ts, now))
+            if len(self._pings) > 4:  # unanswered pings are forgotten
+                del self._pings[0]
+            self._ping_timer = self._timers.call_at(now + interval, self._ping)
+            self._enqueue_control(Ping(ts))
+        except Exception:
+            self._crashed()
+
+    def _check_liveness(self) -> None:
+        """Due when nothing may have come for interval + timeout: close, or look again
+        at the deadline the last frame set."""
+        interval = self._config.heartbeat_interval
+        assert interval is not None
+        deadline = self._last_seen + interval + self._config.heartbeat_timeout
+        if trio.current_time() >= deadline:
+            self._liveness_timer = None
             self._begin_close(
                 CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
             )
+        else:
+            self._liveness_timer = self._timers.call_at(deadline, self._check_liveness)
 
-    async def _ack_timer(self) -> None:
-        delay = self._config.ack_delay
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted = trio.Event()
-            await trio.sleep(delay)
+    def _want_ack(self) -> None:
+        """An ack is pending: send it within ``ack_delay`` unless one goes out first."""
+        if self._ack_timer is None and not self.closing:
+            self._ack_timer = self._timers.call_at(
+                trio.current_time() + self._config.ack_delay, self._ack_due
+            )
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        try:
             if self.session is not None and self.session.inbox.ack_pending:
                 self._send_ack()
+        except Exception:
+            self._crashed()
 
     async def _dispatcher(self, nursery: trio.Nursery) -> None:
         timeout = self._config.hello_timeout
         with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
-            hello = await self._inbox_recv.receive()
+            (hello,) = await self._next_envelopes()  # the reader waits for welcome
         if waiting.cancelled_caught:
             self._begin_close(
                 CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT
@@ -736,26 +888,28 @@ class Connection:
         session = await self._open_session(hello, identity)
         if session is None:
             return
-        self._welcomed.set()
         if self._hub.authenticator is not None:
+            self._refreshed = trio.Event()  # before the reader may read a refresh
             nursery.start_soon(self._guard, lambda: self._watch_token(session))
+        self._answered_hello()
         for hook in gateway.connect_hooks:
             await hook(session)
         for task in gateway.session_tasks:
             nursery.start_soon(self._guard, lambda task=task: task(session))
-        inbox = self._inbox_recv
         while True:
             # Everything already read is processed before this task yields, so the
-            # write loop finds all the replies of one read queued and sends them in one
-            # write (a channel's receive() yields after every item).
-            try:
-                try:
-                    envelope = inbox.receive_nowait()
-                except trio.WouldBlock:
-                    envelope = await inbox.receive()
-            except trio.EndOfChannel:
-                return
-            await self._process(session, envelope)
+            # write loop finds all the replies of one read queued, and sends them in
+            # one write.
+            for envelope in await self._next_envelopes():
+                await self._process(session, envelope)
+
+    async def _next_envelopes(self) -> list[Envelope]:
+        """Every envelope the reader has handed over, in order; waits for one."""
+        while not self._pending:
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        envelopes, self._pending = self._pending, []
+        return envelopes
 
     async def _authenticate(self, token: str | None) -> Identity | None:
         """Who the client is (PROTOCOL.md §3); None after closing with 4001."""
@@ -777,7 +931,9 @@ class Connection:
         while True:
             deadline = session.identity.deadline
             with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._refreshed.wait()
+                refreshed = self._refreshed
+                assert refreshed is not None
+                await refreshed.wait()
                 self._refreshed = trio.Event()
                 token, self._refresh_token = self._refresh_token, None
                 assert token is not None
@@ -970,7 +1126,7 @@ class Connection:
         if inbox.ack_urgent:
             self._send_ack()
         elif inbox.ack_pending:
-            self._ack_wanted.set()
+            self._want_ack()
 
     async def _topic_operation(
         self, session: Session, envelope: Sequenced

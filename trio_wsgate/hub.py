@@ -69,6 +69,7 @@ from .protocol import (
     parse_envelope,
 )
 from .session import Inbox, Outbox
+from .timers import Timers
 
 if TYPE_CHECKING:
     from .config import Config
@@ -233,6 +234,8 @@ class Hub:
         self._broker_lock = trio.Lock()
         self._chores: deque[Callable[[], Awaitable[None]]] = deque()
         self._tasks: trio.Nursery | None = None  # the hub's own, while it runs
+        #: The connections' heartbeats and ack delays, run by one task of the hub's.
+        self.timers = Timers()
         self._chore_lock = trio.Lock()
         self._secret = (config.secret or secrets.token_hex(32)).encode()
         # (deadline, tie-breaker, session): stale entries are skipped when popped.
@@ -387,10 +390,16 @@ class Hub:
 
     # -- the hub's task ---------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` runs (connections need its timers)."""
+        return self._tasks is not None
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire detached sessions and run session-end hooks, until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.broker.run)
+            await nursery.start(self.timers.run)
             self._tasks = nursery
             task_status.started()
             try:

@@ -338,9 +338,10 @@ class Server:
                 self.release(admission)
             self.count_refusal(result[0])
             return
-        accepted = result.accept
+        transport, accepted = result.transport, result.accept
         assert isinstance(accepted, Admission)
-        await self.run_connection(result.transport, accepted, remote_address)
+        del result, decide  # the request (its headers) is not kept for the connection's life
+        await self.run_connection(transport, accepted, remote_address)
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:

@@ -24,11 +24,11 @@ in order, before anything new; :meth:`Inbox.resume` gives the ack to announce
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .exceptions import ProtocolError
 from .protocol.closecodes import CloseCode
@@ -36,6 +36,10 @@ from .protocol.closecodes import CloseCode
 __all__ = ["Inbox", "Outbox", "Receipt"]
 
 T = TypeVar("T")
+
+
+def _seq(entry: tuple[int, Any]) -> int:
+    return entry[0]
 
 
 class Receipt(enum.Enum):
@@ -58,10 +62,12 @@ class Outbox(Generic[T]):
     next_seq: int = 1
     #: Highest ``seq`` the peer acknowledged.
     acked: int = 0
-    #: Written, not yet acknowledged, in ``seq`` order: ``(seq, item)``.
-    in_flight: deque[tuple[int, T]] = field(default_factory=deque)
+    #: Written, not yet acknowledged, in ``seq`` order: ``(seq, item)``. Lists, not
+    #: deques: an idle session keeps both, and an empty deque is ten times the size;
+    #: items leave from the front in slices (every item an ack releases at once).
+    in_flight: list[tuple[int, T]] = field(default_factory=list)
     #: Numbered but held back by the window, in ``seq`` order.
-    waiting: deque[tuple[int, T]] = field(default_factory=deque)
+    waiting: list[tuple[int, T]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -104,17 +110,17 @@ class Outbox(Generic[T]):
         if ack <= self.acked:
             return []  # stale or repeated: acks are cumulative
         self.acked = ack
-        while self.in_flight and self.in_flight[0][0] <= ack:
-            self.in_flight.popleft()
+        del self.in_flight[: bisect.bisect_right(self.in_flight, ack, key=_seq)]
         return self._refill()
 
     def _refill(self) -> list[T]:
-        released: list[T] = []
-        while self.waiting and len(self.in_flight) < self.window:
-            entry = self.waiting.popleft()
-            self.in_flight.append(entry)
-            released.append(entry[1])
-        return released
+        room = self.window - len(self.in_flight)
+        if room <= 0 or not self.waiting:
+            return []
+        moved = self.waiting[:room]
+        del self.waiting[:room]
+        self.in_flight.extend(moved)
+        return [item for _, item in moved]
 
     @property
     def open(self) -> bool:
@@ -148,8 +154,9 @@ class Outbox(Generic[T]):
             if window < 1:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "window must be at least 1")
             self.window = window
-            while len(self.in_flight) > window:  # a smaller window: hold the rest back
-                self.waiting.appendleft(self.in_flight.pop())
+            if len(self.in_flight) > window:  # a smaller window: hold the rest back
+                self.waiting[:0] = self.in_flight[window:]
+                del self.in_flight[window:]
         self._refill()
         return [item for _, item in self.in_flight]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
@@ -366,7 +367,11 @@ async def accept_websocket(
     transport = WebsocketsTransport(
         stream, protocol, events, remote_address, max_fragments=max_fragments
     )
-    return Handshake(transport, answer, request)
+    handshake = Handshake(transport, answer, request)
+    # websockets' parser keeps the request for the connection's life (a local of its
+    # generator); its headers are let go of here, once answered (about 2 KiB each).
+    raw.headers = Headers()
+    return handshake
 
 
 async def _send_refusal(
