@@ -6,7 +6,8 @@ deadline whenever all tasks are blocked, so a 35 s heartbeat runs in millisecond
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -25,6 +26,17 @@ pytestmark = pytest.mark.transports(*ALL_TRANSPORTS)
 #: Heartbeats and acks run on the node's timers (its hub runs), or on a connection's own
 #: (``serve_stream`` on a server that is not serving): the same times either way.
 TIMERS = pytest.mark.parametrize("node_timers", [True, False], ids=["node-timers", "own-timers"])
+
+
+@asynccontextmanager
+async def timed_connection(server: Server, node_timers: bool) -> AsyncIterator[RawClient]:
+    """A client of ``server``, whose timers are the node's (its hub runs) or its own."""
+    async with trio.open_nursery() as nursery:
+        if node_timers:
+            await nursery.start(server.hub.run)
+        async with open_memory_connection(server, nursery) as client:
+            yield client
+        nursery.cancel_scope.cancel()
 
 
 async def call(client: RawClient, seq: int, event: str, data: Any = None) -> dict[str, Any]:
@@ -128,24 +140,20 @@ async def test_server_pings_every_interval_and_the_rtt_is_measured(
     node_timers: bool,
 ) -> None:
     server = make_server(heartbeat_interval=25, heartbeat_timeout=10)
-    async with trio.open_nursery() as nursery:
-        if node_timers:
-            await nursery.start(server.hub.run)
-        async with open_memory_connection(server, nursery) as client:
-            await client.hello()
-            start = trio.current_time()
-            for n in (1, 2, 3):
-                ping = await client.recv()
-                assert ping["type"] == "ping"
-                assert trio.current_time() - start == 25 * n
-                await client.send({"type": "pong", "ts": ping["ts"]})
-            await trio.testing.wait_all_tasks_blocked()
-            # Answering pings keeps the connection alive well past interval + timeout.
-            assert not client.close_code
-            rtt = server.metrics.registry.get_sample_value("wsgate_heartbeat_rtt_seconds_count")
-            assert rtt == 3
-            await client.close()
-        nursery.cancel_scope.cancel()
+    async with timed_connection(server, node_timers) as client:
+        await client.hello()
+        start = trio.current_time()
+        for n in (1, 2, 3):
+            ping = await client.recv()
+            assert ping["type"] == "ping"
+            assert trio.current_time() - start == 25 * n
+            await client.send({"type": "pong", "ts": ping["ts"]})
+        await trio.testing.wait_all_tasks_blocked()
+        # Answering pings keeps the connection alive well past interval + timeout.
+        assert not client.close_code
+        rtt = server.metrics.registry.get_sample_value("wsgate_heartbeat_rtt_seconds_count")
+        assert rtt == 3
+        await client.close()
 
 
 @TIMERS
@@ -155,22 +163,18 @@ async def test_silence_closes_4002_at_interval_plus_timeout(
     node_timers: bool,
 ) -> None:
     server = make_server(heartbeat_interval=25, heartbeat_timeout=10, close_timeout=2)
-    async with trio.open_nursery() as nursery:
-        if node_timers:
-            await nursery.start(server.hub.run)
-        async with open_memory_connection(server, nursery) as client:
-            await client.hello()
-            start = trio.current_time()
-            (connection,) = server.connections
-            # The client reads but never sends: no pong, no frame at all.
-            code, reason = await client.wait_closed()
-            assert (code, reason) == (4002, "heartbeat timeout")
-            await trio.testing.wait_all_tasks_blocked()
-            assert connection.close_decided_at == start + 35
-            # The client answered the close handshake, so release came at once.
-            assert connection.released_at == start + 35
-            assert connection.close_reason == "heartbeat_timeout"
-        nursery.cancel_scope.cancel()
+    async with timed_connection(server, node_timers) as client:
+        await client.hello()
+        start = trio.current_time()
+        (connection,) = server.connections
+        # The client reads but never sends: no pong, no frame at all.
+        code, reason = await client.wait_closed()
+        assert (code, reason) == (4002, "heartbeat timeout")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection.close_decided_at == start + 35
+        # The client answered the close handshake, so release came at once.
+        assert connection.released_at == start + 35
+        assert connection.close_reason == "heartbeat_timeout"
 
 
 @TIMERS
@@ -181,18 +185,14 @@ async def test_a_half_open_peer_is_released_within_close_timeout(
 ) -> None:
     """The peer vanished without a FIN: it neither answers pings nor the close."""
     server = make_server(heartbeat_interval=25, heartbeat_timeout=10, close_timeout=2)
-    async with trio.open_nursery() as nursery:
-        if node_timers:
-            await nursery.start(server.hub.run)
-        async with open_memory_connection(server, nursery) as client:
-            await client.hello()
-            start = trio.current_time()
-            (connection,) = server.connections
-            await connection.wait_released()  # the client never reads again
-            assert connection.close_code == 4002
-            assert connection.close_decided_at == start + 35
-            assert connection.released_at == start + 37
-        nursery.cancel_scope.cancel()
+    async with timed_connection(server, node_timers) as client:
+        await client.hello()
+        start = trio.current_time()
+        (connection,) = server.connections
+        await connection.wait_released()  # the client never reads again
+        assert connection.close_code == 4002
+        assert connection.close_decided_at == start + 35
+        assert connection.released_at == start + 37
 
 
 async def test_no_hello_closes_4003_at_hello_timeout(
@@ -306,20 +306,16 @@ async def test_an_ack_held_by_the_window_goes_alone_within_100ms(
     node_timers: bool,
 ) -> None:
     server = make_server(window=4)
-    async with trio.open_nursery() as nursery:
-        if node_timers:
-            await nursery.start(server.hub.run)
-        async with open_memory_connection(server, nursery) as client:
-            await client.hello()
-            await client.send({"type": "msg", "seq": 1, "event": "push", "data": 4})
-            assert [(await client.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
-            # The reply (seq 5) waits for the window; the ack of client seq 1 does not.
-            start = trio.current_time()
-            ack = await client.recv()
-            assert ack == {"type": "ack", "ack": 1}
-            assert trio.current_time() - start == pytest.approx(0.1)
-            await client.close()
-        nursery.cancel_scope.cancel()
+    async with timed_connection(server, node_timers) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 4})
+        assert [(await client.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
+        # The reply (seq 5) waits for the window; the ack of client seq 1 does not.
+        start = trio.current_time()
+        ack = await client.recv()
+        assert ack == {"type": "ack", "ack": 1}
+        assert trio.current_time() - start == pytest.approx(0.1)
+        await client.close()
 
 
 async def test_duplicates_are_acked_again_not_processed_again(
