@@ -264,6 +264,23 @@ async def test_a_refresh_after_exp_is_too_late(
         assert await client.wait_closed() == (4001, "unauthorized: token expired")
 
 
+async def test_only_the_latest_refresh_counts(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server, heartbeat_interval=None)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        await client.hello(token=token("ada", ttl=30))
+        await trio.sleep(5)
+        # A bad one, then a good one before the first is checked: the good one decides.
+        await client.send(
+            {"type": "refresh", "token": token("bob", ttl=60)},
+            {"type": "refresh", "token": token("ada", ttl=60)},
+        )
+        assert await client.wait_closed() == (4001, "unauthorized: token expired")
+        assert trio.current_time() - start == 65
+
+
 @pytest.mark.parametrize(
     ("fresh", "reason"),
     [

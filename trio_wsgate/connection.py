@@ -15,8 +15,9 @@ because the peer is connected runs in it:
   tasks beside it.
 
 The **heartbeat** (a ping every interval, and a liveness deadline that every received
-frame moves forward) and the **ack delay** are entries in the node's timers
-(:mod:`trio_wsgate.timers`), not tasks: an idle connection is three sleeping tasks.
+frame moves forward), the **ack delay** and the **token's expiry** are entries in the
+node's timers (:mod:`trio_wsgate.timers`), not tasks: an idle connection is three
+sleeping tasks. A ``refresh`` is checked by a short task of the application scope.
 They belong to the application scope all the same: deciding to close cancels them.
 
 Closing is a decision, never a wait: :meth:`Connection.close` records the code and
@@ -340,6 +341,7 @@ class Connection:
 
     __slots__ = (
         "_ack_timer",
+        "_app_nursery",
         "_app_scope",
         "_arrived",
         "_bucket",
@@ -347,6 +349,7 @@ class Connection:
         "_config",
         "_detached",
         "_done",
+        "_expiry_timer",
         "_gateway",
         "_hello_seen",
         "_hub",
@@ -360,8 +363,7 @@ class Connection:
         "_ping_timer",
         "_pings",
         "_queue",
-        "_refresh_token",
-        "_refreshed",
+        "_refreshes",
         "_timers",
         "_transport",
         "_wake",
@@ -393,9 +395,7 @@ class Connection:
         self._metrics = metrics
         self._hub = hub
         self._identity = identity
-        self._refresh_token: str | None = None
-        # Set when a refresh arrives; made before welcome, on nodes that check tokens.
-        self._refreshed: trio.Event | None = None
+        self._refreshes = 0  # refresh envelopes received: the latest one decides
         self._queue: list[_Item] = []
         self._wake = trio.Event()
         # Envelopes for the dispatcher, in order, and the event it waits on for more.
@@ -411,6 +411,7 @@ class Connection:
         self._ping_timer: Timer | None = None
         self._liveness_timer: Timer | None = None
         self._ack_timer: Timer | None = None
+        self._expiry_timer: Timer | None = None  # the token's exp (on nodes that check)
         self._last_seen = 0.0  # trio time of the last frame received
         self._pings: list[tuple[int, float]] = []  # (ts, sent at), the 4 newest
         self._bucket: TokenBucket | None = None
@@ -418,6 +419,7 @@ class Connection:
             burst = config.rate_burst or max(1, math.ceil(2 * config.rate_limit))
             self._bucket = TokenBucket(config.rate_limit, burst, trio.current_time())
         self._nursery: trio.Nursery | None = None
+        self._app_nursery: trio.Nursery | None = None
         self._app_scope = trio.CancelScope()
         self._done: trio.Event | None = None
         self._detached: trio.Event | None = None
@@ -570,7 +572,7 @@ class Connection:
         self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
-        # The root of the application's per-connection tasks and the token watcher.
+        # The root of the application's per-connection tasks and of refresh checks.
         try:
             await task()
         except Exception:
@@ -683,11 +685,13 @@ class Connection:
         elif isinstance(envelope, Bye):
             self._begin_close(CloseCode.NORMAL, "bye", CloseReason.BYE)
         elif isinstance(envelope, Refresh):
-            # Verified by the token watcher; only the latest one waiting counts.
             # Without an authenticator there is no token to renew.
-            if self._refreshed is not None:
-                self._refresh_token = envelope.token
-                self._refreshed.set()
+            if self._hub.authenticator is not None and self._app_nursery is not None:
+                self._refreshes += 1
+                refresh = self._refreshes
+                self._app_nursery.start_soon(
+                    self._guard, lambda: self._verify_refresh(envelope.token, refresh)
+                )
         else:  # hello again, welcome
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
@@ -789,6 +793,7 @@ class Connection:
         try:
             with self._app_scope:
                 async with trio.open_nursery() as nursery:
+                    self._app_nursery = nursery
                     if self._config.heartbeat_interval is not None:
                         self._start_heartbeat()
                     try:
@@ -825,7 +830,8 @@ class Connection:
         timers.cancel(self._ping_timer)
         timers.cancel(self._liveness_timer)
         timers.cancel(self._ack_timer)
-        self._ping_timer = self._liveness_timer = self._ack_timer = None
+        timers.cancel(self._expiry_timer)
+        self._ping_timer = self._liveness_timer = self._ack_timer = self._expiry_timer = None
 
     def _ping(self) -> None:
         """Due every heartbeat interval: queue a ping."""
@@ -889,8 +895,7 @@ class Connection:
         if session is None:
             return
         if self._hub.authenticator is not None:
-            self._refreshed = trio.Event()  # before the reader may read a refresh
-            nursery.start_soon(self._guard, lambda: self._watch_token(session))
+            self._expire_token_at(session.identity.deadline)
         self._answered_hello()
         for hook in gateway.connect_hooks:
             await hook(session)
@@ -924,31 +929,36 @@ class Connection:
             self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
             return None
 
-    async def _watch_token(self, session: Session) -> None:
-        """Close with 4001 when the token expires, unless ``refresh`` renewed it (§8)."""
+    def _expire_token_at(self, deadline: float | None) -> None:
+        """Close with 4001 at the token's ``exp`` (PROTOCOL.md §8), unless renewed."""
+        self._timers.cancel(self._expiry_timer)
+        self._expiry_timer = None
+        if deadline is not None and not self.closing:
+            self._expiry_timer = self._timers.call_at(deadline, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry_timer = None
+        self.close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
+
+    async def _verify_refresh(self, token: str, refresh: int) -> None:
+        """Check a ``refresh`` token; if it is still the latest, renew or close (§8)."""
         authenticator = self._hub.authenticator
+        session = self.session
         assert authenticator is not None
-        while True:
-            deadline = session.identity.deadline
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                refreshed = self._refreshed
-                assert refreshed is not None
-                await refreshed.wait()
-                self._refreshed = trio.Event()
-                token, self._refresh_token = self._refresh_token, None
-                assert token is not None
-                try:
-                    identity = checked_identity(await identify(authenticator, token))
-                except Unauthorized as exc:
-                    self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
-                    return
-                if identity.user != session.user:
-                    self.close(CloseCode.UNAUTHORIZED, "unauthorized: a token for another user")
-                    return
-                session.identity = identity
-                continue
-            self.close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
+        assert session is not None
+        try:
+            identity = checked_identity(await identify(authenticator, token))
+        except Unauthorized as exc:
+            if refresh == self._refreshes:
+                self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
             return
+        if refresh != self._refreshes:
+            return  # a later refresh came meanwhile: it decides
+        if identity.user != session.user:
+            self.close(CloseCode.UNAUTHORIZED, "unauthorized: a token for another user")
+            return
+        session.identity = identity
+        self._expire_token_at(identity.deadline)
 
     async def _open_session(self, hello: Hello, identity: Identity) -> Session | None:
         """Resume the session ``hello`` names, or make a new one; queue ``welcome``.

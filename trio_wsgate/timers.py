@@ -1,11 +1,11 @@
 """One task runs the node's timers (DESIGN.md, "The shape"; docs/benchmarks.md, "Idle").
 
 Every connection has a heartbeat (a ping every interval, and a liveness deadline that
-each received frame moves forward) and an ack delay. As tasks, that is two sleeping
-tasks and a cancel scope per connection, and a deadline moved in trio's heap on every
-read. Here they are entries in one heap, run by one task: a connection costs a few
-small objects, a read only records the time, and an idle node wakes once per due
-timer instead of once per task.
+each received frame moves forward), an ack delay, and with JWTs its token's expiry. As
+tasks, that is three sleeping tasks and a cancel scope per connection, and a deadline
+moved in trio's heap on every read. Here they are entries in one heap, run by one task:
+a connection costs a few small objects, a read only records the time, and an idle node
+wakes once per due timer instead of once per task.
 
 Callbacks run in the timers' task, so they must be quick and must not block: they
 decide (queue a ping, begin a close) and return. An exception in one is logged and
