@@ -271,3 +271,38 @@ async def _connect(server: Server, nursery: trio.Nursery) -> trio.abc.Stream:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     nursery.start_soon(server.serve_stream, server_stream, "memory")
     return client_stream
+
+
+async def test_an_ended_connection_is_freed_without_the_cyclic_collector(
+    make_server: Callable[..., Server],
+) -> None:
+    # The node runs the cyclic GC rarely (cli.tune_gc): a connection's objects caught
+    # in a reference cycle would stay until it does, and churn would grow the process.
+    # websockets' protocol had two (its bound select_subprotocol, its parser).
+    import gc
+    import weakref
+
+    from trio_wsgate.testing import open_memory_connection
+
+    server = make_server(heartbeat_interval=None)
+    refs: list[weakref.ref[Any]] = []
+    gc.collect()
+    gc.disable()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.hub.run)
+            async with open_memory_connection(server, nursery) as client:
+                await client.hello()
+                (connection,) = server.connections
+                refs.append(weakref.ref(connection.session))
+                transport = connection._transport
+                refs.append(weakref.ref(getattr(transport, "_protocol", transport)))
+                del connection, transport
+                await client.send({"type": "bye"})
+                await client.wait_closed()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not server.connections
+            assert [ref() for ref in refs] == [None, None]
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()

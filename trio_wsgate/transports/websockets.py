@@ -245,7 +245,13 @@ class WebsocketsTransport:
 
     async def aclose(self) -> None:
         """Release the stream at once."""
-        self._protocol.receive_eof()
+        protocol = self._protocol
+        protocol.receive_eof()
+        # websockets' parser is a generator that holds the protocol: a reference cycle
+        # that only the cyclic collector would free, and the node runs it rarely
+        # (cli.tune_gc). Closing the generator frees the connection's protocol, frames
+        # and buffers as soon as the connection is gone.
+        protocol.parser.close()
         await trio.aclose_forcefully(self._stream)
 
 
@@ -361,6 +367,9 @@ async def accept_websocket(
         # helpful headers (Allow, Upgrade) and text stay.
         response = Response(400, "Bad Request", response.headers, response.body)
     protocol.send_response(response)
+    # websockets binds select_subprotocol to the protocol (a method of it): a reference
+    # cycle. Chosen now; unbound, the protocol is freed with its connection.
+    vars(protocol).pop("select_subprotocol", None)
     await _write_all(stream, protocol)
     if response.status_code != 101:
         return response.status_code, request
