@@ -3,13 +3,14 @@
 Theory of operation. :meth:`Connection.run` opens one nursery and everything that exists
 because the peer is connected runs in it:
 
-* the **reader**: the only caller of :meth:`Transport.receive`. It decodes envelopes,
-  answers control envelopes (``ping``, ``ack``, ``bye``...) itself, checks ``seq`` order
-  and hands sequenced envelopes to the dispatcher, in order;
+* the **reader**, the nursery's own task: the only caller of :meth:`Transport.receive`.
+  It decodes envelopes, answers control envelopes (``ping``, ``ack``, ``bye``...)
+  itself, checks ``seq`` order and hands sequenced envelopes to the dispatcher, in
+  order;
 * the **write loop**: the only task that writes. Producers append encoded envelopes to
   a bounded queue and wake it; it writes everything queued in one ``send_all``, several
   envelopes batched into one frame;
-* the *application scope*, a nested cancel scope and nursery whose own task is the
+* the *application scope*, a nested nursery whose own task is the
   **dispatcher** (waits for ``hello``, answers ``welcome``, runs the application's
   handlers one at a time in arrival order), with the application's per-connection
   tasks beside it.
@@ -17,8 +18,10 @@ because the peer is connected runs in it:
 The **heartbeat** (a ping every interval, and a liveness deadline that every received
 frame moves forward), the **ack delay** and the **token's expiry** are entries in the
 node's timers (:mod:`trio_wsgate.timers`), not tasks: an idle connection is three
-sleeping tasks. A ``refresh`` is checked by a short task of the application scope.
-They belong to the application scope all the same: deciding to close cancels them.
+sleeping tasks, the reader, the write loop and the dispatcher, and they wait on a
+:class:`~trio_wsgate.wakeup.Wakeup` each, not on events made per wait. A ``refresh`` is
+checked by a short task of the application scope. They belong to the application scope
+all the same: deciding to close cancels them.
 
 Closing is a decision, never a wait: :meth:`Connection.close` records the code and
 reason, cancels the application scope, queues the close frame and sets the nursery's
@@ -83,6 +86,7 @@ from .protocol import (
 from .session import Inbox, Outbox, Receipt
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken
+from .wakeup import Wakeup
 
 if TYPE_CHECKING:
     from .brokers import Publication
@@ -110,6 +114,9 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.TAKEN_OVER: CloseReason.TAKE_OVER,
     CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
 }
+
+_WRITER = f"{__name__}.Connection._write_loop"
+_APPLICATION = f"{__name__}.Connection._application"
 
 # What waits in the write queue: an encoded envelope and whether it is sequenced
 # (sequenced envelopes are never dropped).
@@ -342,7 +349,6 @@ class Connection:
     __slots__ = (
         "_ack_timer",
         "_app_nursery",
-        "_app_scope",
         "_arrived",
         "_bucket",
         "_codec",
@@ -397,10 +403,10 @@ class Connection:
         self._identity = identity
         self._refreshes = 0  # refresh envelopes received: the latest one decides
         self._queue: list[_Item] = []
-        self._wake = trio.Event()
+        self._wake = Wakeup()  # the write loop's
         # Envelopes for the dispatcher, in order, and the event it waits on for more.
         self._pending: list[Envelope] = []
-        self._arrived = trio.Event()
+        self._arrived = Wakeup()
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome; the events
         # below, when someone first waits (an idle connection holds none of them).
@@ -419,8 +425,8 @@ class Connection:
             burst = config.rate_burst or max(1, math.ceil(2 * config.rate_limit))
             self._bucket = TokenBucket(config.rate_limit, burst, trio.current_time())
         self._nursery: trio.Nursery | None = None
+        # The application scope (the dispatcher, handlers, the application's tasks).
         self._app_nursery: trio.Nursery | None = None
-        self._app_scope = trio.CancelScope()
         self._done: trio.Event | None = None
         self._detached: trio.Event | None = None
         self._let_go = False  # the session is let go of (or there never was one)
@@ -507,9 +513,14 @@ class Connection:
             self._nursery = nursery
             if self.closing:  # closed before it started (a drain raced us)
                 nursery.cancel_scope.deadline = self._close_deadline()
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._write_loop)
-            nursery.start_soon(self._application)
+            # Constant names: trio would otherwise format one per task.
+            nursery.start_soon(self._write_loop, name=_WRITER)
+            nursery.start_soon(self._application, name=_APPLICATION)
+            # The reader is this nursery's own task: one task fewer per connection.
+            try:
+                await self._read_loop()
+            except Exception:
+                self._crashed()
 
     async def wait_detached(self) -> None:
         """Wait until this connection has let go of its session (or never had one)."""
@@ -536,7 +547,7 @@ class Connection:
         self.closing = True
         self.close_decided_at = trio.current_time()
         self._answered_hello()  # a reader waiting for welcome goes back to reading
-        self._app_scope.cancel()
+        self._cancel_application()
         self._stop_timers()
         if self._nursery is not None:
             self._nursery.cancel_scope.deadline = self._close_deadline()
@@ -553,7 +564,7 @@ class Connection:
         """The transport is gone: nothing more can be sent or received."""
         self._record_end(code, label)
         self.closing = True
-        self._app_scope.cancel()
+        self._cancel_application()
         self._stop_timers()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -578,13 +589,12 @@ class Connection:
         except Exception:
             self._crashed()
 
-    # -- the reader -----------------------------------------------------------------
+    def _cancel_application(self) -> None:
+        # Before the application task has opened its nursery, it sees ``closing``.
+        if self._app_nursery is not None:
+            self._app_nursery.cancel_scope.cancel()
 
-    async def _reader(self) -> None:
-        try:
-            await self._read_loop()
-        except Exception:
-            self._crashed()
+    # -- the reader -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         transport = self._transport
@@ -752,27 +762,23 @@ class Connection:
     # -- the write loop -------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        transport = self._transport
         try:
-            await self._write()
+            while True:
+                await self._wake.wait()
+                if self._queue and not self.closing:
+                    self._frame_queue()
+                try:
+                    finished = await transport.flush()
+                except TransportBroken as exc:
+                    self._abort(CloseCode.ABNORMAL, exc.reason)
+                    return
+                except trio.ClosedResourceError:
+                    return
+                if finished:
+                    return  # our end of the stream is closed; the reader sees the peer's
         except Exception:
             self._crashed()
-
-    async def _write(self) -> None:
-        transport = self._transport
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if self._queue and not self.closing:
-                self._frame_queue()
-            try:
-                finished = await transport.flush()
-            except TransportBroken as exc:
-                self._abort(CloseCode.ABNORMAL, exc.reason)
-                return
-            except trio.ClosedResourceError:
-                return
-            if finished:
-                return  # our end of the stream is closed; the reader sees the peer's
 
     def _frame_queue(self) -> None:
         """Move everything queued into frames: one envelope, or a batch per frame."""
@@ -791,15 +797,16 @@ class Connection:
 
     async def _application(self) -> None:
         try:
-            with self._app_scope:
-                async with trio.open_nursery() as nursery:
-                    self._app_nursery = nursery
-                    if self._config.heartbeat_interval is not None:
-                        self._start_heartbeat()
-                    try:
-                        await self._dispatcher(nursery)
-                    except Exception:
-                        self._crashed()
+            async with trio.open_nursery() as nursery:
+                self._app_nursery = nursery
+                if self.closing:
+                    nursery.cancel_scope.cancel()
+                elif self._config.heartbeat_interval is not None:
+                    self._start_heartbeat()
+                try:
+                    await self._dispatcher(nursery)
+                except Exception:
+                    self._crashed()
         finally:
             self._stop_timers()
             # Every handler has returned or been cancelled: let go of the session
@@ -911,7 +918,6 @@ class Connection:
     async def _next_envelopes(self) -> list[Envelope]:
         """Every envelope the reader has handed over, in order; waits for one."""
         while not self._pending:
-            self._arrived = trio.Event()
             await self._arrived.wait()
         envelopes, self._pending = self._pending, []
         return envelopes

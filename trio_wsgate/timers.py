@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import trio
 
+from .wakeup import Wakeup
+
 __all__ = ["Timer", "Timers"]
 
 logger = logging.getLogger("trio_wsgate.timers")
@@ -44,7 +46,7 @@ class Timers:
         self._heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()  # equal times run in the order they were set
         self._next = math.inf
-        self._wake = trio.Event()
+        self._wake = Wakeup()
         self._cancelled = 0  # entries in the heap that will not be called
 
     def __len__(self) -> int:
@@ -81,6 +83,9 @@ class Timers:
         heap = self._heap
         task_status.started()
         while True:
+            # Timers set by the callbacks below are seen by this pass or by the next
+            # computation of _next: they need no wake-up.
+            self._next = -math.inf
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 timer = heapq.heappop(heap)[2]
@@ -93,6 +98,5 @@ class Timers:
                     except Exception:
                         logger.exception("a timer's callback failed")
             self._next = heap[0][0] if heap else math.inf
-            self._wake = trio.Event()
             with trio.move_on_at(self._next):
                 await self._wake.wait()

@@ -1,0 +1,63 @@
+"""A wake-up call for one task: what a connection's write loop and dispatcher wait on.
+
+Each of them is the only task that waits on its signal, and waits again as soon as it
+has done what it was woken for: several times per request under load, and forever on
+an idle connection. A :class:`trio.Event` cannot be cleared, so each wait would make a
+new one, with its parking lot; and each sleeping task would keep three frames (the
+event's, the parking lot's, trio's). :class:`Wakeup` is reused, allocates nothing per
+wait, and parks its task directly with :func:`trio.lowlevel.wait_task_rescheduled`
+(docs/benchmarks.md, "Optimisation log").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+__all__ = ["Wakeup"]
+
+
+class Wakeup:
+    """Set by anyone, waited on by one task at a time; a wait consumes the setting.
+
+    :meth:`set` before :meth:`wait` is not lost: the next wait returns at once (after a
+    checkpoint, as :meth:`trio.Event.wait` would). Settings between the wake and the
+    moment the woken task runs are part of that wake: the task has not yet looked at
+    what it was woken for, so it will see what they were for too.
+    """
+
+    __slots__ = ("_is_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._is_set = False
+        # The waiting task; _WOKEN once rescheduled, until it runs.
+        self._waiter: trio.lowlevel.Task | object | None = None
+
+    def set(self) -> None:
+        """Wake the waiting task, or the next one to wait."""
+        waiter = self._waiter
+        if waiter is None:
+            self._is_set = True
+        elif waiter is not _WOKEN:
+            self._waiter = _WOKEN
+            trio.lowlevel.reschedule(waiter)  # type: ignore[arg-type]
+
+    async def wait(self) -> None:
+        """Return once set (at once if it was), and clear it. Cancellable."""
+        if self._is_set:
+            self._is_set = False
+            await trio.lowlevel.checkpoint()
+            return
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already waiting for this wake-up")
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+        self._waiter = None
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+_WOKEN = object()
