@@ -6,6 +6,7 @@ deadline whenever all tasks are blocked, so a 35 s heartbeat runs in millisecond
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -175,6 +176,46 @@ async def test_silence_closes_4002_at_interval_plus_timeout(
         # The client answered the close handshake, so release came at once.
         assert connection.released_at == start + 35
         assert connection.close_reason == "heartbeat_timeout"
+
+
+@TIMERS
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+async def test_pings_and_liveness_checks_keep_to_the_slack_grid(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    node_timers: bool,
+    slack: float,
+) -> None:
+    """Connections opened apart ping in the same step of the grid, never late, and a
+    silent one is closed on the grid, never early; with no slack, at the exact times."""
+    server = make_server(
+        heartbeat_interval=25, heartbeat_timeout=10, close_timeout=2, heartbeat_slack=slack
+    )
+    pings: list[float] = []
+    async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        if node_timers:
+            await nursery.start(server.hub.run)
+        await trio.sleep(0.1 - trio.current_time())
+        async with open_memory_connection(server, nursery) as first:
+            await first.hello()
+            await trio.sleep(0.3)
+            second = await stack.enter_async_context(open_memory_connection(server, nursery))
+            await second.hello()
+            connections = list(server.connections)
+            for client in (first, second):
+                ping = await client.recv()
+                assert ping["type"] == "ping"
+                pings.append(trio.current_time())
+            if slack:  # both in the step of the first: early, by less than the slack
+                assert pings == [25.0, 25.0]
+            else:
+                assert pings == [25.1, 25.4]
+            # Neither answers: closed at its last frame + 35 s, on the grid.
+            closes = [await client.wait_closed() for client in (first, second)]
+            assert closes == [(4002, "heartbeat timeout")] * 2
+            decided = sorted(c.close_decided_at or 0 for c in connections)
+            assert decided == ([35.5, 35.5] if slack else [35.1, 35.4])
+        nursery.cancel_scope.cancel()
 
 
 @TIMERS

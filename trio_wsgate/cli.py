@@ -79,6 +79,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("path", "path", str, "WebSocket path"),
     ("heartbeat-interval", "heartbeat_interval", _seconds_or_none, "seconds between pings"),
     ("heartbeat-timeout", "heartbeat_timeout", float, "grace after a missed interval"),
+    ("heartbeat-slack", "heartbeat_slack", float, "grid of pings and liveness checks, seconds"),
     ("hello-timeout", "hello_timeout", _seconds_or_none, "seconds to wait for hello"),
     ("close-timeout", "close_timeout", float, "bound on every close, seconds"),
     ("drain-timeout", "drain_timeout", float, "seconds to wait for connections to go on drain"),

@@ -52,6 +52,11 @@ class Config:
     path: str = "/ws"
     heartbeat_interval: float | None = 25.0
     heartbeat_timeout: float = 10.0
+    #: Pings go out up to this much early, and a silent connection is closed up to this
+    #: much late (at most a tenth of the interval), so that the node sends its pings and
+    #: checks liveness in batches on a grid of this step, not one wake-up per
+    #: connection (docs/benchmarks.md, "Idle"). 0: every time exact.
+    heartbeat_slack: float = 0.25
     hello_timeout: float | None = 10.0
     close_timeout: float = 2.0
     drain_timeout: float = 10.0
@@ -150,6 +155,8 @@ class Config:
             raise ValueError("max_message_size must be at least 256 bytes")
         if self.close_timeout <= 0:
             raise ValueError("close_timeout must be positive")
+        if self.heartbeat_slack < 0:
+            raise ValueError("heartbeat_slack must not be negative")
         if self.max_buffered < 0:
             raise ValueError("max_buffered must not be negative")
         if self.secret is not None and len(self.secret) < 16:

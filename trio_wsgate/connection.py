@@ -370,6 +370,7 @@ class Connection:
         "_pings",
         "_queue",
         "_refreshes",
+        "_slack",
         "_timers",
         "_transport",
         "_wake",
@@ -419,6 +420,8 @@ class Connection:
         self._ack_timer: Timer | None = None
         self._expiry_timer: Timer | None = None  # the token's exp (on nodes that check)
         self._last_seen = 0.0  # trio time of the last frame received
+        interval = config.heartbeat_interval
+        self._slack = min(config.heartbeat_slack, interval / 10) if interval else 0.0
         self._pings: list[tuple[int, float]] = []  # (ts, sent at), the 4 newest
         self._bucket: TokenBucket | None = None
         if config.rate_limit is not None:
@@ -827,10 +830,24 @@ class Connection:
         assert interval is not None
         timers, now = self._timers, trio.current_time()
         self._last_seen = now
-        self._ping_timer = timers.call_at(now + interval, self._ping)
+        self._ping_timer = timers.call_at(self._early(now + interval), self._ping)
         self._liveness_timer = timers.call_at(
-            now + interval + self._config.heartbeat_timeout, self._check_liveness
+            self._late(now + interval + self._config.heartbeat_timeout), self._check_liveness
         )
+
+    # On the slack's grid: every connection's ping due in the same step goes out in
+    # one pass of the timers, and so are the liveness checks (Config.heartbeat_slack).
+    # A ping is never late and a close is never early, so the client's own
+    # interval + timeout (PROTOCOL.md §7) always holds.
+
+    def _early(self, when: float) -> float:
+        slack = self._slack
+        return math.floor(when / slack) * slack if slack else when
+
+    def _late(self, when: float) -> float:
+        slack = self._slack
+        # max(): the float product may fall a hair short of ``when``.
+        return max(math.ceil(when / slack) * slack, when) if slack else when
 
     def _stop_timers(self) -> None:
         timers = self._timers
@@ -850,7 +867,7 @@ class Connection:
             self._pings.append((ts, now))
             if len(self._pings) > 4:  # unanswered pings are forgotten
                 del self._pings[0]
-            self._ping_timer = self._timers.call_at(now + interval, self._ping)
+            self._ping_timer = self._timers.call_at(self._early(now + interval), self._ping)
             self._enqueue_control(Ping(ts))
         except Exception:
             self._crashed()
@@ -867,7 +884,7 @@ class Connection:
                 CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
             )
         else:
-            self._liveness_timer = self._timers.call_at(deadline, self._check_liveness)
+            self._liveness_timer = self._timers.call_at(self._late(deadline), self._check_liveness)
 
     def _want_ack(self) -> None:
         """An ack is pending: send it within ``ack_delay`` unless one goes out first."""
