@@ -339,3 +339,31 @@ async def test_tokens_never_reach_the_logs(
         assert secret not in logged
         assert secret.split(".")[2] not in logged  # not even the signature
     assert SECRET not in logged
+
+
+async def test_a_refresh_still_being_checked_is_cancelled_at_the_decision_to_close(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Like the application's tasks: it does not finish on a connection that is closing."""
+    gateway, checked = make_gateway(), []
+
+    async def authenticator(token: str | None) -> str:
+        if token == "slow":
+            await trio.sleep(1)  # a key fetch
+            checked.append(token)
+        return "ada"
+
+    gateway.authenticate(authenticator)
+    server = make_server(gateway, heartbeat_interval=None, close_timeout=2)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello(token="fine")
+        (connection,) = server.connections
+        await client.send({"type": "refresh", "token": "slow"})
+        await trio.testing.wait_all_tasks_blocked()  # the check is under way
+        await client.send({"type": "bye"})
+        # The client does not answer the close: the connection stays for close_timeout,
+        # longer than the check would take.
+        await connection.wait_released()
+        assert connection.close_code == 1000
+        assert connection.released_at == connection.close_decided_at + 2
+        assert checked == []

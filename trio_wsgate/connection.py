@@ -10,18 +10,18 @@ because the peer is connected runs in it:
 * the **write loop**: the only task that writes. Producers append encoded envelopes to
   a bounded queue and wake it; it writes everything queued in one ``send_all``, several
   envelopes batched into one frame;
-* the *application scope*, a nested nursery whose own task is the
-  **dispatcher** (waits for ``hello``, answers ``welcome``, runs the application's
-  handlers one at a time in arrival order), with the application's per-connection
-  tasks beside it.
+* the *application scope*, a cancel scope around the **dispatcher** (waits for
+  ``hello``, answers ``welcome``, runs the application's handlers one at a time in
+  arrival order) and, for an application that has per-connection tasks, a nursery
+  holding them beside it.
 
 The **heartbeat** (a ping every interval, and a liveness deadline that every received
 frame moves forward), the **ack delay** and the **token's expiry** are entries in the
 node's timers (:mod:`trio_wsgate.timers`), not tasks: an idle connection is three
 sleeping tasks, the reader, the write loop and the dispatcher, and they wait on a
 :class:`~trio_wsgate.wakeup.Wakeup` each, not on events made per wait. A ``refresh`` is
-checked by a short task of the application scope. They belong to the application scope
-all the same: deciding to close cancels them.
+checked by a short task with a cancel scope of its own. They belong to the application
+scope all the same: deciding to close cancels them.
 
 Closing is a decision, never a wait: :meth:`Connection.close` records the code and
 reason, cancels the application scope, queues the close frame and sets the nursery's
@@ -348,7 +348,7 @@ class Connection:
 
     __slots__ = (
         "_ack_timer",
-        "_app_nursery",
+        "_app_scope",
         "_arrived",
         "_bucket",
         "_codec",
@@ -369,6 +369,7 @@ class Connection:
         "_ping_timer",
         "_pings",
         "_queue",
+        "_refresh_scopes",
         "_refreshes",
         "_slack",
         "_timers",
@@ -428,8 +429,10 @@ class Connection:
             burst = config.rate_burst or max(1, math.ceil(2 * config.rate_limit))
             self._bucket = TokenBucket(config.rate_limit, burst, trio.current_time())
         self._nursery: trio.Nursery | None = None
-        # The application scope (the dispatcher, handlers, the application's tasks).
-        self._app_nursery: trio.Nursery | None = None
+        # The application scope (the dispatcher, handlers, the application's tasks),
+        # and the refresh checks in flight, cancelled with it.
+        self._app_scope: trio.CancelScope | None = None
+        self._refresh_scopes: set[trio.CancelScope] | None = None
         self._done: trio.Event | None = None
         self._detached: trio.Event | None = None
         self._let_go = False  # the session is let go of (or there never was one)
@@ -586,16 +589,18 @@ class Connection:
         self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
-        # The root of the application's per-connection tasks and of refresh checks.
+        # The root of the application's per-connection tasks.
         try:
             await task()
         except Exception:
             self._crashed()
 
     def _cancel_application(self) -> None:
-        # Before the application task has opened its nursery, it sees ``closing``.
-        if self._app_nursery is not None:
-            self._app_nursery.cancel_scope.cancel()
+        # Before the application task has entered its scope, it sees ``closing``.
+        if self._app_scope is not None:
+            self._app_scope.cancel()
+        for scope in self._refresh_scopes or ():
+            scope.cancel()
 
     # -- the reader -----------------------------------------------------------------
 
@@ -699,12 +704,9 @@ class Connection:
             self._begin_close(CloseCode.NORMAL, "bye", CloseReason.BYE)
         elif isinstance(envelope, Refresh):
             # Without an authenticator there is no token to renew.
-            if self._hub.authenticator is not None and self._app_nursery is not None:
+            if self._hub.authenticator is not None and self._nursery is not None:
                 self._refreshes += 1
-                refresh = self._refreshes
-                self._app_nursery.start_soon(
-                    self._guard, lambda: self._verify_refresh(envelope.token, refresh)
-                )
+                self._nursery.start_soon(self._check_refresh, envelope.token, self._refreshes)
         else:  # hello again, welcome
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
@@ -800,14 +802,20 @@ class Connection:
 
     async def _application(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._app_nursery = nursery
+            with trio.CancelScope() as scope:
+                self._app_scope = scope
                 if self.closing:
-                    nursery.cancel_scope.cancel()
+                    scope.cancel()
                 elif self._config.heartbeat_interval is not None:
                     self._start_heartbeat()
                 try:
-                    await self._dispatcher(nursery)
+                    # A nursery only for an application with per-connection tasks: an
+                    # idle connection of any other keeps none (docs/benchmarks.md).
+                    if self._gateway.session_tasks:
+                        async with trio.open_nursery() as nursery:
+                            await self._dispatcher(nursery)
+                    else:
+                        await self._dispatcher(None)
                 except Exception:
                     self._crashed()
         finally:
@@ -901,7 +909,7 @@ class Connection:
         except Exception:
             self._crashed()
 
-    async def _dispatcher(self, nursery: trio.Nursery) -> None:
+    async def _dispatcher(self, nursery: trio.Nursery | None) -> None:
         timeout = self._config.hello_timeout
         with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
             (hello,) = await self._next_envelopes()  # the reader waits for welcome
@@ -923,13 +931,20 @@ class Connection:
         self._answered_hello()
         for hook in gateway.connect_hooks:
             await hook(session)
-        for task in gateway.session_tasks:
-            nursery.start_soon(self._guard, lambda task=task: task(session))
+        if nursery is not None:  # there are per-connection tasks
+            for task in gateway.session_tasks:
+                nursery.start_soon(self._guard, lambda task=task: task(session))
+        arrived = self._arrived
         while True:
+            # _next_envelopes() inline: an idle connection's dispatcher waits one
+            # frame shallower (docs/benchmarks.md, "Idle").
+            while not self._pending:
+                await arrived.wait()
+            envelopes, self._pending = self._pending, []
             # Everything already read is processed before this task yields, so the
             # write loop finds all the replies of one read queued, and sends them in
             # one write.
-            for envelope in await self._next_envelopes():
+            for envelope in envelopes:
                 await self._process(session, envelope)
 
     async def _next_envelopes(self) -> list[Envelope]:
@@ -962,6 +977,22 @@ class Connection:
     def _token_expired(self) -> None:
         self._expiry_timer = None
         self.close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
+
+    async def _check_refresh(self, token: str, refresh: int) -> None:
+        # A task of the connection's nursery, cancelled with the application scope.
+        scopes = self._refresh_scopes
+        if scopes is None:
+            scopes = self._refresh_scopes = set()
+        with trio.CancelScope() as scope:
+            scopes.add(scope)
+            if self.closing:  # decided between start_soon and now
+                scope.cancel()
+            try:
+                await self._verify_refresh(token, refresh)
+            except Exception:
+                self._crashed()
+            finally:
+                scopes.discard(scope)
 
     async def _verify_refresh(self, token: str, refresh: int) -> None:
         """Check a ``refresh`` token; if it is still the latest, renew or close (§8)."""

@@ -291,7 +291,11 @@ class Server:
             return
         try:
             if kind is TransportKind.WEBSOCKETS:
-                await self._serve_websockets(stream, remote_address)
+                accepted = await self._accept_websocket(stream, remote_address)
+                if accepted is not None:
+                    # Awaited here, not inside the handshake's frame: an open connection
+                    # keeps one frame fewer (docs/benchmarks.md, "Idle").
+                    await self.run_connection(*accepted, remote_address)
             elif kind is TransportKind.TRIO_WEBSOCKET:
                 from .transports.trio_websocket import serve_trio_websocket
 
@@ -306,7 +310,11 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_websockets(self, stream: trio.abc.Stream, remote_address: str) -> None:
+    async def _accept_websocket(
+        self, stream: trio.abc.Stream, remote_address: str
+    ) -> tuple[Transport, Admission] | None:
+        """The opening handshake on the websockets transport: the upgraded transport and
+        its admission, or None if it was refused (answered) or failed."""
         config = self.config
         admitted: list[Admission] = []
 
@@ -337,11 +345,11 @@ class Server:
             for admission in admitted:
                 self.release(admission)
             self.count_refusal(result[0])
-            return
-        transport, accepted = result.transport, result.accept
+            return None
+        accepted = result.accept
         assert isinstance(accepted, Admission)
-        del result, decide  # the request (its headers) is not kept for the connection's life
-        await self.run_connection(transport, accepted, remote_address)
+        # The request (its headers) is not kept for the connection's life.
+        return result.transport, accepted
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:
