@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -321,33 +322,45 @@ class Latency(RequestReply):
     async def run(self) -> dict[str, Any]:
         args = self.args
         conns = await self.connect_many(args.connections)
-        rate, sent, turn = args.rate, 0, 0
-        loop_start = time.monotonic()
-        measure_from = loop_start + args.warmup
-        window: Window | None = None
-        end = measure_from + args.duration
-        while True:
-            now = time.monotonic()
-            if window is None and now >= measure_from:
-                self.running, window = True, Window(args.server_pid)
-            if now >= end:
-                break
-            due = int((now - loop_start) * rate) - sent
-            for _ in range(due):
-                conn = conns[turn % len(conns)]
-                turn += 1
-                conn.sent_at[conn.seq + 1] = time.monotonic()
-                conn.request()
-            sent += max(due, 0)
-            # uvloop's timers have a resolution of 1 ms: a shorter sleep returns at
-            # once, and the generator would spin at 100% of its CPU.
-            await asyncio.sleep(0.001)
-        assert window is not None
+        loop = asyncio.get_running_loop()
+        turn = 0
+
+        def send() -> None:
+            nonlocal turn
+            conn = conns[turn % len(conns)]
+            turn += 1
+            conn.sent_at[conn.seq + 1] = time.monotonic()
+            conn.request()
+
+        # Requests evenly spaced, open loop: a thread sleeps between them and hands each
+        # to the event loop. uvloop's timers have a resolution of 1 ms, so pacing them
+        # from the loop means either bursts of rate/1000 requests at once, which the
+        # server then answers one after the other (queueing the figure would measure),
+        # or spinning, which kept the generator 99% busy and slowed the server's CPU
+        # beside it by a third.
+        stop = threading.Event()
+
+        def pace() -> None:
+            due = time.monotonic()
+            while not stop.is_set():
+                due += 1 / args.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                loop.call_soon_threadsafe(send)
+
+        pacer = threading.Thread(target=pace, daemon=True)
+        pacer.start()
+        await asyncio.sleep(args.warmup)
+        self.running, window, first = True, Window(args.server_pid), turn
+        await asyncio.sleep(args.duration)
+        stop.set()
         result = window.close()
+        result["achieved_rate"] = (turn - first) / result["seconds"]
         await asyncio.sleep(0.2)  # the last replies
         self.running = False
         result.update(percentiles(self.latencies))
-        result["rate"] = rate
+        result["rate"] = args.rate
         result["unanswered"] = sum(len(conn.sent_at) for conn in conns)
         return result
 
