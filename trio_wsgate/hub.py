@@ -67,6 +67,7 @@ from .protocol import (
     Sequenced,
     Since,
     parse_envelope,
+    shared_codec,
 )
 from .session import Inbox, Outbox
 from .timers import Timers
@@ -83,8 +84,6 @@ __all__ = ["USER_TOPIC_PREFIX", "Hub", "ResumeResult", "SubscribeResult", "Subsc
 USER_TOPIC_PREFIX = "user:"
 #: Longest topic name accepted, in characters.
 MAX_TOPIC_LENGTH = 256
-
-_CODECS: dict[str, Codec] = {name: codec() for name, codec in CODECS.items()}
 
 logger = logging.getLogger("trio_wsgate.hub")
 
@@ -148,7 +147,7 @@ def prepare_data(data: Any) -> dict[str, tuple[bytes, int]]:
     """
     fields = {} if data is None else {"data": data}
     try:
-        return {name: (codec.prepare(fields), len(fields)) for name, codec in _CODECS.items()}
+        return {name: (shared_codec(name).prepare(fields), len(fields)) for name in CODECS}
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"data must be encodable as JSON and as msgpack: {exc}") from None
 

@@ -27,7 +27,7 @@ from .gateway import Gateway
 from .hub import Hub, checked_identity
 from .limits import ConnectionCounts, TokenBucket
 from .metrics import Metrics
-from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason
+from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason, shared_codec
 from .transports.base import Accept, Refusal, Transport, UpgradeRequest
 from .transports.websockets import Handshake, accept_websocket
 
@@ -231,7 +231,7 @@ class Server:
         Releases ``admission`` when done.
         """
         try:
-            codec = CODECS[admission.subprotocol or JSON_SUBPROTOCOL]()
+            codec = shared_codec(admission.subprotocol or JSON_SUBPROTOCOL)
             connection = Connection(
                 transport,
                 codec,

@@ -4,7 +4,15 @@ This package never imports trio.
 """
 
 from .closecodes import CloseCode, CloseReason
-from .codecs import CODECS, JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, JsonCodec, MsgpackCodec
+from .codecs import (
+    CODECS,
+    JSON_SUBPROTOCOL,
+    MSGPACK_SUBPROTOCOL,
+    Codec,
+    JsonCodec,
+    MsgpackCodec,
+    shared_codec,
+)
 from .envelopes import (
     SEQUENCED_TYPES,
     Ack,
@@ -55,4 +63,5 @@ __all__ = [
     "Unsub",
     "Welcome",
     "parse_envelope",
+    "shared_codec",
 ]

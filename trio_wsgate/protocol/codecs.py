@@ -25,6 +25,7 @@ __all__ = [
     "Codec",
     "JsonCodec",
     "MsgpackCodec",
+    "shared_codec",
 ]
 
 JSON_SUBPROTOCOL = "wsgate.v1.json"
@@ -186,3 +187,15 @@ CODECS: dict[str, type[Codec]] = {
     JSON_SUBPROTOCOL: JsonCodec,
     MSGPACK_SUBPROTOCOL: MsgpackCodec,
 }
+
+_SHARED: dict[str, Codec] = {name: codec() for name, codec in CODECS.items()}
+
+
+def shared_codec(subprotocol: str) -> Codec:
+    """The one instance of a subprotocol's codec that a process shares.
+
+    Codecs keep no state between calls, so every connection and publication of a node
+    uses the same one (a JSON codec's decoder and encoder are about 0.8 KiB, per
+    connection otherwise: docs/benchmarks.md, "Idle").
+    """
+    return _SHARED[subprotocol]

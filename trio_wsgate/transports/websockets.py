@@ -108,15 +108,16 @@ class WebsocketsTransport:
 
     async def receive(self) -> Incoming:
         """Wait for data; return the messages and signals it completed."""
-        incoming = Incoming()
         if self._pending:
             events, self._pending = self._pending, []
+            incoming = Incoming()
             self._handle_events(events, incoming)
             return incoming
         try:
             data = await self._stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
             raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        incoming = Incoming()  # made once there is something: not kept while waiting
         if not data:
             self._protocol.receive_eof()
             incoming.eof = True
