@@ -60,3 +60,12 @@ async def test_only_one_task_may_wait() -> None:
         with pytest.raises(trio.BusyResourceError):
             await wakeup.wait()
         wakeup.set()
+
+
+async def test_a_cleared_setting_does_not_wake_the_next_wait(autojump_clock: MockClock) -> None:
+    wakeup = Wakeup()
+    wakeup.set()
+    wakeup.clear()
+    with trio.move_on_after(1) as scope:
+        await wakeup.wait()
+    assert scope.cancelled_caught

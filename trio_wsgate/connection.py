@@ -941,6 +941,9 @@ class Connection:
             while not self._pending:
                 await arrived.wait()
             envelopes, self._pending = self._pending, []
+            # Settings made while this task was busy are for envelopes taken here:
+            # kept, they would wake the next wait for nothing.
+            arrived.clear()
             # Everything already read is processed before this task yields, so the
             # write loop finds all the replies of one read queued, and sends them in
             # one write.
@@ -952,6 +955,7 @@ class Connection:
         while not self._pending:
             await self._arrived.wait()
         envelopes, self._pending = self._pending, []
+        self._arrived.clear()
         return envelopes
 
     async def _authenticate(self, token: str | None) -> Identity | None:

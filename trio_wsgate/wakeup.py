@@ -43,6 +43,10 @@ class Wakeup:
             self._waiter = _WOKEN
             trio.lowlevel.reschedule(waiter)  # type: ignore[arg-type]
 
+    def clear(self) -> None:
+        """Forget a setting not yet waited for: its waiter has seen what it was for."""
+        self._is_set = False
+
     async def wait(self) -> None:
         """Return once set (at once if it was), and clear it. Cancellable."""
         if self._is_set:
