@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import coredis
 import pytest
 import trio
+from trio.testing import MockClock
 
 from trio_wsgate import BrokerUnavailable, Config, JwtAuthenticator, Server
 from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker
@@ -418,3 +419,150 @@ async def test_a_hand_over_asked_for_while_parking_finds_the_parked_session(
                 await welcomed.wait()
             assert (hello["resumed"], hello["ack"]) == (True, 1)
             assert (await request(new, seq, "msg", event="echo", data=2))["data"] == 2
+
+
+async def healthy(broker: RedisBroker) -> None:
+    """Wait for the broker's first answered ping (it starts out not knowing)."""
+    for _ in range(1000):
+        if broker.healthy:
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("Redis never answered a ping")
+
+
+@contextmanager
+def frozen(redis: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP) inside the block: connections stay open, nothing answers."""
+    redis.freeze()
+    try:
+        yield
+    finally:
+        redis.thaw()
+
+
+async def test_a_command_redis_is_slow_to_answer_fails_alone(redis_server: RedisServer) -> None:
+    # A command past command_timeout is refused (BrokerUnavailable), but the node does
+    # not declare Redis lost for it: a busy node or a busy Redis is not a lost one.
+    async with cluster(redis_server, count=1, allow_publish=("room:*",)) as (_, (a,)):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        broker.command_timeout = 0.2
+        await healthy(broker)
+        with frozen(redis_server):
+            with pytest.raises(BrokerUnavailable, match=r"did not answer within 0\.2 s"):
+                await a.gateway.publish("room:1", "slow")
+            assert broker.healthy
+            assert not a.degraded
+        publication = await a.gateway.publish("room:1", "again")
+        # The slow one was published after all, once Redis got to it: only the answer
+        # came too late (at-most-once towards the caller who was told it failed).
+        assert publication.offset in (1, 2)
+        assert broker.healthy
+        assert not a.degraded
+        assert a.metrics.registry.get_sample_value("wsgate_broker_up") == 1
+
+
+async def test_a_resume_the_broker_cannot_answer_closes_1011_and_loses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    # The session is parked in Redis by a drained node. A resume at b while Redis does
+    # not answer is closed with 1011 (session kept, the client comes back) instead of
+    # being answered with a new session; the state Redis handed out after b stopped
+    # waiting is parked again, and the next resume gets everything.
+    async with cluster(redis_server, heartbeat_interval=None, drain_timeout=30) as (
+        nursery,
+        (a, b),
+    ):
+        async with open_memory_connection(a, nursery) as old:
+            first = await old.hello(token=token("ada"))
+            seq = Seq()
+            sub = await request(old, seq, "sub", topic="room:1")
+            await a.gateway.publish("room:1", "before")
+            (before,) = await msgs(old, 1)  # not acknowledged: it must come again
+            with trio.fail_after(10):
+                await a.drain()
+        broker = b.hub.broker
+        assert isinstance(broker, RedisBroker)
+        broker.command_timeout = 0.2
+        await healthy(broker)
+        resume = {"session": first["session"], "token": first["resume_token"], "ack": sub["seq"]}
+        parked = f"wsgate:parked:{first['session']}"
+        with frozen(redis_server):
+            async with open_memory_connection(b, nursery) as new:
+                await new.send({"type": "hello", "token": token("ada"), "resume": resume})
+                with trio.fail_after(10):
+                    code, reason = await new.wait_closed()
+            assert (code, reason) == (1011, "session store unreachable: try again")
+            assert broker.healthy
+            assert not b.degraded
+        # Redis ran the take once it went on; the answer came to no one: parked again.
+        async with coredis.Redis.from_url(redis_server.url) as check:
+            for _ in range(1000):
+                if await check.exists([parked]):
+                    break
+                await trio.sleep(0.01)
+            assert 0 < await check.pttl(parked) <= 120_000
+        async with open_memory_connection(b, nursery) as new:
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert (welcome["resumed"], welcome["ack"]) == (True, 1)
+            (again,) = await msgs(new, 1)
+            assert (again["seq"], again["data"]) == (before["seq"], "before")
+        registry = b.metrics.registry
+        assert registry.get_sample_value("wsgate_resumes_total", {"result": "unavailable"}) == 1
+        assert (
+            registry.get_sample_value(
+                "wsgate_closes_total", {"code": "1011", "reason": "broker_unavailable"}
+            )
+            == 1
+        )
+
+
+class _Pings:
+    """Stands for the health check's Redis client: each ping hangs or fails as told."""
+
+    def __init__(self, broker: RedisBroker, answers: list[str]) -> None:
+        self.broker, self.answers = broker, answers
+        self.sent: list[tuple[float, bool]] = []  # (when, healthy then)
+        self._counted: tuple[int, trio.Event] = (0, trio.Event())
+
+    async def until(self, count: int) -> None:
+        """Return once ``count`` pings have been sent."""
+        if len(self.sent) < count:
+            self._counted = (count, trio.Event())
+            await self._counted[1].wait()
+
+    async def ping(self) -> bytes:
+        self.sent.append((trio.current_time(), self.broker.healthy))
+        if len(self.sent) == self._counted[0]:
+            self._counted[1].set()
+        answer = self.answers.pop(0) if self.answers else "hang"
+        if answer == "refused":
+            raise ConnectionRefusedError("refused")
+        if answer == "hang":
+            await trio.sleep_forever()
+        return b"PONG"
+
+
+async def test_redis_counts_as_lost_after_pings_in_a_row_go_unanswered(
+    autojump_clock: MockClock,
+) -> None:
+    # One ping left unanswered is a busy node or a busy Redis. Only unreachable_after
+    # of them in a row (or one refused connection) make the node declare Redis lost.
+    broker = RedisBroker("redis://127.0.0.1:1/0", health_interval=1.0, max_backoff=1.0)
+    pings = _Pings(broker, ["pong", "hang", "hang", "pong", "hang", "hang", "hang", "pong"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker._watch_health, pings)  # type: ignore[arg-type]
+        await trio.sleep(0.5)
+        assert broker.healthy
+        await pings.until(8)
+        # Two unanswered, then an answer: never lost. Three in a row: lost at the third.
+        assert [healthy for _, healthy in pings.sent] == [
+            False, True, True, True, True, True, True, False,
+        ]  # fmt: skip
+        # Each ping waits a second for its answer; the pause after one is a second.
+        assert [when for when, _ in pings.sent] == [0, 1, 3, 5, 6, 8, 10, 12]
+        assert broker.healthy  # the last one answered
+        pings.answers[:] = ["refused"]
+        await pings.until(9)
+        assert not broker.healthy  # a refused connection counts at once
+        nursery.cancel_scope.cancel()

@@ -1031,7 +1031,18 @@ class Connection:
             session, result = hub.find(hello.resume, user)
             if session is None and result is ResumeResult.UNKNOWN:
                 # Perhaps another node holds it (PROTOCOL.md §5: sessions may move).
-                session = await hub.migrate(hello.resume, user, self._codec)
+                try:
+                    session = await hub.migrate(hello.resume, user, self._codec)
+                except BrokerUnavailable:
+                    # It may well be there: a new session would lose it. 1011 keeps
+                    # it, and the client comes back after a pause (docs/protocol.md).
+                    self._metrics.resumes.labels(str(ResumeResult.UNAVAILABLE)).inc()
+                    self.close(
+                        CloseCode.INTERNAL_ERROR,
+                        "session store unreachable: try again",
+                        CloseReason.BROKER_UNAVAILABLE,
+                    )
+                    return None
                 if session is not None:
                     result = ResumeResult.MIGRATED
             if session is not None:

@@ -111,6 +111,7 @@ class ResumeResult(enum.StrEnum):
     UNKNOWN = "unknown"  # held by no node, ended, or expired
     EXPIRED = "expired"  # found, but its resume_ttl had run out
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
+    UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
 
 
 def check_topic(topic: Any) -> str:
@@ -614,19 +615,20 @@ class Hub:
         session's state: its numbering and unacknowledged envelopes both ways, its
         subscriptions and the application's ``state``. The session follows its topics
         here from where it was, so publications made meanwhile are not lost.
+
+        Raises:
+            BrokerUnavailable: the broker could not tell; the session may still be
+                there (parked, or held by another node) for a later resume.
         """
-        try:
-            state, owner = await self.broker.find_session(resume.session)
-            if state is None and owner is not None and owner != self.node_id:
-                state = await self.broker.request_handover(
-                    resume.session, owner, self.node_id, timeout=2 * self.config.close_timeout
-                )
-                if state is None:
-                    # The owner may have parked it meanwhile (it drains); then it
-                    # answered "not here" only once the state was in the broker.
-                    state, _ = await self.broker.find_session(resume.session)
-        except BrokerUnavailable:
-            return None
+        state, owner = await self.broker.find_session(resume.session)
+        if state is None and owner is not None and owner != self.node_id:
+            state = await self.broker.request_handover(
+                resume.session, owner, self.node_id, timeout=2 * self.config.close_timeout
+            )
+            if state is None:
+                # The owner may have parked it meanwhile (it drains); then it
+                # answered "not here" only once the state was in the broker.
+                state, _ = await self.broker.find_session(resume.session)
         if state is None or state.get("id") != resume.session or state.get("user") != user:
             return None
         from .connection import Session, _Outgoing  # the connection module imports this one

@@ -33,6 +33,7 @@ gap is filled even when no later message comes to reveal it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -130,7 +131,11 @@ return 1
 
 _PUT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
 
-_TAKE = "return redis.call('GETDEL', KEYS[1])"
+# What the node that asked for a hand-over takes: the state, and its time left (ms).
+_TAKE = """
+local ttl = redis.call('PTTL', KEYS[1])
+return {redis.call('GETDEL', KEYS[1]), ttl}
+"""
 
 # KEYS: (parked, owner) per session; ARGV: node, then (ttl ms, state) per session.
 _PARK = """
@@ -142,11 +147,13 @@ end
 return 1
 """
 
-# A parked session's state (taken: one node resumes it), or else its holder.
+# A parked session's state (taken: one node resumes it) and its time left (ms), or
+# else nothing and the session's holder.
 _FIND = """
+local ttl = redis.call('PTTL', KEYS[1])
 local state = redis.call('GETDEL', KEYS[1])
-if state then return {1, state} end
-return {0, redis.call('GET', KEYS[2])}
+if state then return {state, ttl} end
+return {false, 0, redis.call('GET', KEYS[2])}
 """
 
 _PRESENCE_GET = """
@@ -191,8 +198,12 @@ class RedisBroker:
         presence_ttl: seconds a presence entry lives unless its node refreshes it.
         sync_interval: seconds between checks that no live publication was missed.
         health_interval: seconds between pings that tell whether Redis is reachable.
-        command_timeout: seconds a Redis command may take before Redis counts as lost.
+        command_timeout: seconds a Redis command may take; one that takes longer fails
+            (:class:`BrokerUnavailable`) without Redis counting as lost for it.
         max_backoff: the longest pause between pings while Redis does not answer.
+        unreachable_after: pings in a row left unanswered (each for ``health_interval``,
+            at least a second) before Redis counts as lost. A refused or broken
+            connection counts at once.
     """
 
     shared = True
@@ -209,6 +220,7 @@ class RedisBroker:
         health_interval: float = 1.0,
         command_timeout: float = 2.0,
         max_backoff: float = 5.0,
+        unreachable_after: int = 3,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -219,6 +231,7 @@ class RedisBroker:
         self.health_interval = health_interval
         self.command_timeout = command_timeout
         self.max_backoff = max_backoff
+        self.unreachable_after = unreachable_after
         #: True while Redis answers (``/readyz`` says "degraded" otherwise).
         self.healthy = False
         self._healthy_again = trio.Event()
@@ -226,6 +239,7 @@ class RedisBroker:
         # Set when Redis answers again: each catching-up task waits on its own.
         self._recovered = {"positions": trio.Event(), "presence": trio.Event()}
         self._client: coredis.Redis[bytes] | None = None
+        self._nursery: trio.Nursery | None = None
         self._pubsub: Any = None
         self._receiver: Receiver | None = None
         self._control: ControlReceiver | None = None
@@ -269,18 +283,24 @@ class RedisBroker:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, listen and keep presence fresh, until cancelled."""
-        async with coredis.Redis.from_url(self.url) as client:
+        # The health check pings on a connection of its own, so that its answer does
+        # not wait behind a burst of commands on the shared ones.
+        async with (
+            coredis.Redis.from_url(self.url) as client,
+            coredis.Redis.from_url(self.url, max_connections=1) as health,
+        ):
             self._client = client
             try:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await nursery.start(self._listen_forever, client)
                     nursery.start_soon(self._refresh_presence)
                     nursery.start_soon(self._check_positions)
-                    nursery.start_soon(self._watch_health)
+                    nursery.start_soon(self._watch_health, health)
                     self._ready.set()
                     task_status.started()
             finally:
-                self._client = self._pubsub = None
+                self._client = self._pubsub = self._nursery = None
 
     async def _listen_forever(
         self, client: coredis.Redis[bytes], *, task_status: trio.TaskStatus[None]
@@ -333,9 +353,72 @@ class RedisBroker:
         try:
             with trio.fail_after(self.command_timeout):
                 return await self._redis().eval(script, keys=keys, args=args)
-        except (*_UNREACHABLE, trio.TooSlowError) as exc:
+        except _UNREACHABLE as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc!r}") from exc
+        except trio.TooSlowError as exc:
+            raise self._too_slow() from exc
+
+    async def _take(self, script: str, keys: list[str], put_back: str) -> Any:
+        """Run ``script``, which takes a session's state out of Redis, as ``_call`` does.
+
+        Its answer is ``[state, ttl_ms, ...]``; ``state`` is None (nil) when nothing was
+        taken. If we stopped waiting (timeout, or the caller cancelled) after Redis ran
+        it, the state would be gone with the answer nobody read. So the command runs in
+        a task of the broker, and a state whose caller did not take it is parked again
+        under ``put_back`` for its remaining time, for the client's next resume.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            raise BrokerUnavailable("the Redis broker is not running")
+        answer: list[Any] = []
+        done = trio.Event()
+        abandoned = False
+
+        async def take() -> None:
+            try:
+                # Long enough for any answer Redis sends at all.
+                with trio.move_on_after(max(30.0, 10 * self.command_timeout)):
+                    answer.append(await self._redis().eval(script, keys=keys, args=[]))
+            except (BrokerUnavailable, *_UNREACHABLE) as exc:
+                answer.append(exc)
+            done.set()
+            if abandoned:  # no checkpoint since done.set(): the caller cannot miss it
+                await self._give_back(answer, put_back)
+
+        nursery.start_soon(take)
+        taken = False
+        try:
+            with trio.move_on_after(self.command_timeout):
+                await done.wait()
+            if not done.is_set():
+                raise self._too_slow()
+            if not answer:
+                raise BrokerUnavailable("Redis did not answer")
+            if isinstance(answer[0], BaseException):
+                self._lost()
+                raise BrokerUnavailable(f"Redis is unreachable: {answer[0]!r}") from answer[0]
+            taken = True
+            return answer[0]
+        finally:
+            if not taken:
+                if done.is_set():
+                    nursery.start_soon(self._give_back, answer, put_back)
+                else:
+                    abandoned = True
+
+    async def _give_back(self, answer: list[Any], key: str) -> None:
+        if not answer or not isinstance(answer[0], list):
+            return
+        state, ttl_ms = answer[0][0], _int(answer[0][1])
+        if isinstance(state, bytes) and ttl_ms > 0:
+            logger.warning("a session's state was taken for a resume that gave up: parked again")
+            with contextlib.suppress(BrokerUnavailable):
+                await self._call(_PUT, [key], [state, ttl_ms])
+
+    def _too_slow(self) -> BrokerUnavailable:
+        # A busy node or a busy Redis, not a lost one: the health check decides that.
+        return BrokerUnavailable(f"Redis did not answer within {self.command_timeout} s")
 
     def _lost(self) -> None:
         if self.healthy:
@@ -347,21 +430,27 @@ class RedisBroker:
         if self._pubsub_scope is not None:
             self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
-    async def _watch_health(self) -> None:
+    async def _watch_health(self, health: coredis.Redis[bytes]) -> None:
         """Ping Redis; when it answers again, catch up at once (positions, presence).
 
-        While it does not answer, the pings back off exponentially (with jitter, up to
-        ``max_backoff``), so that a fleet of nodes does not hammer a Redis coming up.
+        Redis counts as lost when the connection is refused or broken, or when
+        ``unreachable_after`` pings in a row go unanswered: one slow answer is a busy
+        node or a busy Redis, not a lost one. While it does not answer, the pings back
+        off exponentially (with jitter, up to ``max_backoff``), so that a fleet of nodes
+        does not hammer a Redis coming up.
         """
         rng = random.Random()
         failures = 0
         while True:
             try:
                 with trio.fail_after(max(self.health_interval, 1.0)):
-                    await self._redis().ping()
-            except (*_UNREACHABLE, trio.TooSlowError):
-                self._lost()
+                    await health.ping()
+            except (*_UNREACHABLE, trio.TooSlowError) as exc:
                 failures += 1
+                if not isinstance(exc, trio.TooSlowError) or failures >= self.unreachable_after:
+                    self._lost()
+                elif self.healthy:
+                    logger.info("Redis did not answer a ping (%d in a row)", failures)
                 ceiling = max(
                     self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
                 )
@@ -437,9 +526,11 @@ class RedisBroker:
         try:
             with trio.fail_after(self.command_timeout):
                 await pubsub.subscribe(self._channel(topic))
-        except (*_UNREACHABLE, trio.TooSlowError) as exc:
+        except _UNREACHABLE as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise self._too_slow() from exc
         position = await self._history(topic, None)
         async with self._order:
             self._positions.setdefault(topic, _Position(position.epoch, position.offset))
@@ -587,9 +678,11 @@ class RedisBroker:
                 await self._redis().publish(
                     self._control_channel, msgpack.packb(message, use_bin_type=True)
                 )
-        except (*_UNREACHABLE, trio.TooSlowError) as exc:
+        except _UNREACHABLE as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise self._too_slow() from exc
 
     # -- sessions: ownership and hand-over ---------------------------------------------
 
@@ -619,14 +712,12 @@ class RedisBroker:
 
     async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
         """A parked session's state (taken from Redis), or else the node holding it."""
-        found, value = await self._call(
-            _FIND, [self._parked_key(session), self._session_key(session)], []
-        )
-        if value is None:
-            return None, None
-        if found:
-            return _unpack_state(value), None
-        return None, _str(value)
+        parked = self._parked_key(session)
+        answer = await self._take(_FIND, [parked, self._session_key(session)], parked)
+        if answer[0] is not None:
+            return _unpack_state(answer[0]), None
+        holder = answer[2] if len(answer) > 2 else None
+        return None, None if holder is None else _str(holder)
 
     async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
         """Leave the sessions' states for other nodes, and stop holding them.
@@ -655,7 +746,8 @@ class RedisBroker:
                 await answered.wait()
             if not answered.is_set():
                 return None
-            packed = await self._call(_TAKE, [f"{self.prefix}:handover:{request}"], [])
+            key = f"{self.prefix}:handover:{request}"
+            packed, _ = await self._take(_TAKE, [key], self._parked_key(session))
         finally:
             del self._handovers[request]
         return None if packed is None else _unpack_state(packed)

@@ -52,5 +52,6 @@ class CloseReason(enum.StrEnum):
     DRAIN = "drain"
     TAKE_OVER = "take_over"
     INTERNAL_ERROR = "internal_error"
+    BROKER_UNAVAILABLE = "broker_unavailable"  # 1011: a resume the broker could not answer
     RATE_LIMIT = "rate_limit"  # 4009: the session is kept
     SERVER_CLOSE = "server_close"  # the application closed the session
