@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import trio
 import trio.lowlevel
 
-from trio_wsgate import Client, SessionLost, open_client
+from trio_wsgate import Client, HandlerError, SessionLost, open_client
 from trio_wsgate.cli import tune_gc
 
 TOPIC = "herd"
@@ -58,6 +58,7 @@ class Herd:
         self.replies: Counter[str] = Counter()
         self.clients: list[Client] = []
         self.published = 0
+        self.sub_retries = 0
         self.drained_at = 0.0
         self._changed = trio.Event()
 
@@ -71,13 +72,26 @@ class Herd:
         ) as client:
             self.clients.append(client)
             await client.wait_connected()
-            await client.subscribe(TOPIC)
+            await self.subscribe(client)
             ready.release()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.follow, index, client)
                 nursery.start_soon(self.watch, index, client)
                 await self.request_at_drain(index, client)
                 await trio.sleep_forever()
+
+    async def subscribe(self, client: Client) -> None:
+        """As an application would: a node too busy to ask Redis in time says
+        ``unavailable``, and the subscription is asked for again after a pause."""
+        for attempt in range(20):
+            try:
+                await client.subscribe(TOPIC)
+                return
+            except HandlerError as exc:
+                if exc.code != "unavailable" or attempt == 19:
+                    raise
+                self.sub_retries += 1
+                await trio.sleep(0.5)
 
     async def follow(self, index: int, client: Client) -> None:
         async for message in client.messages():
@@ -201,6 +215,7 @@ class Herd:
                 for second in range(max(buckets, default=0) // 10 + 1)
             ],
             connects=sum(s.connects for s in stats),
+            sub_retries=self.sub_retries,
             sessions_resumed=sum(s.resumes > 0 for s in stats),
             sessions_lost=sum(s.sessions_lost > 0 for s in stats),
             generator_cpu_s=usage.ru_utime + usage.ru_stime - cpu.ru_utime - cpu.ru_stime,

@@ -56,7 +56,8 @@ import msgpack
 import trio
 
 from .auth import Authenticator, Identity
-from .brokers import Broker, MemoryBroker, Publication
+from .batching import Batcher
+from .brokers import Broker, History, MemoryBroker, Publication
 from .exceptions import BrokerUnavailable, SessionClosed, Unauthorized
 from .protocol import (
     CODECS,
@@ -232,6 +233,10 @@ class Hub:
         self.topics: dict[str, dict[str, Session]] = {}
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
         self._broker_lock = trio.Lock()
+        # A storm of new sessions asks a shared broker (Redis) the same things at once:
+        # claims and topic positions go in batches (batching.py).
+        self._claims: Batcher[None, str, None] = Batcher(self._claim_batch)
+        self._positions: Batcher[str, None, History] = Batcher(self._read_position)
         self._chores: deque[Callable[[], Awaitable[None]]] = deque()
         self._tasks: trio.Nursery | None = None  # the hub's own, while it runs
         #: The connections' heartbeats and ack delays, run by one task of the hub's.
@@ -305,9 +310,18 @@ class Hub:
     async def claim(self, session: Session) -> None:
         """Record in the broker that this node holds the session (for migration)."""
         try:
-            await self.broker.claim_sessions([session.id], self.node_id)
+            if self.broker.shared and self._tasks is not None:
+                await self._claims(self._tasks, None, session.id)
+            else:
+                await self.broker.claim_sessions([session.id], self.node_id)
         except BrokerUnavailable:
             logger.warning("session %s is not recorded as this node's: broker down", session.id)
+
+    async def _claim_batch(self, _: None, sessions: list[str]) -> None:
+        await self.broker.claim_sessions(sessions, self.node_id)
+
+    async def _read_position(self, topic: str, _: list[None]) -> History:
+        return await self.broker.history(topic, None)
 
     def detached_count(self) -> int:
         """Sessions waiting for their client to resume."""
@@ -485,7 +499,11 @@ class Hub:
                     if topic not in self._broker_topics:
                         await self.broker.subscribe(topic)
                         self._broker_topics.add(topic)
-            history = await self.broker.history(topic, None if since is None else since.offset)
+            if since is None and self.broker.shared and self._tasks is not None:
+                # Where the topic stands, read after this subscription was registered.
+                history = await self._positions(self._tasks, topic, None)
+            else:
+                history = await self.broker.history(topic, None if since is None else since.offset)
         except BaseException:
             # Cancelled (the connection dropped) or the broker failed: the envelope is
             # not processed, and the client will send it again.
