@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import errno
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 RECEIVE_SIZE = 65536
+#: Seconds between two reads after which a connection counts as one that seldom
+#: receives, and waits for readability before reading (WebsocketsTransport.receive).
+SPARSE_AFTER = 1.0
 
 # websockets' answers to a malformed upgrade: wrong method, not an upgrade,
 # wrong HTTP version.
@@ -105,6 +109,9 @@ class WebsocketsTransport:
         self._max_fragments = max_fragments
         self._utf8: codecs.IncrementalDecoder | None = None
         self.remote_address = remote_address
+        # When data last came, and whether it came after a long silence (see receive).
+        self._data_at = -math.inf
+        self._sparse = False
 
     async def receive(self) -> Incoming:
         """Wait for data; return the messages and signals it completed."""
@@ -113,10 +120,21 @@ class WebsocketsTransport:
             incoming = Incoming()
             self._handle_events(events, incoming)
             return incoming
+        stream = self._stream
         try:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if self._sparse and type(stream) is trio.SocketStream:
+                # Data comes seldom here (an idle connection: a pong per heartbeat), so
+                # the socket is empty now. receive_some would first try a recv that
+                # fails with EAGAIN (a syscall and an exception) before waiting for
+                # readability: wait first. Busy connections keep trio's order, which
+                # finds data already there without a trip through epoll.
+                await trio.lowlevel.wait_readable(stream.socket)
+            data = await stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
             raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        now = trio.current_time()
+        self._sparse = now - self._data_at > SPARSE_AFTER
+        self._data_at = now
         incoming = Incoming()  # made once there is something: not kept while waiting
         if not data:
             self._protocol.receive_eof()
