@@ -8,7 +8,8 @@ under way at a time; everything asked for meanwhile waits and goes in the next c
 
 The next call starts only after every request in it was made, so each request is
 answered by a call that began after it: what a call reads is never older than the
-moment the request was made (a subscription's position, docs/flows.md).
+moment the request was made (a subscription's position: docs/flows.md, "Recovery of a
+topic without gap or duplicate").
 """
 
 from __future__ import annotations

@@ -382,7 +382,8 @@ class RedisBroker:
                     answer.append(await self._redis().eval(script, keys=keys, args=[]))
             except (BrokerUnavailable, *_UNREACHABLE) as exc:
                 answer.append(exc)
-            done.set()
+            finally:
+                done.set()  # cancelled too (the node stops): its caller need not wait
             if abandoned:  # no checkpoint since done.set(): the caller cannot miss it
                 await self._give_back(answer, put_back)
 
