@@ -16,6 +16,7 @@ from websockets.trio.client import connect
 from trio_wsgate import Server
 from trio_wsgate.server import set_keepalive
 from trio_wsgate.testing import RawClient
+from trio_wsgate.transports import websockets as websockets_transport
 
 from .conftest import ALL_TRANSPORTS
 from .helpers import http_get, metric
@@ -192,3 +193,38 @@ async def test_connections_during_drain_get_503_with_retry_after(
             response += chunk
     assert response.startswith(b"HTTP/1.1 503 ")
     assert b"\r\nretry-after: 5\r\n" in response.lower()
+
+
+@pytest.mark.transports("websockets")
+async def test_a_write_the_socket_takes_only_part_of_goes_out_whole(
+    make_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The websockets transport writes what the socket takes at once without yielding
+    # and hands the rest to send_all (transports/websockets.py, _write_now).
+    partial: list[tuple[int, int]] = []
+    write_now = websockets_transport._write_now
+
+    def spy(sock: trio.socket.SocketType, payload: bytes) -> int:
+        written = write_now(sock, payload)
+        if written < len(payload):
+            partial.append((written, len(payload)))
+        return written
+
+    monkeypatch.setattr(websockets_transport, "_write_now", spy)
+    server = make_server(port=0, max_message_size=2**20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        client, stream = await _open_raw(server)
+        (connection,) = server.connections
+        # A send buffer far smaller than the reply: the kernel takes a part at a time.
+        sock = connection._transport._stream.socket  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = "".join(chr(ord("a") + i % 26) for i in range(600_000))
+        await client.send({"type": "msg", "seq": 1, "event": "echo", "data": data})
+        with trio.fail_after(10):
+            reply = await client.recv_type("reply")
+        assert reply["data"] == data
+        assert partial, "the reply fitted the socket at once: the test tested nothing"
+        assert all(0 <= written < total for written, total in partial)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
