@@ -64,25 +64,45 @@ _wire_logger.setLevel(logging.WARNING)
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
-def _write_now(sock: trio.socket.SocketType, payload: bytes) -> int:
-    """Write what the kernel takes of ``payload`` at once; return how much it took.
+# trio's socket calls yield to the scheduler after every call that succeeds (a
+# checkpoint). Where the calling task has just yielded anyway (the write loop at its
+# wait, the reader of an idle connection in wait_readable), that is a second trip
+# through trio's run queue per write or read: per delivery in a fan-out, per ping and
+# pong on an idle node. These two make the call at once; their errors are the ones
+# trio's SocketStream raises.
 
-    trio's ``send_all`` yields to the scheduler after every successful ``send`` (a
-    checkpoint), and the write loop, the only writer, yields at its wait already: a
-    second trip through the run queue per write, per delivery in a fan-out and per
-    ping on an idle node. Errors are trio's, as ``send_all`` would raise them.
-    """
-    fd = sock.fileno()
-    if fd == -1:
-        raise trio.ClosedResourceError("socket was already closed")
+
+def _write_now(sock: trio.socket.SocketType, payload: bytes) -> int:
+    """Write what the kernel takes of ``payload`` at once; return how much it took."""
     try:
-        return os.write(fd, payload)
+        return os.write(_fileno(sock), payload)
     except BlockingIOError:
         return 0  # the kernel's buffer is full: send_all waits for room
     except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise trio.ClosedResourceError("socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(exc) from exc
+
+
+def _read_now(sock: trio.socket.SocketType) -> bytes | None:
+    """What the socket holds (b"" at its end), or None if it holds nothing yet."""
+    try:
+        return os.read(_fileno(sock), RECEIVE_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
+def _fileno(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd == -1:
+        raise trio.ClosedResourceError("socket was already closed")
+    return fd
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 def classify_os_error(exc: BaseException) -> CloseReason:
@@ -144,14 +164,19 @@ class WebsocketsTransport:
             return incoming
         stream = self._stream
         try:
+            data: bytes | bytearray | None = None
             if self._sparse and type(stream) is trio.SocketStream:
                 # Data comes seldom here (an idle connection: a pong per heartbeat), so
                 # the socket is empty now. receive_some would first try a recv that
-                # fails with EAGAIN (a syscall and an exception) before waiting for
-                # readability: wait first. Busy connections keep trio's order, which
-                # finds data already there without a trip through epoll.
+                # fails with EAGAIN before waiting for readability, and yield once
+                # more after reading: wait first, then read at once. Busy connections
+                # keep trio's order, which finds data already there without a trip
+                # through epoll, and yields after each read (a client that floods
+                # never starves the others).
                 await trio.lowlevel.wait_readable(stream.socket)
-            data = await stream.receive_some(RECEIVE_SIZE)
+                data = _read_now(stream.socket)
+            if data is None:
+                data = await stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
             raise TransportBroken(classify_os_error(exc), str(exc)) from exc
         now = trio.current_time()
