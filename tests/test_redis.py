@@ -288,6 +288,23 @@ async def test_a_session_migrates_between_live_nodes_with_traffic_in_flight(
         )
 
 
+async def park_one(
+    a: Server, nursery: trio.Nursery
+) -> tuple[dict[str, Any], Seq, dict[str, Any], dict[str, Any]]:
+    """Ada's session on ``a``, following room:1 with one message unacknowledged, left in
+    Redis by a's drain: its welcome, its numbering, the sub's reply and that message."""
+    async with open_memory_connection(a, nursery) as old:
+        first = await old.hello(token=token("ada"))
+        seq = Seq()
+        sub = await request(old, seq, "sub", topic="room:1")
+        await a.gateway.publish("room:1", "before")
+        (before,) = await msgs(old, 1)  # not acknowledged: it must come again
+        with trio.fail_after(10):
+            await a.drain()  # returns once the node has stopped
+        assert await old.wait_closed() == (1001, "server draining")
+    return first, seq, sub, before
+
+
 async def test_a_drained_node_parks_its_sessions_for_the_next_node(
     redis_server: RedisServer,
 ) -> None:
@@ -299,15 +316,7 @@ async def test_a_drained_node_parks_its_sessions_for_the_next_node(
         nursery,
         (a, b),
     ):
-        async with open_memory_connection(a, nursery) as old:
-            first = await old.hello(token=token("ada"))
-            seq = Seq()
-            sub = await request(old, seq, "sub", topic="room:1")
-            await a.gateway.publish("room:1", "before")
-            (before,) = await msgs(old, 1)  # not acknowledged: it must come again
-            with trio.fail_after(10):
-                await a.drain()  # returns once the node has stopped
-            assert await old.wait_closed() == (1001, "server draining")
+        first, seq, sub, before = await park_one(a, nursery)
         assert not a.hub.sessions
         assert (
             a.metrics.registry.get_sample_value(
@@ -473,14 +482,7 @@ async def test_a_resume_the_broker_cannot_answer_closes_1011_and_loses_nothing(
         nursery,
         (a, b),
     ):
-        async with open_memory_connection(a, nursery) as old:
-            first = await old.hello(token=token("ada"))
-            seq = Seq()
-            sub = await request(old, seq, "sub", topic="room:1")
-            await a.gateway.publish("room:1", "before")
-            (before,) = await msgs(old, 1)  # not acknowledged: it must come again
-            with trio.fail_after(10):
-                await a.drain()
+        first, _, sub, before = await park_one(a, nursery)
         broker = b.hub.broker
         assert isinstance(broker, RedisBroker)
         broker.command_timeout = 0.2
