@@ -462,6 +462,7 @@ async def test_a_command_redis_is_slow_to_answer_fails_alone(redis_server: Redis
                 await a.gateway.publish("room:1", "slow")
             assert broker.healthy
             assert not a.degraded
+        broker.command_timeout = 2.0  # what follows is not about slowness
         publication = await a.gateway.publish("room:1", "again")
         # The slow one was published after all, once Redis got to it: only the answer
         # came too late (at-most-once towards the caller who was told it failed).
@@ -497,6 +498,7 @@ async def test_a_resume_the_broker_cannot_answer_closes_1011_and_loses_nothing(
             assert (code, reason) == (1011, "session store unreachable: try again")
             assert broker.healthy
             assert not b.degraded
+        broker.command_timeout = 2.0  # what follows is not about slowness
         # Redis ran the take once it went on; the answer came to no one: parked again.
         async with coredis.Redis.from_url(redis_server.url) as check:
             for _ in range(1000):

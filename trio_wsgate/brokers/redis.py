@@ -33,7 +33,6 @@ gap is filled even when no later message comes to reveal it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -409,13 +408,23 @@ class RedisBroker:
                     abandoned = True
 
     async def _give_back(self, answer: list[Any], key: str) -> None:
+        """Park a taken state again; this node holds the only copy, so keep trying
+        (a second at a time, once a second) for as long as it had left."""
         if not answer or not isinstance(answer[0], list):
             return
         state, ttl_ms = answer[0][0], _int(answer[0][1])
-        if isinstance(state, bytes) and ttl_ms > 0:
-            logger.warning("a session's state was taken for a resume that gave up: parked again")
-            with contextlib.suppress(BrokerUnavailable):
-                await self._call(_PUT, [key], [state, ttl_ms])
+        if not isinstance(state, bytes) or ttl_ms <= 0:
+            return
+        logger.warning("a session's state was taken for a resume that gave up: parking it again")
+        deadline = trio.current_time() + ttl_ms / 1000
+        while (left := deadline - trio.current_time()) > 0:
+            try:
+                with trio.fail_after(max(self.command_timeout, 1.0)):
+                    await self._redis().eval(_PUT, keys=[key], args=[state, int(left * 1000) or 1])
+                return
+            except (BrokerUnavailable, *_UNREACHABLE, trio.TooSlowError):
+                await trio.sleep(1.0)
+        logger.error("a session's state could not be parked again: its client starts anew")
 
     def _too_slow(self) -> BrokerUnavailable:
         # A busy node or a busy Redis, not a lost one: the health check decides that.
