@@ -430,15 +430,6 @@ async def test_a_hand_over_asked_for_while_parking_finds_the_parked_session(
             assert (await request(new, seq, "msg", event="echo", data=2))["data"] == 2
 
 
-async def healthy(broker: RedisBroker) -> None:
-    """Wait for the broker's first answered ping (it starts out not knowing)."""
-    for _ in range(1000):
-        if broker.healthy:
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("Redis never answered a ping")
-
-
 @contextmanager
 def frozen(redis: RedisServer) -> Iterator[None]:
     """Redis stopped (SIGSTOP) inside the block: connections stay open, nothing answers."""
@@ -456,7 +447,7 @@ async def test_a_command_redis_is_slow_to_answer_fails_alone(redis_server: Redis
         broker = a.hub.broker
         assert isinstance(broker, RedisBroker)
         broker.command_timeout = 0.2
-        await healthy(broker)
+        assert broker.healthy  # a node is ready once its first ping was answered
         with frozen(redis_server):
             with pytest.raises(BrokerUnavailable, match=r"did not answer within 0\.2 s"):
                 await a.gateway.publish("room:1", "slow")
@@ -487,7 +478,7 @@ async def test_a_resume_the_broker_cannot_answer_closes_1011_and_loses_nothing(
         broker = b.hub.broker
         assert isinstance(broker, RedisBroker)
         broker.command_timeout = 0.2
-        await healthy(broker)
+        assert broker.healthy  # a node is ready once its first ping was answered
         resume = {"session": first["session"], "token": first["resume_token"], "ack": sub["seq"]}
         parked = f"wsgate:parked:{first['session']}"
         with frozen(redis_server):
@@ -570,3 +561,32 @@ async def test_redis_counts_as_lost_after_pings_in_a_row_go_unanswered(
         await pings.until(9)
         assert not broker.healthy  # a refused connection counts at once
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_started_while_redis_is_away_serves_degraded_and_catches_up(
+    redis_server: RedisServer,
+) -> None:
+    # Started once its first ping failed: degraded from the first moment, local
+    # connections served; healthy once Redis answers.
+    redis_server.kill()
+    with trio.fail_after(30):  # it used to hang, its pub/sub retrying to connect
+        async with cluster(redis_server, count=1) as (nursery, (a,)):
+            broker = a.hub.broker
+            assert isinstance(broker, RedisBroker)
+            assert a.degraded
+            async with user(a, nursery, "ada") as ada:
+                reply = await request(ada, Seq(), "msg", event="echo", data="here")
+                assert reply["data"] == "here"
+            broker.health_interval = broker.max_backoff = 0.1
+            redis_server.start()
+            for _ in range(1000):  # the node's own pings, over real sockets
+                if not a.degraded:
+                    break
+                await trio.sleep(0.01)
+            assert not a.degraded
+            # And its pub/sub is back: a publication from here reaches a subscriber.
+            async with user(a, nursery, "bob") as bob:
+                await request(bob, Seq(), "sub", topic="room:1")
+                await a.gateway.publish("room:1", "back")
+                (message,) = await msgs(bob, 1)
+                assert message["data"] == "back"

@@ -292,10 +292,12 @@ class RedisBroker:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    # Ready once the first ping is answered or failed: /readyz then
+                    # says whether Redis is there from the node's first moment.
+                    await nursery.start(self._watch_health, health)
                     await nursery.start(self._listen_forever, client)
                     nursery.start_soon(self._refresh_presence)
                     nursery.start_soon(self._check_positions)
-                    nursery.start_soon(self._watch_health, health)
                     self._ready.set()
                     task_status.started()
             finally:
@@ -314,6 +316,14 @@ class RedisBroker:
         """
         started = False
         while True:
+            if not self.healthy:
+                # Redis is away (at start-up too: the node serves, degraded). coredis
+                # would retry opening a pub/sub without end; the health check says
+                # when there is one to open.
+                if not started:
+                    started = True
+                    task_status.started()
+                await self._healthy_again.wait()
             scope = self._pubsub_scope = trio.CancelScope()
             channels = [self._control_channel, *map(self._channel, self._positions)]
             try:
@@ -336,10 +346,6 @@ class RedisBroker:
             self._pubsub = None
             if not scope.cancel_called:
                 await trio.sleep(0.5)  # it ended by itself: do not spin
-            if not started:  # Redis was down at start-up: serve anyway, degraded
-                started = True
-                task_status.started()
-            await self._healthy_again.wait()
 
     def _redis(self) -> coredis.Redis[bytes]:
         if self._client is None:
@@ -440,7 +446,12 @@ class RedisBroker:
         if self._pubsub_scope is not None:
             self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
-    async def _watch_health(self, health: coredis.Redis[bytes]) -> None:
+    async def _watch_health(
+        self,
+        health: coredis.Redis[bytes],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Ping Redis; when it answers again, catch up at once (positions, presence).
 
         Redis counts as lost when the connection is refused or broken, or when
@@ -451,6 +462,7 @@ class RedisBroker:
         """
         rng = random.Random()
         failures = 0
+        started = False
         while True:
             try:
                 with trio.fail_after(max(self.health_interval, 1.0)):
@@ -461,6 +473,9 @@ class RedisBroker:
                     self._lost()
                 elif self.healthy:
                     logger.info("Redis did not answer a ping (%d in a row)", failures)
+                if not started:
+                    started = True
+                    task_status.started()
                 ceiling = max(
                     self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
                 )
@@ -475,6 +490,9 @@ class RedisBroker:
                     event.set()
                 if self._control is not None:
                     self._control({"kind": "recovered"})
+            if not started:
+                started = True
+                task_status.started()
             await trio.sleep(self.health_interval)
 
     # -- publications -----------------------------------------------------------------
