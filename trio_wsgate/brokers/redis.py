@@ -473,27 +473,25 @@ class RedisBroker:
                     self._lost()
                 elif self.healthy:
                     logger.info("Redis did not answer a ping (%d in a row)", failures)
-                if not started:
-                    started = True
-                    task_status.started()
                 ceiling = max(
                     self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
                 )
-                await trio.sleep(rng.uniform(self.health_interval, ceiling))
-                continue
-            failures = 0
-            if not self.healthy:
-                self.healthy = True
-                self._healthy_again.set()
-                logger.warning("Redis is reachable: catching up")
-                for event in self._recovered.values():
-                    event.set()
-                if self._control is not None:
-                    self._control({"kind": "recovered"})
-            if not started:
+                pause = rng.uniform(self.health_interval, ceiling)
+            else:
+                failures = 0
+                if not self.healthy:
+                    self.healthy = True
+                    self._healthy_again.set()
+                    logger.warning("Redis is reachable: catching up")
+                    for event in self._recovered.values():
+                        event.set()
+                    if self._control is not None:
+                        self._control({"kind": "recovered"})
+                pause = self.health_interval
+            if not started:  # the first ping is done, answered or not
                 started = True
                 task_status.started()
-            await trio.sleep(self.health_interval)
+            await trio.sleep(pause)
 
     # -- publications -----------------------------------------------------------------
 
