@@ -21,9 +21,29 @@ async def test_a_setting_before_the_wait_is_kept_and_consumed(autojump_clock: Mo
     assert scope.cancelled_caught  # consumed: the second wait waits
 
 
-async def test_a_waiting_task_is_woken_once_and_at_the_time_of_the_setting(
+async def test_a_waiting_task_is_woken_at_the_time_of_the_setting(
     autojump_clock: MockClock,
 ) -> None:
+    wakeup, woken, start = Wakeup(), [], trio.current_time()
+
+    async def waiter() -> None:
+        for _ in range(2):
+            await wakeup.wait()
+            wakeup.clear()  # it has looked at what it was woken for
+            woken.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(3)
+        wakeup.set()
+        wakeup.set()  # before the waiter runs: part of the same wake, once cleared
+        await trio.sleep(2)
+        assert woken == [3]
+        wakeup.set()
+    assert woken == [3, 5]
+
+
+async def test_a_setting_after_the_wake_is_not_lost(autojump_clock: MockClock) -> None:
     wakeup, woken, start = Wakeup(), [], trio.current_time()
 
     async def waiter() -> None:
@@ -35,11 +55,8 @@ async def test_a_waiting_task_is_woken_once_and_at_the_time_of_the_setting(
         nursery.start_soon(waiter)
         await trio.sleep(3)
         wakeup.set()
-        wakeup.set()  # the waiter is already rescheduled: nothing more
-        await trio.sleep(2)
-        assert woken == [3]
-        wakeup.set()
-    assert woken == [3, 5]
+        wakeup.set()  # the waiter has not run yet, and does not clear: a second wake
+    assert woken == [3, 3]
 
 
 async def test_a_cancelled_wait_lets_the_next_one_wait(autojump_clock: MockClock) -> None:
@@ -54,8 +71,12 @@ async def test_a_cancelled_wait_lets_the_next_one_wait(autojump_clock: MockClock
 
 async def test_only_one_task_may_wait() -> None:
     wakeup = Wakeup()
+
+    async def waiter() -> None:
+        await wakeup.wait()  # called by the task that awaits it (Wakeup.wait)
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(wakeup.wait)
+        nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trio.BusyResourceError):
             await wakeup.wait()

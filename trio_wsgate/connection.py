@@ -37,7 +37,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +117,19 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
 
 _WRITER = f"{__name__}.Connection._write_loop"
 _APPLICATION = f"{__name__}.Connection._application"
+
+# On a running node, a connection's timers are the node's, run by the hub's task.
+_NO_TIMERS: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
+@contextlib.asynccontextmanager
+async def _running(timers: Timers) -> AsyncIterator[None]:
+    """Run ``timers`` in a task of their own for as long as the block lasts."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        yield
+        nursery.cancel_scope.cancel()
+
 
 # What waits in the write queue: an encoded envelope and whether it is sequenced
 # (sequenced envelopes are never dropped).
@@ -483,16 +496,24 @@ class Connection:
         """Serve the connection until it ends; release everything before returning."""
         self._metrics.connections_open.inc()
         self._metrics.connections_total.inc()
+        # The connection's nursery is opened here rather than in a method of its own,
+        # so that its reader (this task) keeps one frame fewer (docs/benchmarks.md,
+        # "Idle"). Served while the hub is not running (``serve_stream`` on a server
+        # that is not serving), the connection runs timers of its own around it.
+        timers = _NO_TIMERS if self._timers is self._hub.timers else _running(self._timers)
         try:
-            if self._timers is self._hub.timers:
-                await self._serve()
-            else:
-                # Served while the hub is not running (``serve_stream`` on a server
-                # that is not serving): the connection runs timers of its own.
-                async with trio.open_nursery() as outer:
-                    await outer.start(self._timers.run)
-                    await self._serve()
-                    outer.cancel_scope.cancel()
+            async with timers, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.closing:  # closed before it started (a drain raced us)
+                    nursery.cancel_scope.deadline = self._close_deadline()
+                # Constant names: trio would otherwise format one per task.
+                nursery.start_soon(self._write_loop, name=_WRITER)
+                nursery.start_soon(self._application, name=_APPLICATION)
+                # The reader is this nursery's own task: one task fewer per connection.
+                try:
+                    await self._read_loop()
+                except Exception:
+                    self._crashed()
         finally:
             with trio.CancelScope(shield=True):
                 await self._transport.aclose()
@@ -513,20 +534,6 @@ class Connection:
             )
         if self.session is not None:
             await self._run_disconnect_hooks(self.session)
-
-    async def _serve(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.closing:  # closed before it started (a drain raced us)
-                nursery.cancel_scope.deadline = self._close_deadline()
-            # Constant names: trio would otherwise format one per task.
-            nursery.start_soon(self._write_loop, name=_WRITER)
-            nursery.start_soon(self._application, name=_APPLICATION)
-            # The reader is this nursery's own task: one task fewer per connection.
-            try:
-                await self._read_loop()
-            except Exception:
-                self._crashed()
 
     async def wait_detached(self) -> None:
         """Wait until this connection has let go of its session (or never had one)."""
@@ -771,6 +778,7 @@ class Connection:
         try:
             while True:
                 await self._wake.wait()
+                self._wake.clear()  # all that is queued now goes out in this pass
                 if self._queue and not self.closing:
                     self._frame_queue()
                 try:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,15 +351,18 @@ class Server:
         # The request (its headers) is not kept for the connection's life.
         return result.transport, accepted
 
-    async def _handle_socket(self, stream: trio.SocketStream) -> None:
+    def _handle_socket(self, stream: trio.SocketStream) -> Awaitable[None]:
+        """serve_listeners' handler: what :meth:`serve_stream` runs for the socket.
+
+        A plain function that returns the coroutine to await: the connection's task
+        keeps one frame fewer for its whole life (docs/benchmarks.md, "Idle").
+        """
         try:
             set_keepalive(stream, self.config)
             peer = stream.socket.getpeername()
-            remote = f"{peer[0]}:{peer[1]}"
         except OSError:  # the peer left before we looked
-            await trio.aclose_forcefully(stream)
-            return
-        await self.serve_stream(stream, remote)
+            return trio.aclose_forcefully(stream)  # noqa: ASYNC105 - awaited by the caller
+        return self.serve_stream(stream, f"{peer[0]}:{peer[1]}")
 
     # -- the node -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ wait, and parks its task directly with :func:`trio.lowlevel.wait_task_reschedule
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import trio
@@ -22,46 +23,46 @@ class Wakeup:
     """Set by anyone, waited on by one task at a time; a wait consumes the setting.
 
     :meth:`set` before :meth:`wait` is not lost: the next wait returns at once (after a
-    checkpoint, as :meth:`trio.Event.wait` would). Settings between the wake and the
-    moment the woken task runs are part of that wake: the task has not yet looked at
-    what it was woken for, so it will see what they were for too.
+    checkpoint, as :meth:`trio.Event.wait` would). A setting after the wake, before the
+    woken task has looked at what it was woken for, is kept in the same way; a task
+    that looks at everything once it runs calls :meth:`clear` then, so that the next
+    wait does not return at once for nothing.
     """
 
     __slots__ = ("_is_set", "_waiter")
 
     def __init__(self) -> None:
         self._is_set = False
-        # The waiting task; _WOKEN once rescheduled, until it runs.
-        self._waiter: trio.lowlevel.Task | object | None = None
+        self._waiter: trio.lowlevel.Task | None = None
 
     def set(self) -> None:
         """Wake the waiting task, or the next one to wait."""
         waiter = self._waiter
         if waiter is None:
             self._is_set = True
-        elif waiter is not _WOKEN:
-            self._waiter = _WOKEN
-            trio.lowlevel.reschedule(waiter)  # type: ignore[arg-type]
+        else:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
 
     def clear(self) -> None:
         """Forget a setting not yet waited for: its waiter has seen what it was for."""
         self._is_set = False
 
-    async def wait(self) -> None:
-        """Return once set (at once if it was), and clear it. Cancellable."""
+    def wait(self) -> Awaitable[None]:
+        """Return once set (at once if it was), and clear it. Cancellable.
+
+        A plain method that returns what to await, so that a task sleeping here keeps
+        no frame of this class (docs/benchmarks.md, "Idle"). The task that calls it
+        is the one that waits: ``await wakeup.wait()``, not ``start_soon(wakeup.wait)``.
+        """
         if self._is_set:
             self._is_set = False
-            await trio.lowlevel.checkpoint()
-            return
+            return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already waiting for this wake-up")
         self._waiter = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-        self._waiter = None
+        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - as above
 
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
-
-
-_WOKEN = object()
