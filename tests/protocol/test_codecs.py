@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import enum
 import json
+import uuid
 from typing import Any
 
 import msgpack
@@ -171,6 +174,86 @@ def test_json_encoding_is_compact_utf8() -> None:
 def test_json_refuses_to_encode_nan() -> None:
     with pytest.raises(ValueError, match="JSON"):
         JsonCodec().encode(Msg(seq=1, data=float("nan")))
+    with pytest.raises(ValueError, match="JSON"):
+        JsonCodec().encode(Msg(seq=1, data={"a": None, "b": [float("-inf")]}))
+
+
+# JsonCodec uses orjson where it answers as the standard library does, and the
+# standard library elsewhere: what goes over the wire is the same either way.
+def _values(floats: st.SearchStrategy[float]) -> st.SearchStrategy[Any]:
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers()  # past 64 bits too
+        | floats
+        | st.text(max_size=8)
+        | st.sampled_from(["\ud800", "\u2028", "null", "12345678901234567890", "\x00"])
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+            | st.dictionaries(st.integers(-5, 5), inner, max_size=2)  # keys become strings
+        ),
+        max_leaves=12,
+    )
+
+
+def _canonical(value: Any) -> str:
+    # Tells 1 from 1.0 and -0.0 from 0.0, which == does not.
+    return json.dumps(value, allow_nan=True)
+
+
+@given(value=_values(st.floats()))  # NaN and the infinities too
+def test_json_encodes_as_the_standard_library_does(value: Any) -> None:
+    try:
+        standard = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        expected = json.loads(standard.encode())
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            JsonCodec().dumps(value)
+        return
+    assert _canonical(json.loads(JsonCodec().dumps(value))) == _canonical(expected)
+
+
+@given(value=_values(st.floats(allow_nan=False, allow_infinity=False)), ascii_only=st.booleans())
+def test_json_decodes_as_the_standard_library_does(value: Any, ascii_only: bool) -> None:
+    payload = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    try:
+        expected = json.loads(payload.decode("utf-8"))
+    except ValueError:  # a lone surrogate written raw is not UTF-8
+        with pytest.raises(ProtocolError) as info:
+            JsonCodec().loads(payload)
+        assert info.value.code == 1007
+        return
+    assert _canonical(JsonCodec().loads(payload)) == _canonical(expected)
+
+
+@pytest.mark.parametrize(
+    ("payload", "value"),
+    [
+        (b"[18446744073709551616, -9223372036854775809]", [2**64, -(2**63) - 1]),
+        (b'{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+        (b"[18446744073709551615, 1e16, 0.1]", [2**64 - 1, 1e16, 0.1]),
+        (b'"\\ud800"', "\ud800"),  # a lone surrogate escape, as Python decodes it
+    ],
+)
+def test_json_decodes_long_integers_exactly(payload: bytes, value: Any) -> None:
+    assert _canonical(JsonCodec().loads(payload)) == _canonical(value)
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+def test_uuids_and_enum_members_travel_as_their_string_and_value(codec: Any) -> None:
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    payload = codec.dumps({"id": ident, "colour": _Colour.RED, "n": 2**40})
+    assert codec.loads(payload) == {"id": str(ident), "colour": "red", "n": 2**40}
+    with pytest.raises(TypeError):
+        codec.dumps({"when": datetime.datetime(2026, 11, 24)})
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
