@@ -89,6 +89,30 @@ async def test_a_batch_is_handled_in_array_order(
         await client.close()
 
 
+async def test_traffic_and_handler_times_are_counted(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    sample = server.metrics.registry.get_sample_value
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await call(client, 1, "sleep", 0.003)  # on the MockClock: exactly 3 ms
+        await call(client, 2, "fail")
+        await client.close()
+        assert await client.wait_closed() == (1000, "")
+    assert sample("wsgate_messages_in_total") == 3  # hello and the two msgs
+    assert sample("wsgate_messages_out_total") == 3  # welcome, two replies
+    assert sample("wsgate_bytes_in_total") > 60  # the two msgs' JSON alone
+    assert sample("wsgate_bytes_out_total") > 100  # welcome alone
+    ok = {"outcome": "ok"}
+    assert sample("wsgate_handler_seconds_count", ok) == 1
+    assert sample("wsgate_handler_seconds_sum", ok) == pytest.approx(0.003)
+    assert sample("wsgate_handler_seconds_bucket", {**ok, "le": "0.001"}) == 0
+    assert sample("wsgate_handler_seconds_bucket", {**ok, "le": "0.005"}) == 1
+    assert sample("wsgate_handler_seconds_bucket", {**ok, "le": "+Inf"}) == 1
+    assert sample("wsgate_handler_seconds_count", {"outcome": "exception"}) == 1
+
+
 async def test_handler_errors_become_error_replies(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

@@ -7,12 +7,16 @@ tree on every scrape: a leak of tasks is visible from outside the process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["Metrics", "count_tasks"]
+__all__ = ["Metrics", "Tally", "Timings", "count_tasks"]
 
 
 def count_tasks() -> int:
@@ -27,6 +31,69 @@ def count_tasks() -> int:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count
+
+
+# The request path's metrics. prometheus_client's metrics take a threading lock on
+# every update; a node runs in one thread (trio's), so for the few updated per
+# envelope that lock was pure cost: 6% of the gateway's time under request/reply
+# (docs/benchmarks.md, "Optimisation log"). These count in plain numbers and hand
+# prometheus_client a metric family at each scrape, which runs in the same thread.
+
+
+class Tally:
+    """A counter updated from the trio thread only (see above)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Timings:
+    """One child of a histogram, observed from the trio thread only (see above)."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # one per bucket, then the rest (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+class _Family(Collector):
+    """Tallies, or Timings by one label, exposed as one counter or histogram."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        tally: Tally | None = None,
+        timings: tuple[str, Sequence[float], dict[str, Timings]] | None = None,
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._tally, self._timings = tally, timings
+
+    def collect(self) -> Iterator[Metric]:
+        if self._tally is not None:
+            yield CounterMetricFamily(self._name, self._documentation, value=self._tally.value)
+        if self._timings is not None:
+            label, bounds, children = self._timings
+            family = HistogramMetricFamily(self._name, self._documentation, labels=[label])
+            for value, child in children.items():
+                cumulative, buckets = 0, []
+                for bound, count in zip([*bounds, float("inf")], child.counts, strict=True):
+                    cumulative += count
+                    le = floatToGoString(bound)  # type: ignore[no-untyped-call]
+                    buckets.append((le, cumulative))
+                family.add_metric([value], buckets, child.sum)
+            yield family
 
 
 class Metrics:
@@ -67,12 +134,10 @@ class Metrics:
             ["status"],
             registry=r,
         )
-        self.messages_in = Counter(
-            "wsgate_messages_in", "Envelopes received from clients.", registry=r
-        )
-        self.messages_out = Counter("wsgate_messages_out", "Envelopes sent to clients.", registry=r)
-        self.bytes_in = Counter("wsgate_bytes_in", "WebSocket payload bytes received.", registry=r)
-        self.bytes_out = Counter("wsgate_bytes_out", "WebSocket payload bytes sent.", registry=r)
+        self.messages_in = self._tally("wsgate_messages_in", "Envelopes received from clients.")
+        self.messages_out = self._tally("wsgate_messages_out", "Envelopes sent to clients.")
+        self.bytes_in = self._tally("wsgate_bytes_in", "WebSocket payload bytes received.")
+        self.bytes_out = self._tally("wsgate_bytes_out", "WebSocket payload bytes sent.")
         self.queue_depth = Gauge(
             "wsgate_queue_depth", "Envelopes queued for writing, all connections.", registry=r
         )
@@ -83,19 +148,18 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
-        self.handler_latency = Histogram(
-            "wsgate_handler_seconds",
-            "Time spent in application handlers, by outcome.",
-            ["outcome"],
-            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
-            registry=r,
-        )
-        #: The histogram's child per outcome, looked up once (``labels()`` costs a lock
-        #: and a dict lookup on every call, on the request path).
+        bounds = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+        #: ``wsgate_handler_seconds``'s child per outcome.
         self.handler_outcome = {
-            outcome: self.handler_latency.labels(outcome)
-            for outcome in ("ok", "error", "exception", "closed")
+            outcome: Timings(bounds) for outcome in ("ok", "error", "exception", "closed")
         }
+        r.register(
+            _Family(
+                "wsgate_handler_seconds",
+                "Time spent in application handlers, by outcome.",
+                timings=("outcome", bounds, self.handler_outcome),
+            )
+        )
         self.sessions = Gauge("wsgate_sessions", "Sessions held, attached or detached.", registry=r)
         self.sessions_detached = Gauge(
             "wsgate_sessions_detached", "Sessions waiting for their client to resume.", registry=r
@@ -142,6 +206,11 @@ class Metrics:
         )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
+
+    def _tally(self, name: str, documentation: str) -> Tally:
+        tally = Tally()
+        self.registry.register(_Family(name, documentation, tally=tally))
+        return tally
 
     def render(self) -> bytes:
         """The Prometheus text exposition. Call it from the trio thread."""
