@@ -13,7 +13,6 @@ from __future__ import annotations
 import codecs
 import errno
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +45,6 @@ __all__ = [
 ]
 
 RECEIVE_SIZE = 65536
-#: Seconds between two reads after which a connection counts as one that seldom
-#: receives, and waits for readability before reading (WebsocketsTransport.receive).
-SPARSE_AFTER = 1.0
 
 # websockets' answers to a malformed upgrade: wrong method, not an upgrade,
 # wrong HTTP version.
@@ -67,10 +63,10 @@ _NO_HEADERS = Headers()
 
 # trio's socket calls yield to the scheduler after every call that succeeds (a
 # checkpoint). Where the calling task has just yielded anyway (the write loop at its
-# wait, the reader of an idle connection in wait_readable), that is a second trip
-# through trio's run queue per write or read: per delivery in a fan-out, per ping and
-# pong on an idle node. These two make the call at once; their errors are the ones
-# trio's SocketStream raises.
+# wait, the reader in wait_readable), that is a second trip through trio's run queue
+# per write or read: per delivery in a fan-out, per request, per ping and pong on an
+# idle node. These two make the call at once; their errors are the ones trio's
+# SocketStream raises.
 
 
 def _write_now(sock: trio.socket.SocketType, payload: bytes) -> int:
@@ -152,9 +148,8 @@ class WebsocketsTransport:
         self._max_fragments = max_fragments
         self._utf8: codecs.IncrementalDecoder | None = None
         self.remote_address = remote_address
-        # When data last came, and whether it came after a long silence (see receive).
-        self._data_at = -math.inf
-        self._sparse = False
+        # The last read filled the buffer, so more may be waiting (see receive).
+        self._backlog = False
 
     async def receive(self) -> Incoming:
         """Wait for data; return the messages and signals it completed."""
@@ -166,23 +161,22 @@ class WebsocketsTransport:
         stream = self._stream
         try:
             data: bytes | bytearray | None = None
-            if self._sparse and type(stream) is trio.SocketStream:
-                # Data comes seldom here (an idle connection: a pong per heartbeat), so
-                # the socket is empty now. receive_some would first try a recv that
-                # fails with EAGAIN before waiting for readability, and yield once
-                # more after reading: wait first, then read at once. Busy connections
-                # keep trio's order, which finds data already there without a trip
-                # through epoll, and yields after each read (a client that floods
-                # never starves the others).
+            if not self._backlog and type(stream) is trio.SocketStream:
+                # The last read took all there was, so the socket is most likely empty
+                # now: an idle connection between heartbeats, or a client waiting for
+                # its replies. receive_some would first try a recv that fails with
+                # EAGAIN (an exception, in Python) before waiting for readability, and
+                # yield once more after reading: wait first, then read at once. The
+                # wait yields to the other tasks, so a client that floods never starves
+                # the others; after a read that filled the buffer, trio's order finds
+                # what is left without a trip through epoll.
                 await trio.lowlevel.wait_readable(stream.socket)
                 data = _read_now(stream.socket)
             if data is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
             raise TransportBroken(classify_os_error(exc), str(exc)) from exc
-        now = trio.current_time()
-        self._sparse = now - self._data_at > SPARSE_AFTER
-        self._data_at = now
+        self._backlog = len(data) == RECEIVE_SIZE
         incoming = Incoming()  # made once there is something: not kept while waiting
         if not data:
             self._protocol.receive_eof()
