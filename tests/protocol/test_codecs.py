@@ -243,6 +243,20 @@ def test_json_decodes_long_integers_exactly(payload: bytes, value: Any) -> None:
     assert _canonical(JsonCodec().loads(payload)) == _canonical(value)
 
 
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+@given(
+    head=st.dictionaries(st.text(max_size=3).map("h".__add__), json_data, max_size=20),
+    fields=st.dictionaries(st.text(max_size=3).map("f".__add__), json_data, max_size=20),
+)
+def test_a_spliced_map_is_the_head_and_the_prepared_fields(
+    codec: Any, head: dict[str, Any], fields: dict[str, Any]
+) -> None:
+    # Fan-out encodes a publication's fields once and each subscriber's head alone;
+    # map headers change size at 16 pairs (msgpack), hence up to 20 on each side.
+    spliced = codec.splice(head, codec.prepare(fields), len(fields))
+    assert codec.loads(spliced) == {**head, **fields}
+
+
 class _Colour(enum.Enum):
     RED = "red"
 

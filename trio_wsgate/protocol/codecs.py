@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
 import uuid
 from typing import Any, ClassVar
 
@@ -217,22 +218,37 @@ class MsgpackCodec(Codec):
             raise ProtocolError(CloseCode.INVALID_DATA, "payload is not valid msgpack") from exc
 
     def dumps(self, value: Any) -> bytes:
-        result: bytes = msgpack.packb(value, use_bin_type=True, default=_extended)
+        result: bytes = _packers.packer.pack(value)
         return result
 
     def batch(self, parts: list[bytes]) -> bytes:
-        packer = msgpack.Packer()
-        header: bytes = packer.pack_array_header(len(parts))
+        header: bytes = _packers.packer.pack_array_header(len(parts))
         return header + b"".join(parts)
 
     def prepare(self, fields: dict[str, Any]) -> bytes:
-        packb = self.dumps
-        return b"".join(packb(key) + packb(value) for key, value in fields.items())
+        return self.dumps(fields)[_map_header_size(len(fields)) :]  # the pairs alone
 
     def splice(self, head: dict[str, Any], prepared: bytes, count: int) -> bytes:
-        packb = self.dumps
-        header: bytes = msgpack.Packer().pack_map_header(len(head) + count)
-        return header + b"".join(packb(k) + packb(v) for k, v in head.items()) + prepared
+        packer = _packers.packer
+        header: bytes = packer.pack_map_header(len(head) + count)
+        pairs: bytes = packer.pack(head)[_map_header_size(len(head)) :]
+        return header + pairs + prepared
+
+
+def _map_header_size(length: int) -> int:
+    """Bytes of msgpack's header for a map of ``length`` pairs (fixmap, map 16, map 32)."""
+    return 1 if length < 16 else 3 if length < 0x10000 else 5
+
+
+class _Packers(threading.local):
+    # A Packer made once is three times as fast per call as packb, which makes one per
+    # call. Its buffer is its own state, and ``default`` is Python code, during which
+    # another thread may run: one per thread.
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True, default=_extended)
+
+
+_packers = _Packers()
 
 
 #: The codecs by subprotocol name, in the server's order of preference.
