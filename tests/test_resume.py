@@ -362,18 +362,31 @@ async def test_a_resume_ack_the_server_cannot_honour_is_1002(
 async def test_a_resume_may_change_the_encoding(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
-    server = make_server()
+    server = make_server(allow_subscribe=("news",))
     async with running(server) as nursery:
         async with open_memory_connection(
             server, nursery, subprotocols=[MSGPACK_SUBPROTOCOL]
         ) as client:
             first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            assert "error" not in await client.recv_type("reply")
         await detached(server)
         (session,) = server.hub.sessions.values()
         session.send("n", {"k": [1, 2]})
+        # Kept encoded in msgpack as a fan-out delivery (data encoded once, head spliced).
+        pub = await server.gateway.publish("news", [3], event="e")
         async with open_memory_connection(server, nursery) as client:  # JSON now
-            assert (await client.hello(resume=resume_of(first, 0)))["resumed"] is True
+            assert (await client.hello(resume=resume_of(first, 1)))["resumed"] is True
             assert (await client.recv_type("msg"))["data"] == {"k": [1, 2]}
+            assert await client.recv_type("msg") == {
+                "type": "msg",
+                "seq": 3,
+                "event": "e",
+                "topic": "news",
+                "offset": pub.offset,
+                "epoch": pub.epoch,
+                "data": [3],
+            }
             await client.send({"type": "bye"})
             await client.wait_closed()
 

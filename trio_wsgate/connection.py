@@ -136,12 +136,71 @@ async def _running(timers: Timers) -> AsyncIterator[None]:
 _Item = tuple[bytes, bool]
 
 
-@dataclass(slots=True)
-class _Outgoing:
-    """A sequenced envelope kept until acknowledged, and its encoding for the wire."""
+# What makes a sequenced envelope, and its encoding, for a seq and a piggybacked ack.
+_Build = Callable[[int, "int | None"], Sequenced]
+_Encode = Callable[[int, "int | None"], bytes]
 
-    envelope: Sequenced
-    payload: bytes
+
+class _Outgoing:
+    """A sequenced envelope kept until acknowledged, and its encoding for the wire.
+
+    The envelope object is made again when asked for (a resume in the other encoding,
+    a hand-over to another node), not kept: a fan-out delivery is only ever written.
+    """
+
+    __slots__ = ("_build", "ack", "payload", "seq")
+
+    def __init__(self, build: _Build, seq: int, ack: int | None, payload: bytes) -> None:
+        self._build, self.seq, self.ack, self.payload = build, seq, ack, payload
+
+    @classmethod
+    def of(cls, envelope: Sequenced, payload: bytes) -> _Outgoing:
+        return cls(lambda _seq, _ack: envelope, envelope.seq, envelope.ack, payload)
+
+    @property
+    def envelope(self) -> Sequenced:
+        return self._build(self.seq, self.ack)
+
+
+@dataclass(slots=True, frozen=True)
+class _Senders:
+    """How the sessions of one encoding make a publication's ``msg``: made once per
+    publication and encoding, whatever the number of subscribers."""
+
+    build: _Build
+    encode: _Encode
+
+    @classmethod
+    def of(cls, pub: Publication, codec: Codec) -> _Senders:
+        cached = pub.encoded.get(codec.subprotocol)
+        if cached is None:
+            fields = {} if pub.data is None else {"data": pub.data}
+            cached = pub.encoded[codec.subprotocol] = (codec.prepare(fields), len(fields))
+        prepared, count = cached
+        splice, event = codec.splice, pub.event
+        topic, offset, epoch = pub.topic, pub.offset, pub.epoch
+
+        def build(seq: int, ack: int | None) -> Sequenced:
+            return Msg(
+                seq=seq,
+                event=event,
+                topic=topic,
+                offset=offset,
+                epoch=epoch,
+                data=pub.data,
+                ack=ack,
+            )
+
+        def encode(seq: int, ack: int | None) -> bytes:
+            head: dict[str, Any] = {"type": "msg", "seq": seq}
+            if ack is not None:
+                head["ack"] = ack
+            if event is not None:
+                head["event"] = event
+            head["topic"], head["offset"], head["epoch"] = topic, offset, epoch
+            return splice(head, prepared, count)
+
+        return cls(build, encode)
 
 
 class Session:
@@ -270,40 +329,12 @@ class Session:
 
     def _publish(self, pub: Publication) -> None:
         """Queue a publication: its data encoded once for all, its head for this session."""
-        codec = self._codec
-        cached = pub.encoded.get(codec.subprotocol)
-        if cached is None:
-            fields = {} if pub.data is None else {"data": pub.data}
-            cached = pub.encoded[codec.subprotocol] = (codec.prepare(fields), len(fields))
-        prepared, count = cached
+        senders = pub.senders.get(self._codec.subprotocol)
+        if senders is None:
+            senders = pub.senders[self._codec.subprotocol] = _Senders.of(pub, self._codec)
+        self._push(senders.build, senders.encode)
 
-        def encode(envelope: Sequenced) -> bytes:
-            head: dict[str, Any] = {"type": "msg", "seq": envelope.seq}
-            if envelope.ack is not None:
-                head["ack"] = envelope.ack
-            if pub.event is not None:
-                head["event"] = pub.event
-            head["topic"], head["offset"], head["epoch"] = pub.topic, pub.offset, pub.epoch
-            return codec.splice(head, prepared, count)
-
-        self._push(
-            lambda seq, ack: Msg(
-                seq=seq,
-                event=pub.event,
-                topic=pub.topic,
-                offset=pub.offset,
-                epoch=pub.epoch,
-                data=pub.data,
-                ack=ack,
-            ),
-            encode,
-        )
-
-    def _push(
-        self,
-        build: Callable[[int, int | None], Sequenced],
-        encode: Callable[[Sequenced], bytes] | None = None,
-    ) -> None:
+    def _push(self, build: _Build, encode: _Encode | None = None) -> None:
         """Number, encode and queue (or buffer) a sequenced envelope.
 
         A pending ack rides along only if the window lets the envelope out now; an
@@ -322,11 +353,11 @@ class Session:
             if connection is not None and outbox.open and inbox.ack_pending
             else None
         )
-        envelope = build(outbox.next_seq, ack)
-        payload = self._codec.encode(envelope) if encode is None else encode(envelope)
+        seq = outbox.next_seq
+        payload = self._codec.encode(build(seq, ack)) if encode is None else encode(seq, ack)
         if ack is not None:
             inbox.take_ack()
-        goes_now = outbox.push(_Outgoing(envelope, payload))
+        goes_now = outbox.push(_Outgoing(build, seq, ack, payload))
         if connection is not None:
             if goes_now:
                 connection.enqueue_sequenced(payload)

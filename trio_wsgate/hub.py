@@ -663,7 +663,7 @@ class Hub:
             for wire in wires:
                 envelope = parse_envelope(wire)
                 assert isinstance(envelope, Sequenced)
-                queue.append((envelope.seq, _Outgoing(envelope, codec.encode(envelope))))
+                queue.append((envelope.seq, _Outgoing.of(envelope, codec.encode(envelope))))
         inbox = state["inbox"]
         session.inbox = Inbox(
             inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]

@@ -36,6 +36,9 @@ class Publication:
     #: The shared part of its ``msg`` envelope, encoded once per subprotocol
     #: (filled by the hub on first use; see :meth:`Codec.prepare`).
     encoded: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
+    #: What a session of each subprotocol makes its ``msg`` with (the connection
+    #: module's, made by the first session of the encoding it is delivered to).
+    senders: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(slots=True)
