@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import enum
 import json
+import tracemalloc
 import uuid
 from typing import Any
 
@@ -255,6 +256,23 @@ def test_a_spliced_map_is_the_head_and_the_prepared_fields(
     # map headers change size at 16 pairs (msgpack), hence up to 20 on each side.
     spliced = codec.splice(head, codec.prepare(fields), len(fields))
     assert codec.loads(spliced) == {**head, **fields}
+
+
+@pytest.mark.parametrize("size", [10, 5000, 100_000])
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+def test_an_encoded_envelope_holds_no_more_memory_than_its_size(codec: Any, size: int) -> None:
+    # A session's outbox keeps each envelope it sent until acknowledged: an encoder
+    # that hands back its whole working buffer (orjson does) multiplies that memory.
+    envelope = Msg(seq=1, data="y" * size)
+    codec.encode(envelope)  # warm: whatever the encoder allocates once
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [codec.encode(envelope) for _ in range(50)]
+        per_envelope = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_envelope < len(kept[0]) + 200
 
 
 class _Colour(enum.Enum):

@@ -66,10 +66,16 @@ def _extended(value: Any) -> Any:
 #   more digits is decoded by the standard library, exactly;
 # - what orjson will not decode (a lone surrogate escape, 1e400...), the standard
 #   library decodes or says why not.
+#
+# orjson's result keeps the whole buffer orjson wrote it in: 4 KiB for a ping, 64 KiB
+# for an envelope of 5 KB, for as long as it lives (a session's outbox keeps what it
+# sends until acknowledged). It writes a newline at the end, and slicing it off copies
+# the envelope into bytes of its own size, for a tenth of what a second encoding costs.
 _ORJSON_OPTIONS = (
     orjson.OPT_PASSTHROUGH_SUBCLASS
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_APPEND_NEWLINE
 )
 # Every digit as a 0, to find a run of 19 digits with one search (a regular expression
 # takes five times as long as this on an envelope).
@@ -177,7 +183,7 @@ class JsonCodec(Codec):
             pass  # the standard library encodes it, or says why not
         else:
             if b"null" not in encoded:  # else it may be a NaN or an Infinity
-                return encoded
+                return encoded[:-1]  # without the newline, in bytes of its own size
         return self._encoder.encode(value).encode("utf-8")
 
     def batch(self, parts: list[bytes]) -> bytes:
