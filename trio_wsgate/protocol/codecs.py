@@ -70,7 +70,8 @@ def _extended(value: Any) -> Any:
 # orjson's result keeps the whole buffer orjson wrote it in: 4 KiB for a ping, 64 KiB
 # for an envelope of 5 KB, for as long as it lives (a session's outbox keeps what it
 # sends until acknowledged). It writes a newline at the end, and slicing it off copies
-# the envelope into bytes of its own size, for a tenth of what a second encoding costs.
+# the envelope into bytes of its own size, for a thirtieth of what the standard
+# library takes to encode it.
 _ORJSON_OPTIONS = (
     orjson.OPT_PASSTHROUGH_SUBCLASS
     | orjson.OPT_PASSTHROUGH_DATETIME
