@@ -59,6 +59,7 @@ from .hub import (
     Subscription,
     check_topic,
     checked_identity,
+    prepared,
     user_topic,
 )
 from .limits import TokenBucket
@@ -173,10 +174,9 @@ class _Senders:
     @classmethod
     def of(cls, pub: Publication, codec: Codec) -> _Senders:
         cached = pub.encoded.get(codec.subprotocol)
-        if cached is None:
-            fields = {} if pub.data is None else {"data": pub.data}
-            cached = pub.encoded[codec.subprotocol] = (codec.prepare(fields), len(fields))
-        prepared, count = cached
+        if cached is None:  # not encoded on this node yet (another node published it)
+            cached = pub.encoded[codec.subprotocol] = prepared(codec, pub.data)
+        fields, count = cached
         splice, event = codec.splice, pub.event
         topic, offset, epoch = pub.topic, pub.offset, pub.epoch
 
@@ -198,7 +198,7 @@ class _Senders:
             if event is not None:
                 head["event"] = event
             head["topic"], head["offset"], head["epoch"] = topic, offset, epoch
-            return splice(head, prepared, count)
+            return splice(head, fields, count)
 
         return cls(build, encode)
 

@@ -141,15 +141,21 @@ def checked_identity(identity: Identity) -> Identity:
     return identity
 
 
+def prepared(codec: Codec, data: Any) -> tuple[bytes, int]:
+    """A publication's fields beyond its head, encoded by ``codec`` (:meth:`Codec.prepare`),
+    and how many there are."""
+    fields = {} if data is None else {"data": data}
+    return codec.prepare(fields), len(fields)
+
+
 def prepare_data(data: Any) -> dict[str, tuple[bytes, int]]:
     """Encode a publication's data once per encoding (both, so every subscriber can get it).
 
     Raises:
         ValueError: the data cannot be encoded in JSON or in msgpack.
     """
-    fields = {} if data is None else {"data": data}
     try:
-        return {name: (shared_codec(name).prepare(fields), len(fields)) for name in CODECS}
+        return {name: prepared(shared_codec(name), data) for name in CODECS}
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"data must be encodable as JSON and as msgpack: {exc}") from None
 
