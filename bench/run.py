@@ -95,6 +95,8 @@ def gateway_command(port: int, admin_port: int, *flags: str) -> list[str]:
         "warning",
         "--max-handshakes",
         "100000",
+        "--max-handshakes-per-ip",  # every storm comes from 127.0.0.1
+        "100000",
         "--allow-subscribe",
         "bench",
         "--allow-subscribe",

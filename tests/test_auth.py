@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from trio.testing import MockClock
 
-from trio_wsgate import Config, JwtAuthenticator, Server
+from trio_wsgate import Config, Identity, JwtAuthenticator, Server
 from trio_wsgate.testing import Refused, open_memory_connection
 
 from .conftest import make_gateway
@@ -367,3 +367,164 @@ async def test_a_refresh_still_being_checked_is_cancelled_at_the_decision_to_clo
         assert connection.close_code == 1000
         assert connection.released_at == connection.close_decided_at + 2
         assert checked == []
+
+
+# Issue 18, case 3: time claims that are not times. Python's JSON reads NaN, Infinity
+# and 1e400 (as inf); NaN reached the node's timer heap and trio refused it as a
+# deadline ("deadline must not be NaN"), which ended the process.
+BAD_TIMES = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    str(2**53),  # MAX_TIME: the first value refused
+    str(2**64),
+    "1" + "0" * 400,
+    "-1",
+    "true",
+    "false",
+    '"1800000000"',
+    "null",
+    "[1800000000]",
+]
+
+
+def raw_token(**claims: str) -> str:
+    """A correctly signed token whose claims are JSON text as given (NaN, 1e400...)."""
+    fields = {"sub": '"ada"', "exp": str(int(now() + 3600)), **claims}
+    payload = "{" + ",".join(f'"{name}":{value}' for name, value in fields.items()) + "}"
+    return jwt.api_jws.encode(payload.encode(), SECRET, algorithm="HS256")
+
+
+BAD_CLAIMS = [
+    pytest.param(name, value, id=f"{name}={value[:12]}")
+    for name in ("exp", "nbf", "iat")
+    for value in BAD_TIMES
+]
+
+
+async def expires_on_time(server: Server, nursery: trio.Nursery) -> None:
+    """The node still serves, and its timers still run: a token expires at its exp."""
+    async with open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        await client.hello(token=token("ada", ttl=30))
+        await client.send({"type": "msg", "seq": 1, "event": "echo", "data": "hi"})
+        assert (await client.recv_type("reply"))["data"] == "hi"
+        assert await client.wait_closed() == (4001, "unauthorized: token expired")
+        assert trio.current_time() - start == 30
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_CLAIMS)
+async def test_a_time_claim_that_is_not_a_time_is_refused_everywhere(
+    autojump_clock: MockClock, make_server: Callable[..., Server], name: str, value: str
+) -> None:
+    server = jwt_server(make_server, heartbeat_interval=None)
+    bad = raw_token(**{name: value})
+    reason = f"unauthorized: invalid token: {name} is not a valid time"
+    async with running(server) as nursery:
+        # At the handshake: 401.
+        with pytest.raises(Refused) as refused:
+            async with open_memory_connection(
+                server, nursery, headers={"Authorization": f"Bearer {bad}"}
+            ):
+                pass
+        assert refused.value.status == 401
+        assert refused.value.response.body.decode() == reason + "\n"
+        # In hello: 4001.
+        assert await closed_after_hello(server, nursery, token=bad) == (4001, reason)
+        # In refresh: 4001.
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello(token=token("ada"))
+            await client.send({"type": "refresh", "token": bad})
+            assert await client.wait_closed() == (4001, reason)
+        assert not server.hub.sessions
+        await expires_on_time(server, nursery)
+    assert server.metrics.registry.get_sample_value("wsgate_internal_errors_total") == 0
+
+
+async def test_valid_time_claims_are_taken_with_their_fractions(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = jwt_server(make_server, heartbeat_interval=None)
+    async with running(server) as nursery:
+        start = trio.current_time()
+        # RFC 7519's NumericDate may have a fraction; nbf and iat in the past are fine.
+        fine = raw_token(exp=repr(now() + 30.5), nbf=repr(now() - 1.5), iat=str(int(now())))
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello(token=fine)
+            assert await client.wait_closed() == (4001, "unauthorized: token expired")
+            assert trio.current_time() - start == 30.5
+        # Not valid yet: nbf or iat in the future (by the authenticator's clock).
+        for name in ("nbf", "iat"):
+            early = raw_token(**{name: str(int(now() + 60))})
+            code, reason = await closed_after_hello(server, nursery, token=early)
+            assert (code, reason) == (4001, f"unauthorized: invalid token: not valid yet ({name})")
+        # The largest time taken: exp just under MAX_TIME, a finite deadline.
+        async with open_memory_connection(server, nursery) as client:
+            assert (await client.hello(token=raw_token(exp=str(2**53 - 1))))["user"] == "ada"
+            (connection,) = server.connections
+            assert connection.session is not None
+            deadline = connection.session.identity.deadline
+            assert deadline is not None
+            assert deadline < 2**53
+
+
+def test_the_leeway_is_a_finite_number_of_seconds() -> None:
+    for leeway in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="leeway"):
+            JwtAuthenticator(secret=SECRET, leeway=leeway)
+
+
+@pytest.mark.parametrize(
+    ("deadline", "refused"),
+    [
+        (float("nan"), True),
+        (-float("inf"), True),
+        (float("inf"), False),  # never, like None
+        (10**400, False),  # past the floats: never too
+    ],
+    ids=["nan", "-inf", "inf", "huge-int"],
+)
+async def test_an_authenticators_own_deadline_never_reaches_trio_unless_finite(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    deadline: float,
+    refused: bool,
+) -> None:
+    """A custom authenticator sets Identity.deadline itself: checked all the same."""
+    gateway = make_gateway()
+    valid = JwtAuthenticator(secret=SECRET, clock=now)
+
+    async def authenticator(given: str | None) -> Identity:
+        if given == "odd":
+            return Identity("ada", deadline)
+        return await valid(given)
+
+    gateway.authenticate(authenticator)
+    server = make_server(gateway, heartbeat_interval=None)
+    reason = "unauthorized: invalid token: its expiry is not a valid time"
+    async with running(server) as nursery:
+        if refused:
+            with pytest.raises(Refused) as info:
+                async with open_memory_connection(
+                    server, nursery, headers={"Authorization": "Bearer odd"}
+                ):
+                    pass
+            assert info.value.status == 401
+            assert await closed_after_hello(server, nursery, token="odd") == (4001, reason)
+            async with open_memory_connection(server, nursery) as client:
+                await client.hello(token=token("ada"))
+                await client.send({"type": "refresh", "token": "odd"})
+                assert await client.wait_closed() == (4001, reason)
+        else:
+            async with open_memory_connection(server, nursery) as client:
+                await client.hello(token="odd")
+                (connection,) = server.connections
+                assert connection.session is not None
+                assert connection.session.identity.deadline is None
+                await trio.sleep(10**6)  # never expires
+                await client.send({"type": "msg", "seq": 1, "event": "echo", "data": 1})
+                assert (await client.recv_type("reply"))["data"] == 1
+        await expires_on_time(server, nursery)
+    assert server.metrics.registry.get_sample_value("wsgate_internal_errors_total") == 0

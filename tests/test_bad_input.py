@@ -48,6 +48,34 @@ CASES: list[tuple[str, list[str], bool, list[Any], int]] = [
     ("ack above what was sent", JSON, True, [("json", {"type": "ack", "ack": 5})], 1002),
     ("reply from a client", JSON, True, [("json", {"type": "reply", "seq": 1, "re": 1})], 1002),
     ("welcome from a client", JSON, True, [("json", {"type": "welcome"})], 1002),
+    # Outside the one value domain (docs/protocol.md, "Values"): 1007, before
+    # anything is kept, answered or handed over (issue 18, cases 2 and 10).
+    (
+        "integer of 2**64",
+        JSON,
+        True,
+        [(b'{"type":"msg","seq":1,"data":18446744073709551616}', False)],
+        1007,
+    ),
+    ("integer of 2**53", JSON, True, [("json", msg(1, "echo", 2**53))], 1007),
+    ("ping ts of 1e400", JSON, True, [(b'{"type":"ping","ts":1e400}', False)], 1007),
+    ("lone surrogate", JSON, True, [(b'{"type":"ping","ts":"\\ud800"}', False)], 1007),
+    ("lone surrogate token", JSON, False, [(b'{"type":"hello","token":"\\ud800"}', False)], 1007),
+    (
+        "nested 990 deep",
+        JSON,
+        True,
+        [(b'{"type":"msg","seq":1,"data":' + b"[" * 990 + b"]" * 990 + b"}", False)],
+        1007,
+    ),
+    ("bytes from msgpack", MSGPACK, True, [(msgpack.packb(msg(1, "echo", b"\x00")), True)], 1007),
+    (
+        "NaN from msgpack",
+        MSGPACK,
+        True,
+        [(msgpack.packb(msg(1, "echo", float("nan"))), True)],
+        1007,
+    ),
     (
         "window exceeded",
         JSON,

@@ -199,12 +199,18 @@ async def test_data_that_one_encoding_cannot_carry_is_refused(
         open_memory_connection(server, nursery, subprotocols=[MSGPACK_SUBPROTOCOL]) as client,
     ):
         await client.hello()
-        seq = Seq()
-        # Bytes are fine in msgpack but JSON subscribers could not get them.
-        reply = await request(client, seq, "pub", topic="room:1", data=b"\x00\x01")
-        assert reply["error"]["code"] == "bad_data"
-        with pytest.raises(ValueError, match="JSON"):
-            await server.gateway.publish("room:1", float("nan"))
+        # The application's data outside the value domain is refused on publish...
+        for data in (float("nan"), 2**53, b"\x00", "\ud800"):
+            with pytest.raises(ValueError, match="encodable"):
+                await server.gateway.publish("room:1", data)
+        # ...and a client's on receipt (1007): bytes are fine in msgpack, but JSON
+        # subscribers could not get them.
+        await client.send({"type": "pub", "seq": 1, "topic": "room:1", "data": b"\x00\x01"})
+        code, reason = await client.wait_closed()
+        assert (code, reason) == (
+            1007,
+            "bytes cannot travel in JSON (send them as a base64 string)",
+        )
         with pytest.raises(ValueError, match="topic"):
             await server.gateway.publish("", 1)
 

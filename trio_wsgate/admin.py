@@ -1,32 +1,40 @@
 """The admin port's ASGI application: health, readiness, metrics and the server API.
 
-Served by hypercorn's trio worker in the node's own trio run, so the metrics
+Served by hypercorn in the node's own trio run (:meth:`AdminApp.serve`), so the metrics
 (``wsgate_tasks`` above all) are read from the same task tree the gateway uses, and
-the server API (PROTOCOL.md §9) calls the hub directly.
+the server API (PROTOCOL.md §9) calls the hub directly. Each admin connection's
+failure stays in its own task: none reaches the node's nursery.
 
-``/api/*`` needs ``Authorization: apikey <key>`` when the node has an API key; without
-one it answers 403, unless the node was started with ``--open-api``. Answers are JSON;
-errors are ``{"error": code, "reason": text}`` with the HTTP status that fits (400 for
-a malformed body, 401 for a wrong key, 403, 404, 405, 413).
+Everything under ``/api/`` needs ``Authorization: apikey <key>`` when the node has an
+API key, checked before anything else (an unknown path without the key is 401, not
+404); without a key configured it answers 403, unless the node was started with
+``--open-api``. Answers are JSON; errors are ``{"error": code, "reason": text}`` with
+the HTTP status that fits (400 for a malformed body, 401 for a wrong key, 403, 404,
+405, 413, 500).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .exceptions import BrokerUnavailable
+from .protocol.closecodes import CloseCode
 
 if TYPE_CHECKING:
     from .brokers import Publication
     from .server import Server
 
 __all__ = ["AdminApp", "probe"]
+
+logger = logging.getLogger("trio_wsgate.admin")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,6 +83,25 @@ def _json(status: int, value: Any) -> Answer:
     return status, body + b"\n", JSON, []
 
 
+def _rejects(scope: Scope) -> bool:
+    """True if the ASGI server can answer a WebSocket upgrade with an HTTP response."""
+    return "websocket.http.response" in (scope.get("extensions") or {})
+
+
+# The admin port serves no WebSocket: 404, or where the ASGI server cannot answer with
+# HTTP, a close before accept (which it answers with 403).
+_NO_WEBSOCKET: list[Message] = [
+    {
+        "type": "websocket.http.response.start",
+        "status": 404,
+        "headers": [(b"content-type", TEXT.encode())],
+    },
+    {"type": "websocket.http.response.body", "body": b"Not Found\n"},
+]
+_NO_WEBSOCKET_CLOSE: list[Message] = [
+    {"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION}
+]
+
 # method, handler name, by path
 _API: dict[str, tuple[str, str]] = {
     "/api/publish": ("POST", "_publish"),
@@ -104,18 +131,84 @@ class AdminApp:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            messages = await self._answer(scope, receive)
+        elif scope["type"] == "websocket" and (await receive())["type"] == "websocket.connect":
+            messages = _NO_WEBSOCKET if _rejects(scope) else _NO_WEBSOCKET_CLOSE
+        else:
             return
-        status, body, content_type, extra = await self.handle(scope, receive)
+        try:
+            for message in messages:
+                await send(message)
+        except Exception as exc:
+            # What is sent here is well-formed; the ASGI server refuses it once the
+            # connection cannot take it: hypercorn raises h11's LocalProtocolError after
+            # it answered a peer's broken request itself. Nothing more to do.
+            logger.debug("the admin port's answer could not be sent: %r", exc)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> list[Message]:
+        """The messages answering an HTTP request; a crash is logged, counted, and 500."""
+        try:
+            status, body, content_type, extra = await self.handle(scope, receive)
+        except Exception:  # the root of the request: log once, count, answer
+            self._server.metrics.internal_errors.inc()
+            logger.exception("internal error answering %s %s", scope["method"], scope["path"])
+            status, body, content_type, extra = _json(
+                500, {"error": "internal", "reason": "internal error"}
+            )
         headers = [
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(body)).encode()),
             *extra,
         ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
+        return [
+            {"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body},
+        ]
+
+    async def serve(self, listeners: Sequence[trio.SocketListener]) -> None:
+        """Serve the app on the admin port's listeners until cancelled.
+
+        hypercorn serves each connection, but the accept loop is this one and not
+        ``hypercorn.trio.serve``: that one runs every connection in one nursery, so
+        that an error raised by hypercorn's own protocol code for one connection (an
+        upgrade request with one byte more: pgjones/hypercorn#225) ends the admin
+        server, and with it the node. Here a connection's failure ends that
+        connection only: a peer that broke HTTP is logged at debug level
+        (:func:`~trio_wsgate.transports.asgi.serve_hypercorn_stream`), anything else
+        is logged once and counted in ``wsgate_internal_errors_total``, and the port
+        keeps serving. The WebSocket port is never affected.
+
+        Args:
+            listeners: the admin port's listeners, already bound.
+        """
+        from hypercorn.app_wrappers import ASGIWrapper
+        from hypercorn.config import Config as HypercornConfig
+
+        from .transports.asgi import serve_hypercorn_stream
+
+        framework: Any = self  # hypercorn types the ASGI messages more narrowly
+        app, hconfig = ASGIWrapper(framework), HypercornConfig()
+        hconfig.accesslog = None  # /api requests carry the API key
+        hconfig.errorlog = logger
+        metrics = self._server.metrics
+
+        async def serve_connection(stream: trio.SocketStream) -> None:
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:  # the peer left before we looked
+                await trio.aclose_forcefully(stream)
+                return
+            remote = f"{peer[0]}:{peer[1]}"
+            try:
+                await serve_hypercorn_stream(app, hconfig, stream, remote)
+            except Exception:  # the root of the connection's task: log once, count, go on
+                metrics.internal_errors.inc()
+                logger.exception("internal error serving %s on the admin port", remote)
+            finally:
+                await trio.aclose_forcefully(stream)
+
+        await trio.serve_listeners(serve_connection, list(listeners))
 
     async def handle(self, scope: Scope, receive: Receive) -> Answer:
         """Answer one request: ``(status, body, content type, extra headers)``."""
@@ -155,10 +248,11 @@ class AdminApp:
             raise ApiError(401, "unauthorized", "Authorization: apikey <key> is missing or wrong")
 
     async def _api(self, scope: Scope, receive: Receive) -> Answer:
+        # The key first: without it, nothing under /api/ says what exists there.
+        self._check_key(scope)
         route = _API.get(scope["path"])
         if route is None:
             raise ApiError(404, "not_found", f"no endpoint {scope['path']}")
-        self._check_key(scope)
         method, name = route
         if scope["method"] != method:
             answer = _json(405, {"error": "method_not_allowed", "reason": f"use {method}"})

@@ -12,6 +12,8 @@ Tokens are bearer secrets: no message here, and no log line anywhere, contains o
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +37,10 @@ class Identity:
 
     Attributes:
         user: the user id (the ``sub`` claim), or None for an anonymous client.
-        deadline: trio time at which the token expires (None: never). The connection
-            is closed with 4001 then, unless a ``refresh`` brought a fresh token.
+        deadline: trio time at which the token expires (None or ``math.inf``: never).
+            The connection is closed with 4001 then, unless a ``refresh`` brought a
+            fresh token. NaN and ``-math.inf`` are refused as invalid tokens, and
+            anything but a number as a bug of the authenticator (:func:`identify`).
         topics: glob patterns of the topics the user may subscribe to (the ``topics``
             claim, matched with :func:`fnmatch.fnmatchcase`).
         claims: every claim of the token, for the application's own use.
@@ -54,13 +58,36 @@ Authenticator = Callable[[str | None], Awaitable["Identity | str | None"]]
 
 
 async def identify(authenticator: Authenticator, token: str | None) -> Identity:
-    """Run an authenticator and normalise its answer to an :class:`Identity`."""
+    """Run an authenticator and normalise its answer to an :class:`Identity`.
+
+    The deadline is what the node's timers will wait for, so it is checked whatever
+    set it: a NaN would break their heap, and trio refuses it as a deadline.
+
+    Raises:
+        Unauthorized: the authenticator refused the token, or its deadline is NaN
+            or minus infinity (as a deadline taken from a token's bad claims may be).
+        TypeError: the authenticator answered something else than an Identity, a
+            str or None, or a deadline that is not a number.
+    """
     answer = await authenticator(token)
-    if isinstance(answer, Identity):
-        return answer
     if answer is None or isinstance(answer, str):
         return Identity(answer)
-    raise TypeError(f"an authenticator returns an Identity, a str or None, not {answer!r}")
+    if not isinstance(answer, Identity):
+        raise TypeError(f"an authenticator returns an Identity, a str or None, not {answer!r}")
+    deadline = answer.deadline
+    if deadline is None or (type(deadline) is float and math.isfinite(deadline)):
+        return answer
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        raise TypeError(f"Identity.deadline is trio time in seconds or None, not {deadline!r}")
+    try:
+        when = float(deadline)
+    except OverflowError:  # an int past the floats: trio could not take it either
+        when = math.inf if deadline > 0 else -math.inf
+    if when == math.inf:
+        return dataclasses.replace(answer, deadline=None)  # never, as None says
+    if not math.isfinite(when):  # NaN, -inf
+        raise Unauthorized("invalid token: its expiry is not a valid time")
+    return dataclasses.replace(answer, deadline=when)
 
 
 def token_from_request(headers: Mapping[str, str], path: str) -> str | None:
@@ -76,6 +103,32 @@ def token_from_request(headers: Mapping[str, str], path: str) -> str | None:
         if values and values[0]:
             return values[0]
     return None
+
+
+#: The largest time claim taken (``exp``, ``nbf``, ``iat``; Unix seconds, excluded): 2**53,
+#: about 285 million years. Up to there every integer is exact as a float (the JSON
+#: numbers of JavaScript issuers are floats), so the comparisons and the deadline
+#: derived from ``exp`` are exact and finite. Times before 1970 are refused too.
+MAX_TIME = 2**53
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """The claim ``name`` as Unix seconds, None if absent; Unauthorized if not a valid time.
+
+    RFC 7519 §2 NumericDate: a JSON number, which may have a fraction. Refused: NaN,
+    the infinities (Python's JSON reads ``NaN``, ``Infinity`` and ``1e400``), values
+    out of ``0 <= t < MAX_TIME``, booleans (``true`` is an int in Python), strings and
+    null.
+    """
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthorized(f"invalid token: {name} is not a valid time")
+    # Comparing first: float() of a huge int would overflow; NaN fails every comparison.
+    if not 0 <= value < MAX_TIME:
+        raise Unauthorized(f"invalid token: {name} is not a valid time")
+    return float(value)
 
 
 def _algorithms_for(key: Any) -> list[str]:
@@ -95,8 +148,10 @@ class JwtAuthenticator:
     Exactly one of ``secret`` (HS256) and ``public_key`` (PEM: RSA for RS256, EC P-256
     for ES256) is given. Only the algorithm of the key is accepted, so ``alg: none``
     and algorithm-confusion tokens are refused. ``sub`` is required and is the user;
-    ``exp``, if present, must be in the future and sets :attr:`Identity.deadline`;
-    ``topics``, if present, must be a list of strings.
+    ``exp``, ``nbf`` and ``iat``, if present, must be valid times (:data:`MAX_TIME`);
+    ``exp`` must be in the future and sets :attr:`Identity.deadline`, ``nbf`` and
+    ``iat`` must not be in the future; ``topics``, if present, must be a list of
+    strings.
 
     Args:
         secret: the HS256 shared secret.
@@ -104,7 +159,13 @@ class JwtAuthenticator:
         audience: if set, the ``aud`` claim must name it.
         issuer: if set, the ``iss`` claim must equal it.
         leeway: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
-        clock: the wall clock, Unix seconds (tests pass one tied to trio's clock).
+        clock: the wall clock, Unix seconds (tests pass one tied to trio's clock);
+            ``exp``, ``nbf`` and ``iat`` are all checked against it.
+
+    Raises:
+        ValueError: not exactly one key, an empty secret, a key that is not a PEM
+            public key of a kind supported, or a leeway that is not a finite number
+            of seconds, zero or more.
     """
 
     def __init__(
@@ -119,6 +180,8 @@ class JwtAuthenticator:
     ) -> None:
         if (secret is None) == (public_key is None):
             raise ValueError("give exactly one of a JWT secret and a JWT public key")
+        if not 0 <= leeway < math.inf:  # NaN too
+            raise ValueError(f"the leeway is a finite number of seconds, zero or more: {leeway}")
         self._key: Any
         if secret is not None:
             if not secret:
@@ -156,8 +219,17 @@ class JwtAuthenticator:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway,
-                # exp is checked below against self.clock, so that tests can move time.
-                options={"require": ["sub"], "verify_exp": False},
+                # The times are checked below (_numeric_date), against self.clock
+                # (which tests move), whatever the PyJWT version: PyJWT takes int() of
+                # whatever it gets (true, "123"), and the older versions pyproject.toml
+                # allows let int()'s OverflowError (Infinity, 1e400) and TypeError ([1])
+                # out of decode(): a 500 at the handshake, 1011 in hello.
+                options={
+                    "require": ["sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.InvalidTokenError as exc:
             # PyJWT's messages name the failed check, never the token.
@@ -165,11 +237,12 @@ class JwtAuthenticator:
         user = claims["sub"]
         if not isinstance(user, str) or not user:
             raise Unauthorized("invalid token: sub must be a non-empty string")
-        exp = claims.get("exp")
+        exp, nbf, iat = (_numeric_date(claims, name) for name in ("exp", "nbf", "iat"))
+        for name, value in (("nbf", nbf), ("iat", iat)):
+            if value is not None and value - self.leeway > now:
+                raise Unauthorized(f"invalid token: not valid yet ({name})")
         deadline: float | None = None
         if exp is not None:
-            if not isinstance(exp, int | float) or isinstance(exp, bool):
-                raise Unauthorized("invalid token: exp must be a number")
             left = exp + self.leeway - now
             if left <= 0:
                 raise Unauthorized("token expired")

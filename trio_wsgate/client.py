@@ -42,7 +42,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -145,24 +145,32 @@ class Message:
 class Backoff:
     """Exponential backoff with full jitter between connection attempts.
 
-    The n-th consecutive attempt (from 0) waits a uniformly random time in
-    ``[0, min(cap, base * factor**n)]``: the spread keeps a fleet of clients that lost
-    the same server from coming back in one storm.
+    The n-th attempt (from 0) since the last ``welcome`` waits a uniformly random time
+    in ``[0, min(cap, base * factor**n)]``: the spread keeps a fleet of clients that
+    lost the same server from coming back in one storm. A ``welcome`` (a new or a
+    resumed session) is a success and restarts the count, however short the connection
+    then lives, as socket.io-client, centrifuge-js and websockets' ``connect()`` do: a
+    link that drops every few hundred milliseconds still reconnects within ``base``.
+    The first wait after a welcome is still drawn over ``[0, base]``, so a server that
+    welcomes and closes at once (1011, 4004, ...) sees a reconnection every ``base / 2``
+    seconds on average from each client, not a tight loop; ``base`` bounds that rate.
 
     Args:
         base: the ceiling of the first wait, seconds.
         factor: how much the ceiling grows per failed attempt.
         cap: the largest ceiling, seconds.
-        max_attempts: give up (CLOSED) after this many failed attempts in a row;
-            None tries for ever.
-        reset_after: a connection that lived this long resets the count.
+        max_attempts: give up (CLOSED) after this many failed attempts in a row (with
+            no welcome between them); None tries for ever.
+        reset_after: deprecated and ignored: a welcome restarts the count. Still
+            accepted so that existing callers keep working.
     """
 
     base: float = 0.5
     factor: float = 2.0
     cap: float = 30.0
     max_attempts: int | None = None
-    reset_after: float = 10.0
+    # Deprecated no-op (issue 18), kept out of repr and comparisons.
+    reset_after: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.base < 0 or self.cap < 0 or self.factor < 1:
@@ -679,8 +687,9 @@ class Client:
                 if not reconnects_after(code):
                     self._finish(code, link.close_reason)
                     return
-                lived = trio.current_time() - (link.welcomed_at or math.inf)
-                if lived >= backoff.reset_after:
+                if link.welcomed_at is not None:
+                    # Welcomed: a success, however short-lived; the count restarts and
+                    # the next wait is drawn over [0, base] (see Backoff).
                     attempt = 0
                 logger.info("connection ended (%d %s); reconnecting", code, link.close_reason)
             if backoff.max_attempts is not None and attempt >= backoff.max_attempts:

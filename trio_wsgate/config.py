@@ -78,6 +78,13 @@ class Config:
     #: Most envelopes a session holds unacknowledged while it has no live connection;
     #: past this it is dropped and a later resume gets ``resumed: false``.
     max_buffered: int = 1000
+    #: Most bytes of unacknowledged envelopes a session holds (encoded, as sent). Past
+    #: it a live connection closes with 4004 and the session ends as it lets go; a
+    #: detached session ends at once. Its client recovers by offset (PROTOCOL.md §6).
+    max_buffered_bytes: int = 1 << 20
+    #: Most bytes all detached sessions of the node hold together; the session that
+    #: would take the node past it ends (as for ``max_buffered_bytes``).
+    max_detached_bytes: int = 64 << 20
     #: The key of the resume tokens' HMAC. Nodes that share it accept each other's
     #: tokens; ``None`` draws a random one at start-up (resume then works on this node
     #: only, until it restarts). Never printed: it is left out of ``repr``.
@@ -94,10 +101,19 @@ class Config:
     allow_subscribe: tuple[str, ...] = ()
     #: Glob patterns of topics clients may publish to (``pub``). None by default.
     allow_publish: tuple[str, ...] = ()
+    #: Most topics a client may subscribe one session to (``sub`` past it: error
+    #: ``limit_exceeded``); the user topic counts, the application's own don't.
+    max_subscriptions: int = 128
     #: Publications each topic keeps for recovery (PROTOCOL.md §6); 0 keeps none.
     history_size: int = 100
     #: Seconds a publication stays in its topic's history; None keeps it until pushed out.
     history_ttl: float | None = 300.0
+    #: Bytes of history one topic keeps at most, oldest out first (in-memory broker).
+    history_topic_bytes: int = 4 << 20
+    #: Bytes of history all topics of the node keep together; past it the oldest
+    #: publications go first, whatever their topic (in-memory broker; with Redis the
+    #: history lives in Redis, ``history_size`` per topic).
+    history_bytes: int = 64 << 20
     #: The key of the server API (``Authorization: apikey <key>``). Never printed.
     api_key: str | None = field(default=None, repr=False)
     #: Serve the server API without a key (local use only).
@@ -132,6 +148,10 @@ class Config:
     user_limit_policy: UserLimitPolicy = UserLimitPolicy.REJECT_NEWEST
     #: Sockets still in their opening handshake; more are closed at once (slowloris).
     max_handshakes: int = 1000
+    #: Of those, most from one IP address still waiting for their whole request head
+    #: (counted from accept); more are closed at once, so that one address cannot hold
+    #: every slot (docs/operations.md, "Limits against abuse").
+    max_handshakes_per_ip: int = 32
     #: New WebSocket connections per second this node accepts (a token bucket of
     #: ``accept_burst``); more get 503 with ``Retry-After``. None: no cap.
     accept_rate: float | None = None
@@ -159,6 +179,8 @@ class Config:
             raise ValueError("heartbeat_slack must not be negative")
         if self.max_buffered < 0:
             raise ValueError("max_buffered must not be negative")
+        if self.max_buffered_bytes < 1 or self.max_detached_bytes < 1:
+            raise ValueError("max_buffered_bytes and max_detached_bytes must be positive")
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError("secret must be at least 16 characters")
         if self.jwt_secret is not None and self.jwt_public_key is not None:
@@ -168,6 +190,10 @@ class Config:
             raise ValueError("jwt_secret must be at least 32 bytes (RFC 7518 §3.2)")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
+        if self.history_topic_bytes < 1 or self.history_bytes < 1:
+            raise ValueError("history_topic_bytes and history_bytes must be positive")
+        if self.max_subscriptions < 1:
+            raise ValueError("max_subscriptions must be at least 1")
         if self.history_size < 0:
             raise ValueError("history_size must not be negative")
         self.allow_subscribe = tuple(self.allow_subscribe)
@@ -188,8 +214,10 @@ class Config:
             raise ValueError("accept_rate must be positive (or unset)")
         if self.rate_burst is not None and self.rate_burst < 1:
             raise ValueError("rate_burst must be at least 1")
-        if self.accept_burst < 1 or self.max_fragments < 1 or self.max_handshakes < 1:
+        if min(self.accept_burst, self.max_fragments, self.max_handshakes) < 1:
             raise ValueError("accept_burst, max_fragments and max_handshakes must be at least 1")
+        if self.max_handshakes_per_ip < 1:
+            raise ValueError("max_handshakes_per_ip must be at least 1")
         if self.handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
         if self.compression and self.transport is not TransportKind.WEBSOCKETS:

@@ -84,6 +84,7 @@ from .protocol import (
     Unsub,
     Welcome,
 )
+from .protocol.values import MAX_DEPTH, check_value
 from .session import Inbox, Outbox, Receipt
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken
@@ -116,6 +117,10 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
 }
 
+# Bytes of received messages waiting for the dispatcher past which the reader stops
+# reading (Connection._wait_taken); a message larger than this is taken alone.
+_INBOUND_HIGH_WATER = 1 << 20
+
 _WRITER = f"{__name__}.Connection._write_loop"
 _APPLICATION = f"{__name__}.Connection._application"
 
@@ -137,38 +142,40 @@ async def _running(timers: Timers) -> AsyncIterator[None]:
 _Item = tuple[bytes, bool]
 
 
-# What makes a sequenced envelope, and its encoding, for a seq and a piggybacked ack.
+# What makes a sequenced envelope, or its encoding, for a seq and a piggybacked ack.
 _Build = Callable[[int, "int | None"], Sequenced]
 _Encode = Callable[[int, "int | None"], bytes]
 
 
 class _Outgoing:
-    """A sequenced envelope kept until acknowledged, and its encoding for the wire.
+    """A sequenced envelope kept until acknowledged: its encoding for the wire, alone.
 
-    The envelope object is made again when asked for (a resume in the other encoding,
-    a hand-over to another node), not kept: a fan-out delivery is only ever written.
+    The envelope object is not kept (a reply's data would be held twice, decoded and
+    encoded): a resume in the other encoding or a hand-over to another node decodes
+    it again from :attr:`payload`, which the value domain makes always possible.
     """
 
-    __slots__ = ("_build", "ack", "payload", "seq")
+    __slots__ = ("ack", "payload", "seq")
 
-    def __init__(self, build: _Build, seq: int, ack: int | None, payload: bytes) -> None:
-        self._build, self.seq, self.ack, self.payload = build, seq, ack, payload
+    def __init__(self, seq: int, ack: int | None, payload: bytes) -> None:
+        self.seq, self.ack, self.payload = seq, ack, payload
 
-    @classmethod
-    def of(cls, envelope: Sequenced, payload: bytes) -> _Outgoing:
-        return cls(lambda _seq, _ack: envelope, envelope.seq, envelope.ack, payload)
+    def envelope(self, codec: Codec) -> Sequenced:
+        """The envelope again, from its encoding by ``codec``."""
+        (envelope,) = codec.decode(self.payload)
+        assert isinstance(envelope, Sequenced)
+        return envelope
 
-    @property
-    def envelope(self) -> Sequenced:
-        return self._build(self.seq, self.ack)
+
+def _size(item: _Outgoing) -> int:
+    return len(item.payload)
 
 
 @dataclass(slots=True, frozen=True)
 class _Senders:
-    """How the sessions of one encoding make a publication's ``msg``: made once per
+    """How the sessions of one encoding encode a publication's ``msg``: made once per
     publication and encoding, whatever the number of subscribers."""
 
-    build: _Build
     encode: _Encode
 
     @classmethod
@@ -180,17 +187,6 @@ class _Senders:
         splice, event = codec.splice, pub.event
         topic, offset, epoch = pub.topic, pub.offset, pub.epoch
 
-        def build(seq: int, ack: int | None) -> Sequenced:
-            return Msg(
-                seq=seq,
-                event=event,
-                topic=topic,
-                offset=offset,
-                epoch=epoch,
-                data=pub.data,
-                ack=ack,
-            )
-
         def encode(seq: int, ack: int | None) -> bytes:
             head: dict[str, Any] = {"type": "msg", "seq": seq}
             if ack is not None:
@@ -200,7 +196,7 @@ class _Senders:
             head["topic"], head["offset"], head["epoch"] = topic, offset, epoch
             return splice(head, fields, count)
 
-        return cls(build, encode)
+        return cls(encode)
 
 
 class Session:
@@ -218,6 +214,7 @@ class Session:
         "__weakref__",
         "_claimant",
         "_codec",
+        "_held",
         "_hub",
         "_resume_token",
         "close_code",
@@ -259,9 +256,11 @@ class Session:
         #: The close code and reason of its last connection (None while one is open).
         self.close_code: int | None = None
         self.close_reason: CloseReason | None = None
-        self.outbox: Outbox[_Outgoing] = Outbox(window)
+        self.outbox: Outbox[_Outgoing] = Outbox(window, measure=_size)
         self.inbox = Inbox(window)
         self._codec = codec
+        # The bytes of its outbox the node counts as held by detached sessions.
+        self._held = 0
         # The connection that most recently asked to take the session over.
         self._claimant: Connection | None = None
         # Never logged nor shown in repr (a bearer secret for resuming).
@@ -286,9 +285,11 @@ class Session:
         Raises:
             SessionClosed: the session has ended.
             SlowConsumer: the session had no live connection and overflowed
-                ``max_buffered``: it has ended now.
-            TypeError: ``data`` cannot be encoded (nothing was queued).
+                ``max_buffered`` or ``max_buffered_bytes``: it has ended now.
+            ValueError: ``data`` is outside the value domain (docs/protocol.md,
+                "Values"), so not every client could receive it (nothing was queued).
         """
+        check_value(data, MAX_DEPTH - 1)
         self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
     @property
@@ -332,14 +333,18 @@ class Session:
         senders = pub.senders.get(self._codec.subprotocol)
         if senders is None:
             senders = pub.senders[self._codec.subprotocol] = _Senders.of(pub, self._codec)
-        self._push(senders.build, senders.encode)
+        self._push(None, senders.encode)
 
-    def _push(self, build: _Build, encode: _Encode | None = None) -> None:
+    def _push(self, build: _Build | None, encode: _Encode | None = None) -> None:
         """Number, encode and queue (or buffer) a sequenced envelope.
 
         A pending ack rides along only if the window lets the envelope out now; an
         envelope held back would hold the ack back too (PROTOCOL.md §4: acks within
         100 ms). TypeError/ValueError from the codec leave everything unchanged.
+
+        Past ``max_buffered_bytes`` of unacknowledged envelopes, a live connection is
+        closed with 4004 (and the session ends as it lets go); a detached session, or
+        one that takes the node's detached sessions past ``max_detached_bytes``, ends.
         """
         if self.ended:
             raise SessionClosed(self.close_code, self.close_reason)
@@ -354,27 +359,47 @@ class Session:
             else None
         )
         seq = outbox.next_seq
-        payload = self._codec.encode(build(seq, ack)) if encode is None else encode(seq, ack)
+        if encode is None:
+            assert build is not None
+            payload = self._codec.encode(build(seq, ack))
+        else:
+            payload = encode(seq, ack)
         if ack is not None:
             inbox.take_ack()
-        goes_now = outbox.push(_Outgoing(build, seq, ack, payload))
+        goes_now = outbox.push(_Outgoing(seq, ack, payload))
+        hub = self._hub
         if connection is not None:
             if goes_now:
                 connection.enqueue_sequenced(payload)
-        elif len(outbox) > self._hub.config.max_buffered:
-            self._hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+            if outbox.nbytes > hub.config.max_buffered_bytes:
+                connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+        elif self.connection is None:
+            if not hub.hold(self, len(payload)):
+                raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+        elif hub.overflows(self):  # its connection is closing: kept for the resume
+            hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
             raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
 
     def _attach(self, connection: Connection, codec: Codec, resumed: bool) -> None:
-        """Bind to a connection; re-encode what is kept if the encoding changed."""
+        """Bind to a connection; re-encode what is kept if the encoding changed.
+
+        Raises:
+            TypeError, ValueError: a kept envelope cannot be re-encoded in ``codec``
+                (nothing was changed). The value domain rules it out; the caller
+                ends the session all the same, rather than leave it half attached.
+        """
+        if codec.subprotocol != self._codec.subprotocol:
+            items = list(self.outbox.unacknowledged())
+            payloads = [codec.encode(item.envelope(self._codec)) for _, item in items]
+            for (_, item), payload in zip(items, payloads, strict=True):
+                item.payload = payload
+            self.outbox.recount()
+        self._codec = codec
+        self._hub.release_held(self)
         self.connection = connection
         self.resumed = resumed
         self.detached_at = None
         self.close_code = self.close_reason = None
-        if codec.subprotocol != self._codec.subprotocol:
-            for _, item in self.outbox.unacknowledged():
-                item.payload = codec.encode(item.envelope)
-        self._codec = codec
 
 
 class Connection:
@@ -410,12 +435,14 @@ class Connection:
         "_metrics",
         "_nursery",
         "_pending",
+        "_pending_bytes",
         "_ping_timer",
         "_pings",
         "_queue",
         "_refresh_scopes",
         "_refreshes",
         "_slack",
+        "_taken",
         "_timers",
         "_transport",
         "_wake",
@@ -453,6 +480,10 @@ class Connection:
         # Envelopes for the dispatcher, in order, and the event it waits on for more.
         self._pending: list[Envelope] = []
         self._arrived = Wakeup()
+        # The bytes of the messages those came in; past _INBOUND_HIGH_WATER the reader
+        # waits on _taken (made then) until the dispatcher takes them.
+        self._pending_bytes = 0
+        self._taken: Wakeup | None = None
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome; the events
         # below, when someone first waits (an idle connection holds none of them).
@@ -591,6 +622,8 @@ class Connection:
         self.closing = True
         self.close_decided_at = trio.current_time()
         self._answered_hello()  # a reader waiting for welcome goes back to reading
+        if self._taken is not None:
+            self._taken.set()  # and one waiting for the dispatcher too
         self._cancel_application()
         self._stop_timers()
         if self._nursery is not None:
@@ -676,6 +709,8 @@ class Connection:
                             # welcome answers hello before anything else is answered.
                             self._welcomed = trio.Event()
                             await self._welcomed.wait()
+                    if self._pending:  # the message is kept until the dispatcher runs
+                        self._pending_bytes += len(payload)
                 except ProtocolError as exc:
                     self.close(exc.code, exc.reason)
             if incoming.failed is not None:
@@ -692,6 +727,18 @@ class Connection:
                 # The peer closed its end; after a close handshake this is the normal end.
                 self._abort(CloseCode.ABNORMAL, CloseReason.EOF)
                 return
+            if self._pending_bytes > _INBOUND_HIGH_WATER and not self.closing:
+                await self._wait_taken()
+
+    async def _wait_taken(self) -> None:
+        """Read no more until the dispatcher has taken what waits for it: what a peer
+        sends faster than its handlers run stays in its socket, not in this process
+        (TCP pushes back on the peer). A close decided meanwhile ends the wait."""
+        taken = self._taken
+        if taken is None:
+            taken = self._taken = Wakeup()
+        while self._pending_bytes > _INBOUND_HIGH_WATER and not self.closing:
+            await taken.wait()
 
     def _within_rate(self, count: int) -> bool:
         """Take ``count`` from the rate limit's bucket; over it, close with 4009."""
@@ -873,14 +920,21 @@ class Connection:
     # -- the timers: heartbeat and ack delay ----------------------------------------
 
     def _start_heartbeat(self) -> None:
+        # Liveness from the start; pings only once the session is open (below).
         interval = self._config.heartbeat_interval
         assert interval is not None
-        timers, now = self._timers, trio.current_time()
+        now = trio.current_time()
         self._last_seen = now
-        self._ping_timer = timers.call_at(self._early(now + interval), self._ping)
-        self._liveness_timer = timers.call_at(
+        self._liveness_timer = self._timers.call_at(
             self._late(now + interval + self._config.heartbeat_timeout), self._check_liveness
         )
+
+    def _start_pings(self) -> None:
+        """Pings belong to a session: the first goes an interval after ``welcome``."""
+        interval = self._config.heartbeat_interval
+        if interval is not None and not self.closing:
+            when = self._early(trio.current_time() + interval)
+            self._ping_timer = self._timers.call_at(when, self._ping)
 
     # On the slack's grid: every connection's ping due in the same step goes out in
     # one pass of the timers, and so are the liveness checks (Config.heartbeat_slack).
@@ -924,6 +978,8 @@ class Connection:
         at the deadline the last frame set."""
         interval = self._config.heartbeat_interval
         assert interval is not None
+        if self._pending_bytes > _INBOUND_HIGH_WATER:
+            self._last_seen = trio.current_time()  # not silent: not read (_wait_taken)
         deadline = self._last_seen + interval + self._config.heartbeat_timeout
         if trio.current_time() >= deadline:
             self._liveness_timer = None
@@ -967,6 +1023,7 @@ class Connection:
             return
         if self._hub.authenticator is not None:
             self._expire_token_at(session.identity.deadline)
+        self._start_pings()
         self._answered_hello()
         for hook in gateway.connect_hooks:
             await hook(session)
@@ -980,6 +1037,7 @@ class Connection:
             while not self._pending:
                 await arrived.wait()
             envelopes, self._pending = self._pending, []
+            self._took()
             # Settings made while this task was busy are for envelopes taken here:
             # kept, they would wake the next wait for nothing.
             arrived.clear()
@@ -994,8 +1052,14 @@ class Connection:
         while not self._pending:
             await self._arrived.wait()
         envelopes, self._pending = self._pending, []
+        self._took()
         self._arrived.clear()
         return envelopes
+
+    def _took(self) -> None:
+        self._pending_bytes = 0
+        if self._taken is not None:
+            self._taken.set()
 
     async def _authenticate(self, token: str | None) -> Identity | None:
         """Who the client is (PROTOCOL.md §3); None after closing with 4001."""
@@ -1107,6 +1171,22 @@ class Connection:
                 except ProtocolError as exc:
                     self.close(exc.code, exc.reason)
                     return None
+                if not self._within_user_limit(session):
+                    return None  # the session stays detached, for a resume within the limit
+                try:
+                    session._attach(self, self._codec, resumed=True)
+                except Exception:
+                    # What it kept cannot go out in this encoding (the value domain
+                    # rules it out): that session ends, and the client gets a new one
+                    # (resumed: false) rather than a session stuck to this connection.
+                    self.internal_error(f"session {session.id} could not be resumed here")
+                    hub.end(
+                        session,
+                        CloseCode.INTERNAL_ERROR,
+                        CloseReason.INTERNAL_ERROR,
+                        why="internal",
+                    )
+                    session = None
         if session is None:
             session = await self._new_session(identity)
             if session is None:
@@ -1119,9 +1199,6 @@ class Connection:
             session._attach(self, self._codec, resumed=False)
             ack = 0
         else:
-            if not self._within_user_limit(session):
-                return None  # the session stays detached, for a resume within the limit
-            session._attach(self, self._codec, resumed=True)
             ack = session.inbox.resume()
         session.identity = identity
         self.session = session
@@ -1257,6 +1334,9 @@ class Connection:
         except ValueError as exc:
             return None, ErrorInfo("bad_topic", str(exc))
         if isinstance(envelope, Sub):
+            limit = self._config.max_subscriptions
+            if topic not in session.subscriptions and len(session.subscriptions) >= limit:
+                return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
             if not await hub.may_subscribe(session, topic):
                 return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
             result = await hub.subscribe(session, topic, envelope.since)
@@ -1279,6 +1359,7 @@ class Connection:
         # connection is closing: the client gets it when it resumes.
         try:
             try:
+                check_value(data, MAX_DEPTH - 1)  # every encoding, every node can carry it
                 session._push(
                     lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack)
                 )

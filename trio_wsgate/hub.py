@@ -70,6 +70,7 @@ from .protocol import (
     parse_envelope,
     shared_codec,
 )
+from .protocol.values import MAX_DEPTH, check_value
 from .session import Inbox, Outbox
 from .timers import Timers
 
@@ -152,9 +153,11 @@ def prepare_data(data: Any) -> dict[str, tuple[bytes, int]]:
     """Encode a publication's data once per encoding (both, so every subscriber can get it).
 
     Raises:
-        ValueError: the data cannot be encoded in JSON or in msgpack.
+        ValueError: the data is outside the value domain (protocol/values.py): one of
+            the encodings, or a browser, could not carry it.
     """
     try:
+        check_value(data, MAX_DEPTH - 1)
         return {name: prepared(shared_codec(name), data) for name in CODECS}
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"data must be encodable as JSON and as msgpack: {exc}") from None
@@ -215,7 +218,12 @@ class Hub:
         self.gateway = gateway
         self.config = config
         self.metrics = metrics
-        self.broker: Broker = broker or MemoryBroker(config.history_size, config.history_ttl)
+        self.broker: Broker = broker or MemoryBroker(
+            config.history_size,
+            config.history_ttl,
+            topic_bytes=config.history_topic_bytes,
+            history_bytes=config.history_bytes,
+        )
         self.broker.bind(self._receive, self._on_control)
         self.authenticator = authenticator
         #: This node's name.
@@ -227,6 +235,8 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         #: Every session held, attached or detached, by id.
         self.sessions: dict[str, Session] = {}
+        #: Bytes the outboxes of detached sessions hold (``max_detached_bytes``).
+        self.detached_bytes = 0
         # Set when the last session has left this node, its hand-over (if it moved)
         # answered: a draining node waits for it.
         self._emptied = trio.Event()
@@ -291,6 +301,7 @@ class Hub:
             self.users.setdefault(session.user, set()).add(session)
 
     def _unregister(self, session: Session) -> None:
+        self.release_held(session)
         self.sessions.pop(session.id, None)
         self._note_if_empty()
         if session.user is not None:
@@ -366,14 +377,37 @@ class Hub:
             return
         session.inbox.detach()
         session.detached_at = trio.current_time()
-        if len(session.outbox) > self.config.max_buffered:
-            self.end(session, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+        if not self.hold(session, session.outbox.nbytes):
             return
         deadline = self._deadline(session)
         assert deadline is not None
         self._counter += 1
         heapq.heappush(self._deadlines, (deadline, self._counter, session))
         self._wake.set()
+
+    def overflows(self, session: Session) -> bool:
+        """True if ``session`` holds more than a session may keep for a resume."""
+        config, outbox = self.config, session.outbox
+        return len(outbox) > config.max_buffered or outbox.nbytes > config.max_buffered_bytes
+
+    def hold(self, session: Session, nbytes: int) -> bool:
+        """Count ``nbytes`` more of a detached session's outbox against the node's bound.
+
+        Past ``max_buffered`` or ``max_buffered_bytes`` for the session, or
+        ``max_detached_bytes`` for the node, the session ends (``overflow``): its client
+        recovers by offset (PROTOCOL.md §6). Returns False then.
+        """
+        session._held += nbytes
+        self.detached_bytes += nbytes
+        if self.overflows(session) or self.detached_bytes > self.config.max_detached_bytes:
+            self.end(session, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+            return False
+        return True
+
+    def release_held(self, session: Session) -> None:
+        """The session is attached again, or gone: its bytes no longer count as detached."""
+        self.detached_bytes -= session._held
+        session._held = 0
 
     @staticmethod
     def ends_session(reason: CloseReason | None) -> bool:
@@ -579,8 +613,15 @@ class Hub:
             session._publish(pub)
         except SessionClosed:
             pass  # it ended (or overflowed max_buffered): only its own loss
-        except (TypeError, ValueError, OverflowError):  # pragma: no cover - checked on publish
-            logger.exception("publication to %s could not be encoded", pub.topic)
+        except Exception:
+            # The broker's task calls this for every subscriber: one session's failure
+            # must not reach it (nor the others). That session ends; its client
+            # recovers by offset.
+            self.metrics.internal_errors.inc()
+            logger.exception("publication to %s failed for session %s", pub.topic, session.id)
+            self.end(session, CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR, why="internal")
+            if session.connection is not None:
+                session.connection.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def publish(self, topic: str, data: Any, event: str | None = None) -> Publication:
         """Publish to a topic: every subscriber, on every node, gets it once, in order.
@@ -655,27 +696,19 @@ class Hub:
                 state, _ = await self.broker.find_session(resume.session)
         if state is None or state.get("id") != resume.session or state.get("user") != user:
             return None
-        from .connection import Session, _Outgoing  # the connection module imports this one
 
-        outbox = state["outbox"]
-        session = Session(self, state["id"], user, codec, outbox["window"])
-        session._resume_token = self.resume_token(session.id, user)
-        session.state = state.get("state") or {}
-        session.outbox = Outbox(outbox["window"], outbox["next_seq"], outbox["acked"])
-        for queue, wires in (
-            (session.outbox.in_flight, outbox["in_flight"]),
-            (session.outbox.waiting, outbox["waiting"]),
-        ):
-            for wire in wires:
-                envelope = parse_envelope(wire)
-                assert isinstance(envelope, Sequenced)
-                queue.append((envelope.seq, _Outgoing.of(envelope, codec.encode(envelope))))
-        inbox = state["inbox"]
-        session.inbox = Inbox(
-            inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]
-        )
+        try:
+            session = self._import(state, user, codec)
+        except Exception:
+            # Another node's state that cannot be read here: that session only is
+            # lost (resumed: false), and the node goes on.
+            self.metrics.internal_errors.inc()
+            logger.exception("the state of session %s could not be taken over", resume.session)
+            return None
         session.detached_at = trio.current_time()
         self._register(session)
+        if not self.hold(session, session.outbox.nbytes):
+            return None  # more than a session may keep here
         await self.claim(session)
         self.metrics.sessions_migrated.labels("in").inc()
         for topic, (offset, epoch) in state["subscriptions"].items():
@@ -685,11 +718,44 @@ class Hub:
                 logger.warning("migrated session %s could not follow %s", session.id, topic)
         return session
 
+    def _import(self, state: dict[str, Any], user: str | None, codec: Codec) -> Session:
+        """A session made from the state :meth:`_export` wrote on another node."""
+        from .connection import Session, _Outgoing  # the connection module imports this one
+
+        outbox = state["outbox"]
+        session = Session(self, state["id"], user, codec, outbox["window"])
+        session._resume_token = self.resume_token(session.id, user)
+        session.state = state.get("state") or {}
+        kept = Outbox[_Outgoing](outbox["window"], outbox["next_seq"], outbox["acked"])
+        for queue, wires in (
+            (kept.in_flight, outbox["in_flight"]),
+            (kept.waiting, outbox["waiting"]),
+        ):
+            for wire in wires:
+                envelope = parse_envelope(check_value(wire))
+                assert isinstance(envelope, Sequenced)
+                queue.append(
+                    (envelope.seq, _Outgoing(envelope.seq, envelope.ack, codec.encode(envelope)))
+                )
+        kept.measure = session.outbox.measure
+        kept.recount()
+        session.outbox = kept
+        inbox = state["inbox"]
+        session.inbox = Inbox(
+            inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]
+        )
+        return session
+
     async def _hand_over(self, session_id: str, to: str, request: str) -> None:
         """Another node asks for a session of ours: let go of it and send its state."""
         self._handing_over += 1
         try:
             await self._hand_over_one(session_id, to, request)
+        except Exception:
+            # A task of the hub's, on behalf of one session: its failure is that
+            # session's alone (the other node's resume times out: resumed: false).
+            self.metrics.internal_errors.inc()
+            logger.exception("handing session %s over failed", session_id)
         finally:
             self._handing_over -= 1
             self._note_if_empty()
@@ -708,7 +774,8 @@ class Hub:
                 old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
                 await old.wait_detached()
             if not session.ended and session.connection is None:
-                state = self._export(session)
+                state = self._exported(session)
+            if state is not None:
                 session.ended = True  # here; it lives on at the other node
                 session.close_code, session.close_reason = (
                     CloseCode.TAKEN_OVER,
@@ -745,8 +812,12 @@ class Hub:
                 if not session.ended and deadline is not None:
                     batch.append((session, deadline - now))
                     self._parking[session.id] = done
+            states: list[tuple[dict[str, Any], float]] = []
+            for session, ttl in batch:
+                state = self._exported(session)
+                if state is not None:
+                    states.append((state, ttl))
             try:
-                states = [(self._export(session), ttl) for session, ttl in batch]
                 await self.broker.park_sessions(states, self.node_id)
             except BrokerUnavailable as exc:
                 logger.warning("could not park %d sessions: %s", len(batch), exc)
@@ -766,9 +837,23 @@ class Hub:
                 parked += 1
         return parked
 
+    def _exported(self, session: Session) -> dict[str, Any] | None:
+        """The state of ``session`` to move to another node, or None if it cannot move.
+
+        A session that cannot be written out ends here (``resumed: false`` wherever
+        its client comes back); the others move all the same.
+        """
+        try:
+            return self._export(session)
+        except Exception:
+            self.metrics.internal_errors.inc()
+            logger.exception("session %s cannot move to another node", session.id)
+            self.end(session, CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR, why="internal")
+            return None
+
     @staticmethod
     def _export(session: Session) -> dict[str, Any]:
-        outbox, inbox = session.outbox, session.inbox
+        outbox, inbox, codec = session.outbox, session.inbox, session._codec
         app_state: dict[str, Any] = session.state
         try:
             msgpack.packb(app_state, use_bin_type=True)
@@ -783,8 +868,8 @@ class Hub:
                 "window": outbox.window,
                 "next_seq": outbox.next_seq,
                 "acked": outbox.acked,
-                "in_flight": [item.envelope.to_wire() for _, item in outbox.in_flight],
-                "waiting": [item.envelope.to_wire() for _, item in outbox.waiting],
+                "in_flight": [item.envelope(codec).to_wire() for _, item in outbox.in_flight],
+                "waiting": [item.envelope(codec).to_wire() for _, item in outbox.waiting],
             },
             "inbox": {
                 "window": inbox.window,

@@ -3,6 +3,11 @@
 Each node has its own :class:`Metrics` with its own registry, so that several nodes
 (or tests) in one process never share counters. ``wsgate_tasks`` walks trio's task
 tree on every scrape: a leak of tasks is visible from outside the process.
+
+No label takes a value a client chooses freely: each series costs memory in the node
+and in Prometheus, so a client must not be able to make one per request. The close
+code of ``wsgate_closes_total`` is the peer's own when the peer closed, so it is
+bounded (:meth:`Metrics.close_code_label`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Metrics", "Tally", "Timings", "count_tasks"]
+__all__ = ["CLOSE_CODE_LABELS", "CloseCounter", "Metrics", "Tally", "Timings", "count_tasks"]
+
+#: The close codes ``wsgate_closes_total`` names; any other is counted as ``other``.
+#: 1000-1015: the codes RFC 6455 (§7.4.1) and the IANA registry define, 1013 among
+#: them (PROTOCOL.md §8); 4000-4009: this protocol's range (4001-4006 and 4009 in use,
+#: the rest kept for it). Client codes (3000-3999, 4010-4999) and the application's
+#: own codes outside that range all count as ``other``: at most 27 series per reason.
+CLOSE_CODE_LABELS = frozenset(range(1000, 1016)) | frozenset(range(4000, 4010))
 
 
 def count_tasks() -> int:
@@ -96,6 +108,27 @@ class _Family(Collector):
             yield family
 
 
+class CloseCounter:
+    """``wsgate_closes_total{code,reason}``, its ``code`` label bounded.
+
+    Use like a labelled counter: ``closes.labels(code, reason).inc()``; the code is
+    mapped by :meth:`Metrics.close_code_label` on the way.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counter = Counter(
+            "wsgate_closes",
+            "Connections ended, by close code (other: outside 1000-1015 and 4000-4009)"
+            " and classified reason.",
+            ["code", "reason"],
+            registry=registry,
+        )
+
+    def labels(self, code: int | str, reason: str) -> Counter:
+        """The child counter for a close code and a :class:`~trio_wsgate.CloseReason`."""
+        return self._counter.labels(Metrics.close_code_label(code), str(reason))
+
+
 class Metrics:
     """The metrics of one node.
 
@@ -112,12 +145,8 @@ class Metrics:
         self.connections_total = Counter(
             "wsgate_connections", "WebSocket connections accepted.", registry=r
         )
-        self.closes = Counter(
-            "wsgate_closes",
-            "Connections ended, by close code and classified reason.",
-            ["code", "reason"],
-            registry=r,
-        )
+        #: Maps the close code to a bounded label: a client picks its own close code.
+        self.closes = CloseCounter(r)
         self.internal_errors = Counter(
             "wsgate_internal_errors",
             "Unexpected errors contained to one connection (logged with its id).",
@@ -164,6 +193,16 @@ class Metrics:
         self.sessions_detached = Gauge(
             "wsgate_sessions_detached", "Sessions waiting for their client to resume.", registry=r
         )
+        self.detached_bytes = Gauge(
+            "wsgate_detached_bytes",
+            "Bytes of unacknowledged envelopes that detached sessions hold.",
+            registry=r,
+        )
+        self.history_bytes = Gauge(
+            "wsgate_history_bytes",
+            "Bytes the in-memory broker's topic history holds (0 with Redis).",
+            registry=r,
+        )
         self.sessions_opened = Counter("wsgate_sessions_opened", "Sessions started.", registry=r)
         self.resumes = Counter(
             "wsgate_resumes",
@@ -206,6 +245,18 @@ class Metrics:
         )
         self.tasks = Gauge("wsgate_tasks", "Live trio tasks in this process.", registry=r)
         self.tasks.set_function(lambda: float(count_tasks()))
+
+    @staticmethod
+    def close_code_label(code: int | str | None) -> str:
+        """The ``code`` label for a close code: itself if in :data:`CLOSE_CODE_LABELS`,
+        else ``"other"`` (3000-3999, 4010-4999, anything malformed)."""
+        if code is None:
+            return "other"
+        try:
+            value = int(code)
+        except ValueError:
+            return "other"
+        return str(value) if value in CLOSE_CODE_LABELS else "other"
 
     def _tally(self, name: str, documentation: str) -> Tally:
         tally = Tally()

@@ -103,6 +103,11 @@ class Server:
         #: The node's sessions, users and topics.
         self.hub = Hub(gateway, config, self.metrics, broker, self.authenticator)
         gateway._hub = self.hub
+        hub = self.hub
+        self.metrics.detached_bytes.set_function(lambda: float(hub.detached_bytes))
+        self.metrics.history_bytes.set_function(
+            lambda: float(getattr(hub.broker, "nbytes", 0))  # the in-memory broker's
+        )
         self.draining = False
         self.forced = False
         #: ``(host, port)`` of each WebSocket listener, once serving.
@@ -116,7 +121,13 @@ class Server:
         self._root: trio.Nursery | None = None
         self._counts = ConnectionCounts()
         self._asgi_app: Any = None  # built by the asgi transport on first use
-        self._handshaking = 0
+        # Every socket in its opening handshake (max_handshakes), by the cancel scope
+        # that bounds it, with the address it counts against while its request head
+        # has not all come ("" once it has, or for a stream with no ip:port).
+        self._handshakes: dict[trio.CancelScope, str] = {}
+        # Per address, its sockets whose request head has not all come, oldest first
+        # (max_handshakes_per_ip); an address is forgotten when it has none.
+        self._heads: dict[str, dict[trio.CancelScope, None]] = {}
         self._accept_bucket: TokenBucket | None = None
         if config.accept_rate is not None:
             self._accept_bucket = TokenBucket(config.accept_rate, config.accept_burst, 0.0)
@@ -260,35 +271,92 @@ class Server:
         if status >= 400:
             self.metrics.handshakes_refused.labels(str(status)).inc()
 
-    def handshake_started(self) -> None:
-        """Count a socket as in its opening handshake (``max_handshakes``)."""
-        self._handshaking += 1
+    def handshake_started(self, remote_address: str, bound: trio.CancelScope) -> bool:
+        """Count an accepted socket as in its opening handshake, before reading anything.
 
-    def handshake_ended(self) -> None:
-        """The socket's opening handshake is over, however it ended."""
-        self._handshaking -= 1
+        Slowloris defence (issue 18, case 9): the node holds at most ``max_handshakes``
+        sockets in their handshake, and one address at most ``max_handshakes_per_ip``
+        of those that have not sent their whole request head. When the node is full,
+        the address holding the most such sockets gives up its oldest to an address
+        holding at least two fewer, so that idle sockets from a few addresses cannot
+        lock every other client out.
+
+        Args:
+            remote_address: the peer's ``ip:port`` (anything else counts against the
+                node only).
+            bound: the cancel scope that bounds the handshake (``handshake_timeout``);
+                cancelled if the socket has to give up its slot.
+
+        Returns:
+            False if the socket is over a limit: the caller closes it at once, without
+            answering (counted as refused with 503, like every socket given up).
+        """
+        config = self.config
+        host, sep, _ = remote_address.rpartition(":")
+        ip = host.strip("[]") if sep else ""
+        heads = self._heads
+        waiting = heads.get(ip) if ip else None
+        held = 0 if waiting is None else len(waiting)
+        if held >= config.max_handshakes_per_ip:
+            self.count_refusal(503)  # counted, not answered: reading the request costs too
+            return False
+        if len(self._handshakes) >= config.max_handshakes:
+            most = max(heads.values(), key=len, default=None)
+            if most is None or len(most) < held + 2:
+                self.count_refusal(503)
+                return False
+            oldest = next(iter(most))
+            self.handshake_ended(oldest)
+            oldest.cancel()
+            self.count_refusal(503)
+        self._handshakes[bound] = ip
+        if ip:
+            if waiting is None:
+                waiting = heads[ip] = {}
+            waiting[bound] = None
+        return True
+
+    def handshake_head_read(self, bound: trio.CancelScope) -> None:
+        """The socket's request head has all come: its address no longer answers for it
+        (``max_handshakes_per_ip``); the node still counts it until the handshake ends."""
+        ip = self._handshakes.get(bound)
+        if ip:
+            self._handshakes[bound] = ""
+            self._forget_head(ip, bound)
+
+    def handshake_ended(self, bound: trio.CancelScope) -> None:
+        """The socket's opening handshake is over, however it ended. Idempotent."""
+        ip = self._handshakes.pop(bound, None)
+        if ip:
+            self._forget_head(ip, bound)
+
+    def _forget_head(self, ip: str, bound: trio.CancelScope) -> None:
+        waiting = self._heads[ip]
+        del waiting[bound]
+        if not waiting:
+            del self._heads[ip]
 
     @contextlib.contextmanager
-    def handshake_slot(self) -> Iterator[None]:
-        """A socket's opening handshake, counted while it lasts."""
-        self.handshake_started()
+    def handshake_slot(self, remote_address: str, bound: trio.CancelScope) -> Iterator[bool]:
+        """A socket's opening handshake, counted while it lasts; yields what
+        :meth:`handshake_started` returned (False: close the socket at once)."""
+        started = self.handshake_started(remote_address, bound)
         try:
-            yield
+            yield started
         finally:
-            self.handshake_ended()
+            self.handshake_ended(bound)
 
     async def serve_stream(self, stream: trio.abc.Stream, remote_address: str = "") -> None:
         """Serve one accepted byte stream: the opening handshake, then the connection.
 
         The transport is the configured one (``websockets``, ``trio-websocket`` or
         ``asgi``); the handshake (or the plain HTTP answer) is bounded by
-        ``handshake_timeout``. Returns once everything the stream started is released.
+        ``handshake_timeout``, and counted from here by :meth:`handshake_started`
+        (each transport takes its slot before it reads anything; a stream over the
+        handshake limits is closed at once). Returns once everything the stream
+        started is released.
         """
         kind = self.config.transport
-        if self._handshaking >= self.config.max_handshakes:
-            self.count_refusal(503)  # counted, not answered: reading the request costs too
-            await trio.aclose_forcefully(stream)
-            return
         try:
             if kind is TransportKind.WEBSOCKETS:
                 accepted = await self._accept_websocket(stream, remote_address)
@@ -317,8 +385,10 @@ class Server:
         its admission, or None if it was refused (answered) or failed."""
         config = self.config
         admitted: list[Admission] = []
+        bound = trio.move_on_after(config.handshake_timeout)
 
         async def decide(request: UpgradeRequest) -> Refusal | Accept:
+            self.handshake_head_read(bound)
             answer = await self.admit(request)
             if isinstance(answer, Admission):
                 admitted.append(answer)
@@ -326,17 +396,18 @@ class Server:
 
         result: Handshake | tuple[int, Any] = (0, None)
         try:
-            with self.handshake_slot(), trio.move_on_after(config.handshake_timeout):
-                result = await accept_websocket(
-                    stream,
-                    decide=decide,
-                    max_message_size=config.max_message_size,
-                    max_fragments=config.max_fragments,
-                    max_request_head=config.max_request_head,
-                    max_headers=config.max_headers,
-                    compression=config.compression,
-                    remote_address=remote_address,
-                )
+            with bound, self.handshake_slot(remote_address, bound) as started:
+                if started:
+                    result = await accept_websocket(
+                        stream,
+                        decide=decide,
+                        max_message_size=config.max_message_size,
+                        max_fragments=config.max_fragments,
+                        max_request_head=config.max_request_head,
+                        max_headers=config.max_headers,
+                        compression=config.compression,
+                        remote_address=remote_address,
+                    )
         except BaseException:
             for admission in admitted:
                 self.release(admission)
@@ -403,20 +474,17 @@ class Server:
             )
 
     async def _serve_admin(self, task_status: trio.TaskStatus[None]) -> None:
-        from hypercorn.config import Config as HypercornConfig
-        from hypercorn.trio import serve as hypercorn_serve
-
-        hconfig = HypercornConfig()
-        hconfig.bind = [f"{self.config.admin_host}:{self.config.admin_port}"]
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("trio_wsgate.admin")
-        hconfig.graceful_timeout = 1.0
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(hypercorn_serve, AdminApp(self), hconfig)
-            for bind in binds:
-                host, _, port = bind.rpartition("//")[2].rpartition(":")
-                self.admin_addresses.append((host.strip("[]"), int(port)))
-            task_status.started()
+        # Not hypercorn.trio.serve: one admin connection's error would end the node
+        # (pgjones/hypercorn#225). AdminApp.serve contains each connection's failure.
+        config = self.config
+        assert config.admin_port is not None  # started only with an admin port
+        listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
+        self.admin_addresses = [
+            (str(name[0]), int(name[1]))
+            for name in (listener.socket.getsockname() for listener in listeners)
+        ]
+        task_status.started()
+        await AdminApp(self).serve(listeners)
 
     async def drain(self) -> None:
         """Drain the node (DESIGN.md, "Drain"), then stop it.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -68,10 +68,22 @@ class Outbox(Generic[T]):
     in_flight: list[tuple[int, T]] = field(default_factory=list)
     #: Numbered but held back by the window, in ``seq`` order.
     waiting: list[tuple[int, T]] = field(default_factory=list)
+    #: How many bytes an item holds (its encoding); None: bytes are not counted.
+    measure: Callable[[T], int] | None = field(default=None, repr=False)
+    #: The bytes of every item not yet acknowledged, as ``measure`` counts them.
+    nbytes: int = 0
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError("window must be at least 1")
+        self.recount()
+
+    def recount(self) -> int:
+        """Count :attr:`nbytes` anew (after the items were re-encoded); return it."""
+        measure = self.measure
+        if measure is not None:
+            self.nbytes = sum(measure(item) for _, item in self.unacknowledged())
+        return self.nbytes
 
     @property
     def last_sent(self) -> int:
@@ -88,6 +100,8 @@ class Outbox(Generic[T]):
         """
         seq = self.next_seq
         self.next_seq += 1
+        if self.measure is not None:
+            self.nbytes += self.measure(item)
         if self.open:
             self.in_flight.append((seq, item))
             return True
@@ -110,7 +124,11 @@ class Outbox(Generic[T]):
         if ack <= self.acked:
             return []  # stale or repeated: acks are cumulative
         self.acked = ack
-        del self.in_flight[: bisect.bisect_right(self.in_flight, ack, key=_seq)]
+        cut = bisect.bisect_right(self.in_flight, ack, key=_seq)
+        measure = self.measure
+        if measure is not None:
+            self.nbytes -= sum(measure(item) for _, item in self.in_flight[:cut])
+        del self.in_flight[:cut]
         return self._refill()
 
     def _refill(self) -> list[T]:

@@ -11,7 +11,7 @@ made inside :meth:`MemoryBroker.publish`, so publications reach subscribers in o
 from __future__ import annotations
 
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,17 @@ __all__ = ["MemoryBroker"]
 class _Topic:
     epoch: str
     offset: int = 0
-    # (trio time published, publication), oldest first.
-    history: deque[tuple[float, Publication]] = field(default_factory=deque)
+    # (trio time published, publication, its key in the node's history), oldest first.
+    history: deque[tuple[float, Publication, int]] = field(default_factory=deque)
     presence: dict[str, str | None] = field(default_factory=dict)
+    nbytes: int = 0  # what its history weighs (see _weight)
+
+
+def _weight(publication: Publication) -> int:
+    """Bytes a publication in history holds, roughly: its encodings, its decoded data
+    (about as large again) and the entry itself."""
+    encoded = sum(len(fields) for fields, _ in publication.encoded.values())
+    return 2 * encoded + 512
 
 
 class MemoryBroker:
@@ -37,15 +45,33 @@ class MemoryBroker:
     Args:
         history_size: publications each topic keeps; 0 keeps none.
         history_ttl: seconds a publication is kept; None: until pushed out by newer ones.
+        topic_bytes: bytes of history one topic keeps at most (oldest out first).
+        history_bytes: bytes of history all topics keep together; past it the node's
+            oldest publications go first, whatever their topic. A publication is
+            weighed by its encodings and data (:func:`_weight`).
     """
 
     #: Always reachable: it is this process.
     healthy = True
     shared = False
 
-    def __init__(self, history_size: int = 100, history_ttl: float | None = 300.0) -> None:
+    def __init__(
+        self,
+        history_size: int = 100,
+        history_ttl: float | None = 300.0,
+        *,
+        topic_bytes: int = 4 << 20,
+        history_bytes: int = 64 << 20,
+    ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.topic_bytes = topic_bytes
+        self.history_bytes = history_bytes
+        #: What the history of every topic weighs now.
+        self.nbytes = 0
+        # Every publication in history, oldest first: key -> (topic, weight).
+        self._order: OrderedDict[int, tuple[str, int]] = OrderedDict()
+        self._keys = 0
         self._topics: dict[str, _Topic] = {}
         self._subscribed: set[str] = set()
         self._receiver: Receiver | None = None
@@ -80,11 +106,36 @@ class MemoryBroker:
         if self.history_ttl is not None and history:
             oldest = trio.current_time() - self.history_ttl
             while history and history[0][0] <= oldest:
-                history.popleft()
+                self._drop_oldest(topic)
         if not history and not topic.presence and name not in self._subscribed:
             del self._topics[name]
             return True
         return False
+
+    def _drop_oldest(self, topic: _Topic) -> None:
+        _, _, key = topic.history.popleft()
+        _, weight = self._order.pop(key)
+        topic.nbytes -= weight
+        self.nbytes -= weight
+
+    def _keep(self, name: str, topic: _Topic, publication: Publication) -> None:
+        """Add to the topic's history, within its bounds and the node's."""
+        weight = _weight(publication)
+        self._keys += 1
+        topic.history.append((trio.current_time(), publication, self._keys))
+        self._order[self._keys] = (name, weight)
+        topic.nbytes += weight
+        self.nbytes += weight
+        while topic.history and (
+            len(topic.history) > self.history_size or topic.nbytes > self.topic_bytes
+        ):
+            self._drop_oldest(topic)
+        while self.nbytes > self.history_bytes and self._order:
+            oldest_name, _ = next(iter(self._order.values()))
+            oldest = self._topics[oldest_name]
+            self._drop_oldest(oldest)  # its oldest is the node's oldest
+            if oldest is not topic:
+                self._prune(oldest_name, oldest)
 
     def _topic(self, name: str) -> _Topic:
         topic = self._topics.get(name)
@@ -107,9 +158,7 @@ class MemoryBroker:
         if encoded:
             publication.encoded.update(encoded)
         if self.history_size:
-            state.history.append((trio.current_time(), publication))
-            while len(state.history) > self.history_size:
-                state.history.popleft()
+            self._keep(topic, state, publication)
         if topic in self._subscribed and self._receiver is not None:
             self._receiver(publication)
         else:
@@ -129,7 +178,7 @@ class MemoryBroker:
         state = self._topic(topic)
         held: list[Publication] = []
         if since is not None:
-            held = [p for _, p in state.history if p.offset > since]
+            held = [p for _, p, _ in state.history if p.offset > since]
         return History(held, state.offset, state.epoch)
 
     async def set_presence(self, topic: str, session: str, user: str | None, present: bool) -> None:

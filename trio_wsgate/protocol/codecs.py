@@ -3,7 +3,8 @@
 A codec turns one WebSocket message into a list of envelopes (one message may carry a
 single envelope or a batch, an array handled in order) and turns envelopes into
 message payloads. Decoding failures map to close codes: invalid UTF-8, JSON or
-msgpack is 1007; a value of the wrong shape is 1002 (from :func:`parse_envelope`).
+msgpack, and a value outside the one value domain (:mod:`.values`), is 1007; a value
+of the wrong shape is 1002 (from :func:`parse_envelope`).
 Nothing here does I/O.
 """
 
@@ -21,6 +22,7 @@ import orjson
 from ..exceptions import ProtocolError
 from .closecodes import CloseCode
 from .envelopes import Envelope, parse_envelope
+from .values import value_error
 
 __all__ = [
     "CODECS",
@@ -84,6 +86,15 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_NUMBER = b"0" * 19
 
 
+def _in_domain(value: Any) -> Any:
+    # Everything a client sends is inside the one value domain, so that it can be kept,
+    # re-encoded and delivered anywhere (protocol/values.py); the rest is 1007.
+    why = value_error(value)
+    if why is not None:
+        raise ProtocolError(CloseCode.INVALID_DATA, why)
+    return value
+
+
 class Codec:
     """One wire encoding. Subclasses set :attr:`subprotocol` and :attr:`binary`."""
 
@@ -142,8 +153,8 @@ class Codec:
         """
         value = self.loads(payload)
         if isinstance(value, list):
-            return [parse_envelope(item) for item in value]
-        return [parse_envelope(value)]
+            return [parse_envelope(_in_domain(item)) for item in value]
+        return [parse_envelope(_in_domain(value))]
 
     def encode(self, envelope: Envelope) -> bytes:
         """Encode one envelope into a message payload."""

@@ -38,7 +38,8 @@ __all__ = [
     "parse_envelope",
 ]
 
-_MAX_INT = 2**64 - 1
+# Every integer of the protocol is a JavaScript safe integer (protocol/values.py).
+_MAX_INT = 2**53 - 1
 
 
 def _fail(reason: str) -> ProtocolError:
@@ -53,7 +54,7 @@ def _int(obj: dict[str, Any], key: str, *, required: bool = True) -> int | None:
         return None
     # bool is an int subclass in Python; true/false are not integers on the wire.
     if type(value) is not int or not 0 <= value <= _MAX_INT:
-        raise _fail(f"{obj.get('type')}: field {key!r} must be an integer in [0, 2**64)")
+        raise _fail(f"{obj.get('type')}: field {key!r} must be an integer in [0, 2**53)")
     return value
 
 

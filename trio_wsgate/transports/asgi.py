@@ -14,6 +14,15 @@ ASGI server and are not counted against the rate limit; the ASGI server, not the
 gateway, bounds the opening request and frames (hypercorn: 16 KiB request heads,
 ``websocket_max_message_size``); and hypercorn always accepts permessage-deflate
 when a client offers it.
+
+Backpressure (transports/base.py): hypercorn's reader answers each ping itself and
+awaits the pong's ``send_all`` (under its connection's write lock) before it reads
+on, so a peer that floods pings and never reads is held back by TCP with at most one
+pong unsent in this process; :class:`GuardedStream` bounds that write too, once a
+close is decided. What the gateway hands over is held to the high-water mark like on
+every transport: over it, :meth:`ASGITransport.receive` takes no more messages,
+hypercorn's queue to the application fills (``max_app_queue_size``), and its reader
+stops reading.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeader
 
 from ..protocol.closecodes import CloseCode, CloseReason
-from .base import Incoming, Refusal, TransportBroken, UpgradeRequest
+from ..wakeup import Wakeup
+from .base import Incoming, Refusal, TransportBroken, UpgradeRequest, output_high_water
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -39,7 +50,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trio_wsgate.asgi")
 
-__all__ = ["ASGITransport", "GatewayApp", "GuardedStream", "hypercorn_config", "serve_asgi_stream"]
+__all__ = [
+    "ASGITransport",
+    "GatewayApp",
+    "GuardedStream",
+    "hypercorn_config",
+    "serve_asgi_stream",
+    "serve_hypercorn_stream",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,6 +83,8 @@ class ASGITransport:
             (:func:`serve_asgi_stream`): its writes are then bounded once a close is
             decided. Under an ASGI server of your own, that server bounds them.
         close_timeout: how long writes may still take after the close is decided.
+        high_water: the unsent bytes over which :meth:`receive` stops taking messages
+            (:func:`~trio_wsgate.transports.base.output_high_water`).
     """
 
     def __init__(
@@ -75,21 +95,47 @@ class ASGITransport:
         *,
         stream: GuardedStream | None = None,
         close_timeout: float = 2.0,
+        high_water: int = output_high_water(65536),
     ) -> None:
         self._stream = stream
         self._close_timeout = close_timeout
         self._receive = receive
         self._send = send
         self._out: list[tuple[bytes, bool]] = []
+        # Bytes of the messages queued or being handed to the ASGI server.
+        self._unsent = 0
+        self._high_water = high_water
+        self._room: Wakeup | None = None
         self._close: tuple[int, str] | None = None
         self._close_sent = False
         self._gone = False
         self.remote_address = remote_address
 
+    @property
+    def high_water(self) -> int:
+        """The unsent bytes over which :meth:`receive` stops taking messages."""
+        return self._high_water
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes of the messages queued or being handed to the ASGI server."""
+        return self._unsent
+
     async def receive(self) -> Incoming:
-        """The next message, or how the WebSocket ended."""
+        """The next message, or how the WebSocket ended.
+
+        While more than the high-water mark waits to be sent, first wait for the write
+        loop's flush (the ASGI server's queue to the application then fills).
+        """
         if self._gone:
             raise trio.ClosedResourceError("the ASGI WebSocket has ended")
+        if self._unsent > self._high_water:
+            self._room = room = Wakeup()
+            try:
+                while self._unsent > self._high_water:
+                    await room.wait()
+            finally:
+                self._room = None
         try:
             event = await self._receive()
         except Exception as exc:  # the ASGI server's own way of saying "gone"
@@ -118,6 +164,7 @@ class ASGITransport:
     def send_message(self, payload: bytes, binary: bool) -> None:
         """Queue one message."""
         self._out.append((payload, binary))
+        self._unsent += len(payload)
 
     def send_close(self, code: int, reason: str) -> None:
         """Queue the close, once."""
@@ -144,6 +191,7 @@ class ASGITransport:
                     await send({"type": "websocket.send", "bytes": payload})
                 else:
                     await send({"type": "websocket.send", "text": payload.decode()})
+                self._sent(len(payload))
             if self._close is not None and not self._close_sent:
                 self._close_sent = True
                 code, reason = self._close
@@ -155,12 +203,28 @@ class ASGITransport:
             logger.debug("the ASGI server refused a send (%r): the WebSocket is gone", exc)
             self._gone = True
             raise TransportBroken(CloseReason.RESET, str(exc)) from exc
+        finally:
+            if out:
+                # What is left will never be sent (the WebSocket is gone, or this was
+                # cancelled): only what was queued since counts.
+                self._unsent = sum(len(payload) for payload, _ in self._out)
+                self._sent(0)
         return self._close_sent
+
+    def _sent(self, nbytes: int) -> None:
+        self._unsent -= nbytes
+        if self._room is not None:
+            self._room.set()
 
     async def aclose(self) -> None:
         """Ask the ASGI server to close now (it releases the socket when the app returns)."""
         if not self._close_sent and not self._gone:
             self._close_sent = True
+            if self._stream is not None:
+                # Cancelled from outside, with no close decided: hypercorn's writes are
+                # shielded, and one may be stuck on a peer that does not read (a pong).
+                # They get close_timeout, as after any close.
+                self._stream.send_deadline = trio.current_time() + self._close_timeout
             with contextlib.suppress(Exception):
                 await self._send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
 
@@ -176,22 +240,42 @@ def _upgrade_request(scope: Scope) -> UpgradeRequest:
     if query:
         target = f"{target}?{query.decode('latin-1')}"
     client = scope.get("client") or ("", 0)
-    remote = f"{client[0]}:{client[1]}"
     return UpgradeRequest(
-        target, headers, tuple(scope.get("subprotocols") or ()), remote, client[0]
+        target, headers, tuple(scope.get("subprotocols") or ()), _remote(scope), client[0]
     )
 
 
-async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
+def _remote(scope: Scope) -> str:
+    client = scope.get("client") or ("", 0)
+    return f"{client[0]}:{client[1]}"
+
+
+async def _send_answer(send: Send, messages: list[Message], remote: str) -> bool:
+    """Send an HTTP answer (or the accept); False if the ASGI server refused it.
+
+    What is sent is well-formed; the ASGI server refuses it once the connection
+    cannot take it: hypercorn raises h11's LocalProtocolError after it answered a
+    peer's broken request itself (pgjones/hypercorn#225). Nothing more to do then.
+    """
+    try:
+        for message in messages:
+            await send(message)
+    except Exception as exc:
+        logger.debug("the ASGI server refused the answer to %s (%r): it is gone", remote, exc)
+        return False
+    return True
+
+
+def _refusal(scope: Scope, refusal: Refusal) -> list[Message]:
     if "websocket.http.response" in (scope.get("extensions") or {}):
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-        await send(
-            {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers}
-        )
-        await send({"type": "websocket.http.response.body", "body": refusal.body.encode()})
-    else:  # the ASGI server answers 403 for a close before accept
-        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+        return [
+            {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers},
+            {"type": "websocket.http.response.body", "body": refusal.body.encode()},
+        ]
+    # The ASGI server answers 403 for a close before accept.
+    return [{"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION}]
 
 
 class GatewayApp:
@@ -229,28 +313,41 @@ class GatewayApp:
             return
         status, body = answer or (404, "Not Found\n")
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body.encode()})
+        start = {"type": "http.response.start", "status": status, "headers": headers}
+        end = {"type": "http.response.body", "body": body.encode()}
+        await _send_answer(send, [start, end], _remote(scope))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = self.server
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        request = _upgrade_request(scope)
+        bound = _HANDSHAKE_BOUND.get()
+        if bound is not None:
+            bound.head_read()
+        try:
+            request = _upgrade_request(scope)
+        except InvalidHeader:  # h11 lets through header values websockets refuses
+            server.count_refusal(400)
+            refusal = Refusal(400, "Bad Request: invalid header value\n")  # PROTOCOL.md §8
+            await _send_answer(send, _refusal(scope, refusal), _remote(scope))
+            return
         answer: Refusal | Any = Refusal(503, "the handshake took too long\n")
         with trio.move_on_after(server.config.handshake_timeout):
             answer = await server.admit(request)
         if isinstance(answer, Refusal):
             server.count_refusal(answer.status)
-            await _refuse(scope, send, answer)
+            await _send_answer(send, _refusal(scope, answer), request.remote)
             return
         try:
-            await send({"type": "websocket.accept", "subprotocol": answer.subprotocol})
+            accept = {"type": "websocket.accept", "subprotocol": answer.subprotocol}
+            accepted = await _send_answer(send, [accept], request.remote)
         except BaseException:
             server.release(answer)
             raise
-        bound = _HANDSHAKE_BOUND.get()
+        if not accepted:
+            server.release(answer)
+            return
         if bound is not None:
             bound.lift()
         transport = ASGITransport(
@@ -259,6 +356,7 @@ class GatewayApp:
             request.remote,
             stream=bound.stream if bound is not None else None,
             close_timeout=server.config.close_timeout,
+            high_water=output_high_water(server.config.max_message_size),
         )
         await server.run_connection(transport, answer, request.remote)
 
@@ -358,6 +456,55 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
+def _peer_errors() -> tuple[type[Exception], ...]:
+    """What hypercorn's protocol code lets out on a peer's broken bytes: the errors of
+    its sans-I/O state machines (h11, h2, wsproto), and of decoding a header value
+    that is not ASCII (``Connection: \\xa0Upgrade`` in wsproto's ``split_comma_header``)."""
+    import h2.exceptions
+    import h11
+    import wsproto.utilities
+
+    return (
+        h11.ProtocolError,
+        h2.exceptions.ProtocolError,
+        wsproto.utilities.ProtocolError,
+        UnicodeDecodeError,
+    )
+
+
+async def serve_hypercorn_stream(
+    app: Any, hconfig: HypercornConfig, stream: trio.abc.Stream, remote: str
+) -> None:
+    """Serve one accepted stream with hypercorn's trio server, its protocol errors contained.
+
+    hypercorn's own per-connection code can raise out of the task that serves the
+    stream when a peer's bytes throw its state machines off: an upgrade request with
+    one byte more, or a NUL, after it makes hypercorn answer 400 on an h11 connection
+    already in its ERROR state (pgjones/hypercorn#225); a non-ASCII byte in an
+    upgrade's ``Connection`` header fails a decode. Under ``hypercorn.trio.serve``
+    every connection runs in one nursery, so that error ends the whole server. Here
+    it ends this stream only and is logged at debug level: the peer broke HTTP (or the
+    WebSocket protocol), which is no fault of the node. (The application's own errors
+    never get here: hypercorn logs them and answers 500 or closes with 1011.) Any
+    other error propagates to the caller, the root of the stream's task, which logs
+    and counts it; so do cancellations.
+
+    Args:
+        app: the ASGI application, wrapped for hypercorn (``ASGIWrapper``).
+        hconfig: hypercorn's settings (:func:`hypercorn_config`).
+        stream: the accepted stream; hypercorn closes it when done.
+        remote: the peer's address, for the log.
+    """
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+
+    try:
+        await TCPServer(app, hconfig, WorkerContext(None), ConnectionState({}), stream)  # type: ignore[arg-type]
+    except* _peer_errors() as group:
+        logger.debug("hypercorn gave up on %s, which broke the protocol: %r", remote, group)
+
+
 async def serve_asgi_stream(server: Server, stream: trio.abc.Stream, remote: str) -> None:
     """Serve one accepted stream through hypercorn's trio worker and :class:`GatewayApp`.
 
@@ -365,9 +512,6 @@ async def serve_asgi_stream(server: Server, stream: trio.abc.Stream, remote: str
     the node's own accept loop, limits and drain are the same for every transport.
     """
     from hypercorn.app_wrappers import ASGIWrapper
-    from hypercorn.trio.tcp_server import TCPServer
-    from hypercorn.trio.worker_context import WorkerContext
-    from hypercorn.typing import ConnectionState
 
     app = server._asgi_app
     if app is None:
@@ -378,28 +522,34 @@ async def serve_asgi_stream(server: Server, stream: trio.abc.Stream, remote: str
     # The opening handshake (or a plain HTTP exchange) is bounded like on the other
     # transports; GatewayApp lifts the bound once it has accepted the WebSocket.
     with trio.move_on_after(server.config.handshake_timeout) as scope:
+        if not server.handshake_started(remote, scope):
+            return  # over the handshake limits: closed at once, nothing read
         bound = _Bound(server, scope, guarded)
         token = _HANDSHAKE_BOUND.set(bound)
         try:
-            await TCPServer(wrapper, hconfig, WorkerContext(None), ConnectionState({}), guarded)  # type: ignore[arg-type]
+            await serve_hypercorn_stream(wrapper, hconfig, guarded, remote)
         finally:
             _HANDSHAKE_BOUND.reset(token)
             bound.lift()
 
 
 class _Bound:
-    """The handshake of one stream: its time bound and its ``max_handshakes`` slot."""
+    """The handshake of one stream: its time bound and its ``max_handshakes`` slot
+    (taken by :meth:`Server.handshake_started` before the stream was read)."""
 
     def __init__(self, server: Server, scope: trio.CancelScope, stream: GuardedStream) -> None:
         self._server = server
         self.stream = stream
         self._scope = scope
         self._open = True
-        server.handshake_started()
+
+    def head_read(self) -> None:
+        """The WebSocket request has come whole (``max_handshakes_per_ip``)."""
+        self._server.handshake_head_read(self._scope)
 
     def lift(self) -> None:
         """The handshake is over: no more bound, and the slot is free."""
         if self._open:
             self._open = False
             self._scope.deadline = math.inf
-            self._server.handshake_ended()
+            self._server.handshake_ended(self._scope)

@@ -4,6 +4,16 @@ The connection's reader is the only caller of :meth:`Transport.receive`; its wri
 loop is the only caller of :meth:`Transport.flush`. The ``send_*`` methods only queue
 bytes (sans-I/O style), so any task may call them; nothing reaches the network until
 the write loop flushes.
+
+Backpressure. What waits to be written to a peer is bounded in bytes, the transport's
+own control frames (the pongs that answer the peer's pings) included: while more than
+the high-water mark (:func:`output_high_water`) is unsent, :meth:`Transport.receive`
+waits before reading anything more, and a flush that brings it back below wakes it.
+A peer that sends and never reads is then held back by TCP's flow control, not by the
+node's memory; the connection's heartbeat closes it, and the close's deadline
+(``close_timeout``) cancels a reader still waiting. A caller must therefore keep
+flushing while it waits on :meth:`Transport.receive` (the connection's write loop
+does, whenever :meth:`Transport.wants_flush` says so).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Protocol
 from ..protocol.closecodes import CloseReason
 
 __all__ = [
+    "OUTPUT_HEADROOM",
     "Accept",
     "Decide",
     "Incoming",
@@ -22,7 +33,24 @@ __all__ = [
     "Transport",
     "TransportBroken",
     "UpgradeRequest",
+    "output_high_water",
 ]
+
+#: Bytes a connection may have waiting to be written beyond one message of the largest
+#: size before its transport stops reading from the peer (see :func:`output_high_water`).
+#: As much as one read from the network (64 KiB) can ask to be sent back in pongs.
+OUTPUT_HEADROOM = 65536
+
+
+def output_high_water(max_message_size: int) -> int:
+    """The unsent bytes over which a transport stops reading ("Backpressure", above).
+
+    One message of the largest size plus :data:`OUTPUT_HEADROOM`: 128 KiB at the default
+    ``max_message_size``. A peer that reads never reaches it for long (its largest reply
+    and the pongs of one read fit below it); one that does not read makes the node hold
+    at most this much plus what one read answers, 64 KiB.
+    """
+    return max_message_size + OUTPUT_HEADROOM
 
 
 @dataclass(slots=True)
@@ -109,6 +137,9 @@ class Transport(Protocol):
 
     async def receive(self) -> Incoming:
         """Wait for data and return what it completed.
+
+        While more than the high-water mark waits to be written, wait for the write
+        loop's flush first: nothing more is read from the peer meanwhile.
 
         Raises:
             TransportBroken: the peer broke the connection.

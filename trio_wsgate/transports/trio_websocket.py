@@ -11,6 +11,14 @@ itself. What that means for the gateway (docs/transports.md):
   request that is not an upgrade before the gateway sees it;
 - a protocol violation is answered by wsproto with its close frame, after which
   trio-websocket drops the TCP connection at once.
+
+Backpressure (transports/base.py): trio-websocket's reader task writes each pong
+itself, awaiting ``send_all`` under the connection's write lock, before it reads on;
+and it hands messages over a channel of one. A peer that floods pings and never reads
+is therefore held back by TCP with at most one pong unsent in this process. What the
+gateway queues is held to the high-water mark like on every transport: over it,
+:meth:`TrioWebsocketTransport.receive` takes no more messages, trio-websocket's
+channel fills, and its reader stops reading.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from websockets.datastructures import Headers
 from wsproto.utilities import LocalProtocolError
 
 from ..protocol.closecodes import CloseCode
-from .base import Incoming, Refusal, UpgradeRequest
+from ..wakeup import Wakeup
+from .base import Incoming, Refusal, UpgradeRequest, output_high_water
 from .websockets import RECEIVE_SIZE, remote_ip
 
 if TYPE_CHECKING:
@@ -45,7 +54,8 @@ class TrioWebsocketTransport:
     Args:
         ws: the accepted connection.
         stream: the byte stream under it (closed at once by :meth:`aclose`).
-        max_message_size: the limit trio-websocket was given (to tell its 1009 apart).
+        max_message_size: the limit trio-websocket was given (to tell its 1009 apart),
+            and what the high-water mark of unsent bytes is derived from.
     """
 
     def __init__(
@@ -58,14 +68,39 @@ class TrioWebsocketTransport:
         self._ws = ws
         self._stream = stream
         self._out: list[tuple[bytes, bool]] = []
+        # Bytes of the messages queued or being sent (trio-websocket holds no more).
+        self._unsent = 0
+        self._high_water = output_high_water(max_message_size)
+        self._room: Wakeup | None = None
         self._close: tuple[int, str] | None = None
         self._close_sent = False
         self._closed = trio.Event()
         self._too_big = f"Exceeded maximum message size: {max_message_size} bytes"
         self.remote_address = remote_address
 
+    @property
+    def high_water(self) -> int:
+        """The unsent bytes over which :meth:`receive` stops taking messages."""
+        return self._high_water
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes of the messages queued or being handed to trio-websocket."""
+        return self._unsent
+
     async def receive(self) -> Incoming:
-        """The next message, or how the WebSocket ended."""
+        """The next message, or how the WebSocket ended.
+
+        While more than the high-water mark waits to be sent, first wait for the write
+        loop's flush (trio-websocket's reader stops once its channel is full).
+        """
+        if self._unsent > self._high_water:
+            self._room = room = Wakeup()
+            try:
+                while self._unsent > self._high_water:
+                    await room.wait()
+            finally:
+                self._room = None
         try:
             message = await self._ws.get_message()
         except ConnectionClosed as exc:
@@ -92,6 +127,7 @@ class TrioWebsocketTransport:
     def send_message(self, payload: bytes, binary: bool) -> None:
         """Queue one message."""
         self._out.append((payload, binary))
+        self._unsent += len(payload)
 
     def send_close(self, code: int, reason: str) -> None:
         """Queue the close, once."""
@@ -112,8 +148,15 @@ class TrioWebsocketTransport:
         try:
             for payload, binary in out:
                 await self._ws.send_message(payload if binary else payload.decode())
+                self._sent(len(payload))
         except ConnectionClosed:
             return self._close_sent  # the reader learns how it ended
+        finally:
+            if out:
+                # What is left will never be sent (the WebSocket is gone, or this was
+                # cancelled): only what was queued since counts.
+                self._unsent = sum(len(payload) for payload, _ in self._out)
+                self._sent(0)
         if self._close is not None and not self._close_sent:
             self._close_sent = True
             code, reason = self._close
@@ -121,6 +164,11 @@ class TrioWebsocketTransport:
             self._closed.set()
             return True
         return self._close_sent
+
+    def _sent(self, nbytes: int) -> None:
+        self._unsent -= nbytes
+        if self._room is not None:
+            self._room.set()
 
     async def aclose(self) -> None:
         """Release the stream at once."""
@@ -157,7 +205,10 @@ async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: 
     async with trio.open_nursery() as nursery:  # trio-websocket's reader lives here
         admission = None
         ws: WebSocketConnection | None = None
-        with server.handshake_slot(), trio.move_on_after(config.handshake_timeout):
+        bound = trio.move_on_after(config.handshake_timeout)
+        with bound, server.handshake_slot(remote, bound) as started:
+            if not started:
+                return  # over the handshake limits: closed at once, nothing read
             containing: Any = _ContainingNursery(nursery, stream)  # duck-typed: start_soon
             request = await wrap_server_stream(
                 containing,
@@ -166,6 +217,7 @@ async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: 
                 max_message_size=config.max_message_size,
                 receive_buffer_size=RECEIVE_SIZE,
             )
+            server.handshake_head_read(bound)
             headers = Headers(
                 (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
             )

@@ -6,6 +6,12 @@ task hides inside the connection, no write lock is needed, and all queued frames
 in one ``send_all``. websockets does the opening handshake, the
 framing (its C speedups mask and unmask), automatic pongs, close frames and the close
 codes for framing errors (1002) and oversized messages (1009).
+
+websockets answers every ping by queueing a pong: the peer, not the node, decides how
+much that is. What waits to be written (queued, and handed to ``send_all`` but not yet
+taken by the kernel) is held to a high-water mark: over it,
+:meth:`WebsocketsTransport.receive` waits for the write loop's flush before reading
+more (transports/base.py, "Backpressure").
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
 from ..protocol.closecodes import CloseCode, CloseReason
-from .base import Accept, Decide, Incoming, Refusal, TransportBroken, UpgradeRequest
+from ..wakeup import Wakeup
+from .base import (
+    Accept,
+    Decide,
+    Incoming,
+    Refusal,
+    TransportBroken,
+    UpgradeRequest,
+    output_high_water,
+)
 
 __all__ = [
     "Handshake",
@@ -127,6 +142,8 @@ class WebsocketsTransport:
         remote_address: the peer's address, for logs.
         max_fragments: most frames one message may arrive in; more fail the
             connection with 1009 (websockets caps the size, not the count).
+        high_water: the unsent bytes over which :meth:`receive` stops reading
+            (:func:`~trio_wsgate.transports.base.output_high_water`).
     """
 
     def __init__(
@@ -137,6 +154,7 @@ class WebsocketsTransport:
         remote_address: str = "",
         *,
         max_fragments: int = 1024,
+        high_water: int = output_high_water(65536),
     ) -> None:
         self._stream = stream
         self._protocol = protocol
@@ -150,14 +168,45 @@ class WebsocketsTransport:
         self.remote_address = remote_address
         # The last read filled the buffer, so more may be waiting (see receive).
         self._backlog = False
+        self._high_water = high_water
+        # Bytes handed to send_all that it has not finished writing.
+        self._in_flight = 0
+        # What the reader waits on while too much is unsent (only then: see receive).
+        self._room: Wakeup | None = None
+
+    @property
+    def high_water(self) -> int:
+        """The unsent bytes over which :meth:`receive` stops reading."""
+        return self._high_water
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes waiting to be written: queued (pongs and close frames included), and
+        handed to the stream but not yet taken by it."""
+        return self._in_flight + sum(map(len, self._protocol.writes))
+
+    async def _wait_for_room(self) -> None:
+        """Wait until a flush has brought what is unsent down to the high-water mark."""
+        self._room = room = Wakeup()
+        try:
+            while self.unsent_bytes > self._high_water:
+                await room.wait()
+        finally:
+            self._room = None
 
     async def receive(self) -> Incoming:
-        """Wait for data; return the messages and signals it completed."""
+        """Wait for data; return the messages and signals it completed.
+
+        While more than the high-water mark waits to be written, nothing is read: a
+        peer that floods pings and never reads the pongs is held back by TCP.
+        """
         if self._pending:
             events, self._pending = self._pending, []
             incoming = Incoming()
             self._handle_events(events, incoming)
             return incoming
+        if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
+            await self._wait_for_room()
         stream = self._stream
         try:
             data: bytes | bytearray | None = None
@@ -300,8 +349,10 @@ class WebsocketsTransport:
                 if type(stream) is trio.SocketStream and not stream.socket.did_shutdown_SHUT_WR:
                     written = _write_now(stream.socket, payload)
                     if written < len(payload):
+                        self._in_flight = len(payload) - written
                         await stream.send_all(memoryview(payload)[written:])
                 else:
+                    self._in_flight = len(payload)
                     await stream.send_all(payload)
             if eof and not self._eof_sent:
                 self._eof_sent = True
@@ -311,6 +362,11 @@ class WebsocketsTransport:
                     await self._stream.aclose()
         except trio.BrokenResourceError as exc:
             raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        finally:
+            # Written, or never to be: either way no longer waiting on the stream.
+            self._in_flight = 0
+            if self._room is not None:
+                self._room.set()
         return self._eof_sent
 
     async def aclose(self) -> None:
@@ -444,7 +500,12 @@ async def accept_websocket(
     if response.status_code != 101:
         return response.status_code, request
     transport = WebsocketsTransport(
-        stream, protocol, events, remote_address, max_fragments=max_fragments
+        stream,
+        protocol,
+        events,
+        remote_address,
+        max_fragments=max_fragments,
+        high_water=output_high_water(max_message_size),
     )
     handshake = Handshake(transport, answer, request)
     # websockets' parser keeps the request for the connection's life (a local of its

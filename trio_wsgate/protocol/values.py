@@ -1,0 +1,107 @@
+"""The one value domain of the protocol: what may travel in any message, either way.
+
+Theory of operation. A value the server accepts is kept (a session's outbox, a topic's
+history), re-encoded (a resume in the other encoding), moved (a hand-over, as msgpack)
+and delivered to every subscriber of a topic, browsers included, whose numbers are
+doubles. Each of those steps must succeed for every value that got in, so the domain
+is decided once, here, and checked on the way in: by the codecs for everything a
+client sends (a message outside it is 1007), and by the hub and the connection for
+what the application sends (docs/protocol.md, "Values"). Inside it, both encoders
+encode everything, and decoding gives the same value back.
+
+The domain:
+
+* ``null``, booleans, and integers in ``[-(2**53 - 1), 2**53 - 1]`` (JavaScript's safe
+  integers: a browser reads every one of them exactly);
+* finite floats (no NaN, no infinities: JSON has neither);
+* strings of valid Unicode (no lone surrogates: UTF-8 cannot carry them), map keys
+  included;
+* arrays, and maps whose keys are strings, nested at most :data:`MAX_DEPTH` deep;
+* no bytes (JSON has none; send base64 in a string).
+
+Values of the application's own (a UUID, an enum member, a tuple) are accepted where the
+encoders turn them into values of the domain (docs/protocol.md, "Numbers and values").
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import uuid
+from typing import Any
+
+__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "check_value", "value_error"]
+
+#: The largest integer a JavaScript number holds exactly (``Number.MAX_SAFE_INTEGER``).
+MAX_SAFE_INTEGER = 2**53 - 1
+#: How deep arrays and maps may nest in one envelope, the envelope's own map counted
+#: as the first level (so ``data`` may nest 31 deep).
+MAX_DEPTH = 32
+
+
+def _text_ok(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def value_error(value: Any, depth: int = MAX_DEPTH) -> str | None:
+    """Why ``value`` is outside the domain, or None if it is inside.
+
+    ``depth`` is how many levels of arrays and maps it may still open.
+    """
+    kind = type(value)
+    if kind is str:
+        return None if _text_ok(value) else "a string is not valid Unicode (a lone surrogate)"
+    if kind is int:
+        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return None
+        return "an integer is outside [-(2**53 - 1), 2**53 - 1]"
+    if kind is dict:
+        if depth <= 0:
+            return f"arrays and maps nest more than {MAX_DEPTH} deep"
+        for key, item in value.items():
+            if type(key) is not str and not isinstance(key, str):
+                return "a map key is not a string"
+            if not _text_ok(key):
+                return "a map key is not valid Unicode (a lone surrogate)"
+            why = value_error(item, depth - 1)
+            if why is not None:
+                return why
+        return None
+    if kind is list or kind is tuple:
+        if depth <= 0:
+            return f"arrays and maps nest more than {MAX_DEPTH} deep"
+        for item in value:
+            why = value_error(item, depth - 1)
+            if why is not None:
+                return why
+        return None
+    if kind is float:
+        return None if math.isfinite(value) else "a number is NaN or infinite"
+    if value is None or kind is bool:
+        return None
+    if kind is bytes or kind is bytearray or kind is memoryview:
+        return "bytes cannot travel in JSON (send them as a base64 string)"
+    # The application's own types, as the encoders send them.
+    if isinstance(value, uuid.UUID):
+        return None
+    if isinstance(value, enum.Enum):
+        return value_error(value.value, depth)
+    base: type[Any]
+    for base in (int, float, str, dict, list, tuple):
+        if isinstance(value, base):
+            return value_error(base(value), depth)  # a subclass: as its base
+    return f"a value of type {kind.__name__} cannot be encoded"
+
+
+def check_value(value: Any, depth: int = MAX_DEPTH) -> Any:
+    """Return ``value`` if it is inside the domain; else raise ValueError saying why."""
+    why = value_error(value, depth)
+    if why is not None:
+        raise ValueError(why)
+    return value
