@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,39 @@ class Report:
         )
 
 
-class Node:
-    """The node under attack: a real process on free ports."""
+# Run as ``python -c _WITH_PARENT PID ARGV...``: PR_SET_PDEATHSIG (Linux) kills the
+# child when this process ends, however it ends (Ctrl-C, SIGTERM, SIGKILL), and it
+# survives the exec of ARGV. Elsewhere the ``finally`` blocks are all there is.
+_WITH_PARENT = """
+import ctypes, os, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
-    def __init__(self, flags: list[str]) -> None:
+
+def child_command(*argv: str) -> list[str]:
+    """``argv`` as a child process that dies with this one (see ``_WITH_PARENT``)."""
+    return [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *argv]
+
+
+class Node:
+    """The node under attack: a real process on free ports.
+
+    ``env`` is added to this process's environment for it (``WSGATE_*`` settings).
+    """
+
+    def __init__(self, flags: list[str], env: Mapping[str, str] | None = None) -> None:
         self.admin_port = free_port()
         self.process = subprocess.Popen(
-            [
+            child_command(
                 *(sys.executable, "-m", "trio_wsgate", "serve", "--port", "0"),
                 *("--admin-port", str(self.admin_port), "--log-level", "info", *flags),
-            ],
+            ),
             cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -295,6 +318,16 @@ async def _round(
     async with trio.open_nursery() as nursery:
         for _ in range(workers):
             nursery.start_soon(worker, rng.randrange(2**32))
+
+
+async def attack_node(
+    port: int, seconds: float, workers: int = 30, seed: int = 1, max_attacks: int = 100_000
+) -> Report:
+    """The attacks alone, on a node of someone else's: ``workers`` sockets at once for
+    ``seconds`` (at most ``max_attacks``). Only ``attacks`` and ``endings`` are filled."""
+    report = Report()
+    await _round(port, seconds, workers, random.Random(seed), report, max_attacks)
+    return report
 
 
 async def _settle(node: Node, name: str, at_most: float, seconds: float = 30) -> float:
