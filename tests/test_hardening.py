@@ -74,26 +74,32 @@ async def test_case5_a_session_keeps_at_most_max_buffered_bytes_while_attached(
 async def test_case5_detached_sessions_share_one_byte_bound_for_the_node(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
+    """Past ``max_detached_bytes`` the owner holding the most gives up its oldest
+    detached session: one client cannot push the others' sessions out."""
     server = make_server(max_buffered_bytes=100_000, max_detached_bytes=30_000)
+    hub = server.hub
     async with running(server) as nursery:
-        for _ in range(3):
-            async with open_memory_connection(server, nursery) as client:
-                await client.hello()
-        await detached(server)
-        sessions = list(server.hub.sessions.values())
-        assert len(sessions) == 3
-        for session in sessions[:2]:
-            session.send("news", "z" * 12_000)
-        assert server.hub.detached_bytes > 24_000
+        welcomes = []
+        for remote in ("10.0.0.1:1", "10.0.0.1:2", "10.0.0.2:1"):
+            async with open_memory_connection(server, nursery, remote=remote) as client:
+                welcomes.append(await client.hello())
+            await detached(server)
+        first, second, other = (hub.sessions[w["session"]] for w in welcomes)
+        first.send("news", "z" * 12_000)
+        second.send("news", "z" * 12_000)
+        other.send("news", "z" * 5_000)
+        assert 29_000 < hub.detached_bytes <= 30_000
+        second.send("news", "z" * 3_000)  # over: 10.0.0.1 holds most, its oldest goes
+        assert [first.ended, second.ended, other.ended] == [True, False, False]
+        assert hub.detached_bytes < 30_000
         with pytest.raises(Exception, match="slow_consumer"):
-            sessions[2].send("news", "z" * 12_000)  # the node's bound: this one ends
-        assert [session.ended for session in sessions] == [False, False, True]
-        assert server.hub.detached_bytes < 30_000
+            other.send("news", "z" * 12_000)  # now 10.0.0.2 holds most: its own ends
+        assert [second.ended, other.ended] == [False, True]
+        assert sample(server, "wsgate_sessions_ended_total", why="overflow") == 2
         # A resume gives its bytes back to the node.
-        async with open_memory_connection(server, nursery) as client:
-            first = {"session": sessions[0].id, "resume_token": sessions[0]._resume_token}
-            assert (await client.hello(resume=resume_of(first, 0)))["resumed"] is True
-            assert server.hub.detached_bytes < 15_000
+        async with open_memory_connection(server, nursery, remote="10.0.0.1:3") as client:
+            assert (await client.hello(resume=resume_of(welcomes[1], 0)))["resumed"] is True
+            assert hub.detached_bytes == 0
             await client.send({"type": "bye"})
             await client.wait_closed()
 

@@ -82,8 +82,8 @@ class Config:
     #: it a live connection closes with 4004 and the session ends as it lets go; a
     #: detached session ends at once. Its client recovers by offset (PROTOCOL.md §6).
     max_buffered_bytes: int = 1 << 20
-    #: Most bytes all detached sessions of the node hold together; the session that
-    #: would take the node past it ends (as for ``max_buffered_bytes``).
+    #: Most bytes all detached sessions of the node hold together; past it the owner
+    #: holding the most (a user, or an anonymous client's address) loses its oldest.
     max_detached_bytes: int = 64 << 20
     #: The key of the resume tokens' HMAC. Nodes that share it accept each other's
     #: tokens; ``None`` draws a random one at start-up (resume then works on this node

@@ -216,6 +216,7 @@ class Session:
         "_codec",
         "_held",
         "_hub",
+        "_owner",
         "_resume_token",
         "close_code",
         "close_reason",
@@ -259,8 +260,10 @@ class Session:
         self.outbox: Outbox[_Outgoing] = Outbox(window, measure=_size)
         self.inbox = Inbox(window)
         self._codec = codec
-        # The bytes of its outbox the node counts as held by detached sessions.
+        # The bytes of its outbox the node counts as held by detached sessions, and
+        # whose they count as: the user's, or an anonymous client's address's.
         self._held = 0
+        self._owner = "user:" + user if user is not None else ""
         # The connection that most recently asked to take the session over.
         self._claimant: Connection | None = None
         # Never logged nor shown in repr (a bearer secret for resuming).
@@ -396,6 +399,8 @@ class Session:
             self.outbox.recount()
         self._codec = codec
         self._hub.release_held(self)
+        if self.user is None:
+            self._owner = "ip:" + connection.remote_ip
         self.connection = connection
         self.resumed = resumed
         self.detached_at = None
@@ -528,6 +533,12 @@ class Connection:
         self.opened_at = trio.current_time()
 
     # -- public ---------------------------------------------------------------------
+
+    @property
+    def remote_ip(self) -> str:
+        """The peer's IP address (the whole remote address if it has no port)."""
+        host, sep, _ = self._transport.remote_address.rpartition(":")
+        return host.strip("[]") if sep else self._transport.remote_address
 
     @property
     def queue_depth(self) -> int:

@@ -237,6 +237,10 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         #: Bytes the outboxes of detached sessions hold (``max_detached_bytes``).
         self.detached_bytes = 0
+        # The same by owner (a user, or an anonymous client's address), and the owners'
+        # detached sessions, oldest first.
+        self._held_by: dict[str, int] = {}
+        self._detached_of: dict[str, dict[Session, None]] = {}
         # Set when the last session has left this node, its hand-over (if it moved)
         # answered: a draining node waits for it.
         self._emptied = trio.Event()
@@ -393,21 +397,42 @@ class Hub:
     def hold(self, session: Session, nbytes: int) -> bool:
         """Count ``nbytes`` more of a detached session's outbox against the node's bound.
 
-        Past ``max_buffered`` or ``max_buffered_bytes`` for the session, or
-        ``max_detached_bytes`` for the node, the session ends (``overflow``): its client
-        recovers by offset (PROTOCOL.md §6). Returns False then.
+        Past ``max_buffered`` or ``max_buffered_bytes``, the session ends
+        (``overflow``): its client recovers by offset (PROTOCOL.md §6). Past
+        ``max_detached_bytes`` for the node, the owner holding the most (the user, or
+        the address of an anonymous client) gives up its oldest detached sessions until
+        the node is under it again: one client cannot push everyone else's sessions
+        out. Returns False if ``session`` ended.
         """
+        owner = session._owner
         session._held += nbytes
         self.detached_bytes += nbytes
-        if self.overflows(session) or self.detached_bytes > self.config.max_detached_bytes:
+        self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
+        self._detached_of.setdefault(owner, {})[session] = None
+        if self.overflows(session):
             self.end(session, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
             return False
-        return True
+        held_by = self._held_by
+        while self.detached_bytes > self.config.max_detached_bytes and held_by:
+            biggest = max(held_by, key=held_by.__getitem__)
+            oldest = next(iter(self._detached_of[biggest]))
+            self.end(oldest, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+        return not session.ended
 
     def release_held(self, session: Session) -> None:
         """The session is attached again, or gone: its bytes no longer count as detached."""
+        owner = session._owner
+        sessions = self._detached_of.get(owner)
+        if sessions is None or session not in sessions:
+            return
+        del sessions[session]
         self.detached_bytes -= session._held
+        left = self._held_by[owner] - session._held
         session._held = 0
+        if sessions:
+            self._held_by[owner] = left
+        else:
+            del self._detached_of[owner], self._held_by[owner]
 
     @staticmethod
     def ends_session(reason: CloseReason | None) -> bool:

@@ -24,6 +24,7 @@ async def open_memory_connection(
     lockstep: bool = False,
     path: str = "/ws",
     headers: dict[str, str] | None = None,
+    remote: str = "memory",
 ) -> AsyncIterator[RawClient]:
     """Connect a :class:`RawClient` to ``server`` over an in-memory stream pair.
 
@@ -34,13 +35,15 @@ async def open_memory_connection(
             until the other side reads: a peer that stops reading blocks the server.
         path: the request path (with a query string, if any).
         headers: extra request headers (``Authorization``, say).
+        remote: the peer address the server sees (``ip:port`` for the per-address
+            limits; ``memory`` counts against none).
 
     Raises:
         Refused: the server answered with HTTP instead of upgrading.
     """
     pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     client_stream, server_stream = pair()
-    nursery.start_soon(server.serve_stream, server_stream, "memory")
+    nursery.start_soon(server.serve_stream, server_stream, remote)
     try:
         client = await RawClient.connect(
             client_stream, subprotocols=subprotocols, path=path, headers=headers
