@@ -15,6 +15,7 @@ import trio.testing
 from trio.testing import MockClock
 
 from trio_wsgate import Server, Session
+from trio_wsgate import connection as connection_module
 from trio_wsgate.protocol.codecs import MSGPACK_SUBPROTOCOL
 from trio_wsgate.testing import open_memory_connection
 
@@ -133,10 +134,10 @@ async def test_case5_a_peer_faster_than_its_handler_is_not_read_ahead(
         await trio.sleep(1)
         (session,) = server.hub.sessions.values()
         (connection,) = server.connections
-        # The window would let it send 256; the node read about 1 MiB of them, and
-        # stopped.
-        assert session.inbox.received <= 2 + (1 << 20) // 60_000 + 1
-        assert connection._pending_bytes <= (1 << 20) + 60_100
+        # The window would let it send 256; the node read 256 KiB of them, and stopped.
+        bound = connection_module._INBOUND_HIGH_WATER
+        assert session.inbox.received <= 2 + bound // 60_000 + 1
+        assert connection._pending_bytes <= bound + 60_100
         # Not closed for silence: the node stopped reading, the peer did not stop.
         await trio.sleep(60)
         assert not connection.closing

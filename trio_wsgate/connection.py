@@ -119,7 +119,7 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
 
 # Bytes of received messages waiting for the dispatcher past which the reader stops
 # reading (Connection._wait_taken); a message larger than this is taken alone.
-_INBOUND_HIGH_WATER = 1 << 20
+_INBOUND_HIGH_WATER = 256 << 10
 
 _WRITER = f"{__name__}.Connection._write_loop"
 _APPLICATION = f"{__name__}.Connection._application"
