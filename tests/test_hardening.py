@@ -105,10 +105,6 @@ async def test_case5_detached_sessions_share_one_byte_bound_for_the_node(
             await client.wait_closed()
 
 
-# Under asgi, hypercorn's own queue to the application (10 messages) bounds what is
-# read ahead; the test's teardown hangs there (a peer gone while the node does not
-# read): being fixed, see the asgi transport.
-@pytest.mark.transports("websockets", "trio-websocket")
 async def test_case5_a_peer_faster_than_its_handler_is_not_read_ahead(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

@@ -23,6 +23,15 @@ close is decided. What the gateway hands over is held to the high-water mark lik
 every transport: over it, :meth:`ASGITransport.receive` takes no more messages,
 hypercorn's queue to the application fills (``max_app_queue_size``), and its reader
 stops reading.
+
+That queue is also how hypercorn says a write failed: the task whose write broke the
+stream puts ``websocket.disconnect`` on it, and waits while it is full. When that task
+is the application's own (a hand-over of the write loop, or of :meth:`ASGITransport.aclose`)
+and its reader is not taking messages, it would wait on itself for ever; so a hand-over
+in progress ends as soon as the stream breaks (:class:`GuardedStream` says so), as a
+broken write ends on the other transports. And once the gateway is done with a
+WebSocket, what hypercorn still does for the stream (its reader may be waiting on that
+full queue too) gets until the close's deadline, no more (:meth:`_Bound.wind_up`).
 """
 
 from __future__ import annotations
@@ -109,7 +118,11 @@ class ASGITransport:
         self._close: tuple[int, str] | None = None
         self._close_sent = False
         self._gone = False
+        # The hand-over to the ASGI server in progress, ended if the stream breaks.
+        self._handing_over: trio.CancelScope | None = None
         self.remote_address = remote_address
+        if stream is not None:
+            stream.on_broken = self._stream_broke
 
     @property
     def high_water(self) -> int:
@@ -184,18 +197,21 @@ class ASGITransport:
             True once the close was handed over (the ASGI server finishes it).
         """
         out, self._out = self._out, []
-        send = self._send
+        hand_over = self._hand_over
         try:
             for payload, binary in out:
                 if binary:
-                    await send({"type": "websocket.send", "bytes": payload})
+                    await hand_over({"type": "websocket.send", "bytes": payload})
                 else:
-                    await send({"type": "websocket.send", "text": payload.decode()})
+                    await hand_over({"type": "websocket.send", "text": payload.decode()})
                 self._sent(len(payload))
             if self._close is not None and not self._close_sent:
                 self._close_sent = True
                 code, reason = self._close
-                await send({"type": "websocket.close", "code": code, "reason": reason})
+                await hand_over({"type": "websocket.close", "code": code, "reason": reason})
+        except TransportBroken:
+            self._gone = True
+            raise
         except Exception as exc:
             # An ASGI server's send fails once its WebSocket is gone (each server has
             # its own exception for that: OSError, ClientDisconnected, hypercorn's
@@ -216,17 +232,57 @@ class ASGITransport:
         if self._room is not None:
             self._room.set()
 
+    async def _hand_over(self, message: Message) -> None:
+        """Send one message through the ASGI server, unless or until its stream breaks.
+
+        hypercorn reports a broken write in the task that wrote: it puts
+        ``websocket.disconnect`` on its bounded queue to the application, whose only
+        reader is this connection's. The write loop, or :meth:`aclose` once the reader
+        is gone, would then wait on itself while that queue is full (a peer that sent
+        a lot that was not read yet, then left). Nothing more can be sent anyway: the
+        hand-over ends there (the connection ends as on any broken write).
+
+        Raises:
+            TransportBroken: the stream broke before or during the hand-over.
+        """
+        stream = self._stream
+        if stream is None:
+            await self._send(message)
+            return
+        if stream.broken:
+            raise TransportBroken(CloseReason.RESET, "the stream is broken")
+        with trio.CancelScope() as scope:
+            self._handing_over = scope
+            try:
+                await self._send(message)
+            finally:
+                self._handing_over = None
+        if scope.cancelled_caught:
+            raise TransportBroken(CloseReason.RESET, "the stream broke")
+
+    def _stream_broke(self) -> None:
+        # GuardedStream's callback: a write failed, in whatever task.
+        if self._handing_over is not None:
+            self._handing_over.cancel()
+
     async def aclose(self) -> None:
-        """Ask the ASGI server to close now (it releases the socket when the app returns)."""
+        """Ask the ASGI server to close now (it releases the socket when the app returns).
+
+        Returns within ``close_timeout`` whatever the peer and the ASGI server's queues
+        do; at once if the stream is broken.
+        """
         if not self._close_sent and not self._gone:
             self._close_sent = True
+            deadline = trio.current_time() + self._close_timeout
             if self._stream is not None:
                 # Cancelled from outside, with no close decided: hypercorn's writes are
                 # shielded, and one may be stuck on a peer that does not read (a pong).
                 # They get close_timeout, as after any close.
-                self._stream.send_deadline = trio.current_time() + self._close_timeout
-            with contextlib.suppress(Exception):
-                await self._send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
+                self._stream.send_deadline = deadline
+                deadline = self._stream.send_deadline
+            # The caller shields this (Connection.run): the deadline is its bound.
+            with trio.move_on_at(deadline), contextlib.suppress(Exception):
+                await self._hand_over({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
 
 
 def _upgrade_request(scope: Scope) -> UpgradeRequest:
@@ -358,7 +414,11 @@ class GatewayApp:
             close_timeout=server.config.close_timeout,
             high_water=output_high_water(server.config.max_message_size),
         )
-        await server.run_connection(transport, answer, request.remote)
+        try:
+            await server.run_connection(transport, answer, request.remote)
+        finally:
+            if bound is not None:
+                bound.wind_up()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         # The hub (the broker) runs as long as the ASGI server does.
@@ -419,12 +479,20 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     would hold a closing connection forever. Once the gateway decides to close, it
     sets :attr:`send_deadline`; a write still blocked then fails as a broken stream,
     and the connection is released within ``close_timeout`` like on every transport.
+
+    A write that fails (the peer left, or the deadline passed) marks the stream
+    :attr:`broken` and calls :attr:`on_broken` (:class:`ASGITransport` ends the
+    hand-over it has in progress).
     """
 
     def __init__(self, stream: trio.abc.Stream, remote: str) -> None:
         self._stream = stream
         self.socket = getattr(stream, "socket", None) or _Peer(remote)
         self._scope = trio.CancelScope()
+        #: A write failed: nothing more can be sent.
+        self.broken = False
+        #: Called once, when a write fails.
+        self.on_broken: Callable[[], None] | None = None
 
     @property
     def send_deadline(self) -> float:
@@ -435,12 +503,23 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._scope.deadline = min(self._scope.deadline, deadline)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.CancelScope(deadline=self._scope.deadline) as scope:
-            self._scope = scope
-            await self._stream.send_all(data)
+        try:
+            with trio.CancelScope(deadline=self._scope.deadline) as scope:
+                self._scope = scope
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._broke()
+            raise
         if scope.cancelled_caught:
             await trio.aclose_forcefully(self._stream)
+            self._broke()
             raise trio.BrokenResourceError("the peer stopped reading past the close timeout")
+
+    def _broke(self) -> None:
+        if not self.broken:
+            self.broken = True
+            if self.on_broken is not None:
+                self.on_broken()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -553,3 +632,21 @@ class _Bound:
             self._open = False
             self._scope.deadline = math.inf
             self._server.handshake_ended(self._scope)
+
+    def wind_up(self) -> None:
+        """The gateway is done with the WebSocket: bound what hypercorn still does.
+
+        Its reader may wait for ever to put what the peer sent on its queue to the
+        application, which nobody reads any more (and so may its task that runs the
+        application, to put ``websocket.disconnect`` there). It gets until the close's
+        deadline (``close_timeout`` from now if none was set), or no time at all once
+        the stream is broken: then nothing is left to do but close it.
+        """
+        self.lift()
+        stream = self.stream
+        now = trio.current_time()
+        if stream.broken:
+            deadline = now
+        else:
+            deadline = min(stream.send_deadline, now + self._server.config.close_timeout)
+        self._scope.deadline = min(self._scope.deadline, deadline)
