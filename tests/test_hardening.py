@@ -14,8 +14,9 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import Server, Session
+from trio_wsgate import HandlerError, Server, Session
 from trio_wsgate import connection as connection_module
+from trio_wsgate.brokers.memory import MemoryBroker
 from trio_wsgate.protocol.codecs import MSGPACK_SUBPROTOCOL
 from trio_wsgate.testing import open_memory_connection
 
@@ -77,7 +78,7 @@ async def test_case5_detached_sessions_share_one_byte_bound_for_the_node(
 ) -> None:
     """Past ``max_detached_bytes`` the owner holding the most gives up its oldest
     detached session: one client cannot push the others' sessions out."""
-    server = make_server(max_buffered_bytes=100_000, max_detached_bytes=30_000)
+    server = make_server(max_buffered_bytes=100_000, max_detached_bytes=40_000)
     hub = server.hub
     async with running(server) as nursery:
         welcomes = []
@@ -86,20 +87,22 @@ async def test_case5_detached_sessions_share_one_byte_bound_for_the_node(
                 welcomes.append(await client.hello())
             await detached(server)
         first, second, other = (hub.sessions[w["session"]] for w in welcomes)
-        first.send("news", "z" * 12_000)
-        second.send("news", "z" * 12_000)
+        assert hub.detached_bytes == 3 * 2048  # a session weighs something empty too
+        second.send("news", "z" * 20_000)
         other.send("news", "z" * 5_000)
-        assert 29_000 < hub.detached_bytes <= 30_000
-        second.send("news", "z" * 3_000)  # over: 10.0.0.1 holds most, its oldest goes
-        assert [first.ended, second.ended, other.ended] == [True, False, False]
-        assert hub.detached_bytes < 30_000
+        assert 31_000 < hub.detached_bytes <= 32_000
+        # Over: 10.0.0.1 holds most, and of its sessions the largest goes, not its
+        # oldest (idle) one.
+        other.send("news", "z" * 10_000)
+        assert [first.ended, second.ended, other.ended] == [False, True, False]
+        assert hub.detached_bytes < 40_000
         with pytest.raises(Exception, match="slow_consumer"):
-            other.send("news", "z" * 12_000)  # now 10.0.0.2 holds most: its own ends
-        assert [second.ended, other.ended] == [False, True]
+            other.send("news", "z" * 25_000)  # now 10.0.0.2 holds most: its own ends
+        assert [first.ended, other.ended] == [False, True]
         assert sample(server, "wsgate_sessions_ended_total", why="overflow") == 2
         # A resume gives its bytes back to the node.
         async with open_memory_connection(server, nursery, remote="10.0.0.1:3") as client:
-            assert (await client.hello(resume=resume_of(welcomes[1], 0)))["resumed"] is True
+            assert (await client.hello(resume=resume_of(welcomes[0], 0)))["resumed"] is True
             assert hub.detached_bytes == 0
             await client.send({"type": "bye"})
             await client.wait_closed()
@@ -138,6 +141,36 @@ async def test_case5_a_peer_faster_than_its_handler_is_not_read_ahead(
         await trio.sleep(60)
         assert not connection.closing
         # (It never read its replies either: leaving drops it, with no close handshake.)
+
+
+async def test_case5_what_waits_for_the_handlers_is_weighed_decoded_not_on_the_wire(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """20 KB of msgpack's one-byte empty arrays decode to over 1.5 MB: the reader
+    counts that, and stops after one such message while the handler is busy."""
+    gateway = make_gateway()
+    started = trio.Event()
+
+    @gateway.on("stall")
+    async def stall(session: Session, data: Any) -> Any:
+        started.set()
+        await trio.sleep(100)
+
+    server = make_server(gateway)
+    async with (
+        running(server) as nursery,
+        open_memory_connection(server, nursery, subprotocols=[MSGPACK_SUBPROTOCOL]) as client,
+    ):
+        await client.hello()
+        await client.send(msg(1, "stall"))
+        await started.wait()
+        for seq in range(2, 40):
+            await client.send(msg(seq, "echo", [[]] * 20_000))
+        await trio.sleep(1)
+        (session,) = server.hub.sessions.values()
+        (connection,) = server.connections
+        assert session.inbox.received == 2  # the stall, and one message of arrays
+        assert connection._pending_bytes > 20_000 * 64
 
 
 async def test_case8_a_client_subscribes_a_session_to_at_most_max_subscriptions(
@@ -247,3 +280,107 @@ async def test_case2_a_reply_outside_the_domain_becomes_error_internal(
         with pytest.raises(ValueError, match="2\\*\\*53"):
             session.send("huge", 2**53)
         await client.close()
+
+
+class _ParkedBroker(MemoryBroker):
+    """The in-memory broker, where another node left one session's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked: dict[str, Any] = {}
+
+    async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
+        return self.parked.pop(session, None), None
+
+
+def _park_elsewhere(server: Server) -> tuple[_ParkedBroker, Session]:
+    """The broker of ``server`` made a :class:`_ParkedBroker`; its one session moved
+    there, as if another node had held it."""
+    hub = server.hub
+    (session,) = hub.sessions.values()
+    broker = _ParkedBroker()
+    broker.bind(hub._receive, hub._on_control)
+    broker._topics, broker._subscribed = hub.broker._topics, hub.broker._subscribed  # type: ignore[attr-defined]
+    hub.broker = broker
+    broker.parked[session.id] = hub._export(session)
+    session.ended = True
+    hub._unregister(session)
+    return broker, session
+
+
+async def test_a_migrated_session_that_ends_while_its_history_comes_is_not_resumed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server(max_buffered_bytes=10_000, allow_subscribe=("news",))
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            await client.recv_type("reply")
+        await detached(server)
+        _park_elsewhere(server)
+        for _ in range(20):  # 20 KB of news meanwhile: over max_buffered_bytes on replay
+            await server.gateway.publish("news", "n" * 1000)
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(resume=resume_of(first, 1))
+            assert welcome["resumed"] is False  # not a dead session answering nothing
+            await client.send(msg(1, "echo", "hi"))
+            assert (await client.recv_type("reply"))["data"] == "hi"
+            await client.close()
+
+
+async def test_a_migrated_session_whose_resume_fails_still_expires(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server(resume_ttl=120)
+    hub = server.hub
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+        await detached(server)
+        hub.sessions[first["session"]].send("kept", "k" * 50_000)
+        _park_elsewhere(server)
+        async with open_memory_connection(server, nursery) as client:
+            await client.send({"type": "hello", "resume": resume_of(first, 999)})
+            assert (await client.wait_closed())[0] == 1002  # an ack above what was sent
+        assert first["session"] in hub.sessions  # kept for a correct resume...
+        await trio.sleep(121)
+        assert not hub.sessions  # ...for resume_ttl, not for ever
+        assert hub.detached_bytes == 0
+
+
+async def test_the_applications_events_and_error_codes_are_held_to_the_domain(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    gateway = make_gateway()
+
+    @gateway.on("odd")
+    async def odd(session: Session, data: Any) -> Any:
+        raise HandlerError(5, "a number for a code")  # type: ignore[arg-type]
+
+    server = make_server(gateway)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        (session,) = server.hub.sessions.values()
+        with pytest.raises(TypeError):
+            session.send(5, "x")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="Unicode"):
+            session.send("\ud800", "x")
+        with pytest.raises(ValueError, match="event"):
+            await server.gateway.publish("room", 1, event="\ud800")
+        await client.send(msg(1, "odd"))
+        reply = await client.recv_type("reply")
+        assert reply["error"] == {"code": "internal", "reason": "internal error"}
+        await client.close()
+
+
+async def test_history_keeps_encodings_not_decoded_data(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = make_server()
+    async with running(server):
+        publication = await server.gateway.publish("news", {"text": "x" * 1000})
+        assert publication.data == {"text": "x" * 1000}  # the caller's is whole
+        (kept,) = (await server.hub.broker.history("news", 0)).publications
+        assert kept.data is None
+        assert kept.encoded is publication.encoded

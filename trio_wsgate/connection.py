@@ -84,7 +84,7 @@ from .protocol import (
     Unsub,
     Welcome,
 )
-from .protocol.values import MAX_DEPTH, check_value
+from .protocol.values import MAX_DEPTH, check_value, value_error
 from .session import Inbox, Outbox, Receipt
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken
@@ -117,9 +117,10 @@ _REASON_BY_CODE: dict[int, CloseReason] = {
     CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
 }
 
-# Bytes of received messages waiting for the dispatcher past which the reader stops
-# reading (Connection._wait_taken); a message larger than this is taken alone.
-_INBOUND_HIGH_WATER = 256 << 10
+# Bytes that received envelopes waiting for the dispatcher hold, decoded (weighed by
+# protocol.values.weigh), past which the reader stops reading (Connection._wait_taken);
+# a message heavier than this is taken alone.
+_INBOUND_HIGH_WATER = 1 << 20
 
 _WRITER = f"{__name__}.Connection._write_loop"
 _APPLICATION = f"{__name__}.Connection._application"
@@ -292,6 +293,9 @@ class Session:
             ValueError: ``data`` is outside the value domain (docs/protocol.md,
                 "Values"), so not every client could receive it (nothing was queued).
         """
+        if not isinstance(event, str):
+            raise TypeError(f"an event is a string, not {event!r}")
+        check_value(event)
         check_value(data, MAX_DEPTH - 1)
         self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
@@ -374,7 +378,10 @@ class Session:
         if connection is not None:
             if goes_now:
                 connection.enqueue_sequenced(payload)
-            if outbox.nbytes > hub.config.max_buffered_bytes:
+            limit = hub.config.max_buffered_bytes
+            if connection._pending_bytes > _INBOUND_HIGH_WATER:
+                limit *= 4  # its acks wait behind what the node has not read yet
+            if outbox.nbytes > limit:
                 connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
         elif self.connection is None:
             if not hub.hold(self, len(payload)):
@@ -709,7 +716,7 @@ class Connection:
                 if self.closing:
                     break
                 try:
-                    envelopes = self._decode(payload, binary)
+                    envelopes, weight = self._decode(payload, binary)
                     if not self._within_rate(len(envelopes)):
                         break
                     for envelope in envelopes:
@@ -720,8 +727,8 @@ class Connection:
                             # welcome answers hello before anything else is answered.
                             self._welcomed = trio.Event()
                             await self._welcomed.wait()
-                    if self._pending:  # the message is kept until the dispatcher runs
-                        self._pending_bytes += len(payload)
+                    if self._pending:  # kept, decoded, until the dispatcher takes it
+                        self._pending_bytes += weight
                 except ProtocolError as exc:
                     self.close(exc.code, exc.reason)
             if incoming.failed is not None:
@@ -760,16 +767,16 @@ class Connection:
         self._begin_close(CloseCode.RATE_LIMITED, "rate limit exceeded", CloseReason.RATE_LIMIT)
         return False
 
-    def _decode(self, payload: bytes, binary: bool) -> list[Envelope]:
+    def _decode(self, payload: bytes, binary: bool) -> tuple[list[Envelope], int]:
         codec = self._codec
         if binary is not codec.binary:
             kind = "binary" if binary else "text"
             raise ProtocolError(
                 CloseCode.UNSUPPORTED_DATA, f"{kind} frame under {codec.subprotocol}"
             )
-        envelopes = codec.decode(payload)
+        envelopes, weight = codec.decode_weighed(payload)
         self._metrics.messages_in.inc(len(envelopes))
-        return envelopes
+        return envelopes, weight
 
     def _on_envelope(self, envelope: Envelope) -> None:
         if not self._hello_seen:
@@ -1290,6 +1297,9 @@ class Connection:
         if self.closing:
             hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
             return None
+        if session.ended:  # evicted (max_detached_bytes) while it subscribed
+            self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
+            return None
         return session
 
     async def _process(self, session: Session, envelope: Envelope) -> None:
@@ -1312,6 +1322,11 @@ class Connection:
                     return
                 except HandlerError as exc:
                     error, outcome = ErrorInfo(exc.code, exc.reason), "error"
+                    if value_error([exc.code, exc.reason]) is not None or not (
+                        isinstance(exc.code, str) and isinstance(exc.reason, str)
+                    ):
+                        logger.error("a HandlerError's code and reason are strings: %r", exc)
+                        error, outcome = ErrorInfo("internal", "internal error"), "exception"
                 except Exception:
                     self.internal_error(f"handler for {envelope.event!r} failed")
                     error, outcome = ErrorInfo("internal", "internal error"), "exception"

@@ -42,6 +42,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -70,7 +71,7 @@ from .protocol import (
     parse_envelope,
     shared_codec,
 )
-from .protocol.values import MAX_DEPTH, check_value
+from .protocol.values import MAX_DEPTH, check_value, value_error
 from .session import Inbox, Outbox
 from .timers import Timers
 
@@ -91,6 +92,12 @@ logger = logging.getLogger("trio_wsgate.hub")
 
 #: Sessions parked in one call to the broker (one round trip) when a node drains.
 _PARK_STEP = 200
+# What a detached session, and each of its subscriptions, holds beside its outbox,
+# counted against max_detached_bytes (measured: about 1.8 KB a subscription).
+_SESSION_WEIGHT = 2048
+_SUBSCRIPTION_WEIGHT = 2048
+# How many of an owner's oldest detached sessions eviction looks at for the largest.
+_EVICTION_SCAN = 64
 
 # Connection ends after which PROTOCOL.md §8 keeps nothing to resume.
 _ENDS_SESSION = frozenset(
@@ -241,6 +248,7 @@ class Hub:
         # detached sessions, oldest first.
         self._held_by: dict[str, int] = {}
         self._detached_of: dict[str, dict[Session, None]] = {}
+        self._biggest: list[tuple[int, str]] = []  # (-held, owner), some entries stale
         # Set when the last session has left this node, its hand-over (if it moved)
         # answered: a draining node waits for it.
         self._emptied = trio.Event()
@@ -381,13 +389,27 @@ class Hub:
             return
         session.inbox.detach()
         session.detached_at = trio.current_time()
-        if not self.hold(session, session.outbox.nbytes):
+        if not self.hold(session, self._weight(session)):
             return
+        self._expire_later(session)
+
+    def _expire_later(self, session: Session) -> None:
+        """Put a detached session on the expiry heap (``resume_ttl`` from its drop)."""
         deadline = self._deadline(session)
         assert deadline is not None
         self._counter += 1
         heapq.heappush(self._deadlines, (deadline, self._counter, session))
         self._wake.set()
+
+    @staticmethod
+    def _weight(session: Session) -> int:
+        """What a detached session holds: its outbox, and the session and subscriptions
+        themselves (a session that follows 128 topics holds about 240 KB)."""
+        return (
+            _SESSION_WEIGHT
+            + session.outbox.nbytes
+            + sum(_SUBSCRIPTION_WEIGHT + len(topic) for topic in session.subscriptions)
+        )
 
     def overflows(self, session: Session) -> bool:
         """True if ``session`` holds more than a session may keep for a resume."""
@@ -400,24 +422,40 @@ class Hub:
         Past ``max_buffered`` or ``max_buffered_bytes``, the session ends
         (``overflow``): its client recovers by offset (PROTOCOL.md §6). Past
         ``max_detached_bytes`` for the node, the owner holding the most (the user, or
-        the address of an anonymous client) gives up its oldest detached sessions until
-        the node is under it again: one client cannot push everyone else's sessions
-        out. Returns False if ``session`` ended.
+        the address of an anonymous client) gives up detached sessions, the largest of
+        its oldest 64 first, until the node is under it again: one client cannot push
+        everyone else's sessions out. Returns False if ``session`` ended.
         """
         owner = session._owner
-        session._held += nbytes
-        self.detached_bytes += nbytes
-        self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
-        self._detached_of.setdefault(owner, {})[session] = None
+        if nbytes:
+            session._held += nbytes
+            self.detached_bytes += nbytes
+            held = self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
+            self._detached_of.setdefault(owner, {})[session] = None
+            self._note_held(owner, held)
         if self.overflows(session):
             self.end(session, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
             return False
-        held_by = self._held_by
-        while self.detached_bytes > self.config.max_detached_bytes and held_by:
-            biggest = max(held_by, key=held_by.__getitem__)
-            oldest = next(iter(self._detached_of[biggest]))
-            self.end(oldest, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+        biggest = self._biggest
+        while self.detached_bytes > self.config.max_detached_bytes and biggest:
+            negative, owner = biggest[0]
+            if self._held_by.get(owner) != -negative:
+                heapq.heappop(biggest)  # stale: that owner holds another amount now
+                continue
+            # Of its oldest few, the one holding the most: behind one address, an idle
+            # neighbour's session is not the first to pay for a big one's.
+            candidates = itertools.islice(self._detached_of[owner], _EVICTION_SCAN)
+            victim = max(candidates, key=lambda candidate: candidate._held)
+            self.end(victim, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
         return not session.ended
+
+    def _note_held(self, owner: str, held: int) -> None:
+        # A lazy max-heap of what each owner holds: eviction finds the biggest in
+        # O(log n), not by a scan per session evicted (a fan-out to a full node).
+        heapq.heappush(self._biggest, (-held, owner))
+        if len(self._biggest) > 2 * len(self._held_by) + 64:
+            self._biggest = [(-amount, name) for name, amount in self._held_by.items()]
+            heapq.heapify(self._biggest)
 
     def release_held(self, session: Session) -> None:
         """The session is attached again, or gone: its bytes no longer count as detached."""
@@ -431,6 +469,7 @@ class Hub:
         session._held = 0
         if sessions:
             self._held_by[owner] = left
+            self._note_held(owner, left)
         else:
             del self._detached_of[owner], self._held_by[owner]
 
@@ -656,6 +695,8 @@ class Hub:
                 encodings.
         """
         check_topic(topic)
+        if event is not None and (not isinstance(event, str) or value_error(event)):
+            raise ValueError(f"an event is a string of valid Unicode, not {event!r}")
         encoded = prepare_data(data)
         publication = await self.broker.publish(topic, data, event, encoded=encoded)
         self.metrics.publications.inc()
@@ -732,8 +773,9 @@ class Hub:
             return None
         session.detached_at = trio.current_time()
         self._register(session)
-        if not self.hold(session, session.outbox.nbytes):
+        if not self.hold(session, self._weight(session)):
             return None  # more than a session may keep here
+        self._expire_later(session)  # if the resume fails from here on, it still expires
         await self.claim(session)
         self.metrics.sessions_migrated.labels("in").inc()
         for topic, (offset, epoch) in state["subscriptions"].items():
@@ -741,6 +783,8 @@ class Hub:
                 await self.subscribe(session, topic, Since(offset, epoch))
             except (BrokerUnavailable, SessionClosed):
                 logger.warning("migrated session %s could not follow %s", session.id, topic)
+        if session.ended:  # it overflowed, or was evicted, while its history came
+            return None
         return session
 
     def _import(self, state: dict[str, Any], user: str | None, codec: Codec) -> Session:

@@ -279,6 +279,20 @@ class _Colour(enum.Enum):
     RED = "red"
 
 
+class _Ids(enum.Enum):
+    ONE = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
+class _Nested(enum.Enum):
+    RED = _Colour.RED
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+def test_enums_of_uuids_and_of_enums_travel_as_their_innermost_value(codec: Any) -> None:
+    payload = codec.dumps({"id": _Ids.ONE, "colour": _Nested.RED})
+    assert codec.loads(payload) == {"id": str(_Ids.ONE.value), "colour": "red"}
+
+
 @pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
 def test_uuids_and_enum_members_travel_as_their_string_and_value(codec: Any) -> None:
     ident = uuid.UUID("12345678-1234-5678-1234-567812345678")

@@ -10,6 +10,7 @@ made inside :meth:`MemoryBroker.publish`, so publications reach subscribers in o
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -33,10 +34,14 @@ class _Topic:
 
 
 def _weight(publication: Publication) -> int:
-    """Bytes a publication in history holds, roughly: its encodings, its decoded data
-    (about as large again) and the entry itself."""
+    """Bytes a publication in history holds, roughly: its encodings (and, when they
+    are not all made, its decoded data, as large again) and the entry itself."""
     encoded = sum(len(fields) for fields, _ in publication.encoded.values())
-    return 2 * encoded + 512
+    return (encoded if len(publication.encoded) >= _ENCODINGS else 2 * encoded) + 512
+
+
+# The encodings a publication is made in (JSON and msgpack).
+_ENCODINGS = 2
 
 
 class MemoryBroker:
@@ -121,6 +126,10 @@ class MemoryBroker:
     def _keep(self, name: str, topic: _Topic, publication: Publication) -> None:
         """Add to the topic's history, within its bounds and the node's."""
         weight = _weight(publication)
+        if len(publication.encoded) >= _ENCODINGS:
+            # Every encoding is made: what history sends again needs no decoded data,
+            # which would hold several times the bytes its encodings do.
+            publication = dataclasses.replace(publication, data=None)
         self._keys += 1
         topic.history.append((trio.current_time(), publication, self._keys))
         self._order[self._keys] = (name, weight)

@@ -22,7 +22,7 @@ import orjson
 from ..exceptions import ProtocolError
 from .closecodes import CloseCode
 from .envelopes import Envelope, parse_envelope
-from .values import value_error
+from .values import value_error, weigh
 
 __all__ = [
     "CODECS",
@@ -50,10 +50,12 @@ def _extended(value: Any) -> Any:
     msgpack (orjson sends them so, and a value must mean the same in both encodings);
     any other type cannot be encoded.
     """
+    if isinstance(value, enum.Enum):
+        while isinstance(value, enum.Enum):  # an enum of enums: the innermost value
+            value = value.value
+        return str(value) if isinstance(value, uuid.UUID) else value
     if isinstance(value, uuid.UUID):
         return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -86,13 +88,13 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_NUMBER = b"0" * 19
 
 
-def _in_domain(value: Any) -> Any:
+def _weighed(value: Any) -> int:
     # Everything a client sends is inside the one value domain, so that it can be kept,
     # re-encoded and delivered anywhere (protocol/values.py); the rest is 1007.
-    why = value_error(value)
-    if why is not None:
-        raise ProtocolError(CloseCode.INVALID_DATA, why)
-    return value
+    weight = weigh(value)
+    if weight < 0:
+        raise ProtocolError(CloseCode.INVALID_DATA, value_error(value) or "invalid value")
+    return weight
 
 
 class Codec:
@@ -151,10 +153,22 @@ class Codec:
         Raises:
             ProtocolError: 1007 for an undecodable payload, 1002 for a bad envelope.
         """
+        return self.decode_weighed(payload)[0]
+
+    def decode_weighed(self, payload: bytes) -> tuple[list[Envelope], int]:
+        """:meth:`decode`, and the bytes the decoded values hold in this process
+        (roughly: :func:`~.values.weigh`), for the bounds on what waits to be processed.
+        """
         value = self.loads(payload)
         if isinstance(value, list):
-            return [parse_envelope(_in_domain(item)) for item in value]
-        return [parse_envelope(_in_domain(value))]
+            weight = len(value) * 16
+            envelopes = []
+            for item in value:
+                weight += _weighed(item)
+                envelopes.append(parse_envelope(item))
+            return envelopes, weight
+        weight = _weighed(value)
+        return [parse_envelope(value)], weight
 
     def encode(self, envelope: Envelope) -> bytes:
         """Encode one envelope into a message payload."""

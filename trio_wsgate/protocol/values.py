@@ -30,7 +30,7 @@ import math
 import uuid
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "check_value", "value_error"]
+__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "check_value", "value_error", "weigh"]
 
 #: The largest integer a JavaScript number holds exactly (``Number.MAX_SAFE_INTEGER``).
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -122,6 +122,79 @@ def value_error(value: Any, depth: int = MAX_DEPTH) -> str | None:
         if isinstance(value, base):
             return value_error(base(value), depth)  # a subclass: as its base
     return f"a value of type {kind.__name__} cannot be encoded"
+
+
+# What a decoded value holds in this process, roughly (CPython, 64 bits): a container
+# and each of its slots, a string and its characters, any other scalar. A message's
+# weight, not its size on the wire, is what the node counts while it waits to be
+# processed: 64 KiB of msgpack's one-byte empty arrays decode to over 4 MB.
+_CONTAINER, _SLOT, _TEXT, _SCALAR = 64, 16, 50, 32
+
+
+def weigh(value: Any, depth: int = MAX_DEPTH) -> int:
+    """The bytes ``value`` holds once decoded, roughly; -1 if it is outside the domain
+    (then :func:`value_error` says why). One walk for both: every envelope a client
+    sends goes through here."""
+    kind = type(value)
+    if kind is dict:
+        if depth <= 0:
+            return -1
+        total = _CONTAINER
+        for key, item in value.items():
+            if type(key) is not str or not (key.isascii() or _text_ok(key)):
+                return -1
+            total += _SLOT + _TEXT + len(key)
+            kind = type(item)
+            if kind is str:
+                if item.isascii() or _text_ok(item):
+                    total += _TEXT + len(item)
+                    continue
+                return -1
+            if kind is int:
+                if -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    total += _SCALAR
+                    continue
+                return -1
+            if item is None or kind is bool:
+                continue
+            weight = weigh(item, depth - 1)
+            if weight < 0:
+                return -1
+            total += weight
+        return total
+    if kind is list:
+        if depth <= 0:
+            return -1
+        total = _CONTAINER + _SLOT * len(value)
+        for item in value:
+            kind = type(item)
+            if kind is int:
+                if -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    total += _SCALAR
+                    continue
+                return -1
+            if kind is str:
+                if item.isascii() or _text_ok(item):
+                    total += _TEXT + len(item)
+                    continue
+                return -1
+            if item is None or kind is bool:
+                continue
+            weight = weigh(item, depth - 1)
+            if weight < 0:
+                return -1
+            total += weight
+        return total
+    if kind is str:
+        return _TEXT + len(value) if _text_ok(value) else -1
+    if value is None or kind is bool:
+        return 0
+    if kind is int:
+        return _SCALAR if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else -1
+    if kind is float:
+        return _SCALAR if math.isfinite(value) else -1
+    # Not what a decoder makes (tuples, the application's types): ask value_error.
+    return -1 if value_error(value, depth) is not None else _SCALAR
 
 
 def check_value(value: Any, depth: int = MAX_DEPTH) -> Any:
