@@ -67,6 +67,11 @@ async def test_case5_a_session_keeps_at_most_max_buffered_bytes_while_attached(
             assert session.outbox.nbytes < 10_000
             assert not session.connection.closing  # type: ignore[union-attr]
             session.send("news", "y" * 1000)  # over the bound: 4004
+            # The session ends at once, and what it held goes with it, while the
+            # connection still closes (a peer that does not read takes close_timeout).
+            assert session.ended
+            assert session.outbox.nbytes == 0
+            assert not session.outbox.in_flight
             code, _ = await client.wait_closed()
             assert code == 4004
         await detached(server)
@@ -210,6 +215,28 @@ async def test_case7_history_is_bounded_in_bytes_per_topic_and_per_node(
         assert 1 <= len(held) < 20
         assert [p.offset for p in held] == list(range(21 - len(held), 21))
         assert broker.nbytes <= 200_000  # type: ignore[attr-defined]
+
+
+async def test_case8_a_topic_nobody_follows_is_forgotten_at_once(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Subscribing to many distinct topics and leaving them keeps nothing in the broker
+    until its next sweep (a minute): each one is forgotten as it is left."""
+    server = make_server(allow_subscribe=("t:*",))
+    broker = server.hub.broker
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        seq = 0
+        for round_ in range(5):
+            for i in range(100):
+                for kind in ("sub", "unsub"):
+                    seq += 1
+                    await client.send({"type": kind, "seq": seq, "topic": f"t:{round_}:{i}"})
+                    reply = await client.recv_type("reply")
+                    await client.send({"type": "ack", "ack": reply["seq"]})
+            await trio.testing.wait_all_tasks_blocked()
+            assert broker.statistics()["topics"] == 0
+        await client.close()
 
 
 async def test_case13_no_ping_before_welcome(
@@ -384,3 +411,28 @@ async def test_history_keeps_encodings_not_decoded_data(
         (kept,) = (await server.hub.broker.history("news", 0)).publications
         assert kept.data is None
         assert kept.encoded is publication.encoded
+
+
+async def test_a_peer_that_resets_while_its_handshake_is_answered_is_no_internal_error(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The attack battery's upgrade-reset: 481 internal errors in 15 s, each logged with
+    a traceback, for peers that left while the node wrote its answer."""
+    server = make_server()
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with running(server) as nursery:
+        for _ in range(5):
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_stream, "127.0.0.1:1")
+            await client_stream.send_all(request)
+            await client_stream.aclose()  # gone before the answer
+            await trio.testing.wait_all_tasks_blocked()
+        assert not server.connections
+        assert (sample(server, "wsgate_internal_errors_total") or 0) == 0
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello()
+            await client.close()

@@ -380,9 +380,12 @@ class Session:
                 connection.enqueue_sequenced(payload)
             limit = hub.config.max_buffered_bytes
             if connection._pending_bytes > _INBOUND_HIGH_WATER:
-                limit *= 4  # its acks wait behind what the node has not read yet
+                limit *= 2  # its acks wait behind what the node has not read yet
             if outbox.nbytes > limit:
+                # Over what a session may keep for a resume: it ends now, and what it
+                # held goes with it, not when its connection is released.
                 connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
         elif self.connection is None:
             if not hub.hold(self, len(payload)):
                 raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
@@ -640,6 +643,7 @@ class Connection:
         self.closing = True
         self.close_decided_at = trio.current_time()
         self._answered_hello()  # a reader waiting for welcome goes back to reading
+        self._queue.clear()  # never framed now: only the close frame goes out
         if self._taken is not None:
             self._taken.set()  # and one waiting for the dispatcher too
         self._cancel_application()

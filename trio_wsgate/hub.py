@@ -486,6 +486,7 @@ class Hub:
         if session.connection is None:
             session.close_code, session.close_reason = code, reason
         self._unregister(session)
+        session.outbox.clear()  # what it kept for a resume, at once
         self._chore(lambda: self.broker.release_session(session.id, self.node_id))
         self.metrics.sessions_ended.labels(why).inc()
         if self.gateway.session_end_hooks:

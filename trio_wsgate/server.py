@@ -372,9 +372,14 @@ class Server:
                 from .transports.asgi import serve_asgi_stream
 
                 await serve_asgi_stream(self, stream, remote_address)
-        except Exception:  # the root of a connection's task: log once, count, keep serving
-            self.metrics.internal_errors.inc()
-            logger.exception("internal error serving %s", remote_address)
+        except Exception as exc:  # the root of a connection's task: log once, count, go on
+            if _peer_left(exc):
+                # The peer left (a reset, say) while the node answered its handshake:
+                # the end of that stream, not an error of the node's.
+                logger.debug("%s left during its handshake", remote_address)
+            else:
+                self.metrics.internal_errors.inc()
+                logger.exception("internal error serving %s", remote_address)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -542,6 +547,14 @@ class Server:
                     logger.warning("%s again: stopping now", signal.Signals(signum).name)
                     self.forced = True
                     self.stop()
+
+
+def _peer_left(exc: BaseException) -> bool:
+    """True if ``exc`` says only that the peer's stream broke (alone, or as every
+    exception of a group: trio-websocket raises from a nursery of its own)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_peer_left(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError)
 
 
 async def _open_connections_nursery(task_status: trio.TaskStatus[trio.Nursery]) -> None:

@@ -178,6 +178,14 @@ class Outbox(Generic[T]):
         self._refill()
         return [item for _, item in self.in_flight]
 
+    def clear(self) -> None:
+        """Forget every item (the session ended: nothing will be sent again). Acks of
+        what was sent stay valid, as stale ones."""
+        self.acked = self.next_seq - 1
+        self.in_flight.clear()
+        self.waiting.clear()
+        self.nbytes = 0
+
     def unacknowledged(self) -> Iterator[tuple[int, T]]:
         """Every numbered envelope not yet acknowledged, in order (for resending)."""
         yield from self.in_flight

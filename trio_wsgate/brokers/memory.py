@@ -181,6 +181,9 @@ class MemoryBroker:
     async def unsubscribe(self, topic: str) -> None:
         """Stop delivering the topic's publications to the node."""
         self._subscribed.discard(topic)
+        state = self._topics.get(topic)
+        if state is not None:
+            self._prune(topic, state)
 
     async def history(self, topic: str, since: int | None = None) -> History:
         """Held publications after ``since``, and the topic's offset and epoch."""
@@ -198,6 +201,7 @@ class MemoryBroker:
             state = self._topics.get(topic)
             if state is not None:
                 state.presence.pop(session, None)
+                self._prune(topic, state)  # not kept till the sweep: topics are cheap to make
 
     async def presence(self, topic: str) -> dict[str, str | None]:
         """The sessions present in the topic, with their users."""

@@ -23,6 +23,7 @@ channel fills, and its reader stops reading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -228,16 +229,21 @@ async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: 
             if isinstance(answer, Refusal):
                 server.count_refusal(answer.status)
                 extra = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
-                await request.reject(answer.status, extra_headers=extra, body=answer.body.encode())
+                with contextlib.suppress(ConnectionClosed):  # the peer left first
+                    await request.reject(
+                        answer.status, extra_headers=extra, body=answer.body.encode()
+                    )
             else:
                 admission = answer
                 try:
                     ws = await request.accept(subprotocol=answer.subprotocol)
+                except ConnectionClosed:
+                    pass  # the peer left before its answer (released below)
                 except BaseException:
                     server.release(admission)
                     raise
         if admission is not None:
-            if ws is None:  # the handshake timed out after the admission
+            if ws is None:  # the handshake timed out, or the peer left, after the admission
                 server.release(admission)
             else:
                 transport = TrioWebsocketTransport(ws, stream, remote, config.max_message_size)
