@@ -436,3 +436,46 @@ async def test_a_peer_that_resets_while_its_handshake_is_answered_is_no_internal
         async with open_memory_connection(server, nursery) as client:
             await client.hello()
             await client.close()
+
+
+async def test_a_churn_of_subscriptions_does_not_pile_up_broker_chores(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The attack battery's subscribe-many: one chore per topic left took the broker
+    lock each, and the queue grew faster than it drained (300k chores, +267 MiB),
+    holding every ended session and its subscriptions."""
+    server = make_server(allow_subscribe=("*",))
+    hub = server.hub
+    most = [0]
+    chore = hub._chore
+
+    def counted(job: Any) -> None:
+        chore(job)
+        most[0] = max(most[0], len(hub._chores))
+
+    hub._chore = counted  # type: ignore[method-assign]
+    async with running(server) as nursery:
+
+        async def churn(worker: int) -> None:
+            for round_ in range(5):
+                remote = f"10.2.{worker}.{round_}:1"
+                async with open_memory_connection(server, nursery, remote=remote) as client:
+                    await client.hello()
+                    batch = [
+                        {"type": "sub", "seq": seq, "topic": f"c-{worker}-{round_}-{seq}"}
+                        for seq in range(1, 65)
+                    ]
+                    await client.send(*batch)
+                    for _ in batch:
+                        await client.recv_type("reply")
+                    await client.send({"type": "bye"})
+                    await client.wait_closed()
+
+        async with trio.open_nursery() as workers:
+            for worker in range(20):
+                workers.start_soon(churn, worker)
+        await trio.testing.wait_all_tasks_blocked()
+        # 20 x 5 sessions of 64 topics: 12,800 subscriptions made and left.
+        assert most[0] < 2_000, most[0]
+        assert not hub.topics
+        assert hub.broker.statistics()["topics"] == 0

@@ -47,6 +47,7 @@ import logging
 import os
 import secrets
 import socket
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -261,6 +262,7 @@ class Hub:
         self.topics: dict[str, dict[str, Session]] = {}
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
         self._broker_lock = trio.Lock()
+        self._leaving: set[str] = set()  # topics left, for _leave_topics
         # A storm of new sessions asks a shared broker (Redis) the same things at once:
         # claims and topic positions go in batches (batching.py).
         self._claims: Batcher[None, str, None] = Batcher(self._claim_batch)
@@ -271,8 +273,10 @@ class Hub:
         self.timers = Timers()
         self._chore_lock = trio.Lock()
         self._secret = (config.secret or secrets.token_hex(32)).encode()
-        # (deadline, tie-breaker, session): stale entries are skipped when popped.
-        self._deadlines: list[tuple[float, int, Session]] = []
+        # (deadline, tie-breaker, session): stale entries are skipped when popped. The
+        # session is held weakly: one that ended (resumed, overflowed, kicked) is not
+        # kept alive, with its subscriptions, until its old deadline comes.
+        self._deadlines: list[tuple[float, int, weakref.ref[Session]]] = []
         self._counter = 0
         self._ended: list[Session] = []
         self._wake = trio.Event()
@@ -398,7 +402,7 @@ class Hub:
         deadline = self._deadline(session)
         assert deadline is not None
         self._counter += 1
-        heapq.heappush(self._deadlines, (deadline, self._counter, session))
+        heapq.heappush(self._deadlines, (deadline, self._counter, weakref.ref(session)))
         self._wake.set()
 
     @staticmethod
@@ -503,8 +507,9 @@ class Hub:
         """End every detached session whose ``resume_ttl`` has run out."""
         now = trio.current_time()
         while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, _, session = heapq.heappop(self._deadlines)
-            if not session.ended and self._deadline(session) == deadline:
+            deadline, _, ref = heapq.heappop(self._deadlines)
+            session = ref()
+            if session is not None and not session.ended and self._deadline(session) == deadline:
                 self.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="expired")
 
     # -- the hub's task ---------------------------------------------------------------
@@ -646,14 +651,21 @@ class Hub:
             local.pop(session.id, None)
             if not local:
                 del self.topics[topic]
-                self._chore(lambda: self._leave_topic(topic))
+                # One chore for every topic left meanwhile: a chore per topic took the
+                # broker lock (a checkpoint) each, and under a churn of subscriptions
+                # the queue grew faster than it drained, holding every ended session.
+                if not self._leaving:
+                    self._chore(self._leave_topics)
+                self._leaving.add(topic)
         self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, False))
 
-    async def _leave_topic(self, topic: str) -> None:
+    async def _leave_topics(self) -> None:
         async with self._broker_lock:
-            if topic in self._broker_topics and topic not in self.topics:
-                await self.broker.unsubscribe(topic)
-                self._broker_topics.discard(topic)
+            leaving, self._leaving = self._leaving, set()
+            for topic in leaving:
+                if topic in self._broker_topics and topic not in self.topics:
+                    await self.broker.unsubscribe(topic)
+                    self._broker_topics.discard(topic)
 
     def _receive(self, publication: Publication) -> None:
         """Fan a publication out to the local subscribers of its topic (the broker's call)."""
