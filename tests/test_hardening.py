@@ -479,3 +479,48 @@ async def test_a_churn_of_subscriptions_does_not_pile_up_broker_chores(
         assert most[0] < 2_000, most[0]
         assert not hub.topics
         assert hub.broker.statistics()["topics"] == 0
+
+
+async def test_live_sessions_together_are_held_to_max_live_bytes(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """One client with many connections, each under its own bound, cannot make the node
+    hold more than max_live_bytes: past it, the owner holding the most loses its
+    largest session, at the next check (every second)."""
+    server = make_server(max_live_bytes=60_000)
+    hub = server.hub
+    async with running(server) as nursery:
+        clients = {}
+        for name, remote in (("a1", "10.0.0.1:1"), ("a2", "10.0.0.1:2"), ("b", "10.0.0.2:1")):
+            client = await nursery.start(_hold_open, server, remote)
+            clients[name] = client
+        sessions = {
+            name: next(s for s in hub.sessions.values() if s.id == client.session)
+            for name, client in clients.items()
+        }
+        await trio.sleep(10)
+        assert not hub._live_check_armed  # nothing held: no check made
+        start = trio.current_time()
+        for name, size in (("a1", 30_000), ("a2", 20_000), ("b", 25_000)):
+            sessions[name].send("news", "z" * size)  # never acknowledged
+        code, _ = await clients["a1"].wait_closed()
+        assert code == 4004
+        assert trio.current_time() - start <= 1.0
+        assert [sessions[name].ended for name in ("a1", "a2", "b")] == [True, False, False]
+        await trio.sleep(5)  # under the bound now: nothing more happens
+        assert not sessions["a2"].ended
+        assert not sessions["b"].ended
+        assert sample(server, "wsgate_sessions_ended_total", why="overflow") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def _hold_open(
+    server: Server, remote: str, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, remote=remote) as client,
+    ):
+        client.session = (await client.hello())["session"]  # type: ignore[attr-defined]
+        task_status.started(client)
+        await trio.sleep_forever()

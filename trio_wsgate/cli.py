@@ -96,6 +96,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max-buffered", "max_buffered", int, "envelopes a dropped session buffers at most"),
     ("max-buffered-bytes", "max_buffered_bytes", int, "unacknowledged bytes per session"),
     ("max-detached-bytes", "max_detached_bytes", int, "bytes all dropped sessions hold"),
+    ("max-live-bytes", "max_live_bytes", int, "unacknowledged bytes all live sessions hold"),
     ("secret", "secret", str, "HMAC key of resume tokens, shared by the nodes of a cluster"),
     ("jwt-secret", "jwt_secret", str, "HS256 key of client tokens (no key: anonymous)"),
     ("jwt-public-key", "jwt_public_key", str, "PEM file: RS256 or ES256 key of client tokens"),

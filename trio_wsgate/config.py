@@ -82,6 +82,11 @@ class Config:
     #: it a live connection closes with 4004 and the session ends as it lets go; a
     #: detached session ends at once. Its client recovers by offset (PROTOCOL.md §6).
     max_buffered_bytes: int = 1 << 20
+    #: Most bytes of unacknowledged envelopes all live sessions of the node hold
+    #: together, looked at every second while they hold any; past it the owner holding
+    #: the most (a user, or an anonymous client's address) loses its largest sessions
+    #: (4004, and they end).
+    max_live_bytes: int = 256 << 20
     #: Most bytes all detached sessions of the node hold together; past it the owner
     #: holding the most (a user, or an anonymous client's address) loses its oldest.
     max_detached_bytes: int = 64 << 20
@@ -179,8 +184,10 @@ class Config:
             raise ValueError("heartbeat_slack must not be negative")
         if self.max_buffered < 0:
             raise ValueError("max_buffered must not be negative")
-        if self.max_buffered_bytes < 1 or self.max_detached_bytes < 1:
-            raise ValueError("max_buffered_bytes and max_detached_bytes must be positive")
+        if min(self.max_buffered_bytes, self.max_detached_bytes, self.max_live_bytes) < 1:
+            raise ValueError(
+                "max_buffered_bytes, max_detached_bytes and max_live_bytes must be positive"
+            )
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError("secret must be at least 16 characters")
         if self.jwt_secret is not None and self.jwt_public_key is not None:

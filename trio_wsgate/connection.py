@@ -378,6 +378,8 @@ class Session:
         if connection is not None:
             if goes_now:
                 connection.enqueue_sequenced(payload)
+            if not hub._live_check_armed:
+                hub.arm_live_check()
             limit = hub.config.max_buffered_bytes
             if connection._pending_bytes > _INBOUND_HIGH_WATER:
                 limit *= 2  # its acks wait behind what the node has not read yet

@@ -97,6 +97,8 @@ _PARK_STEP = 200
 # counted against max_detached_bytes (measured: about 1.8 KB a subscription).
 _SESSION_WEIGHT = 2048
 _SUBSCRIPTION_WEIGHT = 2048
+# How often the node adds up what its live sessions hold (max_live_bytes), seconds.
+_LIVE_CHECK = 1.0
 # How many of an owner's oldest detached sessions eviction looks at for the largest.
 _EVICTION_SCAN = 64
 
@@ -263,6 +265,7 @@ class Hub:
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
         self._broker_lock = trio.Lock()
         self._leaving: set[str] = set()  # topics left, for _leave_topics
+        self._live_check_armed = False  # a _check_live_bytes is due
         # A storm of new sessions asks a shared broker (Redis) the same things at once:
         # claims and topic positions go in batches (batching.py).
         self._claims: Batcher[None, str, None] = Batcher(self._claim_batch)
@@ -460,6 +463,54 @@ class Hub:
         if len(self._biggest) > 2 * len(self._held_by) + 64:
             self._biggest = [(-amount, name) for name, amount in self._held_by.items()]
             heapq.heapify(self._biggest)
+
+    def arm_live_check(self) -> None:
+        """Something was queued for a live session: check what they all hold within a
+        second (:meth:`_check_live_bytes`), unless a check is due already. A node
+        whose sessions hold nothing makes no check."""
+        if not self._live_check_armed and self.running:
+            self._live_check_armed = True
+            self.timers.call_at(trio.current_time() + _LIVE_CHECK, self._check_live_bytes)
+
+    def _check_live_bytes(self) -> None:
+        """Every second while live sessions hold anything: their unacknowledged
+        envelopes together are held to ``max_live_bytes``. Past it the owner holding
+        the most (a user, or an anonymous client's address) loses its largest sessions
+        (4004, and they end), until the node is under it: one client with many
+        connections cannot make the node hold more than that, whatever each
+        connection's own bound."""
+        self._live_check_armed = False
+        try:
+            held: dict[str, list[Session]] = {}
+            total = 0
+            for session in self.sessions.values():
+                if session.connection is not None and session.outbox.nbytes:
+                    held.setdefault(session._owner, []).append(session)
+                    total += session.outbox.nbytes
+            if total:
+                self.arm_live_check()  # again in a second, while anything is held
+            limit = self.config.max_live_bytes
+            if total <= limit:
+                return
+            owners = [
+                (-sum(s.outbox.nbytes for s in sessions), owner) for owner, sessions in held.items()
+            ]
+            heapq.heapify(owners)
+            while total > limit and owners:
+                negative, owner = heapq.heappop(owners)
+                sessions = held[owner]
+                victim = max(sessions, key=lambda session: session.outbox.nbytes)
+                sessions.remove(victim)
+                freed = victim.outbox.nbytes
+                total -= freed
+                if victim.connection is not None:
+                    victim.connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                self.end(victim, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+                if sessions:
+                    heapq.heappush(owners, (negative + freed, owner))
+        except Exception:  # a task of the node's: one bad session must not end it
+            self.metrics.internal_errors.inc()
+            logger.exception("checking what live sessions hold failed")
 
     def release_held(self, session: Session) -> None:
         """The session is attached again, or gone: its bytes no longer count as detached."""
