@@ -2,8 +2,8 @@
 
 Served by hypercorn in the node's own trio run (:meth:`AdminApp.serve`), so the metrics
 (``wsgate_tasks`` above all) are read from the same task tree the gateway uses, and
-the server API (PROTOCOL.md §9) calls the hub directly. Each admin connection's
-failure stays in its own task: none reaches the node's nursery.
+the server API (docs/protocol.md, "The server API") calls the hub directly. Each admin
+connection's failure stays in its own task: none reaches the node's nursery.
 
 Everything under ``/api/`` needs ``Authorization: apikey <key>`` when the node has an
 API key, checked before anything else (an unknown path without the key is 401, not

@@ -80,7 +80,8 @@ class Config:
     max_buffered: int = 1000
     #: Most bytes of unacknowledged envelopes a session holds (encoded, as sent). Past
     #: it a live connection closes with 4004 and the session ends as it lets go; a
-    #: detached session ends at once. Its client recovers by offset (PROTOCOL.md §6).
+    #: detached session ends at once. Its client recovers by offset (docs/protocol.md,
+    #: "Topics").
     max_buffered_bytes: int = 1 << 20
     #: Most bytes of unacknowledged envelopes all live sessions of the node hold
     #: together, looked at every second while they hold any; past it the owner holding

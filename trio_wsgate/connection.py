@@ -87,7 +87,7 @@ from .protocol import (
 from .protocol.values import MAX_DEPTH, check_value, value_error
 from .session import Inbox, Outbox, Receipt
 from .timers import Timer, Timers
-from .transports.base import Transport, TransportBroken
+from .transports.base import Transport, TransportBroken, remote_ip
 from .wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -549,8 +549,7 @@ class Connection:
     @property
     def remote_ip(self) -> str:
         """The peer's IP address (the whole remote address if it has no port)."""
-        host, sep, _ = self._transport.remote_address.rpartition(":")
-        return host.strip("[]") if sep else self._transport.remote_address
+        return remote_ip(self._transport.remote_address)
 
     @property
     def queue_depth(self) -> int:

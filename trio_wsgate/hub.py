@@ -427,7 +427,7 @@ class Hub:
         """Count ``nbytes`` more of a detached session's outbox against the node's bound.
 
         Past ``max_buffered`` or ``max_buffered_bytes``, the session ends
-        (``overflow``): its client recovers by offset (PROTOCOL.md §6). Past
+        (``overflow``): its client recovers by offset (docs/protocol.md, "Topics"). Past
         ``max_detached_bytes`` for the node, the owner holding the most (the user, or
         the address of an anonymous client) gives up detached sessions, the largest of
         its oldest 64 first, until the node is under it again: one client cannot push

@@ -25,8 +25,8 @@ __all__ = ["CLOSE_CODE_LABELS", "CloseCounter", "Metrics", "Tally", "Timings", "
 
 #: The close codes ``wsgate_closes_total`` names; any other is counted as ``other``.
 #: 1000-1015: the codes RFC 6455 (§7.4.1) and the IANA registry define, 1013 among
-#: them (PROTOCOL.md §8); 4000-4009: this protocol's range (4001-4006 and 4009 in use,
-#: the rest kept for it). Client codes (3000-3999, 4010-4999) and the application's
+#: them (docs/protocol.md, "Closing"); 4000-4009: this protocol's range (4001-4006 and
+#: 4009 in use, the rest kept for it). Client codes (3000-3999, 4010-4999) and the application's
 #: own codes outside that range all count as ``other``: at most 27 series per reason.
 CLOSE_CODE_LABELS = frozenset(range(1000, 1016)) | frozenset(range(4000, 4010))
 

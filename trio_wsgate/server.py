@@ -28,7 +28,7 @@ from .hub import Hub, checked_identity
 from .limits import ConnectionCounts, TokenBucket
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason, shared_codec
-from .transports.base import Accept, Refusal, Transport, UpgradeRequest
+from .transports.base import Accept, Refusal, Transport, UpgradeRequest, remote_ip
 from .transports.websockets import Handshake, accept_websocket
 
 __all__ = ["Admission", "Server", "serve"]
@@ -292,8 +292,7 @@ class Server:
             answering (counted as refused with 503, like every socket given up).
         """
         config = self.config
-        host, sep, _ = remote_address.rpartition(":")
-        ip = host.strip("[]") if sep else ""
+        ip = remote_ip(remote_address) if ":" in remote_address else ""
         heads = self._heads
         waiting = heads.get(ip) if ip else None
         held = 0 if waiting is None else len(waiting)

@@ -385,7 +385,8 @@ class GatewayApp:
             request = _upgrade_request(scope)
         except InvalidHeader:  # h11 lets through header values websockets refuses
             server.count_refusal(400)
-            refusal = Refusal(400, "Bad Request: invalid header value\n")  # PROTOCOL.md §8
+            # A malformed upgrade is 400 (docs/protocol.md, "Handshake").
+            refusal = Refusal(400, "Bad Request: invalid header value\n")
             await _send_answer(send, _refusal(scope, refusal), _remote(scope))
             return
         answer: Refusal | Any = Refusal(503, "the handshake took too long\n")

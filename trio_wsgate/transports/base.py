@@ -34,7 +34,16 @@ __all__ = [
     "TransportBroken",
     "UpgradeRequest",
     "output_high_water",
+    "remote_ip",
 ]
+
+
+def remote_ip(remote_address: str) -> str:
+    """The IP address of an ``ip:port`` (``[v6]:port``) peer address (the whole of it
+    if it has no port)."""
+    host, sep, _ = remote_address.rpartition(":")
+    return host.strip("[]") if sep else remote_address
+
 
 #: Bytes a connection may have waiting to be written beyond one message of the largest
 #: size before its transport stops reading from the peer (see :func:`output_high_water`).

@@ -35,8 +35,8 @@ from wsproto.utilities import LocalProtocolError
 
 from ..protocol.closecodes import CloseCode
 from ..wakeup import Wakeup
-from .base import Incoming, Refusal, UpgradeRequest, output_high_water
-from .websockets import RECEIVE_SIZE, remote_ip
+from .base import Incoming, Refusal, UpgradeRequest, output_high_water, remote_ip
+from .websockets import RECEIVE_SIZE
 
 if TYPE_CHECKING:
     from ..server import Server

@@ -47,6 +47,7 @@ from .base import (
     TransportBroken,
     UpgradeRequest,
     output_high_water,
+    remote_ip,
 )
 
 __all__ = [
@@ -402,12 +403,6 @@ def _offered_subprotocols(request: Request) -> tuple[str, ...]:
     for header in request.headers.get_all("Sec-WebSocket-Protocol"):
         offered.extend(parse_subprotocol(header))
     return tuple(offered)
-
-
-def remote_ip(remote_address: str) -> str:
-    """The IP address of an ``ip:port`` (``[v6]:port``) peer address."""
-    host, sep, _ = remote_address.rpartition(":")
-    return host.strip("[]") if sep else remote_address
 
 
 async def accept_websocket(
