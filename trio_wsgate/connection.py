@@ -350,8 +350,9 @@ class Session:
         100 ms). TypeError/ValueError from the codec leave everything unchanged.
 
         Past ``max_buffered_bytes`` of unacknowledged envelopes, a live connection is
-        closed with 4004 (and the session ends as it lets go); a detached session, or
-        one that takes the node's detached sessions past ``max_detached_bytes``, ends.
+        closed with 4004 and the session ends at once; a detached session ends, and
+        one that takes the node past ``max_detached_bytes`` makes the owner holding
+        the most give sessions up (:meth:`Hub.hold <trio_wsgate.hub.Hub.hold>`).
         """
         if self.ended:
             raise SessionClosed(self.close_code, self.close_reason)

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from ..protocol import CODECS
 from .base import ControlReceiver, History, Publication, Receiver
 
 __all__ = ["MemoryBroker"]
@@ -37,11 +38,7 @@ def _weight(publication: Publication) -> int:
     """Bytes a publication in history holds, roughly: its encodings (and, when they
     are not all made, its decoded data, as large again) and the entry itself."""
     encoded = sum(len(fields) for fields, _ in publication.encoded.values())
-    return (encoded if len(publication.encoded) >= _ENCODINGS else 2 * encoded) + 512
-
-
-# The encodings a publication is made in (JSON and msgpack).
-_ENCODINGS = 2
+    return (encoded if len(publication.encoded) >= len(CODECS) else 2 * encoded) + 512
 
 
 class MemoryBroker:
@@ -126,7 +123,7 @@ class MemoryBroker:
     def _keep(self, name: str, topic: _Topic, publication: Publication) -> None:
         """Add to the topic's history, within its bounds and the node's."""
         weight = _weight(publication)
-        if len(publication.encoded) >= _ENCODINGS:
+        if len(publication.encoded) >= len(CODECS):
             # Every encoding is made: what history sends again needs no decoded data,
             # which would hold several times the bytes its encodings do.
             publication = dataclasses.replace(publication, data=None)
