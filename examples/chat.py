@@ -4,6 +4,10 @@
     scripts/serve                                   # runs --app examples/chat.py:gateway
     .venv/bin/trio-wsgate client ws://127.0.0.1:8000/ws --token "$(.venv/bin/trio-wsgate token ada)"
 
+In a browser, open http://127.0.0.1:8000/#token=<a token> (or just
+http://127.0.0.1:8000/ on an anonymous node): the page ``chat.html`` is served by the
+node and built on ``/wsgate.js``.
+
 Every session starts in ``room:lobby``. Client side, after ``hello`` (the interactive
 ``trio-wsgate client`` takes the lines after ``>``)::
 
@@ -30,6 +34,7 @@ anonymous and everyone is a guest.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -37,6 +42,8 @@ import trio
 from trio_wsgate import Gateway, HandlerError, Session, SessionClosed
 
 gateway = Gateway()
+# The chat's page at http://127.0.0.1:8000/ (it loads /wsgate.js from the node).
+gateway.serve_file("/", Path(__file__).with_name("chat.html"))
 
 LOBBY = "room:lobby"
 

@@ -12,7 +12,7 @@ connections (their sessions migrate to another node). At the end every client
 must have received every publication the API accepted, exactly once and in order, and
 got exactly one right reply to each request whose session survived.
 
-PROTOCOL.md promises exactly-once for topics through recovery by offset (a client whose
+docs/protocol.md promises exactly-once for topics through recovery by offset (a client whose
 node died gets ``resumed: false`` and recovers from the history) and for requests within
 a session (a session that moves to another node keeps its numbering). A request written
 to a node that died is the one case where the protocol admits doubt: the client raises

@@ -1,4 +1,4 @@
-"""The server API on the admin port (PROTOCOL.md §9), over real sockets with hypercorn."""
+"""The server API on the admin port (docs/protocol.md §9), over real sockets with hypercorn."""
 
 from __future__ import annotations
 

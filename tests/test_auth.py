@@ -1,4 +1,4 @@
-"""Tokens (PROTOCOL.md §3 and §8): JWTs at the handshake and in hello, expiry, refresh."""
+"""Tokens (docs/protocol.md §3 and §8): JWTs at the handshake and in hello, expiry, refresh."""
 
 from __future__ import annotations
 

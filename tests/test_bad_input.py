@@ -1,4 +1,4 @@
-"""Bad input gets its close code (PROTOCOL.md §8) and hurts no other connection."""
+"""Bad input gets its close code (docs/protocol.md §8) and hurts no other connection."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """End to end: the real server, the fault proxy, the client, and a wire that keeps breaking.
 
 The same run as ``python examples/chaos.py --duration 60``, shorter. It checks the
-promise of PROTOCOL.md §4 and §5 in both directions: no envelope lost, doubled or
+promise of docs/protocol.md §4 and §5 in both directions: no envelope lost, doubled or
 reordered, and every request's handler run exactly once, across many cuts, resets,
 clean closes and blackholes.
 """

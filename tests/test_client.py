@@ -454,3 +454,52 @@ async def test_refresh_sends_a_fresh_token(
             await trio.sleep(20)  # past the first exp
             assert await client.request("echo", 1) == 1
             assert client.state is ClientState.CONNECTED
+
+
+async def test_a_live_publication_before_the_recovery_does_not_hide_the_gap(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # docs/protocol.md §6.7: a new session follows user:<sub> from its start, so a
+    # publication made as it opens can reach the client before the recovery (sub
+    # since) sends what was missed; the client delivers the gap, then that one, each
+    # once and in offset order, rather than taking the live offset as its position.
+    from trio_wsgate import JwtAuthenticator
+
+    from .test_auth import SECRET, now, token
+
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    sessions = 0
+
+    @gateway.on_connect
+    async def greet(session: Session) -> None:
+        nonlocal sessions
+        if not session.resumed:
+            sessions += 1
+            if sessions > 1:  # before the client's own envelopes are processed
+                await gateway.send_to_user("ada", "welcome back")
+
+    server = make_server(gateway, resume_ttl=0)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, token=token("ada")) as client:
+            await client.wait_connected()
+            await gateway.send_to_user("ada", "one")
+            received = []
+            async for message in client.messages():
+                received.append((message.offset, message.data))
+                break
+            await wire.cut()  # the session is lost (resume_ttl 0)
+            await gateway.send_to_user("ada", "two")
+            await gateway.send_to_user("ada", "three")
+            assert await client.wait_state(ClientState.SESSION_LOST) is ClientState.SESSION_LOST
+            async for message in client.messages():
+                received.append((message.offset, message.data))
+                if len(received) == 4:
+                    break
+            assert received == [(1, "one"), (2, "two"), (3, "three"), (4, "welcome back")]
+            assert client.recovered == {"user:ada": True}
+            await gateway.send_to_user("ada", "five")
+            async for message in client.messages():
+                assert (message.offset, message.data) == (5, "five")
+                break

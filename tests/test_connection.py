@@ -309,7 +309,7 @@ async def test_close_is_bounded_when_the_peer_stops_reading(
         assert trio.current_time() == start
         await connection.wait_released()
         assert connection.released_at == start + 2
-        # 1000 keeps the session for a resume (PROTOCOL.md §8): it buffers.
+        # 1000 keeps the session for a resume (docs/protocol.md §8): it buffers.
         assert session.connection is None
         assert not session.closed
         session.send("late", 1)
@@ -445,7 +445,7 @@ async def test_a_full_queue_closes_4004_and_the_session_buffers_up_to_max_buffer
         assert await client.wait_closed() == (4004, "slow consumer")
         await connection.wait_released()
         assert session.connection is None
-        assert not session.closed  # PROTOCOL.md §8: kept, within max_buffered
+        assert not session.closed  # docs/protocol.md §8: kept, within max_buffered
         session.send("x", 6)
         session.send("x", 7)
         with pytest.raises(SlowConsumer):

@@ -301,6 +301,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_the_cli_client_makes_one_request(node: Node) -> None:
     done = run_cli("client", node.url, "echo", '{"a": [1, 2]}')
     assert (done.returncode, json.loads(done.stdout)) == (0, {"a": [1, 2]})
+    # Options may come before the event, as the README writes it (an anonymous node
+    # ignores the token).
+    done = run_cli("client", node.url, "--token", "t", "echo", '{"a": 3}')
+    assert (done.returncode, json.loads(done.stdout)) == (0, {"a": 3}), done.stderr
+    done = run_cli("client", node.url, "--token", "t", "echo", "1", "2")
+    assert done.returncode == 2
+    assert "unrecognized arguments: 2" in done.stderr
     refused = run_cli("client", node.url, "join", '""')
     assert refused.returncode == 1
     assert "error bad_room" in refused.stderr
@@ -329,7 +336,7 @@ def test_the_cli_client_reads_commands_from_stdin(node: Node) -> None:
 
 
 def test_an_independent_client_resumes_after_its_socket_dies(node: Node) -> None:
-    """websockets' own client, knowing only PROTOCOL.md §5."""
+    """websockets' own client, knowing only docs/protocol.md §5."""
     with connect(node.url) as ws:
         welcome = hello(ws)
         ws.send(json.dumps({"type": "msg", "seq": 1, "event": "echo", "data": "kept"}))

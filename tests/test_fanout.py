@@ -91,7 +91,7 @@ async def test_one_stuck_subscriber_never_delays_thousands_of_others(
         assert all(got == list(range(1, PUBLICATIONS + 1)) for got in received.values())
         assert max(finished.values()) - start < server.config.close_timeout
         # The stuck one was closed with 4004 and released within close_timeout; its
-        # session is kept for a resume (PROTOCOL.md §8).
+        # session is kept for a resume (docs/protocol.md §8).
         with trio.fail_after(10):
             await connection.wait_released()
         assert stuck.close_code == 4004

@@ -2,7 +2,7 @@
 
 Random and mutated envelopes, batches, bytes and frame kinds: the only outcomes are
 envelopes, a :class:`ProtocolError` with a documented close code, or a connection
-closed with one of PROTOCOL.md §8's codes. Never an unhandled exception, never a
+closed with one of docs/protocol.md §8's codes. Never an unhandled exception, never a
 1011, and never harm to the connection next door.
 """
 
@@ -26,7 +26,7 @@ from trio_wsgate.testing import open_memory_connection
 
 from .conftest import make_gateway
 
-#: What the decoder may refuse with (PROTOCOL.md §8): bad envelope, bad payload.
+#: What the decoder may refuse with (docs/protocol.md §8): bad envelope, bad payload.
 DECODER_CODES = {1002, 1007}
 #: What a server may close a fuzzed connection with: §8's codes, 1011 excepted.
 CLOSE_CODES = {1000, 1002, 1003, 1007, 1008, 1009, 4001, 4002, 4003, 4004, 4009}

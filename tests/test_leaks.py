@@ -176,7 +176,7 @@ async def test_no_task_is_left_behind(autojump_clock: MockClock, tasks: Callable
     assert closes[("1007", "protocol_error")] == PER_KIND
     assert closes[("4005", "kick")] == PER_KIND
     # What outlives the connections is their detached sessions, for resume_ttl only
-    # (PROTOCOL.md §8: not after a protocol error or a kick).
+    # (docs/protocol.md §8: not after a protocol error or a kick).
     hub = server.hub
     assert 0 < len(hub.sessions) <= total - 2 * PER_KIND
     assert all(session.connection is None for session in hub.sessions.values())

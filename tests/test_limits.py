@@ -216,7 +216,7 @@ async def test_the_rate_limit_closes_4009_and_keeps_the_session(
         await client.send({"type": "ping", "ts": 5})
         assert await client.wait_closed() == (4009, "rate limit exceeded")
         await trio.testing.wait_all_tasks_blocked()
-        # 4009 keeps the session (PROTOCOL.md §8): the client resumes after a pause.
+        # 4009 keeps the session (docs/protocol.md §8): the client resumes after a pause.
         again = await connect_from(server, nursery)
         resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
         assert (await again.hello(resume=resume))["resumed"] is True

@@ -1,4 +1,4 @@
-"""Several nodes through one real Redis act as one gateway (PROTOCOL.md §6, DESIGN.md)."""
+"""Several nodes through one real Redis act as one gateway (docs/protocol.md §6, DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ async def park_one(
 async def test_a_drained_node_parks_its_sessions_for_the_next_node(
     redis_server: RedisServer,
 ) -> None:
-    # Drain closes the connections with 1001 (sessions kept, PROTOCOL.md §8); with a
+    # Drain closes the connections with 1001 (sessions kept, docs/protocol.md §8); with a
     # shared broker the node leaves their state in Redis and exits. The node the client
     # comes back to takes it from there: the session resumes with its unacknowledged
     # messages, and publications made after the drain follow without a gap or a double.

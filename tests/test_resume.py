@@ -1,4 +1,4 @@
-"""Sessions that survive their connection (PROTOCOL.md §5), on in-memory streams."""
+"""Sessions that survive their connection (docs/protocol.md §5), on in-memory streams."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sequencing and acknowledgement without I/O (PROTOCOL.md §4)."""
+"""Sequencing and acknowledgement without I/O (docs/protocol.md §4)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_any_ack_sequence_keeps_the_window_and_the_order(
     assert outbox.next_seq == count + 1
 
 
-# -- both directions across drops and resumes (PROTOCOL.md §4, §5) ---------------------
+# -- both directions across drops and resumes (docs/protocol.md §4, §5) ---------------------
 
 
 class Side:

@@ -1,4 +1,4 @@
-"""Topics (PROTOCOL.md §6): sub, unsub, pub, offsets and epochs, history and recovery."""
+"""Topics (docs/protocol.md §6): sub, unsub, pub, offsets and epochs, history and recovery."""
 
 from __future__ import annotations
 
@@ -535,3 +535,40 @@ async def _subscriber(
         await request(client, Seq(), "sub", topic="news")
         task_status.started(client)
         await trio.sleep_forever()
+
+
+async def test_welcome_of_a_new_session_says_where_its_user_topic_starts(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # docs/protocol.md §2 and §6: welcome.user_topic is the recovery starting point of
+    # user:<sub>, so that a client needs no sub at start to learn the topic's epoch.
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = make_server(gateway)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as first:
+            welcome = await first.hello(token=token("ada"))
+            start = welcome["user_topic"]
+            assert (start["topic"], start["offset"]) == ("user:ada", 0)
+            await first.send({"type": "bye"})
+        for text in ("one", "two"):  # sent while ada has no session at all
+            await gateway.send_to_user("ada", text)
+        async with open_memory_connection(server, nursery) as second:
+            welcome = await second.hello(token=token("ada"))
+            assert welcome["user_topic"] == {
+                "topic": "user:ada",
+                "offset": 2,
+                "epoch": start["epoch"],
+            }
+            # A client that lost the first session recovers from the first start point.
+            reply = await request(second, Seq(), "sub", topic="user:ada", since=start)
+            assert reply["data"]["recovered"] is True
+            assert [m["data"] for m in second.received if m["type"] == "msg"] == ["one", "two"]
+            resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
+        async with open_memory_connection(server, nursery) as third:
+            resumed = await third.hello(token=token("ada"), resume=resume)
+            assert resumed["resumed"] is True
+            assert "user_topic" not in resumed  # the client has its own position
+    anonymous = make_server()
+    async with running(anonymous) as nursery, open_memory_connection(anonymous, nursery) as guest:
+        assert "user_topic" not in await guest.hello()  # no user, no user topic

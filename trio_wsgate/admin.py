@@ -52,7 +52,7 @@ def probe(path: str, ready: bool, degraded: bool = False) -> tuple[int, str] | N
     """Answer the load balancers' probes, on either port: ``(status, body)``.
 
     ``/healthz`` is 200 while the process serves; ``/readyz`` is 200 while it
-    accepts connections and 503 while it drains (PROTOCOL.md §9). While the broker
+    accepts connections and 503 while it drains (docs/protocol.md §9). While the broker
     cannot be reached, ``/readyz`` stays 200 (a Redis blip must not empty the load
     balancer) and says ``degraded`` in its body. Other paths: None.
     """

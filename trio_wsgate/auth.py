@@ -1,4 +1,4 @@
-"""Who a client is: JWTs verified with PyJWT, and the identity they carry (PROTOCOL.md §3).
+"""Who a client is: JWTs verified with PyJWT, and the identity they carry (docs/protocol.md §3).
 
 A token may arrive at the handshake (``Authorization: Bearer ...`` or ``?token=...``) or
 in ``hello.token``; whichever way, one :class:`Authenticator` turns it into an
@@ -143,7 +143,7 @@ def _algorithms_for(key: Any) -> list[str]:
 
 
 class JwtAuthenticator:
-    """Verify JWTs with PyJWT (PROTOCOL.md §3).
+    """Verify JWTs with PyJWT (docs/protocol.md §3).
 
     Exactly one of ``secret`` (HS256) and ``public_key`` (PEM: RSA for RS256, EC P-256
     for ES256) is given. Only the algorithm of the key is accepted, so ``alg: none``

@@ -327,7 +327,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``trio-wsgate`` and ``python -m trio_wsgate``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "client" and extra and not any(word.startswith("-") for word in extra):
+        # argparse takes a subcommand's positionals in one go: after an option
+        # (``client URL --token T echo DATA``), the event and its data come here.
+        missing = [name for name in ("event", "data") if getattr(args, name) is None]
+        if len(extra) > len(missing):
+            parser.error(f"unrecognized arguments: {' '.join(extra[len(missing) :])}")
+        for name, value in zip(missing, extra, strict=False):
+            setattr(args, name, value)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "client":
         from ._client_cli import run_client
 
@@ -362,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def announce() -> None:
         for host, port in server.listen_addresses:
             logger.info("listening on ws://%s:%d%s", host, port, config.path)
+            if config.transport is not TransportKind.TRIO_WEBSOCKET:
+                pages = " ".join(sorted(server.files))
+                logger.info("serving http://%s:%d (%s)", host, port, pages)
         for host, port in server.admin_addresses:
             logger.info("admin on http://%s:%d (/healthz /readyz /metrics /api)", host, port)
         if server.authenticator is None:

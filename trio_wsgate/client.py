@@ -16,7 +16,7 @@ the application sends and keeps it until acknowledged; an
 :class:`~trio_wsgate.session.Inbox` orders what the server sends. After a drop the
 loop reconnects with exponential backoff and full jitter and sends ``hello`` with
 ``resume``; on ``welcome`` both sides resend what the other has not processed
-(PROTOCOL.md §5). So the application sees every reply and message exactly once and in
+(docs/protocol.md §5). So the application sees every reply and message exactly once and in
 order, and every envelope it sent is processed exactly once, across any number of
 drops.
 
@@ -88,7 +88,7 @@ __all__ = [
 
 logger = logging.getLogger("trio_wsgate.client")
 
-# PROTOCOL.md §8, the last column: the close codes after which a client reconnects
+# docs/protocol.md §8, the last column: the close codes after which a client reconnects
 # by itself. 1006 stands for "no close frame" (a reset, EOF or a silent server).
 _RECONNECT_CODES = frozenset(
     {
@@ -107,7 +107,7 @@ _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 def reconnects_after(code: int) -> bool:
-    """True if PROTOCOL.md §8 has the client reconnect by itself after ``code``."""
+    """True if docs/protocol.md §8 has the client reconnect by itself after ``code``."""
     return code in _RECONNECT_CODES
 
 
@@ -357,11 +357,16 @@ class Client:
         self._tasks: trio.Nursery | None = None  # open_client's nursery
         self._connects = self._resumes = self._sessions_lost = self._lost_sends = 0
         # Topics subscribed (by us, or the user's own), and the last (offset, epoch)
-        # received in each: where a recovery starts (PROTOCOL.md §6).
+        # received in each: where a recovery starts (docs/protocol.md §6).
         self._topics: dict[str, tuple[int, str] | None] = {}
         #: After a lost session, whether each topic's recovery had no gap (False: the
         #: application should reload that topic's state).
         self.recovered: dict[str, bool] = {}
+        # Topics being recovered (a sub with since in flight after a lost session), with
+        # their publications that came before its reply: the new session may follow a
+        # topic already (its user topic, or one its on_connect joined), so a live one
+        # can come before the gap; they are delivered in offset order at the reply.
+        self._recovering: dict[str, list[Message]] = {}
 
     # -- the application's side -------------------------------------------------------
 
@@ -429,7 +434,10 @@ class Client:
             if isinstance(data, dict) and topic in self._topics:
                 offset, epoch = data.get("offset"), data.get("epoch")
                 if isinstance(offset, int) and isinstance(epoch, str):
-                    self._topics[topic] = (offset, epoch)
+                    self._release(topic, epoch)
+                    last = self._topics[topic]
+                    if last is None or last[1] != epoch or last[0] < offset:
+                        self._topics[topic] = (offset, epoch)
                 if "recovered" in data:
                     self.recovered[topic] = bool(data["recovered"])
                     if not data["recovered"]:
@@ -437,10 +445,34 @@ class Client:
 
         return track
 
+    def _release(self, topic: str, epoch: str | None) -> None:
+        """Deliver what came during ``topic``'s recovery: once each, in offset order."""
+        held = self._recovering.pop(topic, None)
+        if not held:
+            return
+        position = self._topics.get(topic)
+        # Of the recovery's epoch (a new one when recovered is false), by offset; any
+        # other epoch's first, as they came.
+        others = [m for m in held if m.epoch != epoch]
+        ours = sorted((m for m in held if m.epoch == epoch), key=lambda m: m.offset or 0)
+        seen: set[int] = set()
+        for message in [*others, *ours]:
+            offset = message.offset or 0
+            if message.epoch == epoch:
+                if offset in seen or (
+                    position is not None and position[1] == epoch and offset <= position[0]
+                ):
+                    continue
+                seen.add(offset)
+            self._buffer.append((0, message))  # acked when it came
+            if message.epoch is not None:
+                self._topics[topic] = (offset, message.epoch)
+
     def _retrier(self, topic: str) -> Callable[[HandlerError], None]:
         """Try an automatic resubscription again while the server says ``unavailable``."""
 
         def retry(error: HandlerError) -> None:
+            self._release(topic, None)
             if error.code == "unavailable" and topic in self._topics and self._tasks:
                 self._tasks.start_soon(self._subscribe_again, topic)
 
@@ -735,7 +767,7 @@ class Client:
     def _hello(self) -> Hello:
         resume = None
         if self.session is not None and self._resume_token is not None:
-            # Announcing the ack here counts as acknowledging it (PROTOCOL.md §5).
+            # Announcing the ack here counts as acknowledging it (docs/protocol.md §5).
             resume = Resume(self.session, self._resume_token, self._inbox.resume())
         return Hello(token=self._token, resume=resume)
 
@@ -775,7 +807,7 @@ class Client:
                             break
                         self._on_envelope(link, envelope)
                 except ProtocolError as exc:
-                    # The server broke the protocol: no reconnect (PROTOCOL.md §8).
+                    # The server broke the protocol: no reconnect (docs/protocol.md §8).
                     logger.error("protocol error from the server: %s", exc)
                     link.end(exc.code, exc.reason, self._close_timeout)
             if incoming.failed is not None:
@@ -802,6 +834,9 @@ class Client:
                 return
             if isinstance(envelope, Msg):
                 topic, offset, epoch = envelope.topic, envelope.offset, envelope.epoch
+                message = Message(
+                    envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
+                )
                 if topic in self._topics and offset is not None and epoch is not None:
                     position = self._topics[topic]
                     if position is not None and position[1] == epoch and offset <= position[0]:
@@ -809,10 +844,12 @@ class Client:
                         # offset sent it again. Offsets exist to drop exactly this.
                         self._update_processed()
                         return
+                    held = self._recovering.get(topic)
+                    if held is not None:  # delivered in order at the recovery's reply
+                        held.append(message)
+                        self._update_processed()
+                        return
                     self._topics[topic] = (offset, epoch)
-                message = Message(
-                    envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
-                )
                 self._buffer.append((envelope.seq, message))
             else:
                 waiter = self._requests.pop(envelope.re, None)
@@ -866,10 +903,16 @@ class Client:
         if state is ClientState.SESSION_LOST:
             resend += self._resubscribe(list(self._topics))
         elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
-            # Learn where the user topic stands, so that a lost session can recover it
-            # even if nothing was sent to the user before (PROTOCOL.md §6).
-            self._topics["user:" + welcome.user] = None
-            resend += self._resubscribe(["user:" + welcome.user])
+            # Where the user topic starts, so that a lost session can recover it even if
+            # nothing was sent to the user before (docs/protocol.md §6): the welcome
+            # says; a server that does not is asked with a sub.
+            start = welcome.user_topic or {}
+            offset, epoch = start.get("offset"), start.get("epoch")
+            if type(offset) is int and isinstance(epoch, str):
+                self._topics["user:" + welcome.user] = (offset, epoch)
+            else:
+                self._topics["user:" + welcome.user] = None
+                resend += self._resubscribe(["user:" + welcome.user])
         for item in resend:
             self._write(link, item)
         self._set_state(state)
@@ -878,8 +921,11 @@ class Client:
     def _resubscribe(self, topics: list[str]) -> list[_Pending]:
         """Subscribe the session to the topics, each from where we were (§6)."""
         self.recovered = {}
+        self._recovering = {}
         written: list[_Pending] = []
         for topic in topics:
+            if self._topics.get(topic) is not None:
+                self._recovering[topic] = []
             waiter = _Request(
                 trio.Event(), on_data=self._tracker(topic), on_error=self._retrier(topic)
             )
@@ -892,7 +938,7 @@ class Client:
         return written
 
     def _new_session(self, window: int) -> list[_Pending]:
-        """Start numbering afresh; carry over what was never written (PROTOCOL.md §5)."""
+        """Start numbering afresh; carry over what was never written (docs/protocol.md §5)."""
         old, self._outbox = self._outbox, Outbox(window)
         self._inbox = Inbox(window)
         self._buffer = deque((0, message) for _, message in self._buffer)
@@ -943,7 +989,7 @@ class Client:
             link.transport.send_message(message, self._codec.binary)
 
     async def _watchdog(self, link: _Link) -> None:
-        # PROTOCOL.md §7: nothing received for interval + timeout means dead.
+        # docs/protocol.md §7: nothing received for interval + timeout means dead.
         with link.liveness:
             await trio.sleep_forever()
         if link.liveness.cancelled_caught:
@@ -954,7 +1000,7 @@ class Client:
         while True:
             await link.ack_wanted.wait()
             link.ack_wanted = trio.Event()
-            await trio.sleep(0.1)  # PROTOCOL.md §4: at most 100 ms after processing
+            await trio.sleep(0.1)  # docs/protocol.md §4: at most 100 ms after processing
             if not link.closing and self._inbox.ack_pending:
                 link.enqueue(self._codec.encode(Ack(self._inbox.take_ack())))
 

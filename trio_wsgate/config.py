@@ -1,4 +1,4 @@
-"""Settings of a gateway node, with the defaults of PROTOCOL.md and DESIGN.md."""
+"""Settings of a gateway node, with the defaults of docs/protocol.md and DESIGN.md."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ class Config:
     keepalive_idle: int = 60
     keepalive_interval: int = 5
     keepalive_count: int = 3
-    #: How long an ack may wait after processing (PROTOCOL.md §4: at most 100 ms).
+    #: How long an ack may wait after processing (docs/protocol.md §4: at most 100 ms).
     ack_delay: float = 0.1
-    #: How long a detached session waits for its client to resume (PROTOCOL.md §5);
+    #: How long a detached session waits for its client to resume (docs/protocol.md §5);
     #: ``None`` or 0 ends every session with its connection.
     resume_ttl: float | None = 120.0
     #: Most envelopes a session holds unacknowledged while it has no live connection;
@@ -95,7 +95,7 @@ class Config:
     #: tokens; ``None`` draws a random one at start-up (resume then works on this node
     #: only, until it restarts). Never printed: it is left out of ``repr``.
     secret: str | None = field(default=None, repr=False)
-    #: The HS256 key of client tokens (PROTOCOL.md §3). Never printed.
+    #: The HS256 key of client tokens (docs/protocol.md §3). Never printed.
     jwt_secret: str | None = field(default=None, repr=False)
     #: A PEM file with the RS256 (RSA) or ES256 (EC P-256) public key of client tokens.
     jwt_public_key: str | None = None
@@ -110,7 +110,7 @@ class Config:
     #: Most topics a client may subscribe one session to (``sub`` past it: error
     #: ``limit_exceeded``); the user topic counts, the application's own don't.
     max_subscriptions: int = 128
-    #: Publications each topic keeps for recovery (PROTOCOL.md §6); 0 keeps none.
+    #: Publications each topic keeps for recovery (docs/protocol.md §6); 0 keeps none.
     history_size: int = 100
     #: Seconds a publication stays in its topic's history; None keeps it until pushed out.
     history_ttl: float | None = 300.0

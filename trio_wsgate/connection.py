@@ -201,7 +201,7 @@ class _Senders:
 
 
 class Session:
-    """The logical peer, as application code sees it (PROTOCOL.md §5).
+    """The logical peer, as application code sees it (docs/protocol.md §5).
 
     A session outlives its connections: when one drops, the session is kept for
     ``resume_ttl``, and :meth:`send` numbers and buffers what it is given until the
@@ -320,7 +320,7 @@ class Session:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the current connection with ``code``. Returns at once.
 
-        Whether the session survives for a resume follows PROTOCOL.md §8: it does
+        Whether the session survives for a resume follows docs/protocol.md §8: it does
         after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
         """
         label = _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
@@ -346,7 +346,7 @@ class Session:
         """Number, encode and queue (or buffer) a sequenced envelope.
 
         A pending ack rides along only if the window lets the envelope out now; an
-        envelope held back would hold the ack back too (PROTOCOL.md §4: acks within
+        envelope held back would hold the ack back too (docs/protocol.md §4: acks within
         100 ms). TypeError/ValueError from the codec leave everything unchanged.
 
         Past ``max_buffered_bytes`` of unacknowledged envelopes, a live connection is
@@ -463,6 +463,7 @@ class Connection:
         "_taken",
         "_timers",
         "_transport",
+        "_user_topic",
         "_wake",
         "_welcomed",
         "close_code",
@@ -533,6 +534,8 @@ class Connection:
         self.id = secrets.token_urlsafe(8)
         #: The session, once ``hello`` was answered.
         self.session: Session | None = None
+        # Where a new session began following its user topic (welcome.user_topic).
+        self._user_topic: dict[str, Any] | None = None
         #: True from the decision to close on.
         self.closing = False
         #: The close code and classified reason, once decided (first decision wins).
@@ -931,7 +934,7 @@ class Connection:
         finally:
             self._stop_timers()
             # Every handler has returned or been cancelled: let go of the session
-            # (PROTOCOL.md §5), so that a resume elsewhere can take it.
+            # (docs/protocol.md §5), so that a resume elsewhere can take it.
             self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
             self.closing = True
             session = self.session
@@ -963,7 +966,7 @@ class Connection:
     # On the slack's grid: every connection's ping due in the same step goes out in
     # one pass of the timers, and so are the liveness checks (Config.heartbeat_slack).
     # A ping is never late and a close is never early, so the client's own
-    # interval + timeout (PROTOCOL.md §7) always holds.
+    # interval + timeout (docs/protocol.md §7) always holds.
 
     def _early(self, when: float) -> float:
         slack = self._slack
@@ -1086,7 +1089,7 @@ class Connection:
             self._taken.set()
 
     async def _authenticate(self, token: str | None) -> Identity | None:
-        """Who the client is (PROTOCOL.md §3); None after closing with 4001."""
+        """Who the client is (docs/protocol.md §3); None after closing with 4001."""
         authenticator = self._hub.authenticator
         if authenticator is None:
             return Identity(None)  # anonymous node: hello.token means nothing
@@ -1099,7 +1102,7 @@ class Connection:
             return None
 
     def _expire_token_at(self, deadline: float | None) -> None:
-        """Close with 4001 at the token's ``exp`` (PROTOCOL.md §8), unless renewed."""
+        """Close with 4001 at the token's ``exp`` (docs/protocol.md §8), unless renewed."""
         self._timers.cancel(self._expiry_timer)
         self._expiry_timer = None
         if deadline is not None and not self.closing:
@@ -1148,7 +1151,7 @@ class Connection:
     async def _open_session(self, hello: Hello, identity: Identity) -> Session | None:
         """Resume the session ``hello`` names, or make a new one; queue ``welcome``.
 
-        Returns None if the connection is closing instead (PROTOCOL.md §5).
+        Returns None if the connection is closing instead (docs/protocol.md §5).
         """
         hub, config = self._hub, self._config
         user = identity.user
@@ -1157,7 +1160,7 @@ class Connection:
         if hello.resume is not None:
             session, result = hub.find(hello.resume, user)
             if session is None and result is ResumeResult.UNKNOWN:
-                # Perhaps another node holds it (PROTOCOL.md §5: sessions may move).
+                # Perhaps another node holds it (docs/protocol.md §5: sessions may move).
                 try:
                     session = await hub.migrate(hello.resume, user, self._codec)
                 except BrokerUnavailable:
@@ -1237,6 +1240,7 @@ class Connection:
                 window=config.window,
                 max_message_size=config.max_message_size,
                 user=user,
+                user_topic=None if session.resumed else self._user_topic,
             )
         )
         # Everything above the client's ack, in order, before anything new.
@@ -1282,7 +1286,7 @@ class Connection:
         """A new session, following ``user:<sub>`` before its ``welcome`` is sent.
 
         So that nothing sent to the user after the client has its ``welcome`` can be
-        missed (PROTOCOL.md §6). Returns None if the connection closed meanwhile.
+        missed (docs/protocol.md §6). Returns None if the connection closed meanwhile.
         """
         hub, user = self._hub, identity.user
         session = hub.create(user, self._codec)
@@ -1291,7 +1295,8 @@ class Connection:
             await hub.claim(session)
             if user is not None:
                 try:
-                    await session.subscribe(user_topic(user))
+                    position = await session.subscribe(user_topic(user))
+                    self._user_topic = {"topic": user_topic(user), **position.to_data()}
                 except BrokerUnavailable:
                     # Serve it all the same; it follows its topic once the broker is back.
                     logger.warning("session of %s opened without its user topic", user)
@@ -1358,7 +1363,7 @@ class Connection:
     async def _topic_operation(
         self, session: Session, envelope: Sequenced
     ) -> tuple[Any, ErrorInfo | None]:
-        """Answer ``sub``, ``unsub`` or ``pub`` (PROTOCOL.md §6): ``(data, error)``."""
+        """Answer ``sub``, ``unsub`` or ``pub`` (docs/protocol.md §6): ``(data, error)``."""
         assert isinstance(envelope, Sub | Unsub | Pub)
         hub, topic = self._hub, envelope.topic
         try:

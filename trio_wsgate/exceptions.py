@@ -3,7 +3,7 @@
 Every error the package raises on purpose derives from one root::
 
     WsgateError
-    ├── ProtocolError          a peer broke PROTOCOL.md; carries its close code
+    ├── ProtocolError          a peer broke docs/protocol.md; carries its close code
     ├── HandlerError           an error reply: raised by handlers, and by the client's
     │                          request() when the answer is one
     ├── Unauthorized           a bad or expired token (HTTP 401 or close 4001)
@@ -40,10 +40,10 @@ class WsgateError(Exception):
 
 
 class ProtocolError(WsgateError):
-    """A peer sent something PROTOCOL.md does not allow.
+    """A peer sent something docs/protocol.md does not allow.
 
     Like wsproto's ``ParseFailed``, it carries the WebSocket close code that the
-    connection must be closed with (PROTOCOL.md §8).
+    connection must be closed with (docs/protocol.md §8).
 
     Args:
         code: the close code, e.g. 1002, 1003, 1007 or 1009.
@@ -74,7 +74,7 @@ class HandlerError(WsgateError):
 
 
 class Unauthorized(WsgateError):
-    """A token was missing, malformed, badly signed or expired (PROTOCOL.md §3).
+    """A token was missing, malformed, badly signed or expired (docs/protocol.md §3).
 
     Raised by an authenticator; the connection is refused with HTTP 401 or closed
     with 4001. The message must not contain the token.
@@ -83,7 +83,7 @@ class Unauthorized(WsgateError):
 
 class ClientClosed(WsgateError):
     """The client stopped for good: closed by the application, by a close code that
-    does not reconnect (PROTOCOL.md §8), or after its last reconnection attempt.
+    does not reconnect (docs/protocol.md §8), or after its last reconnection attempt.
 
     Args:
         code: the last close code received (1006 if none).

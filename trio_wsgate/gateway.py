@@ -23,10 +23,12 @@ Once a node serves it, the gateway also reaches beyond one session:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .auth import Authenticator
 from .connection import Session
+from .files import StaticFile
 
 if TYPE_CHECKING:
     from .brokers import Publication
@@ -38,7 +40,7 @@ __all__ = ["Authenticator", "Authorizer", "Gateway", "Handler", "SessionHook"]
 Handler = Callable[[Session, Any], Awaitable[Any]]
 #: Hooks and per-connection tasks receive the session.
 SessionHook = Callable[[Session], Awaitable[None]]
-#: An authoriser receives the session and a topic; True allows (PROTOCOL.md §6).
+#: An authoriser receives the session and a topic; True allows (docs/protocol.md §6).
 Authorizer = Callable[[Session, str], Awaitable[bool]]
 
 H = TypeVar("H", bound=Handler)
@@ -63,6 +65,8 @@ class Gateway:
         self.authenticator: Authenticator | None = None
         self.subscribe_authorizer: Authorizer | None = None
         self.publish_authorizer: Authorizer | None = None
+        #: Text files served on the WebSocket port, by path (:meth:`serve_file`).
+        self.files: dict[str, StaticFile] = {}
         self._hub: Hub | None = None  # set by the Server that serves this gateway
 
     def on(self, event: str) -> Callable[[H], H]:
@@ -112,7 +116,7 @@ class Gateway:
         None for an anonymous client; it raises :class:`~trio_wsgate.Unauthorized` to
         refuse (HTTP 401 at the handshake, close 4001 after it). It replaces the
         node's ``--jwt-secret``/``--jwt-public-key`` verification. A session is bound
-        to its user: only the same user can resume it (PROTOCOL.md §5).
+        to its user: only the same user can resume it (docs/protocol.md §5).
         """
         self.authenticator = authenticator
         return authenticator
@@ -134,6 +138,25 @@ class Gateway:
         """
         self.publish_authorizer = authorizer
         return authorizer
+
+    def serve_file(self, path: str, file: str | Path, content_type: str | None = None) -> None:
+        """Answer ``GET path`` on the WebSocket port with a text file (a page, a script).
+
+        For a page that talks to the node from the same origin: it loads
+        ``/wsgate.js`` (which every node serves) and opens the socket. The file is read
+        now, as UTF-8, and kept in memory (at most 4 MiB); its type comes from its
+        suffix unless ``content_type`` says. Served by the ``websockets`` transport and
+        the ASGI app, not by ``trio-websocket`` (docs/transports.md).
+
+        Raises:
+            ValueError: ``path`` does not start with ``/``, is taken, or the file is too
+                large or of no known type.
+        """
+        if not path.startswith("/") or "?" in path or "#" in path:
+            raise ValueError(f"a served path starts with / and has no query: {path!r}")
+        if path in self.files:
+            raise ValueError(f"a file is already served at {path!r}")
+        self.files[path] = StaticFile.read(file, content_type)
 
     # -- beyond one session (needs a node serving this gateway) ------------------------
 

@@ -1,9 +1,9 @@
 """The node's registry of sessions: creation, resume, take-over and expiry.
 
-Theory of operation (PROTOCOL.md §5). A :class:`~trio_wsgate.connection.Session` is
+Theory of operation (docs/protocol.md §5). A :class:`~trio_wsgate.connection.Session` is
 created by a ``hello`` without ``resume`` and *attached* to that connection. When the
 connection ends, the session is either **ended** (``bye``, kick, bad token, protocol
-error: PROTOCOL.md §8 keeps nothing) or **detached**: it stays here for
+error: docs/protocol.md §8 keeps nothing) or **detached**: it stays here for
 ``resume_ttl`` seconds, numbering and buffering what the application sends to it, up
 to ``max_buffered`` envelopes. A ``hello`` with ``resume`` whose token matches the
 session and its user *attaches* it to the new connection; if the old connection still
@@ -11,7 +11,7 @@ looks open, that one is closed with 4006 first and the new one waits until it ha
 go of the session. A detached session past its deadline, or past ``max_buffered``, is
 ended; a resume that finds nothing gets a new session and ``resumed: false``.
 
-Users and topics (PROTOCOL.md §6). The hub also keeps who is who (``users``: a user's
+Users and topics (docs/protocol.md §6). The hub also keeps who is who (``users``: a user's
 sessions across devices) and which local sessions follow which topic (``topics``).
 Publications come from the broker (``brokers/base.py``), the only way the hub talks
 to other nodes: the node subscribes to a topic at the broker when its first session
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
 
 __all__ = ["USER_TOPIC_PREFIX", "Hub", "ResumeResult", "SubscribeResult", "Subscription"]
 
-#: Each user's sessions follow the topic ``user:<sub>`` (PROTOCOL.md §6).
+#: Each user's sessions follow the topic ``user:<sub>`` (docs/protocol.md §6).
 USER_TOPIC_PREFIX = "user:"
 #: Longest topic name accepted, in characters.
 MAX_TOPIC_LENGTH = 256
@@ -102,7 +102,7 @@ _LIVE_CHECK = 1.0
 # How many of an owner's oldest detached sessions eviction looks at for the largest.
 _EVICTION_SCAN = 64
 
-# Connection ends after which PROTOCOL.md §8 keeps nothing to resume.
+# Connection ends after which docs/protocol.md §8 keeps nothing to resume.
 _ENDS_SESSION = frozenset(
     {
         CloseReason.BYE,
@@ -186,7 +186,7 @@ class Subscription:
 
 @dataclass(frozen=True, slots=True)
 class SubscribeResult:
-    """The answer to a subscription (the ``data`` of the ``sub`` reply, PROTOCOL.md §6).
+    """The answer to a subscription (the ``data`` of the ``sub`` reply, docs/protocol.md §6).
 
     Every publication up to ``offset`` of ``epoch`` has been queued for the session
     before this answer; later ones follow live.
@@ -530,7 +530,7 @@ class Hub:
 
     @staticmethod
     def ends_session(reason: CloseReason | None) -> bool:
-        """True if a connection that ended this way ends its session (PROTOCOL.md §8)."""
+        """True if a connection that ended this way ends its session (docs/protocol.md §8)."""
         return reason in _ENDS_SESSION
 
     def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
@@ -633,7 +633,7 @@ class Hub:
 
         Every publication after ``since.offset`` that the history holds is queued for
         the session, then those that arrived live meanwhile, each exactly once
-        (PROTOCOL.md §6). Without ``since``, a session already subscribed is told
+        (docs/protocol.md §6). Without ``since``, a session already subscribed is told
         where it stands and nothing else changes; with it, the subscription restarts
         from ``since``. No authorisation is checked here (server-side code may
         subscribe a session to any topic).
@@ -1041,7 +1041,7 @@ class Hub:
         return kicked
 
     async def presence(self, topic: str) -> dict[str, str | None]:
-        """The sessions subscribed to a topic, with their users (PROTOCOL.md §9)."""
+        """The sessions subscribed to a topic, with their users (docs/protocol.md §9)."""
         await self.do_chores()
         return await self.broker.presence(topic)
 

@@ -23,6 +23,7 @@ from .brokers import Broker
 from .config import Config, TransportKind
 from .connection import Connection
 from .exceptions import Unauthorized
+from .files import CLIENT_PATH, StaticFile, client_file
 from .gateway import Gateway
 from .hub import Hub, checked_identity
 from .limits import ConnectionCounts, TokenBucket
@@ -103,6 +104,13 @@ class Server:
         #: The node's sessions, users and topics.
         self.hub = Hub(gateway, config, self.metrics, broker, self.authenticator)
         gateway._hub = self.hub
+        #: What ``GET`` answers on the WebSocket port besides the probes: the
+        #: JavaScript client and the application's files.
+        self.files: dict[str, StaticFile] = {CLIENT_PATH: client_file()}
+        for path, file in gateway.files.items():
+            if path in (config.path, CLIENT_PATH, "/healthz", "/readyz"):
+                raise ValueError(f"{path} is the node's own: serve the file elsewhere")
+            self.files[path] = file
         hub = self.hub
         self.metrics.detached_bytes.set_function(lambda: float(hub.detached_bytes))
         self.metrics.history_bytes.set_function(
@@ -173,9 +181,10 @@ class Server:
         return None
 
     async def admit(self, request: UpgradeRequest) -> Refusal | Admission:
-        """Decide what an opening request gets (PROTOCOL.md §8, "Before the handshake").
+        """Decide what an opening request gets (docs/protocol.md §8, "Before the handshake").
 
-        In this order: the probes, 404 off the WebSocket path, 503 while draining,
+        In this order: the probes and the served files (``/wsgate.js``, the
+        application's pages), 404 off the WebSocket path, 503 while draining,
         403 for an origin not allowed, 400 for foreign subprotocols, 503 over a
         connection limit or the accept rate, 401 for a bad token. An
         :class:`Admission` is counted against the limits until :meth:`release`.
@@ -185,6 +194,11 @@ class Server:
         if answer is not None:
             status, body = answer
             return Refusal(status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {})
+        file = self.files.get(request.path)
+        if file is not None:
+            if request.method != "GET":
+                return Refusal(405, "Method Not Allowed\n", {"Allow": "GET"})
+            return file.answer(request.headers)
         if request.path != config.path:
             return Refusal(404, "Not Found\n")
         if self.draining:
@@ -194,7 +208,7 @@ class Server:
             return Refusal(403, "origin not allowed\n")
         subprotocol: str | None = None
         if request.subprotocols:
-            # PROTOCOL.md §1: no offer means JSON (browsers often offer none); an
+            # docs/protocol.md §1: no offer means JSON (browsers often offer none); an
             # offer with none of ours is refused. Among ours, the client's order wins.
             subprotocol = next((name for name in request.subprotocols if name in CODECS), None)
             if subprotocol is None:
@@ -210,7 +224,7 @@ class Server:
         identity: Identity | None = None
         token = token_from_request(request.headers, request.target)
         if token is not None and self.authenticator is not None:
-            # PROTOCOL.md §3: a bad token at the handshake is refused with 401.
+            # docs/protocol.md §3: a bad token at the handshake is refused with 401.
             try:
                 identity = checked_identity(await identify(self.authenticator, token))
             except Unauthorized as exc:

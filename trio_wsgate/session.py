@@ -1,4 +1,4 @@
-"""Sequencing and acknowledgement, free of I/O (PROTOCOL.md §4).
+"""Sequencing and acknowledgement, free of I/O (docs/protocol.md §4).
 
 Theory of operation. Each direction of a session has its own numbering. The sending
 side is an :class:`Outbox`: it numbers sequenced envelopes 1, 2, 3, ... with no gaps,
@@ -13,7 +13,7 @@ to answer); the connection turns "pending" into a 100 ms deadline and "urgent" i
 ack at once. Items held by the outbox are opaque: the connection stores its encoded
 frames there, so this module never encodes anything.
 
-Resuming (PROTOCOL.md §5). The state here is plain data that a session keeps across
+Resuming (docs/protocol.md §5). The state here is plain data that a session keeps across
 connections. When a connection drops, :meth:`Inbox.detach` forgets what was received
 but not processed (a handler cancelled mid-way has not processed its envelope: the
 peer resends it). When the peer comes back with the highest ``seq`` it processed,
@@ -115,7 +115,7 @@ class Outbox(Generic[T]):
             The items the window now lets through, in order, to be written.
 
         Raises:
-            ProtocolError: 1002 if ``ack`` is above what was written (PROTOCOL.md §4).
+            ProtocolError: 1002 if ``ack`` is above what was written (docs/protocol.md §4).
         """
         if ack > self.last_sent:
             raise ProtocolError(

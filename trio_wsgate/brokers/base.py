@@ -10,7 +10,7 @@ Delivery contract. For one topic, the receiver is called with publications in of
 order, each once, from the moment :meth:`Broker.subscribe` has returned. Together with
 :meth:`Broker.history` this lets the hub subscribe first, read the history second, and
 drop what it sees twice, so that recovery has no gap and no duplicate
-(PROTOCOL.md §6).
+(docs/protocol.md §6).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each topic has an epoch (a random name drawn when the topic first appears), a co
 of offsets and a history bounded in size (``history_size``) and age (``history_ttl``).
 A topic that no session is subscribed to and whose history has emptied is forgotten;
 when it appears again it starts a new epoch, which tells a recovering client honestly
-that what it saw before is gone (PROTOCOL.md §6). Delivery to the node is a plain call
+that what it saw before is gone (docs/protocol.md §6). Delivery to the node is a plain call
 made inside :meth:`MemoryBroker.publish`, so publications reach subscribers in order.
 """
 

@@ -1,4 +1,4 @@
-"""The wire protocol (PROTOCOL.md), free of I/O: envelopes, codecs and close codes.
+"""The wire protocol (docs/protocol.md), free of I/O: envelopes, codecs and close codes.
 
 This package never imports trio.
 """

@@ -1,4 +1,4 @@
-"""Close codes of PROTOCOL.md §8 and the reasons a connection ends."""
+"""Close codes of docs/protocol.md §8 and the reasons a connection ends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ __all__ = ["CloseCode", "CloseReason"]
 
 
 class CloseCode(enum.IntEnum):
-    """WebSocket close codes used by the wsgate protocol (PROTOCOL.md §8)."""
+    """WebSocket close codes used by the wsgate protocol (docs/protocol.md §8)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001

@@ -1,4 +1,4 @@
-"""The two encodings of PROTOCOL.md §1: ``wsgate.v1.json`` and ``wsgate.v1.msgpack``.
+"""The two encodings of docs/protocol.md §1: ``wsgate.v1.json`` and ``wsgate.v1.msgpack``.
 
 A codec turns one WebSocket message into a list of envelopes (one message may carry a
 single envelope or a batch, an array handled in order) and turns envelopes into
@@ -136,7 +136,7 @@ class Codec:
     def prepare(self, fields: dict[str, Any]) -> bytes:
         """Encode the part of a map that many envelopes share, once.
 
-        Fan-out (PROTOCOL.md §6) sends one publication to many sessions; only its
+        Fan-out (docs/protocol.md §6) sends one publication to many sessions; only its
         ``seq`` and ``ack`` differ. The shared fields are encoded here once per
         encoding and :meth:`splice` adds each session's own head without re-encoding.
         Raises TypeError or ValueError if a value cannot be encoded.

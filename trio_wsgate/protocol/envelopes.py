@@ -1,10 +1,10 @@
-"""Envelope types of PROTOCOL.md §2 and their validation.
+"""Envelope types of docs/protocol.md §2 and their validation.
 
 Theory of operation: a codec turns bytes into plain Python values (dicts, lists,
 str, int); :func:`parse_envelope` turns one such dict into a typed envelope or
 raises :class:`~trio_wsgate.exceptions.ProtocolError` with close code 1002.
 :meth:`Envelope.to_wire` goes the other way. Unknown fields are ignored
-(PROTOCOL.md §2); unknown types are a protocol error. Nothing here does I/O.
+(docs/protocol.md §2); unknown types are a protocol error. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Envelope:
 
 
 class Sequenced(Envelope):
-    """An envelope numbered by ``seq`` and acknowledged (PROTOCOL.md §4)."""
+    """An envelope numbered by ``seq`` and acknowledged (docs/protocol.md §4)."""
 
     __slots__ = ()
     sequenced: ClassVar[bool] = True
@@ -156,6 +156,10 @@ class Welcome(Envelope):
     window: int
     max_message_size: int
     user: str | None = None
+    #: On a new session of a user: where it began following ``user:<sub>``, as
+    #: ``{"topic", "offset", "epoch"}`` (docs/protocol.md §2), so that a client can
+    #: recover that topic after a later lost session without subscribing at start.
+    user_topic: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -169,6 +173,7 @@ class Welcome(Envelope):
             "max_message_size": self.max_message_size,
         }
         _put(wire, "user", self.user)
+        _put(wire, "user_topic", self.user_topic)
         return wire
 
 
@@ -340,6 +345,7 @@ def _welcome(o: dict[str, Any]) -> Welcome:
         window=_int(o, "window"),  # type: ignore[arg-type]
         max_message_size=_int(o, "max_message_size"),  # type: ignore[arg-type]
         user=_str(o, "user", required=False),
+        user_topic=_map(o, "user_topic"),
     )
 
 

@@ -1,4 +1,4 @@
-"""A protocol-level WebSocket client for tests, written from PROTOCOL.md alone.
+"""A protocol-level WebSocket client for tests, written from docs/protocol.md alone.
 
 It drives websockets' sans-I/O :class:`~websockets.client.ClientProtocol` over any
 trio stream (a socket or one half of :func:`trio.testing.memory_stream_pair`) and is

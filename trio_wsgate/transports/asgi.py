@@ -55,6 +55,7 @@ from .base import Incoming, Refusal, TransportBroken, UpgradeRequest, output_hig
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
 
+    from ..files import StaticFile
     from ..server import Server
 
 logger = logging.getLogger("trio_wsgate.asgi")
@@ -322,10 +323,17 @@ async def _send_answer(send: Send, messages: list[Message], remote: str) -> bool
     return True
 
 
+def _headers(refusal: Refusal) -> list[tuple[bytes, bytes]]:
+    """The answer's headers, plain text unless it says its own type."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+    if not any(name == b"content-type" for name, _ in headers):
+        headers.insert(0, (b"content-type", b"text/plain; charset=utf-8"))
+    return headers
+
+
 def _refusal(scope: Scope, refusal: Refusal) -> list[Message]:
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+        headers = _headers(refusal)
         return [
             {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers},
             {"type": "websocket.http.response.body", "body": refusal.body.encode()},
@@ -361,9 +369,13 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         from ..admin import probe
 
+        file = self.server.files.get(scope["path"])
+        if file is not None:
+            await self._file(scope, receive, send, file)
+            return
         answer = probe(scope["path"], self.server.ready, self.server.degraded)
         if answer is None and scope["path"] == self.server.config.path:
-            answer = (400, "Bad Request: not a WebSocket upgrade\n")  # PROTOCOL.md §8
+            answer = (400, "Bad Request: not a WebSocket upgrade\n")  # docs/protocol.md §8
         if answer is None and self._admin is not None:
             await self._admin(scope, receive, send)
             return
@@ -371,6 +383,25 @@ class GatewayApp:
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         start = {"type": "http.response.start", "status": status, "headers": headers}
         end = {"type": "http.response.body", "body": body.encode()}
+        await _send_answer(send, [start, end], _remote(scope))
+
+    async def _file(self, scope: Scope, receive: Receive, send: Send, file: StaticFile) -> None:
+        """``GET`` (or ``HEAD``) of a served file; any other method is 405."""
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            answer = Refusal(405, "Method Not Allowed\n", {"Allow": "GET, HEAD"})
+        else:
+            answer = file.answer(
+                Headers(
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in scope.get("headers") or ()
+                )
+            )
+        full = answer.body.encode()
+        body = b"" if method == "HEAD" else full
+        headers = [*_headers(answer), (b"content-length", str(len(full)).encode())]
+        start = {"type": "http.response.start", "status": answer.status, "headers": headers}
+        end = {"type": "http.response.body", "body": body}
         await _send_answer(send, [start, end], _remote(scope))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

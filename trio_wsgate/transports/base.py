@@ -76,6 +76,8 @@ class UpgradeRequest:
     remote: str
     #: The peer's IP address, for the per-address limit.
     ip: str
+    #: The request method (an upgrade is a GET; the served files answer GET only).
+    method: str = "GET"
 
     @property
     def path(self) -> str:

@@ -475,7 +475,7 @@ async def accept_websocket(
         await _send_refusal(stream, protocol, Refusal(400, "Bad Sec-WebSocket-Protocol\n"))
         return 400, None
     request = UpgradeRequest(
-        raw.path, raw.headers, offered, remote_address, remote_ip(remote_address)
+        raw.path, raw.headers, offered, remote_address, remote_ip(remote_address), raw.method
     )
     answer = await decide(request)
     if isinstance(answer, Refusal):
@@ -484,7 +484,7 @@ async def accept_websocket(
     chosen[0] = Subprotocol(answer.subprotocol) if answer.subprotocol else None
     response = protocol.accept(raw)
     if response.status_code in _MALFORMED:
-        # PROTOCOL.md §8 answers every malformed upgrade with 400; websockets'
+        # docs/protocol.md §8 answers every malformed upgrade with 400; websockets'
         # helpful headers (Allow, Upgrade) and text stay.
         response = Response(400, "Bad Request", response.headers, response.body)
     protocol.send_response(response)
@@ -515,6 +515,8 @@ async def _send_refusal(
 ) -> None:
     response = protocol.reject(refusal.status, refusal.body)
     for key, value in refusal.headers.items():
+        if key in response.headers:  # a header of the answer's own replaces websockets'
+            del response.headers[key]
         response.headers[key] = value
     protocol.send_response(response)
     await _write_all(stream, protocol)

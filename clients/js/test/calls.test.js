@@ -1,0 +1,342 @@
+// Calls and sequencing on one connection: requests, sends, the window, acks, batches.
+
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { ClientClosed, SessionLost, WsgateError, openClient } from "../wsgate.js";
+import { FakeServer, sequenced, settle, setup } from "./fake.js";
+
+test("hello, welcome, then a request gets the handler's reply", async () => {
+  const userTopic = { offset: 3, epoch: "e1" };
+  const { client, server, states } = setup({ token: "abc", server: { user: "ada", userTopic } });
+  assert.equal(client.state, "connecting");
+  await settle();
+  const socket = server.socket;
+  assert.deepEqual(socket.protocols, ["wsgate.v1.json"]);
+  assert.equal(socket.binaryType, "arraybuffer");
+  assert.equal(socket.url, "ws://test.invalid/ws"); // the token never goes in the URL
+  assert.deepEqual(socket.take()[0], { type: "hello", token: "abc" });
+  assert.equal(client.state, "connected");
+  assert.deepEqual(states, ["connected"]);
+  assert.equal(client.session, "s1");
+  assert.equal(client.user, "ada");
+  const reply = await client.request("echo", { hello: "world" });
+  assert.deepEqual(reply, { hello: "world" });
+  assert.deepEqual(sequenced(socket.take()), [{ type: "msg", seq: 1, event: "echo", data: { hello: "world" } }]);
+});
+
+test("an error reply rejects with WsgateError (code, reason)", async () => {
+  const handlers = {
+    fail() {
+      throw { code: "forbidden", reason: "not you" };
+    },
+  };
+  const { client } = setup({ server: { handlers } });
+  await settle();
+  const error = await client.request("fail", 1).catch((e) => e);
+  assert.ok(error instanceof WsgateError);
+  assert.ok(!(error instanceof SessionLost) && !(error instanceof ClientClosed));
+  assert.equal(error.code, "forbidden");
+  assert.equal(error.reason, "not you");
+  assert.equal(await client.request("echo"), undefined); // a reply without data
+});
+
+test("calls made before the welcome wait, then leave in order in one batch", async () => {
+  const { client, server } = setup({ server: { autoWelcome: false } });
+  const one = client.request("echo", 1);
+  const two = client.send("note", 2);
+  const three = client.request("echo", 3);
+  await settle();
+  const socket = server.socket;
+  assert.equal(socket.frames.length, 1); // hello alone
+  server.welcome(socket, socket.take()[0]);
+  await settle();
+  assert.equal(socket.frames.length, 2);
+  const batch = JSON.parse(socket.frames[1]);
+  assert.ok(Array.isArray(batch));
+  assert.deepEqual(batch.map((e) => [e.seq, e.event]), [[1, "echo"], [2, "note"], [3, "echo"]]);
+  assert.deepEqual([await one, await two, await three], [1, undefined, 3]);
+});
+
+test("send resolves when the server acknowledges it, not before", async () => {
+  const { client, server } = setup({ server: { autoReply: false } });
+  await settle();
+  let done = false;
+  const sent = client.send("note", "hi").then(() => (done = true));
+  await settle();
+  const socket = server.socket;
+  assert.deepEqual(sequenced(socket.take()), [{ type: "msg", seq: 1, event: "note", data: "hi" }]);
+  assert.equal(done, false);
+  socket.deliver({ type: "ack", ack: 1 });
+  await sent;
+  assert.equal(done, true);
+  assert.equal(client.stats.pending, 0);
+});
+
+test("an error reply to a send goes to the error event (its promise is settled by the ack)", async () => {
+  const handlers = {
+    bad() {
+      throw { code: "unknown_event", reason: "no handler" };
+    },
+  };
+  const { client, errors } = setup({ server: { handlers } });
+  await settle();
+  await client.send("bad", 1);
+  await settle();
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0].code, "unknown_event");
+});
+
+test("never more than window unacknowledged envelopes in flight", async () => {
+  const { client, server } = setup({ server: { window: 4, autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  const sends = Array.from({ length: 10 }, (_, i) => client.send("n", i));
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [1, 2, 3, 4]);
+  assert.equal(client.stats.pending, 10);
+  socket.deliver({ type: "ack", ack: 2 });
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [5, 6]);
+  socket.deliver({ type: "ack", ack: 6 });
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [7, 8, 9, 10]);
+  socket.deliver({ type: "ack", ack: 10 });
+  await Promise.all(sends);
+  assert.equal(client.stats.pending, 0);
+});
+
+test("past maxPending, calls wait in order and are let in as acks make room", async () => {
+  const { client, server } = setup({ maxPending: 2, server: { autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  const order = [];
+  const calls = [1, 2, 3, 4].map((n) => client.send("n", n).then(() => order.push(n)));
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.data), [1, 2]);
+  assert.equal(client.stats.pending, 4);
+  socket.deliver({ type: "ack", ack: 1 });
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => [e.seq, e.data]), [[3, 3]]);
+  socket.deliver({ type: "ack", ack: 3 });
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => [e.seq, e.data]), [[4, 4]]);
+  socket.deliver({ type: "ack", ack: 4 });
+  await Promise.all(calls);
+  assert.deepEqual(order, [1, 2, 3, 4]);
+  // A value the protocol cannot carry is refused at once, even while calls wait.
+  client.send("n", 5);
+  client.send("n", 6);
+  client.send("n", 7);
+  await assert.rejects(client.send("n", NaN), TypeError);
+});
+
+test("an ack within 100 ms of an unacknowledged arrival, piggybacked when something leaves", async () => {
+  const { client, server, clock, messages } = setup({ server: { autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  server.push(socket, { type: "msg", event: "e", data: 1 });
+  await settle();
+  assert.equal(messages.length, 1);
+  await clock.advance(99);
+  assert.deepEqual(socket.take(), []);
+  await clock.advance(1);
+  assert.deepEqual(socket.take(), [{ type: "ack", ack: 1 }]);
+  // Another arrival, then a call: the ack rides on the call, nothing alone after it.
+  server.push(socket, { type: "msg", event: "e", data: 2 });
+  await settle();
+  client.send("x");
+  await settle();
+  assert.deepEqual(socket.take(), [{ type: "msg", seq: 1, event: "x", ack: 2 }]);
+  await clock.advance(200);
+  assert.deepEqual(socket.take().filter((e) => e.type === "ack"), []);
+});
+
+test("an ack at once when half the window is unacknowledged", async () => {
+  const { server } = setup({ server: { window: 8 } });
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  for (let i = 0; i < 3; i++) server.push(socket, { type: "msg", data: i });
+  await settle();
+  assert.deepEqual(socket.take(), []);
+  server.push(socket, { type: "msg", data: 3 });
+  await settle();
+  assert.deepEqual(socket.take(), [{ type: "ack", ack: 4 }]);
+});
+
+test("a duplicate is acked again at once and not delivered twice", async () => {
+  const { server, clock, messages } = setup();
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  const first = server.push(socket, { type: "msg", event: "e", data: "once" });
+  await clock.advance(100);
+  assert.deepEqual(socket.take(), [{ type: "ack", ack: 1 }]);
+  socket.deliver(first);
+  await settle();
+  assert.deepEqual(socket.take(), [{ type: "ack", ack: 1 }]);
+  assert.deepEqual(messages.map((m) => m.data), ["once"]);
+});
+
+test("a batch from the server is handled in order; messages carry their fields", async () => {
+  const { client, server, messages } = setup({ server: { autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  const reply = client.request("r", 0);
+  await settle();
+  socket.deliver([
+    server.number(socket, { type: "msg", event: "a", data: 1 }),
+    server.number(socket, { type: "msg", event: "b", topic: "room", offset: 7, epoch: "e", data: [2] }),
+    server.number(socket, { type: "reply", re: 1, data: "r", ack: 1 }),
+    { type: "ping", ts: 42 },
+  ]);
+  assert.equal(await reply, "r");
+  assert.deepEqual(messages, [
+    { event: "a", data: 1, topic: undefined, offset: undefined, epoch: undefined },
+    { event: "b", data: [2], topic: "room", offset: 7, epoch: "e" },
+  ]);
+  await settle();
+  assert.deepEqual(socket.take().slice(-2), [{ type: "pong", ts: 42 }, { type: "ack", ack: 3 }]);
+});
+
+test("everything queued in one tick leaves as one message, within max_message_size", async () => {
+  const { client, server } = setup({ server: { maxMessageSize: 120, autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  const before = socket.frames.length;
+  client.send("one");
+  await settle();
+  assert.deepEqual(JSON.parse(socket.frames[before]), { type: "msg", seq: 1, event: "one" });
+  for (let i = 0; i < 6; i++) client.send("x", i);
+  await settle();
+  const frames = socket.frames.slice(before + 1).map((f) => JSON.parse(f));
+  assert.ok(frames.length > 1 && frames.length < 6, `${frames.length} frames`);
+  for (const frame of socket.frames.slice(before + 1)) assert.ok(Buffer.byteLength(frame) <= 120);
+  assert.deepEqual(frames.flat().map((e) => e.seq), [2, 3, 4, 5, 6, 7]);
+});
+
+test("values outside the domain are refused with a TypeError, and nothing is sent", async () => {
+  const { client, server } = setup();
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  await assert.rejects(client.request("x", NaN), TypeError);
+  await assert.rejects(client.send("x", { n: 2 ** 53 }), TypeError);
+  await assert.rejects(client.send("x", 10n), TypeError);
+  await assert.rejects(client.publish("t", new Uint8Array(1)), TypeError);
+  await assert.rejects(client.request("x", "\udfff"), TypeError);
+  await assert.rejects(client.request(42, 1), TypeError);
+  await assert.rejects(client.subscribe(7), TypeError);
+  const deep = (n) => (n === 0 ? 0 : [deep(n - 1)]);
+  await assert.rejects(client.request("x", deep(32)), TypeError); // data nests 31 deep at most
+  assert.equal(await client.request("x", deep(31)).then(() => "ok"), "ok");
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [1]); // numbering went on as if nothing happened
+  assert.equal(client.state, "connected");
+});
+
+test("msgpack: binary frames, the msgpack subprotocol, the same calls", async () => {
+  const server = new FakeServer();
+  const client = openClient("ws://test.invalid/ws", { WebSocket: server.WebSocket, encoding: "msgpack", random: () => 0.5 });
+  await settle();
+  const socket = server.socket;
+  assert.deepEqual(socket.protocols, ["wsgate.v1.msgpack"]);
+  assert.equal(socket.binaryType, "arraybuffer");
+  assert.ok(socket.frames[0] instanceof Uint8Array);
+  assert.deepEqual(await client.request("echo", { n: [1, -1, 2 ** 40, 0.5, "é"] }), { n: [1, -1, 2 ** 40, 0.5, "é"] });
+  await assert.rejects(client.request("echo", new Uint8Array(2)), /base64/);
+  assert.equal(client.state, "connected");
+  await client.close();
+});
+
+test("a custom codec replaces the bundled msgpack one, held to the value domain", async () => {
+  const { msgpack } = await import("../wsgate.js");
+  let used = 0;
+  const codec = {
+    encode: (v) => (used++, msgpack.encode(v)),
+    decode: (b) => msgpack.decode(b),
+  };
+  const server = new FakeServer();
+  const client = openClient("ws://test.invalid/ws", { WebSocket: server.WebSocket, encoding: "msgpack", codec });
+  await settle();
+  assert.equal(await client.request("echo", 5), 5);
+  assert.ok(used >= 2);
+  await assert.rejects(client.request("echo", Infinity), TypeError);
+  assert.throws(() => openClient("ws://x/ws", { WebSocket: server.WebSocket, codec }), TypeError);
+  await client.close();
+});
+
+test("the server breaking the protocol ends the client: seq gap 1002, frame kind 1003, garbage 1007", async () => {
+  const cases = [
+    [(s) => s.deliver({ type: "msg", seq: 2, data: 1 }), 1002],
+    [(s) => s.deliver({ type: "ack", ack: 5 }), 1002],
+    [(s) => s.deliver({ type: "hello" }), 1002],
+    [(s) => s.deliver({ type: "msg", seq: 1.5 }), 1002],
+    [(s) => s.deliverRaw(new ArrayBuffer(1)), 1003],
+    [(s) => s.deliverRaw("{not json"), 1007],
+  ];
+  for (const [breakIt, code] of cases) {
+    const { client, server, errors } = setup();
+    await settle();
+    breakIt(server.socket);
+    await settle();
+    assert.equal(client.state, "closed", `${code}`);
+    assert.equal(client.closeCode, code);
+    assert.equal(server.socket.closedBy.code, code);
+    assert.equal(errors.length, 1);
+  }
+});
+
+test("a message listener that throws is reported; the message still counts as processed", async () => {
+  const { client, server, clock, errors } = setup();
+  client.on("message", () => {
+    throw new Error("listener bug");
+  });
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  server.push(socket, { type: "msg", data: 1 });
+  await clock.advance(100);
+  assert.equal(errors[0].message, "listener bug");
+  assert.deepEqual(socket.take(), [{ type: "ack", ack: 1 }]);
+});
+
+test("on() returns its remover; off() removes; unknown events are refused", async () => {
+  const { client, server } = setup();
+  const seen = [];
+  const remove = client.on("message", (m) => seen.push(m.data));
+  const other = (m) => seen.push(`other ${m.data}`);
+  client.on("message", other);
+  await settle();
+  server.push(server.socket, { type: "msg", data: 1 });
+  await settle();
+  remove();
+  client.off("message", other);
+  server.push(server.socket, { type: "msg", data: 2 });
+  await settle();
+  assert.deepEqual(seen, [1, "other 1"]);
+  assert.throws(() => client.on("close", () => {}), TypeError);
+});
+
+test("options are checked", () => {
+  const server = new FakeServer();
+  const WebSocket = server.WebSocket;
+  assert.throws(() => openClient("ws://x/ws", { WebSocket, encoding: "xml" }), TypeError);
+  assert.throws(() => openClient("ws://x/ws", { WebSocket, maxPending: 0 }), RangeError);
+  assert.throws(() => openClient("ws://x/ws", { WebSocket, token: 5 }), TypeError);
+  assert.throws(() => openClient("ws://x/ws", { WebSocket: undefined }), TypeError); // Node 20 has none
+});
+
+test("a pong takes a pending ack along (timers run late in background tabs)", async () => {
+  const { server } = setup();
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  server.push(socket, { type: "msg", data: 1 });
+  await settle();
+  socket.deliver({ type: "ping", ts: 7 });
+  await settle();
+  assert.deepEqual(socket.take(), [{ type: "pong", ts: 7 }, { type: "ack", ack: 1 }]);
+});
