@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from examples.chat import gateway as chat_gateway
+from trio_wsgate.files import StaticFile
 
 from .conftest import LiveNode, token
 
@@ -123,3 +124,36 @@ def test_two_users_chat_through_a_cut_and_the_page_is_photographed(
     assert colours > 20  # text, badges and borders, not a blank page
     assert not ada.errors, ada.errors
     assert not bob.errors, bob.errors
+
+
+def test_the_readmes_browser_example_works_as_written(chromium: Any) -> None:
+    # The README's "From a browser" page, served by an anonymous chat node as the README
+    # says (the chat example answers "who"): it logs what the README says it logs.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## From a browser") :]
+    html = section.split("```html\n", 1)[1].split("```", 1)[0]
+    node = LiveNode(chat_gateway, jwt_secret=None)
+    node.start()
+    try:
+        node.server.files["/readme.html"] = StaticFile.of(html, "text/html; charset=utf-8")
+        page = chromium.new_context().new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # Keep what the page logs, as values.
+        page.add_init_script(
+            "window.logged = []; const log = console.log;"
+            " console.log = (...args) => { window.logged.push(args); log(...args); };"
+        )
+        page.goto(f"http://127.0.0.1:{node.port}/readme.html")
+        page.wait_for_function("() => logged.some((args) => Array.isArray(args[0]))", timeout=WAIT)
+        logged = page.evaluate("() => logged")
+        assert not errors, errors
+        assert ["connected"] in logged
+        assert [{"hello": "world"}] in logged  # the echo handler's reply
+        (who,) = [args[0] for args in logged if isinstance(args[0], list)]
+        assert len(who) == 1
+        assert who[0].startswith("guest-")
+        joined = [args for args in logged if args[0] == "joined"]
+        assert joined[0][2:] == ["room:lobby", 1]  # event, data, topic, offset
+    finally:
+        node.stop()
