@@ -503,3 +503,21 @@ async def test_a_live_publication_before_the_recovery_does_not_hide_the_gap(
             async for message in client.messages():
                 assert (message.offset, message.data) == (5, "five")
                 break
+
+
+async def test_an_envelope_over_the_servers_limit_is_refused_not_sent(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # The server would close with 1009, which ends the client (docs/protocol.md §2.2):
+    # the client refuses that one call and carries on.
+    server = make_server(max_message_size=4096)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect) as client:
+            await client.wait_connected()
+            with pytest.raises(ValueError, match="at most 4096"):
+                await client.request("echo", "x" * 5000)
+            with pytest.raises(ValueError, match="at most 4096"):
+                await client.send("echo", "x" * 5000)
+            assert await client.request("echo", "x" * 4000) == "x" * 4000
+            assert client.state is ClientState.CONNECTED

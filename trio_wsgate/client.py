@@ -331,6 +331,8 @@ class Client:
         self._headers = headers or {}
         self._open_stream = connect or self._open_tcp
         self._rng = random.Random(seed)
+        # The largest message the server takes: the protocol's default until a welcome.
+        self._max_message_size = 65536
 
         #: Where the client stands; see :meth:`wait_state` and :meth:`state_changes`.
         self.state = ClientState.CONNECTING
@@ -380,6 +382,8 @@ class Client:
             HandlerError: the reply was an error (its ``code`` and ``reason``).
             SessionLost: the server dropped the session with the request unanswered.
             ClientClosed: the client stopped first.
+            ValueError: ``data`` is outside the value domain, or the envelope is larger
+                than the server's ``max_message_size`` (nothing was sent).
         """
         return await self._call(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
@@ -519,6 +523,8 @@ class Client:
         Raises:
             ClientClosed: the client is closing or stopped.
             TypeError: ``data`` cannot be encoded.
+            ValueError: ``data`` is outside the value domain, or the envelope is larger
+                than the server's ``max_message_size`` (nothing was sent).
         """
         await self._wait_for_room()
         self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack), None)
@@ -631,6 +637,12 @@ class Client:
         ack = inbox.processed if goes_now and inbox.ack_pending else None
         envelope = build(outbox.next_seq, ack)
         item = _Pending(envelope, self._codec.encode(envelope), waiter)
+        if len(item.payload) > self._max_message_size:
+            # The server would close with 1009, which ends the client: refuse this one.
+            raise ValueError(
+                f"the envelope is {len(item.payload)} bytes; the server takes at most "
+                f"{self._max_message_size} (welcome.max_message_size)"
+            )
         if ack is not None:
             inbox.take_ack()
         if waiter is not None:
@@ -882,7 +894,7 @@ class Client:
 
     def _on_welcome(self, link: _Link, welcome: Welcome) -> None:
         link.welcomed_at = trio.current_time()
-        link.max_message_size = welcome.max_message_size
+        link.max_message_size = self._max_message_size = welcome.max_message_size
         interval = welcome.heartbeat_interval
         link.silence = interval + welcome.heartbeat_timeout if interval else math.inf
         link.touch()

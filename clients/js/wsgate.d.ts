@@ -14,7 +14,9 @@ export type Value = null | boolean | number | string | Value[] | { [key: string]
 /** The root of every error the client raises on purpose; also an error reply. */
 export declare class WsgateError extends Error {
   constructor(code: string | number, reason?: string, message?: string);
-  /** The error reply's code (`"forbidden"`, `"unknown_event"`, ...), or a close code. */
+  /** The error reply's code (`"forbidden"`, `"unknown_event"`, ...); `"too_large"` for an
+   * envelope larger than welcome.max_message_size (refused here, nothing sent); or a
+   * close code. */
   readonly code: string | number;
   readonly reason: string;
 }
@@ -127,8 +129,11 @@ export interface ClientOptions {
   random?: () => number;
   setTimeout?: (fn: () => void, ms: number) => unknown;
   clearTimeout?: (id: any) => void;
-  /** Wall clock in ms (default Date.now): token expiry and the heartbeat watchdog. */
+  /** Wall clock in ms (default Date.now), for a token's iat and exp. */
   now?: () => number;
+  /** A clock in ms that never jumps, for intervals (the heartbeat watchdog); default
+   * performance.now, or `now` when only that is given. */
+  monotonic?: () => number;
 }
 
 export type ClientState = "connecting" | "connected" | "resumed" | "session_lost" | "closed";
@@ -189,12 +194,19 @@ export declare class Client {
   readonly closed: Promise<void>;
   on<K extends keyof ClientEvents>(name: K, fn: ClientEvents[K]): () => void;
   off<K extends keyof ClientEvents>(name: K, fn: ClientEvents[K]): void;
-  /** The reply's data; rejects with WsgateError, SessionLost, ClientClosed or TypeError. */
+  /**
+   * The reply's data; rejects with WsgateError (an error reply, or code "too_large":
+   * larger than welcome.max_message_size, 64 KiB before the first welcome; nothing
+   * sent), SessionLost, ClientClosed or TypeError (outside the value domain).
+   */
   request(event: string, data?: unknown): Promise<unknown>;
-  /** Resolves once the server acknowledged it. */
+  /** Resolves once the server acknowledged it; rejects as request() does. */
   send(event: string, data?: unknown): Promise<void>;
+  /** Rejects as request() does. */
   subscribe(topic: string): Promise<SubscribeResult>;
+  /** Forgets the topic at once (and what a recovery of it held). */
   unsubscribe(topic: string): Promise<void>;
+  /** Rejects as request() does. */
   publish(topic: string, data: unknown): Promise<Position>;
   /** Sends `refresh` at once; later connections use the token. */
   refresh(token: string): void;

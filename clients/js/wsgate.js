@@ -26,7 +26,9 @@
  *
  * With `storage` (a Web Storage object) the session state survives a page reload:
  * it is written before any ack above what storage holds leaves, and before any new
- * `seq` does, so a reloaded page resumes without breaking the protocol.
+ * `seq` does, so a reloaded page resumes without breaking the protocol. The topics
+ * under recovery are saved too: what a recovery holds is acked and lives only in the
+ * page, so the next page asks for it again.
  *
  * The parts, in order: errors; the value domain and the two codecs; close codes and
  * backoff; sequencing (Outbox, Inbox: no I/O, no clock); tokens; the Client (calls,
@@ -749,12 +751,17 @@ const REFRESH_AT = 0.8;
 const REFRESH_MARGIN = 10000;
 const REFRESH_MIN_DELAY = 1000;
 const REFRESH_RETRY = 5000;
+// A token already due for refresh when it arrives (our clock runs ahead of the issuer's,
+// or getToken hands out stale tokens) is refreshed 1 s, 2 s, 4 s... later, up to half
+// its lifetime (from iat), or up to a minute without iat.
+const REFRESH_BACKOFF_CAP = 60000;
 
 // -- the client -------------------------------------------------------------------------
 
 const EVENTS = ["message", "state", "recovered", "error"];
 const STORAGE_VERSION = 1;
 const ACK_DELAY = 100; // docs/protocol.md §4: ack within 100 ms of an unacked arrival
+const DEFAULT_MAX_MESSAGE_SIZE = 65536; // docs/protocol.md §2.2, until a welcome says
 const MAX_TIMER = 2 ** 31 - 1; // the longest setTimeout delay that does not overflow
 
 /**
@@ -787,7 +794,7 @@ export class Client {
     if (!(Number.isInteger(maxPending) && maxPending >= 1)) {
       throw new RangeError("maxPending must be an integer of at least 1");
     }
-    if (o.token != null && typeof o.token !== "string") throw new TypeError("token must be a string");
+    if (o.token != null) checkToken(o.token, "token");
     if (o.getToken != null && typeof o.getToken !== "function") throw new TypeError("getToken must be a function");
 
     this.url = url;
@@ -805,13 +812,18 @@ export class Client {
     // Clocks and randomness come in through options, so tests are deterministic.
     const setTimer = o.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
     const clearTimer = o.clearTimeout ?? ((id) => globalThis.clearTimeout(id));
+    // Two clocks: `now`, the wall clock, for a JWT's iat and exp; `monotonic` for
+    // intervals (the silence watchdog), which a wall clock set forward or back (NTP, the
+    // user) must not stretch or cut. A test that gives only `now` gets it for both.
     const now = o.now ?? (() => Date.now());
+    const monotonic = o.monotonic ?? o.now ?? defaultMonotonic();
     const random = o.random ?? Math.random;
     // Past 2**31 - 1 ms a timer fires at once (browsers and Node alike): clamp, and
     // let the long ones (watchdog, refresh) look at the clock when they fire.
     this._setTimeout = (fn, ms) => setTimer(fn, Math.min(Math.max(0, ms), MAX_TIMER));
     this._clearTimeout = (id) => clearTimer(id);
     this._now = () => now();
+    this._monotonic = () => monotonic();
     this._random = () => random();
 
     /** @type {"connecting"|"connected"|"resumed"|"session_lost"|"closed"} */
@@ -851,12 +863,19 @@ export class Client {
     // {offset, epoch} processed in it, or null: where a recovery starts.
     this._topics = new Map();
     this._userTopic = null;
-    // Topics with a sub `since` on its way: {offset, epoch, seen, pending}.
+    // Topics with a sub `since` on its way: {offset, epoch, seen, held, pending}. The
+    // waiter of each such sub points at its recovery (`waiter.recovery`).
     this._recoveries = new Map();
+    // Topics a reloaded page found under recovery: asked again after a resumed welcome.
+    this._restoredRecoveries = [];
+    // welcome.max_message_size: a larger envelope is refused here, not by the server
+    // (1009 would end the client). The protocol's default until a welcome says.
+    this._maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
     this._token = null;
     this._tokenAt = 0;
     this._tokenStale = false;
     this._tokenPromise = null;
+    this._refreshBackoff = 0; // tokens in a row that were due for refresh on arrival
 
     this._restore();
     if (o.token != null) this._setToken(o.token);
@@ -891,31 +910,32 @@ export class Client {
   /**
    * Send a `msg` and wait for the handler's reply; resolve with its `data`.
    *
-   * Rejects with WsgateError (an error reply: `code`, `reason`), SessionLost (written,
-   * and the session was lost before the reply: the handler may or may not have run),
-   * ClientClosed, or TypeError (a value the protocol cannot carry; nothing was sent).
+   * Rejects with WsgateError (an error reply: `code`, `reason`; or code "too_large":
+   * the envelope is larger than welcome.max_message_size, nothing was sent),
+   * SessionLost (written, and the session was lost before the reply: the handler may
+   * or may not have run), ClientClosed, or TypeError (a value the protocol cannot
+   * carry; nothing was sent).
    */
   request(event, data) {
-    let envelope;
-    try {
-      envelope = msgEnvelope(event, data);
-    } catch (error) {
-      return Promise.reject(error);
-    }
-    return this._call("request", envelope);
+    return this._callMsg("request", event, data);
   }
 
   /** Send a `msg`; resolves once the server acknowledged (processed) it. A lost one
    * rejects with SessionLost and counts in `stats.lostSends`; the promise never
    * reports an unhandled rejection, so fire-and-forget is fine. */
   send(event, data) {
+    return this._callMsg("send", event, data);
+  }
+
+  /** A `msg` call; an event or data the protocol cannot carry rejects, unsent. */
+  _callMsg(kind, event, data) {
     let envelope;
     try {
       envelope = msgEnvelope(event, data);
     } catch (error) {
       return Promise.reject(error);
     }
-    return this._call("send", envelope);
+    return this._call(kind, envelope);
   }
 
   /**
@@ -932,10 +952,14 @@ export class Client {
     return promise;
   }
 
-  /** Unsubscribe from a topic (also forgotten for recovery). */
+  /** Unsubscribe from a topic (also forgotten for recovery, and what a recovery of it
+   * held is dropped: a sub reply still on its way must not bring it back). */
   unsubscribe(topic) {
     if (typeof topic !== "string") return Promise.reject(new TypeError("a topic is a string"));
-    if (!this._closing) this._topics.delete(topic);
+    if (!this._closing) {
+      this._topics.delete(topic);
+      this._recoveries.delete(topic);
+    }
     return this._call("unsub", { type: "unsub", topic }).then(() => undefined);
   }
 
@@ -947,7 +971,7 @@ export class Client {
 
   /** Send a fresh token for the same user at once (`refresh`); later connections use it. */
   refresh(token) {
-    if (typeof token !== "string") throw new TypeError("token must be a string");
+    checkToken(token, "token");
     if (this._finished) return;
     this._setToken(token);
     const link = this._liveLink();
@@ -987,8 +1011,9 @@ export class Client {
 
   /**
    * Queue a sequenced envelope and return the promise of its waiter. The envelope is
-   * encoded at once (a value outside the domain rejects with TypeError, and nothing is
-   * sent); past `maxPending` unacknowledged envelopes, calls wait in order.
+   * encoded at once (a value outside the domain rejects with TypeError, one larger than
+   * the server takes with WsgateError "too_large", and nothing is sent); past
+   * `maxPending` unacknowledged envelopes, calls wait in order.
    */
   _call(kind, envelope, extra = {}) {
     if (this._closing) {
@@ -1003,7 +1028,9 @@ export class Client {
     const call = { envelope, waiter };
     try {
       if (this._blocked.length || this._outbox.length >= this._maxPending) {
-        this._encode({ ...envelope, seq: 0 }); // refuse a bad value now, not when room comes
+        // Refuse a bad value now, not when room comes (the seq is still unknown: the
+        // size is checked again then).
+        this._checkSize(this._encode({ ...envelope, seq: 0 }));
         this._blocked.push(call);
       } else {
         this._push(call);
@@ -1019,7 +1046,8 @@ export class Client {
   }
 
   /** Number an envelope, encode it and hand it to the outbox (and the connection if the
-   * window lets it through). Throws (a TypeError from the codec) before any change. */
+   * window lets it through). Throws (a TypeError from the codec, a WsgateError
+   * "too_large") before any change. */
   _push({ envelope, waiter }) {
     const link = this._liveLink();
     const outbox = this._outbox;
@@ -1028,16 +1056,53 @@ export class Client {
     // A sub asks from the position when it is numbered, not when it was called.
     if (envelope.type === "sub") envelope = this._subEnvelope(envelope.topic);
     const numbered = { type: envelope.type, seq, ...envelope };
-    // Piggyback a pending ack on what leaves now (docs/protocol.md §4).
-    const ack = link && outbox.open && inbox.ackPending ? inbox.processed : undefined;
-    const wire = ack === undefined ? numbered : { ...numbered, ack };
-    const payload = this._encode(wire);
+    // Piggyback a pending ack on what leaves now (docs/protocol.md §4), unless that is
+    // what makes the envelope too large (the ack then goes on its own).
+    let ack = link && outbox.open && inbox.ackPending ? inbox.processed : undefined;
+    let payload = this._encode(ack === undefined ? numbered : { ...numbered, ack });
+    if (ack !== undefined && payload.size > this._maxMessageSize) {
+      ack = undefined;
+      payload = this._encode(numbered);
+    }
+    this._checkSize(payload);
     if (ack !== undefined) inbox.takeAck();
     const item = { seq, envelope: numbered, payload, written: false, waiter };
     if (waiter) this._requests.set(seq, waiter);
-    if (numbered.since) this._recover(numbered.topic, numbered.since);
+    if (numbered.since && waiter) waiter.recovery = this._recover(numbered.topic, numbered.since);
     if (outbox.push(item) && link) this._write(link, item);
     this._markDirty();
+  }
+
+  /** Refuse an envelope larger than the server takes: it would close with 1009, which
+   * ends the client, not just the call. */
+  _checkSize(payload) {
+    if (payload.size > this._maxMessageSize) {
+      throw new WsgateError(
+        "too_large",
+        `the envelope is ${payload.size} bytes; the server takes at most ${this._maxMessageSize} (welcome.max_message_size)`,
+      );
+    }
+  }
+
+  /** A call refused before it was numbered: its promise says why. A send's promise is
+   * never reported unhandled, so the "error" listeners hear of it too. */
+  _refused(waiter, error) {
+    if (waiter.kind === "sub" && !waiter.auto && !waiter.known && this._topics.get(waiter.topic) === null) {
+      this._topics.delete(waiter.topic);
+    }
+    if (waiter.kind === "send") this._report(error);
+    rejectWaiter(waiter, error);
+  }
+
+  /** A sub the client sends by itself (a recovery, a retry). A topic that cannot be
+   * sent any more (larger than a new max_message_size) is reported, not thrown. */
+  _pushAuto(waiter) {
+    try {
+      this._push({ envelope: { type: "sub", topic: waiter.topic }, waiter });
+    } catch (error) {
+      rejectWaiter(waiter, error);
+      this._report(error);
+    }
   }
 
   _write(link, item) {
@@ -1053,7 +1118,7 @@ export class Client {
       try {
         this._push(call);
       } catch (error) {
-        call.waiter.reject(error);
+        this._refused(call.waiter, error);
       }
     }
   }
@@ -1094,9 +1159,9 @@ export class Client {
       open: false,
       welcomed: false,
       ended: false,
-      maxMessageSize: 65536,
+      maxMessageSize: DEFAULT_MAX_MESSAGE_SIZE,
       silence: Infinity,
-      heard: this._now(),
+      heard: this._monotonic(),
       connectTimer: null,
       watchdogTimer: null,
       ackTimer: null,
@@ -1211,27 +1276,45 @@ export class Client {
 
   _onMessage(link, event) {
     if (link.ended || this._link !== link) return;
-    link.heard = this._now();
-    let value;
+    link.heard = this._monotonic();
     try {
       const data = event.data;
       if ((typeof data === "string") === this._binary) {
         throw new ProtocolViolation(1003, this._binary ? "a text frame under msgpack" : "a binary frame under JSON");
       }
+      let value;
       try {
         value = this._codec.decode(data);
       } catch (error) {
         throw new ProtocolViolation(1007, `undecodable message: ${error.message}`);
       }
-      for (const envelope of Array.isArray(value) ? value : [value]) {
+      // The server is held to the value domain as the client is (docs/protocol.md §2.3):
+      // a value outside it (1e400 is Infinity, a lone surrogate) would throw later, when
+      // echoed in a pong or put in a sub, half-way through a batch. Checked whole first.
+      const envelopes = Array.isArray(value) ? value : [value];
+      for (const envelope of envelopes) {
+        try {
+          checkValue(envelope, MAX_DEPTH); // in a batch, the array does not count
+        } catch (error) {
+          throw new ProtocolViolation(1007, `a value outside the domain: ${error.message}`);
+        }
+      }
+      for (const envelope of envelopes) {
         if (link.ended) break;
         this._onEnvelope(link, envelope);
       }
     } catch (error) {
-      if (!(error instanceof ProtocolViolation)) throw error;
-      // The server broke the protocol: no reconnect (docs/protocol.md §8).
-      this._report(new WsgateError(error.code, `protocol error from the server: ${error.reason}`));
-      this._linkEnded(link, error.code, error.reason);
+      // The server broke the protocol: no reconnect (docs/protocol.md §8). Anything else
+      // thrown here comes from what the server sent too, and leaves a message handled
+      // in part, which no resume can take back: the same end, never an uncaught throw.
+      const violation =
+        error instanceof ProtocolViolation
+          ? error
+          : new ProtocolViolation(1002, `a message could not be handled: ${error instanceof Error ? error.message : "unknown error"}`);
+      const report = new WsgateError(violation.code, `protocol error from the server: ${violation.reason}`);
+      if (violation !== error) report.cause = error;
+      this._report(report);
+      this._linkEnded(link, violation.code, violation.reason);
     }
   }
 
@@ -1318,17 +1401,34 @@ export class Client {
     return false;
   }
 
-  /** A sub with `since` is on its way: dedupe that topic by what the recovery sends. */
+  /** A sub with `since` is on its way: dedupe that topic by what the recovery sends.
+   * Returns the recovery, for the sub's waiter: only its own reply ends it. */
   _recover(topic, since) {
-    const recovery = this._recoveries.get(topic);
+    let recovery = this._recoveries.get(topic);
     if (recovery) recovery.pending += 1;
-    else this._recoveries.set(topic, { offset: since.offset, epoch: since.epoch, seen: new Set(), held: [], pending: 1 });
+    else {
+      recovery = { offset: since.offset, epoch: since.epoch, seen: new Set(), held: [], pending: 1 };
+      this._recoveries.set(topic, recovery);
+    }
+    return recovery;
   }
 
-  /** A sub's reply came (data or error): its recovery is over; deliver what it held. */
-  _recovered(topic) {
-    const recovery = this._recoveries.get(topic);
-    if (!recovery || --recovery.pending > 0) return;
+  /**
+   * A sub's reply came (data or error): if it was the last of its recovery, deliver
+   * what the recovery held. Held messages never moved the topic's position, so a page
+   * reloaded before this point asks again from there (see _resumeRecoveries).
+   */
+  _recovered(waiter) {
+    const topic = waiter.topic;
+    const recovery = waiter.recovery;
+    // Unsubscribed since (the recovery was dropped with what it held), or a recovery of
+    // another session: nothing of this topic to deliver or to follow again.
+    if (!recovery || this._recoveries.get(topic) !== recovery) return;
+    if (!this._topics.has(topic)) {
+      this._recoveries.delete(topic);
+      return;
+    }
+    if (--recovery.pending > 0) return;
     this._recoveries.delete(topic);
     recovery.held.sort((a, b) => a.offset - b.offset);
     for (const message of recovery.held) {
@@ -1337,15 +1437,27 @@ export class Client {
   }
 
   _onReply(envelope) {
+    // The shape first: a waiter is taken out of _requests only to be settled.
+    const error = envelope.error;
+    if (error != null && (typeof error !== "object" || Array.isArray(error) || typeof error.code !== "string")) {
+      throw new ProtocolViolation(1002, "reply: error must be a map with a string code");
+    }
     const waiter = this._requests.get(envelope.re);
     if (!waiter) return; // restored from before a reload, or answered before a drop
     this._requests.delete(envelope.re);
-    if (waiter.kind === "sub") this._recovered(waiter.topic);
-    const error = envelope.error;
-    if (error != null) {
-      this._failed(waiter, new WsgateError(String(error.code), String(error.reason ?? "")));
-    } else {
-      this._answered(waiter, envelope.data);
+    // It ran. A send still waits for the ack that covers it; should that be lost (with
+    // the session, or the client stopping), the send is done all the same.
+    waiter.replied = true;
+    try {
+      if (waiter.kind === "sub") this._recovered(waiter);
+      if (error != null) {
+        this._failed(waiter, new WsgateError(error.code, typeof error.reason === "string" ? error.reason : ""));
+      } else {
+        this._answered(waiter, envelope.data);
+      }
+    } catch (thrown) {
+      rejectWaiter(waiter, thrown); // a bug, but no promise hangs on it
+      throw thrown;
     }
   }
 
@@ -1422,7 +1534,7 @@ export class Client {
 
   /** Silence for interval + timeout from welcome means the connection is dead. */
   _watch(link) {
-    const wait = link.heard + link.silence - this._now();
+    const wait = link.heard + link.silence - this._monotonic();
     if (wait <= 0) {
       this._linkEnded(link, 1006, "heartbeat timeout");
       return;
@@ -1443,14 +1555,25 @@ export class Client {
       throw new ProtocolViolation(1002, "welcome: session and resume_token must be strings");
     }
     const heartbeat = welcome.heartbeat ?? {};
-    const interval = Number(heartbeat.interval) || 0;
-    const timeout = Number(heartbeat.timeout) || 0;
+    if (typeof heartbeat !== "object" || Array.isArray(heartbeat)) {
+      throw new ProtocolViolation(1002, "welcome: heartbeat must be a map");
+    }
+    // Seconds, absent meaning 0 (no heartbeat). A typeof check, not Number(): a map with
+    // a toString of the server's choosing would throw from it.
+    const seconds = (key) => {
+      const value = heartbeat[key] ?? 0;
+      if (typeof value !== "number") throw new ProtocolViolation(1002, `welcome: heartbeat.${key} must be a number`);
+      return Math.max(value, 0);
+    };
+    const interval = seconds("interval");
+    const timeout = seconds("timeout");
     link.welcomed = true;
     this._clearTimeout(link.connectTimer);
     link.connectTimer = null;
-    if (Number.isInteger(welcome.max_message_size)) link.maxMessageSize = welcome.max_message_size;
+    const limit = welcome.max_message_size;
+    if (Number.isSafeInteger(limit) && limit > 0) link.maxMessageSize = this._maxMessageSize = limit;
     link.silence = interval > 0 ? (interval + timeout) * 1000 : Infinity;
-    link.heard = this._now();
+    link.heard = this._monotonic();
     if (link.silence !== Infinity) this._watch(link);
     this._stats.connects += 1;
 
@@ -1477,6 +1600,8 @@ export class Client {
     this._everWelcomed = true;
     for (const item of resend) this._write(link, item);
     if (state !== "resumed") this._followTopics(welcome, lost, chained);
+    else this._resumeRecoveries();
+    this._restoredRecoveries = []; // a new session recovers every topic anyway
     this._markDirty();
     this._setState(state);
     this._acknowledged(acked);
@@ -1496,18 +1621,30 @@ export class Client {
     this._requests = new Map();
     this._recoveries.clear();
     const carried = new Set();
+    // Every call written to the old session: awaiting its reply, or (answered before the
+    // ack that covers it) that ack.
+    const gone = new Set(waiting.values());
     let orphans = 0;
     for (const item of old.unacknowledged()) {
       if (item.written) {
-        if (!item.waiter) orphans += 1; // restored from before a reload: no promise
+        if (item.waiter) gone.add(item.waiter);
+        else orphans += 1; // restored from before a reload: no promise
         continue;
       }
       const seq = this._outbox.nextSeq;
       const type = item.envelope.type;
       const body = type === "sub" ? this._subEnvelope(item.envelope.topic) : item.envelope;
       const envelope = { ...body, seq };
-      if (envelope.since) this._recover(envelope.topic, envelope.since);
-      const renumbered = { seq, envelope, payload: this._encode(envelope), written: false, waiter: item.waiter };
+      const payload = this._encode(envelope);
+      if (payload.size > this._maxMessageSize) {
+        // Queued before the first welcome, under the default limit: this server takes less.
+        const error = new WsgateError("too_large", `the envelope is ${payload.size} bytes; the server takes at most ${this._maxMessageSize}`);
+        if (item.waiter) this._refused(item.waiter, error);
+        else this._report(error);
+        continue;
+      }
+      if (envelope.since && item.waiter) item.waiter.recovery = this._recover(envelope.topic, envelope.since);
+      const renumbered = { seq, envelope, payload, written: false, waiter: item.waiter };
       if (item.waiter) {
         this._requests.set(seq, item.waiter);
         carried.add(item.waiter);
@@ -1516,8 +1653,12 @@ export class Client {
     }
     // Every other call went to the old session and its reply is gone with it.
     const lost = new SessionLost();
-    for (const waiter of waiting.values()) {
+    for (const waiter of gone) {
       if (carried.has(waiter) || waiter.settled) continue;
+      if (waiter.replied) {
+        if (waiter.kind === "send") waiter.resolve(undefined); // it ran: only its ack is lost
+        continue; // anything else was settled by its reply
+      }
       if (waiter.kind === "sub") {
         // Subscribing is idempotent: the new session's subscription answers it.
         const list = chained.get(waiter.topic) ?? [];
@@ -1531,7 +1672,7 @@ export class Client {
         continue;
       }
       if (waiter.kind === "send") this._stats.lostSends += 1;
-      waiter.reject(lost);
+      rejectWaiter(waiter, lost);
     }
     if (orphans) {
       this._stats.lostSends += orphans;
@@ -1583,17 +1724,43 @@ export class Client {
     for (const topic of topics) {
       const waiter = carried.get(topic);
       if (waiter) waiter.chained.push(...(chained.get(topic) ?? []));
-      else this._push({ envelope: { type: "sub", topic }, waiter: autoSub(topic, chained.get(topic)) });
+      else this._pushAuto(autoSub(topic, chained.get(topic)));
     }
+    // The subscribe() calls lost with the old session and not answered above: a topic
+    // left meanwhile, or the user topic, which the new session follows from the start.
     for (const [topic, list] of chained) {
-      if (!this._topics.has(topic)) for (const waiter of list) waiter.reject(new SessionLost());
+      if (topics.includes(topic)) continue;
+      const position = this._topics.get(topic);
+      for (const waiter of list) {
+        if (position) waiter.resolve({ offset: position.offset, epoch: position.epoch });
+        else waiter.reject(new SessionLost());
+      }
     }
   }
 
-  /** A sub reply: the topic's position, and whether its history reached back. */
+  /**
+   * After a reload in the middle of a recovery (a `sub` with `since` unanswered): the
+   * messages it held died with the old page, and were acked, so the resumed session
+   * does not resend them. Ask again from the topic's position, which held messages never
+   * moved: the server sends everything after it again, and this recovery holds and
+   * dedupes as the first one did.
+   */
+  _resumeRecoveries() {
+    const topics = this._restoredRecoveries;
+    this._restoredRecoveries = [];
+    for (const topic of topics) {
+      // A sub with since already queued since the reload asks the same.
+      if (this._topics.get(topic) && !this._recoveries.has(topic)) this._pushAuto(autoSub(topic));
+    }
+  }
+
+  /** A sub reply: the topic's position, and whether its history reached back. While
+   * a recovery of the topic still waits for another reply, the position stays where
+   * it is: what the recovery holds is below this reply's offset and not yet delivered
+   * (the last reply moves it, after delivering them). */
   _subscribed(topic, data) {
     if (!this._topics.has(topic) || data === null || typeof data !== "object") return;
-    if (Number.isInteger(data.offset) && typeof data.epoch === "string") {
+    if (Number.isInteger(data.offset) && typeof data.epoch === "string" && !this._recoveries.has(topic)) {
       this._topics.set(topic, { offset: data.offset, epoch: data.epoch });
       this._markDirty();
     }
@@ -1617,7 +1784,7 @@ export class Client {
       if (this._finished || !this._topics.has(topic)) return;
       const again = autoSub(topic);
       again.retryDelay = Math.min(waiter.retryDelay * 2, 10000);
-      this._push({ envelope: { type: "sub", topic }, waiter: again });
+      this._pushAuto(again);
     }, delay);
     this._retryTimers.add(timer);
   }
@@ -1642,7 +1809,7 @@ export class Client {
       const promise = Promise.resolve()
         .then(() => this._getToken())
         .then((token) => {
-          if (typeof token !== "string") throw new TypeError("getToken must return a string");
+          checkToken(token, "getToken's token");
           if (!this._finished && token !== this._token) this._setToken(token);
           else this._tokenStale = false;
           return token;
@@ -1668,8 +1835,19 @@ export class Client {
     // (a short-lived token is renewed half way, not at once and again and again).
     const lifetime = times.exp - start;
     const margin = Math.min(Math.max((1 - REFRESH_AT) * lifetime, REFRESH_MARGIN), lifetime / 2);
-    const at = times.exp - margin;
-    this._refreshIn(Math.max(at - this._now(), REFRESH_MIN_DELAY));
+    const delay = times.exp - margin - this._now();
+    if (delay > REFRESH_MIN_DELAY) {
+      this._refreshBackoff = 0;
+      this._refreshIn(delay);
+      return;
+    }
+    // Due already. Once is normal (a token given near its end); token after token means
+    // that by our clock every new one is old already: a clock ahead of the issuer's, or
+    // a getToken with a stale cache. Refreshing every second would not help: back off,
+    // up to half the lifetime, which by the server's clock a fresh token still has.
+    const cap = times.iat != null && lifetime > 0 ? Math.max(lifetime / 2, REFRESH_MIN_DELAY) : REFRESH_BACKOFF_CAP;
+    this._refreshIn(Math.min(REFRESH_MIN_DELAY * 2 ** this._refreshBackoff, cap));
+    this._refreshBackoff = Math.min(this._refreshBackoff + 1, 30);
   }
 
   _refreshIn(delay) {
@@ -1723,6 +1901,10 @@ export class Client {
       pending: this._outbox.unacknowledged().map((item) => ({ seq: item.seq, written: item.written, envelope: item.envelope })),
       topics: [...this._topics].map(([topic, p]) => [topic, p ? p.offset : null, p ? p.epoch : null]),
       userTopic: this._userTopic,
+      // What a recovery holds is acked and only in memory: a reloaded page asks again
+      // (and so does the page after it, if it reloads before its welcome).
+      recovering: [...new Set([...this._recoveries.keys(), ...this._restoredRecoveries])].filter((topic) => this._topics.get(topic)),
+      maxMessageSize: this._maxMessageSize,
     };
     try {
       this._storage.setItem(this._storageKey, JSON.stringify(state));
@@ -1739,7 +1921,9 @@ export class Client {
   }
 
   /** Take over the session a previous page saved: resume it, resend what it had not
-   * seen acknowledged, with its original seq (replies to those are dropped). */
+   * seen acknowledged, with its original seq (replies to those are dropped). Anything
+   * in storage that _save could not have written is discarded whole (and reported):
+   * half of it would break the protocol later, in the middle of a welcome. */
   _restore() {
     const storage = this._storage;
     if (!storage) return;
@@ -1748,10 +1932,7 @@ export class Client {
       const raw = storage.getItem(this._storageKey);
       if (raw == null) return;
       state = JSON.parse(raw);
-      const counters = [state?.nextSeq, state?.acked, state?.processed];
-      if (state?.v !== STORAGE_VERSION || !counters.every(Number.isSafeInteger) || !Array.isArray(state.pending) || !Array.isArray(state.topics)) {
-        throw new TypeError(`${this._storageKey} in storage is not a saved wsgate session`);
-      }
+      checkSaved(state, `${this._storageKey} in storage is not a saved wsgate session`);
       const outbox = new Outbox(1);
       outbox.nextSeq = state.nextSeq;
       outbox.acked = state.acked;
@@ -1772,6 +1953,8 @@ export class Client {
       this._resumeToken = state.resumeToken ?? null;
       this.user = state.user ?? null;
       this._userTopic = state.userTopic ?? null;
+      this._restoredRecoveries = state.recovering ?? [];
+      this._maxMessageSize = state.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE;
     } catch (error) {
       try {
         storage.removeItem(this._storageKey);
@@ -1836,10 +2019,13 @@ export class Client {
     }
     this._retryTimers.clear();
     const error = new ClientClosed(code, reason);
-    for (const waiter of this._requests.values()) waiter.reject(error);
-    for (const item of this._outbox.unacknowledged()) item.waiter?.reject(error);
+    for (const waiter of this._requests.values()) rejectWaiter(waiter, error);
+    for (const { waiter } of this._outbox.unacknowledged()) {
+      if (waiter?.replied && waiter.kind === "send") waiter.resolve(undefined); // it ran
+      else if (waiter) rejectWaiter(waiter, error);
+    }
     this._requests.clear();
-    for (const call of this._blocked.splice(0)) call.waiter.reject(error);
+    for (const call of this._blocked.splice(0)) rejectWaiter(call.waiter, error);
     const link = this._link;
     if (link && !link.ended) {
       if (link.open && link.queue.length) this._tick(); // a bye still queued goes first
@@ -1881,6 +2067,94 @@ function settle(waiter, fn) {
   fn();
 }
 
+/** Fail a waiter and the subscribe() calls chained onto it (an automatic sub's own
+ * reject does nothing: without this, they would wait for ever). */
+function rejectWaiter(waiter, error) {
+  for (const chained of waiter.chained ?? []) chained.reject(error);
+  waiter.reject(error);
+}
+
+/** A token goes in hello and refresh: one that cannot be encoded would throw there, out
+ * of a socket's onopen or a timer, instead of here. */
+function checkToken(token, what) {
+  if (typeof token !== "string") throw new TypeError(`${what} must be a string`);
+  if (!wellFormed(token)) throw new TypeError(`${what} is not valid Unicode (a lone surrogate)`);
+}
+
+/** Where intervals are measured: a clock that never jumps, where there is one. */
+function defaultMonotonic() {
+  const performance = globalThis.performance;
+  return typeof performance?.now === "function" ? () => performance.now() : () => Date.now();
+}
+
+/**
+ * Throw a TypeError (`why`, and what is wrong) unless `state` is a session state that
+ * Client#_save could have written.
+ */
+function checkSaved(state, why) {
+  const fail = (what) => {
+    throw new TypeError(`${why}: ${what}`);
+  };
+  const isMap = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  const text = (v) => typeof v === "string" && wellFormed(v);
+  const count = (v) => Number.isSafeInteger(v) && v >= 0;
+  if (!isMap(state) || state.v !== STORAGE_VERSION) fail(`not version ${STORAGE_VERSION}`);
+  for (const key of ["session", "resumeToken", "user", "userTopic"]) {
+    if (state[key] !== null && !text(state[key])) fail(`${key} is neither a string nor null`);
+  }
+  for (const key of ["processed", "nextSeq", "acked"]) {
+    if (!count(state[key])) fail(`${key} is not an integer in [0, 2**53)`);
+  }
+  if (state.acked >= state.nextSeq) fail("acked is not below nextSeq");
+  if (!Array.isArray(state.pending)) fail("pending is not an array");
+  let last = state.acked;
+  for (const saved of state.pending) {
+    // Unacknowledged seqs: above acked, below nextSeq, in order.
+    if (!isMap(saved) || !Number.isSafeInteger(saved.seq) || saved.seq <= last || saved.seq >= state.nextSeq) {
+      fail("a pending seq is out of order or out of (acked, nextSeq)");
+    }
+    last = saved.seq;
+    if (typeof saved.written !== "boolean") fail("a pending written is not a boolean");
+    const envelope = saved.envelope;
+    if (!isMap(envelope)) fail("a pending envelope is not a map");
+    try {
+      checkValue(envelope, MAX_DEPTH);
+    } catch (error) {
+      fail(`a pending envelope: ${error.message}`);
+    }
+    const { type, topic, since } = envelope;
+    const shaped =
+      type === "msg"
+        ? typeof envelope.event === "string"
+        : (type === "sub" || type === "unsub" || type === "pub") &&
+          typeof topic === "string" &&
+          (type !== "pub" || "data" in envelope) &&
+          (type !== "sub" || since === undefined || (isMap(since) && count(since.offset) && typeof since.epoch === "string"));
+    if (!shaped) fail(`a pending ${typeof type === "string" ? type : "envelope"} is not one the client sends`);
+  }
+  if (!Array.isArray(state.topics)) fail("topics is not an array");
+  const positions = new Map();
+  for (const entry of state.topics) {
+    if (!Array.isArray(entry) || entry.length !== 3) fail("a topic is not [topic, offset, epoch]");
+    const [topic, offset, epoch] = entry;
+    if (!text(topic) || positions.has(topic)) fail("a topic is not a string, or twice");
+    if (!(offset === null && epoch === null) && !(count(offset) && text(epoch))) {
+      fail(`the position of ${topic} is neither an integer offset and a string epoch nor null`);
+    }
+    positions.set(topic, offset);
+  }
+  // Added after the first release of this format: a state without them is still good.
+  if (state.recovering !== undefined) {
+    if (!Array.isArray(state.recovering)) fail("recovering is not an array");
+    for (const topic of state.recovering) {
+      if (positions.get(topic) == null) fail("a topic under recovery has no position");
+    }
+  }
+  if (state.maxMessageSize !== undefined && !(Number.isSafeInteger(state.maxMessageSize) && state.maxMessageSize > 0)) {
+    fail("maxMessageSize is not a positive integer");
+  }
+}
+
 function msgEnvelope(event, data) {
   if (typeof event !== "string") throw new TypeError("an event is a string");
   return data === undefined ? { type: "msg", event } : { type: "msg", event, data };
@@ -1919,7 +2193,7 @@ function closeSocket(ws, code, reason) {
 }
 
 /** Group encoded envelopes, in order, into as few messages as fit `budget` bytes; an
- * envelope larger than the budget goes alone (the server may still take it). */
+ * envelope larger than the budget (calls refuse those, "too_large") goes alone. */
 function pack(payloads, budget, binary) {
   const messages = [];
   let index = 0;

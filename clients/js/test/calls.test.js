@@ -340,3 +340,129 @@ test("a pong takes a pending ack along (timers run late in background tabs)", as
   await settle();
   assert.deepEqual(socket.take(), [{ type: "pong", ts: 7 }, { type: "ack", ack: 1 }]);
 });
+
+/** Catch what the client's onmessage throws (a real WebSocket would leave it uncaught). */
+function catchThrows(socket) {
+  const caught = [];
+  const onmessage = socket.onmessage;
+  socket.onmessage = (event) => {
+    try {
+      onmessage(event);
+    } catch (error) {
+      caught.push(error);
+    }
+  };
+  return caught;
+}
+
+test("a server value outside the domain ends the client with 1007, before any envelope of it is handled", async () => {
+  const { client, server, messages, errors } = setup();
+  await settle();
+  const socket = server.socket;
+  const thrown = catchThrows(socket);
+  const msg = server.number(socket, { type: "msg", data: "after the ping" });
+  socket.deliverRaw(`[{"type":"ping","ts":1e400},${JSON.stringify(msg)}]`); // 1e400 is Infinity
+  await settle();
+  assert.deepEqual(thrown, []);
+  assert.equal(client.state, "closed");
+  assert.equal(client.closeCode, 1007);
+  assert.deepEqual(messages, []); // the batch is refused whole
+  assert.equal(errors.length, 1);
+  assert.match(errors[0].message, /outside the domain/);
+});
+
+/** A welcome as JSON text, for values the fake server's encoder (rightly) refuses. */
+const WELCOME = JSON.stringify({ type: "welcome", session: "s1", resume_token: "t", resumed: false, ack: 0, heartbeat: { interval: 25, timeout: 10 }, window: 16, max_message_size: 65536 });
+
+test("hostile values in server envelopes are protocol errors (1007, 1002), never an uncaught throw", async () => {
+  const cases = [
+    ["a ping ts with a lone surrogate", (s) => s.deliverRaw('{"type":"ping","ts":"\\ud800"}'), 1007],
+    ["an integer past 2**53", (s) => s.deliverRaw('{"type":"ping","ts":9007199254740993}'), 1007],
+    ["a welcome user with a lone surrogate", (s) => s.deliverRaw(`${WELCOME.slice(0, -1)},"user":"\\udc00"}`), 1007, true],
+    ["a heartbeat that is not a number", (s, server) => server.welcome(s, s.take()[0], { heartbeat: { interval: { toString: 1 } } }), 1002, true],
+    ["a heartbeat that is not a map", (s, server) => server.welcome(s, s.take()[0], { heartbeat: "25" }), 1002, true],
+  ];
+  for (const [name, breakIt, code, beforeWelcome] of cases) {
+    const { client, server, errors } = setup({ server: { autoWelcome: !beforeWelcome } });
+    await settle();
+    const thrown = catchThrows(server.socket);
+    breakIt(server.socket, server);
+    await settle();
+    assert.deepEqual(thrown, [], name);
+    assert.equal(client.state, "closed", name);
+    assert.equal(client.closeCode, code, name);
+    assert.equal(errors.length, 1, name);
+  }
+});
+
+test("an error reply whose code is not a string: 1002, and the request still settles", async () => {
+  for (const error of ['{"code":{"toString":1},"reason":"x"}', '{"code":5}', '"oops"', "[1]"]) {
+    const { client, server } = setup({ server: { autoReply: false } });
+    await settle();
+    const socket = server.socket;
+    const outcome = client.request("r", 1).catch((e) => e);
+    await settle();
+    const thrown = catchThrows(socket);
+    socket.deliverRaw(`{"type":"reply","seq":1,"re":1,"ack":1,"error":${error}}`);
+    await settle();
+    assert.deepEqual(thrown, [], error);
+    assert.equal(client.closeCode, 1002, error);
+    assert.ok((await outcome) instanceof ClientClosed, error);
+  }
+});
+
+test("an error reply with a reason that is not a string rejects with an empty reason", async () => {
+  const { client, server } = setup({ server: { autoReply: false } });
+  await settle();
+  const outcome = client.request("r", 1).catch((e) => e);
+  await settle();
+  server.reply(server.socket, 1, { error: { code: "nope", reason: { not: "text" } } });
+  const error = await outcome;
+  assert.ok(error instanceof WsgateError);
+  assert.deepEqual([error.code, error.reason], ["nope", ""]);
+  assert.equal(client.state, "connected");
+});
+
+test("an envelope larger than welcome.max_message_size is refused here with too_large: nothing is sent", async () => {
+  const { client, server, errors } = setup({ server: { maxMessageSize: 200 } });
+  await settle();
+  const socket = server.socket;
+  socket.take();
+  const big = "x".repeat(300);
+  for (const call of [() => client.request("r", big), () => client.send("s", big), () => client.publish("t", big), () => client.subscribe(big)]) {
+    const error = await call().catch((e) => e);
+    assert.ok(error instanceof WsgateError);
+    assert.equal(error.code, "too_large");
+    assert.match(error.reason, /at most 200/);
+  }
+  assert.equal(await client.request("r", "x".repeat(100)), "x".repeat(100)); // numbering goes on at 1
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [1]);
+  assert.equal(client.state, "connected");
+  assert.deepEqual(errors, []);
+});
+
+test("too_large before the first welcome: the protocol's default 64 KiB, then the server's own limit", async () => {
+  const { client, server, errors } = setup({ server: { autoWelcome: false, maxMessageSize: 1000 } });
+  const refused = await client.request("r", "x".repeat(70000)).catch((e) => e);
+  assert.equal(refused.code, "too_large"); // over 65536 (docs/protocol.md §2.2)
+  const queued = client.request("r", "x".repeat(2000)).catch((e) => e); // fits 64 KiB, not 1000
+  client.send("s", "y".repeat(2000)); // fire and forget: its refusal goes to "error"
+  const small = client.request("r", "small");
+  await settle();
+  const socket = server.socket;
+  server.welcome(socket, socket.take()[0]);
+  await settle();
+  assert.equal((await queued).code, "too_large");
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0].code, "too_large");
+  assert.equal(await small, "small");
+  assert.deepEqual(sequenced(socket.received).map((e) => [e.seq, e.data]), [[1, "small"]]);
+});
+
+test("too_large for a call waiting for room under maxPending", async () => {
+  const { client, server } = setup({ maxPending: 1, server: { maxMessageSize: 200, autoReply: false } });
+  await settle();
+  client.send("first");
+  await assert.rejects(client.request("r", "x".repeat(300)), (e) => e.code === "too_large");
+  assert.equal(client.stats.pending, 1);
+});

@@ -35,6 +35,20 @@ test("silence for interval + timeout after welcome means a dead connection: drop
   assert.equal(client.state, "resumed");
 });
 
+test("the silence watchdog runs on the monotonic clock: the wall clock set forward is no silence", async () => {
+  let wall = 1_700_000_000_000; // Date.now: set forward an hour below, by NTP or the user
+  const { client, server, clock } = setup({ now: () => wall, monotonic: () => clock.time });
+  await settle();
+  await clock.advance(30000);
+  server.socket.deliver({ type: "ping", ts: 1 });
+  await settle();
+  wall += 3600 * 1000;
+  await clock.advance(34999); // 35 s of silence after the ping, by the monotonic clock
+  assert.equal(client.state, "connected");
+  await clock.advance(1);
+  assert.equal(client.state, "connecting");
+});
+
 test("with the heartbeat off (interval 0) silence is not watched", async () => {
   const { client, clock } = setup({ server: { heartbeat: { interval: 0, timeout: 10 } } });
   await settle();

@@ -310,3 +310,122 @@ test("an automatic resubscription the broker refuses as unavailable is tried aga
   await clock.advance(1000);
   assert.deepEqual(client.recovered, { room: true });
 });
+
+test("a subscribe() chained onto the automatic resubscription settles when the client stops first", async () => {
+  const { client, server, clock } = setup({ server: { autoReply: false } });
+  await settle();
+  const subscribing = client.subscribe("room");
+  let outcome = "pending";
+  subscribing.then(
+    () => (outcome = "resolved"),
+    (e) => (outcome = `rejected: ${e.name}`),
+  );
+  await settle(); // written, unanswered
+  const first = server.socket;
+  first.session.ended = true; // the server loses the session
+  first.serverClose(1006);
+  await settle();
+  await clock.advance(clock.pending()[0]); // resumed: false; an automatic sub for room
+  assert.equal(client.state, "session_lost");
+  server.socket.serverClose(4005, "kicked"); // final, before the automatic sub's reply
+  await settle();
+  assert.equal(client.state, "closed");
+  assert.equal(outcome, "rejected: ClientClosed");
+});
+
+test("a subscribe() of the user topic lost with its session is answered by the new welcome's user_topic", async () => {
+  // A server without welcome.user_topic at first: the user topic's position is unknown.
+  const { client, server, clock } = setup({ server: { user: "ada", autoReply: false } });
+  await settle();
+  const subscribing = client.subscribe("user:ada");
+  await settle();
+  server.socket.session.ended = true;
+  server.userTopic = { offset: 7, epoch: "u1" }; // the next welcome says where it starts
+  await cutAndReconnect(server, clock);
+  assert.equal(client.state, "session_lost");
+  assert.deepEqual(sequenced(server.socket.received), []); // nothing to recover, no sub
+  assert.deepEqual(await subscribing, { offset: 7, epoch: "u1" });
+});
+
+test("unsubscribe() during a recovery of the topic: the sub's reply does not bring it back", async () => {
+  const { client, server, clock, messages } = setup();
+  await settle();
+  await client.subscribe("room");
+  const socket = server.socket;
+  server.push(socket, { type: "msg", topic: "room", offset: 1, epoch: "e1" });
+  await clock.advance(200);
+  server.autoReply = false;
+  client.subscribe("room").catch(() => {}); // since 1: a recovery
+  await settle();
+  const sub = sequenced(socket.take()).filter((e) => e.type === "sub").at(-1);
+  socket.session.processed = sub.seq;
+  server.push(socket, { type: "msg", topic: "room", offset: 2, epoch: "e1" }); // held
+  await settle();
+  client.unsubscribe("room").catch(() => {});
+  server.reply(socket, sub.seq, { data: { offset: 2, epoch: "e1", recovered: true } });
+  await clock.advance(200);
+  assert.equal(messages.length, 1); // what the recovery held went with the topic
+  // Lose the session: room must not be subscribed again.
+  server.autoReply = true;
+  socket.session.ended = true;
+  await cutAndReconnect(server, clock);
+  const subs = sequenced(server.socket.received).filter((e) => e.type === "sub").map((e) => e.topic);
+  assert.deepEqual(subs, [], `resubscribed after unsubscribe: ${subs}`);
+});
+
+test("two recoveries of a topic at once: the first reply does not move the position past what is held", async () => {
+  const { client, server, messages } = setup();
+  await settle();
+  await client.subscribe("room");
+  const socket = server.socket;
+  const room = (offset) => ({ type: "msg", topic: "room", offset, epoch: "e1", data: offset });
+  for (const offset of [1, 2, 3]) server.push(socket, room(offset));
+  await settle();
+  server.autoReply = false;
+  const first = client.subscribe("room");
+  const second = client.subscribe("room");
+  await settle();
+  const [a, b] = sequenced(socket.take()).filter((e) => e.type === "sub").slice(-2);
+  assert.deepEqual([a.since, b.since], [{ offset: 3, epoch: "e1" }, { offset: 3, epoch: "e1" }]);
+  socket.session.processed = b.seq;
+  for (const offset of [4, 5]) server.push(socket, room(offset));
+  server.reply(socket, a.seq, { data: { offset: 5, epoch: "e1", recovered: true } });
+  for (const offset of [4, 5]) server.push(socket, room(offset));
+  server.reply(socket, b.seq, { data: { offset: 5, epoch: "e1", recovered: true } });
+  await Promise.all([first, second]);
+  assert.deepEqual(messages.map((m) => m.data), [1, 2, 3, 4, 5]);
+});
+
+test("session lost: a send whose reply came before the ack covering it resolves (it ran)", async () => {
+  const { client, server, clock } = setup({ server: { autoReply: false } });
+  await settle();
+  let outcome = "pending";
+  client.send("s", 1).then(
+    () => (outcome = "resolved"),
+    (e) => (outcome = `rejected: ${e.name}`),
+  );
+  await settle();
+  const socket = server.socket;
+  server.reply(socket, 1, {}, { ack: false }); // a reply without the ack
+  await settle();
+  assert.equal(outcome, "pending"); // a send is settled by its ack
+  socket.session.ended = true;
+  await cutAndReconnect(server, clock);
+  assert.equal(client.state, "session_lost");
+  assert.equal(outcome, "resolved");
+  assert.equal(client.stats.lostSends, 0);
+});
+
+test("a send whose reply came before its ack resolves when the client stops (it ran)", async () => {
+  const { client, server } = setup({ server: { autoReply: false } });
+  await settle();
+  const outcome = client.send("s", 1).then(
+    () => "resolved",
+    (e) => `rejected: ${e.name}`,
+  );
+  await settle();
+  server.reply(server.socket, 1, {}, { ack: false });
+  await settle();
+  server.socket.serverClose(4005, "kicked");
+  assert.equal(await outcome, "resolved");
+});

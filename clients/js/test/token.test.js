@@ -4,7 +4,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { jwt, sequenced, settle, setup } from "./fake.js";
+import { openClient } from "../wsgate.js";
+import { FakeServer, jwt, sequenced, settle, setup } from "./fake.js";
 
 const START = 1_700_000_000_000; // FakeClock's start, in ms
 
@@ -69,6 +70,50 @@ test("a token shorter than 20 s is refreshed half way through its life, not in a
   assert.equal(calls, 2); // half of 4 s
   await clock.advance(2000);
   assert.equal(calls, 3); // and every 2 s after, no sooner
+});
+
+test("tokens already expired by the client's clock: refreshes back off to half their lifetime, not every second", async () => {
+  // The client's clock runs 10 minutes ahead of the issuer's: every token it gets,
+  // valid 5 minutes by the server's clock, has expired by its own.
+  let page;
+  const times = [];
+  const getToken = () => {
+    times.push(page.clock.time);
+    const iat = page.clock.time / 1000 - 600;
+    return jwt({ sub: "ada", iat, exp: iat + 300 });
+  };
+  page = setup({ getToken, server: { heartbeat: { interval: 0, timeout: 0 } } });
+  await settle();
+  await page.clock.advance(20 * 60 * 1000);
+  const gaps = times.slice(1).map((t, i) => (t - times[i]) / 1000);
+  assert.ok(times.length < 20, `${times.length} getToken calls in 20 minutes`);
+  assert.deepEqual(gaps.slice(0, 8), [1, 2, 4, 8, 16, 32, 64, 128]);
+  assert.deepEqual(gaps.slice(8, 10), [150, 150]); // half of the 300 s lifetime
+  assert.equal(page.client.state, "connected");
+  const refreshes = page.server.socket.received.filter((e) => e.type === "refresh");
+  assert.equal(refreshes.length, times.length - 1); // each new token still goes to the server
+});
+
+test("the refresh backoff ends with the first token that is not due on arrival", async () => {
+  let page;
+  let skewed = true;
+  let calls = 0;
+  const getToken = () => {
+    calls += 1;
+    const iat = page.clock.time / 1000 - (skewed ? 600 : 0);
+    return jwt({ sub: "ada", iat, exp: iat + 300 });
+  };
+  page = setup({ getToken, server: { heartbeat: { interval: 0, timeout: 0 } } });
+  await settle();
+  await page.clock.advance(1000 + 2000 + 4000); // three refreshes, backing off
+  assert.equal(calls, 4);
+  skewed = false; // the clock is set right
+  await page.clock.advance(8000);
+  assert.equal(calls, 5);
+  await page.clock.advance(240 * 1000 - 1); // 80% of 300 s from its iat
+  assert.equal(calls, 5);
+  await page.clock.advance(1);
+  assert.equal(calls, 6);
 });
 
 test("refresh() sends the token at once and later connections use it", async () => {
@@ -180,6 +225,18 @@ test("a token valid for months is refreshed at 80% of its life, not at once (tim
   assert.equal(calls, 0);
   await clock.advance(1 * day * 1000);
   assert.equal(calls, 1);
+});
+
+test("a token that cannot be encoded is refused where it enters, not when hello is sent", async () => {
+  const WebSocket = new FakeServer().WebSocket;
+  assert.throws(() => openClient("ws://x/ws", { WebSocket, token: "\ud800" }), TypeError);
+  const { client, errors, server, clock } = setup({ getToken: () => "bad \udfff" });
+  await settle();
+  assert.equal(server.sockets.length, 0); // not connected with it
+  assert.match(errors[0].message, /getToken's token is not valid Unicode/);
+  assert.equal(client.state, "connecting");
+  assert.ok(clock.pending().length > 0); // tried again later, with backoff
+  assert.throws(() => client.refresh("\ud800"), TypeError);
 });
 
 test("connectTimeout: Infinity never fires", async () => {
