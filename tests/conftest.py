@@ -44,7 +44,7 @@ def make_gateway() -> Gateway:
     return gateway
 
 
-#: Every transport (DESIGN.md, "Transports"); the behaviour suite runs over each.
+#: Every transport (docs/architecture.md, "Layers"); the behaviour suite runs over each.
 ALL_TRANSPORTS = ("websockets", "trio-websocket", "asgi")
 #: The transports with wsproto underneath (trio-websocket, and hypercorn's ASGI).
 WSPROTO_TRANSPORTS = ("trio-websocket", "asgi")

@@ -1,6 +1,6 @@
 """A real redis-server for the tests, on a free port of 127.0.0.1, that tests may kill.
 
-Never the machine's shared one (DEVELOPERS.md). Where no ``redis-server`` is installed the
+Never the machine's shared one: a test may kill it. Where no ``redis-server`` is installed the
 tests that need one skip, with the reason, unless ``WSGATE_REQUIRE_REDIS=1`` (CI), in
 which case they fail.
 """

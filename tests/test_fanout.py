@@ -1,4 +1,7 @@
-"""Fan-out to thousands of subscribers, one of which stops reading (DESIGN.md, "One writer")."""
+"""Fan-out to thousands of subscribers, one of which stops reading.
+
+docs/architecture.md, "One writer".
+"""
 
 from __future__ import annotations
 

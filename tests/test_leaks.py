@@ -1,4 +1,4 @@
-"""Leak-free (DESIGN.md): connections ended every way leave no task behind.
+"""Leak-free (docs/architecture.md): connections ended every way leave no task behind.
 
 Thousands of in-memory connections on a MockClock, so the heartbeat and close
 timeouts cost no real time. The count of live trio tasks (what ``wsgate_tasks``

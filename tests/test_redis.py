@@ -1,4 +1,7 @@
-"""Several nodes through one real Redis act as one gateway (docs/protocol.md §6, DESIGN.md)."""
+"""Several nodes through one real Redis act as one gateway.
+
+docs/protocol.md §6 and docs/architecture.md, "Session migration".
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
 
 Theory of operation. The client is a small nursery: a *connect loop* that opens one
 connection at a time and, around each, a reader, a write loop, a watchdog and an ack
-timer (the mirror of the server's connection, DESIGN.md "The shape"). The session
+timer (the mirror of the server's connection, docs/architecture.md, "The shape"). The session
 state outlives the connections: an :class:`~trio_wsgate.session.Outbox` numbers what
 the application sends and keeps it until acknowledged; an
 :class:`~trio_wsgate.session.Inbox` orders what the server sends. After a drop the
@@ -1072,7 +1072,8 @@ async def open_client(url: str, **options: Any) -> AsyncIterator[Client]:
                     await client.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # STYLE.md: a public context manager does not leak a one-member group.
+        # A public context manager does not leak a one-member group (trio's own rule
+        # for its context managers): the one error is raised as itself.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise

@@ -1,4 +1,4 @@
-"""Settings of a gateway node, with the defaults of docs/protocol.md and DESIGN.md."""
+"""Settings of a gateway node, with the defaults of docs/protocol.md and docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ __all__ = ["Config", "SlowConsumerPolicy", "TransportKind", "UserLimitPolicy"]
 
 
 class SlowConsumerPolicy(enum.StrEnum):
-    """What a full outgoing queue does (DESIGN.md, "One writer")."""
+    """What a full outgoing queue does (docs/architecture.md, "One writer")."""
 
     #: Close the connection with 4004; the session is kept for a resume.
     CLOSE = "close"
@@ -133,7 +133,7 @@ class Config:
     #: The prefix of every Redis key and channel, so that several gateways can share one
     #: Redis.
     redis_prefix: str = "wsgate"
-    #: What carries the WebSocket (DESIGN.md, "Transports").
+    #: What carries the WebSocket (docs/architecture.md, "Layers").
     transport: TransportKind = TransportKind.WEBSOCKETS
     #: The whole opening handshake (request and answer) must finish within this.
     handshake_timeout: float = 10.0

@@ -1,4 +1,4 @@
-"""A connection is a nursery (DESIGN.md, "The shape").
+"""A connection is a nursery (docs/architecture.md, "The shape").
 
 Theory of operation. :meth:`Connection.run` opens one nursery and everything that exists
 because the peer is connected runs in it:
@@ -563,7 +563,7 @@ class Connection:
         return len(self._queue) + held
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
-        """Decide to close with ``code``; return at once (DESIGN.md, "Bounded close")."""
+        """Decide to close with ``code``; return at once (docs/architecture.md, "Bounded close")."""
         self._begin_close(
             code, reason, label or _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
         )
@@ -682,7 +682,8 @@ class Connection:
 
     def _crashed(self) -> None:
         # An unexpected error in any of the connection's own tasks or timers: logged
-        # once, and it becomes close 1011 (STYLE.md, "Errors").
+        # once, and it becomes close 1011 (docs/protocol.md §8): the peer is told, the
+        # node goes on.
         self.internal_error("internal error")
         self._begin_close(CloseCode.INTERNAL_ERROR, "internal error", CloseReason.INTERNAL_ERROR)
 
@@ -846,7 +847,7 @@ class Connection:
     # -- producers ------------------------------------------------------------------
 
     def check_room(self) -> None:
-        """Apply the slow-consumer policy if the queue is full (DESIGN.md, "One writer").
+        """Apply the slow-consumer policy if the queue is full (docs/architecture.md, "One writer").
 
         Either a queued control envelope is dropped, or the connection closes with 4004.
         """

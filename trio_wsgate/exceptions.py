@@ -18,6 +18,15 @@ Every error the package raises on purpose derives from one root::
 "We closed it" and "the peer broke it" are told apart by :attr:`SessionClosed.code`
 and :attr:`SessionClosed.reason`, the close code and reason label recorded when the
 connection ended.
+
+Four exceptions do not derive from it, because they never reach an application: each
+is caught and turned into something above inside the package.
+``transports.base.TransportBroken`` (a transport tells its connection that the peer
+broke the wire: a close reason), ``transports.websockets.HandshakeRefused`` (the
+client's handshake got plain HTTP: a reconnection, or :class:`ClientClosed`),
+``admin.ApiError`` (an HTTP error answer of the server API), and the raw test client's
+``testing.client.Closed`` and ``Refused`` (what a test asserts on, not raised by the
+package to anyone else).
 """
 
 from __future__ import annotations

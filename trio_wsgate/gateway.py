@@ -1,7 +1,7 @@
 """The application's side: a :class:`Gateway` holds handlers, hooks and tasks.
 
 Everything registered here runs inside the nursery of the connection it serves
-(DESIGN.md, "The shape"), so it is cancelled when that connection ends::
+(docs/architecture.md, "The shape"), so it is cancelled when that connection ends::
 
     gateway = Gateway()
 

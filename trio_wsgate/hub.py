@@ -571,7 +571,13 @@ class Hub:
         return self._tasks is not None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Expire detached sessions and run session-end hooks, until cancelled."""
+        """Run what the node's sessions need, until cancelled.
+
+        In one nursery: the broker (its connections, subscriptions and receivers),
+        the node's timers (every connection's heartbeat, hello, ack and token-expiry
+        deadlines: :mod:`trio_wsgate.timers`), and the hub's own loop, which expires
+        detached sessions, runs session-end hooks and the hub's chores.
+        """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.broker.run)
             await nursery.start(self.timers.run)
@@ -801,7 +807,7 @@ class Hub:
                 self._hand_over, message["session"], message["to"], message["request"]
             )
 
-    # -- session migration (DESIGN.md, "Session migration") ---------------------------
+    # -- session migration (docs/architecture.md, "Session migration") ---------------------------
 
     async def migrate(self, resume: Resume, user: str | None, codec: Codec) -> Session | None:
         """Fetch a session that another node holds, for a resume here; None if none.

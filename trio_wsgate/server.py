@@ -505,7 +505,7 @@ class Server:
         await AdminApp(self).serve(listeners)
 
     async def drain(self) -> None:
-        """Drain the node (DESIGN.md, "Drain"), then stop it.
+        """Drain the node (docs/architecture.md, "Drain"), then stop it.
 
         ``/readyz`` turns 503, the listeners close, every connection is closed with
         1001, and the node waits up to ``drain_timeout`` for them before cancelling
@@ -514,7 +514,7 @@ class Server:
         resume on to take, and waits, within the same ``drain_timeout``, for the
         hand-overs already asked for and for any session it could not park: leaving
         sooner would drop those sessions with the process, and their clients would
-        resume with ``resumed: false`` (DESIGN.md, "Session migration").
+        resume with ``resumed: false`` (docs/architecture.md, "Session migration").
         """
         if self.draining:
             return

@@ -1,4 +1,4 @@
-"""One task runs the node's timers (DESIGN.md, "The shape"; docs/benchmarks.md, "Idle").
+"""One task runs the node's timers (docs/architecture.md, "The shape"; docs/benchmarks.md, "Idle").
 
 Every connection has a heartbeat (a ping every interval, and a liveness deadline that
 each received frame moves forward), an ack delay, and with JWTs its token's expiry. As

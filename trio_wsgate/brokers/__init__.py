@@ -1,4 +1,4 @@
-"""Brokers move publications between the nodes of a gateway (DESIGN.md, layer 5)."""
+"""Brokers move publications between the nodes of a gateway (docs/architecture.md, layer 5)."""
 
 from .base import Broker, History, Publication
 from .memory import MemoryBroker

@@ -1,9 +1,11 @@
 """The broker interface: what the hub needs from whatever carries publications.
 
-The hub (``trio_wsgate.hub``) knows brokers only through this module (STYLE.md,
-"Layout"). A broker numbers each topic's publications (``offset``: 1, 2, 3... within
-one ``epoch``), keeps a bounded history of them, hands every publication of a topic the
-node subscribed to to the node's receiver, and keeps presence. The in-memory broker
+The hub (``trio_wsgate.hub``) uses brokers only through this interface; it names
+one implementation, :class:`~trio_wsgate.brokers.memory.MemoryBroker`, as the default
+when the node is given none. A broker numbers each topic's publications (``offset``:
+1, 2, 3... within one ``epoch``), keeps a bounded history of them, hands every
+publication of a topic the node subscribed to to the node's receiver, and keeps
+presence. The in-memory broker
 does all of this inside one process; the Redis one does it for many nodes.
 
 Delivery contract. For one topic, the receiver is called with publications in offset
@@ -119,7 +121,7 @@ class Broker(Protocol):
     async def broadcast(self, message: dict[str, Any]) -> None:
         """Hand a control message to every node's control receiver, this one's included."""
 
-    # Session migration (DESIGN.md): which node holds a session, and handing one over.
+    # Session migration (docs/architecture.md): which node holds a session, and handing one over.
 
     async def claim_sessions(self, sessions: list[str], node: str) -> None:
         """Record that ``node`` holds these sessions (refreshed by the node now and then)."""

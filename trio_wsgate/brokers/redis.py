@@ -1,4 +1,4 @@
-"""The Redis broker: many nodes act as one gateway (DESIGN.md, layer 5).
+"""The Redis broker: many nodes act as one gateway (docs/architecture.md, layer 5).
 
 Built on coredis, which runs under trio (it is anyio-based). What lives in Redis, under a
 prefix (``wsgate`` by default):

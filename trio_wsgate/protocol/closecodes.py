@@ -32,8 +32,8 @@ class CloseCode(enum.IntEnum):
 class CloseReason(enum.StrEnum):
     """Why a connection ended: the ``reason`` label of ``wsgate_closes_total``.
 
-    Every end of a connection is counted under exactly one of these (DESIGN.md,
-    "Disconnect classification").
+    Every end of a connection is counted under exactly one of these
+    (docs/architecture.md, "Close classification").
     """
 
     CLEAN = "clean"  # the peer sent a close frame; the code says which
