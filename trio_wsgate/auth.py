@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .exceptions import Unauthorized
+from .protocol.topics import check_topic, user_topic
 
 __all__ = ["Authenticator", "Identity", "JwtAuthenticator", "token_from_request"]
 
@@ -61,22 +62,24 @@ async def identify(authenticator: Authenticator, token: str | None) -> Identity:
     """Run an authenticator and normalise its answer to an :class:`Identity`.
 
     The deadline is what the node's timers will wait for, so it is checked whatever
-    set it: a NaN would break their heap, and trio refuses it as a deadline.
+    set it: a NaN would break their heap, and trio refuses it as a deadline. So is the
+    user id, which must name the user's topic ``user:<sub>`` (docs/protocol.md §6.6).
 
     Raises:
-        Unauthorized: the authenticator refused the token, or its deadline is NaN
-            or minus infinity (as a deadline taken from a token's bad claims may be).
+        Unauthorized: the authenticator refused the token, its deadline is NaN or
+            minus infinity (as a deadline taken from a token's bad claims may be), or
+            its user id is empty, too long or has control characters.
         TypeError: the authenticator answered something else than an Identity, a
             str or None, or a deadline that is not a number.
     """
     answer = await authenticator(token)
     if answer is None or isinstance(answer, str):
-        return Identity(answer)
+        return _checked(Identity(answer))
     if not isinstance(answer, Identity):
         raise TypeError(f"an authenticator returns an Identity, a str or None, not {answer!r}")
     deadline = answer.deadline
     if deadline is None or (type(deadline) is float and math.isfinite(deadline)):
-        return answer
+        return _checked(answer)
     if isinstance(deadline, bool) or not isinstance(deadline, int | float):
         raise TypeError(f"Identity.deadline is trio time in seconds or None, not {deadline!r}")
     try:
@@ -84,10 +87,20 @@ async def identify(authenticator: Authenticator, token: str | None) -> Identity:
     except OverflowError:  # an int past the floats: trio could not take it either
         when = math.inf if deadline > 0 else -math.inf
     if when == math.inf:
-        return dataclasses.replace(answer, deadline=None)  # never, as None says
+        return _checked(dataclasses.replace(answer, deadline=None))  # never, as None says
     if not math.isfinite(when):  # NaN, -inf
         raise Unauthorized("invalid token: its expiry is not a valid time")
-    return dataclasses.replace(answer, deadline=when)
+    return _checked(dataclasses.replace(answer, deadline=when))
+
+
+def _checked(identity: Identity) -> Identity:
+    """The identity, if its user id can name a user topic; else Unauthorized."""
+    if identity.user is not None:
+        try:
+            check_topic(user_topic(identity.user))
+        except ValueError:
+            raise Unauthorized("the user id is empty, too long or has control characters") from None
+    return identity
 
 
 def token_from_request(headers: Mapping[str, str], path: str) -> str | None:

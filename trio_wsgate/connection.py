@@ -53,15 +53,7 @@ from .exceptions import (
     SlowConsumer,
     Unauthorized,
 )
-from .hub import (
-    ResumeResult,
-    SubscribeResult,
-    Subscription,
-    check_topic,
-    checked_identity,
-    prepared,
-    user_topic,
-)
+from .hub import ResumeResult, SubscribeResult, Subscription
 from .limits import TokenBucket
 from .protocol import (
     Ack,
@@ -84,6 +76,8 @@ from .protocol import (
     Unsub,
     Welcome,
 )
+from .protocol.closecodes import ends_session, reason_for
+from .protocol.topics import check_topic, encode_fields, user_topic
 from .protocol.values import MAX_DEPTH, check_value, value_error
 from .session import Inbox, Outbox, Receipt
 from .timers import Timer, Timers
@@ -100,22 +94,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "Session"]
 
 logger = logging.getLogger("trio_wsgate.connection")
-
-# Close codes that leave nothing to resume and carry the reason label given here.
-_REASON_BY_CODE: dict[int, CloseReason] = {
-    CloseCode.PROTOCOL_ERROR: CloseReason.PROTOCOL_ERROR,
-    CloseCode.UNSUPPORTED_DATA: CloseReason.PROTOCOL_ERROR,
-    CloseCode.INVALID_DATA: CloseReason.PROTOCOL_ERROR,
-    CloseCode.MESSAGE_TOO_BIG: CloseReason.PROTOCOL_ERROR,
-    CloseCode.POLICY_VIOLATION: CloseReason.POLICY,
-    CloseCode.UNAUTHORIZED: CloseReason.UNAUTHORIZED,
-    CloseCode.INTERNAL_ERROR: CloseReason.INTERNAL_ERROR,
-    CloseCode.GOING_AWAY: CloseReason.DRAIN,
-    CloseCode.SLOW_CONSUMER: CloseReason.SLOW_CONSUMER,
-    CloseCode.KICKED: CloseReason.KICK,
-    CloseCode.TAKEN_OVER: CloseReason.TAKE_OVER,
-    CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
-}
 
 # Bytes that received envelopes waiting for the dispatcher hold, decoded (weighed by
 # protocol.values.weigh), past which the reader stops reading (Connection._wait_taken);
@@ -183,7 +161,7 @@ class _Senders:
     def of(cls, pub: Publication, codec: Codec) -> _Senders:
         cached = pub.encoded.get(codec.subprotocol)
         if cached is None:  # not encoded on this node yet (another node published it)
-            cached = pub.encoded[codec.subprotocol] = prepared(codec, pub.data)
+            cached = pub.encoded[codec.subprotocol] = encode_fields(codec, pub.data)
         fields, count = cached
         splice, event = codec.splice, pub.event
         topic, offset, epoch = pub.topic, pub.offset, pub.epoch
@@ -323,10 +301,10 @@ class Session:
         Whether the session survives for a resume follows docs/protocol.md §8: it does
         after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
         """
-        label = _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
+        label = reason_for(code)
         if self.connection is not None:
             self.connection.close(code, reason, label)
-        elif not self.ended and self._hub.ends_session(label):
+        elif not self.ended and ends_session(label):
             self._hub.end(self, code, label, why=str(label))
 
     def _live(self) -> Connection | None:
@@ -564,9 +542,7 @@ class Connection:
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
         """Decide to close with ``code``; return at once (docs/architecture.md, "Bounded close")."""
-        self._begin_close(
-            code, reason, label or _REASON_BY_CODE.get(code, CloseReason.SERVER_CLOSE)
-        )
+        self._begin_close(code, reason, label or reason_for(code))
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close and wait until the transport is released (at most ``close_timeout``)."""
@@ -744,7 +720,7 @@ class Connection:
             if incoming.failed is not None:
                 code, text = incoming.failed
                 self._begin_close(
-                    code, text, _REASON_BY_CODE.get(code, CloseReason.PROTOCOL_ERROR), send=False
+                    code, text, reason_for(code, CloseReason.PROTOCOL_ERROR), send=False
                 )
             if incoming.peer_close is not None:
                 code, text = incoming.peer_close
@@ -1097,7 +1073,7 @@ class Connection:
         if token is None and self._identity is not None:
             return self._identity  # verified at the handshake
         try:
-            return checked_identity(await identify(authenticator, token))
+            return await identify(authenticator, token)
         except Unauthorized as exc:
             self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
             return None
@@ -1136,7 +1112,7 @@ class Connection:
         assert authenticator is not None
         assert session is not None
         try:
-            identity = checked_identity(await identify(authenticator, token))
+            identity = await identify(authenticator, token)
         except Unauthorized as exc:
             if refresh == self._refreshes:
                 self.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")

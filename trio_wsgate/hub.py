@@ -57,12 +57,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from .auth import Authenticator, Identity
+from .auth import Authenticator
 from .batching import Batcher
 from .brokers import Broker, History, MemoryBroker, Publication
-from .exceptions import BrokerUnavailable, SessionClosed, Unauthorized
+from .exceptions import BrokerUnavailable, SessionClosed
 from .protocol import (
-    CODECS,
     CloseCode,
     CloseReason,
     Codec,
@@ -70,9 +69,10 @@ from .protocol import (
     Sequenced,
     Since,
     parse_envelope,
-    shared_codec,
 )
-from .protocol.values import MAX_DEPTH, check_value, value_error
+from .protocol.closecodes import ends_session
+from .protocol.topics import USER_TOPIC_PREFIX, check_topic, prepare_data, user_topic
+from .protocol.values import check_value, value_error
 from .session import Inbox, Outbox
 from .timers import Timers
 
@@ -82,12 +82,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
     from .metrics import Metrics
 
-__all__ = ["USER_TOPIC_PREFIX", "Hub", "ResumeResult", "SubscribeResult", "Subscription"]
-
-#: Each user's sessions follow the topic ``user:<sub>`` (docs/protocol.md §6).
-USER_TOPIC_PREFIX = "user:"
-#: Longest topic name accepted, in characters.
-MAX_TOPIC_LENGTH = 256
+__all__ = ["Hub", "ResumeResult", "SubscribeResult", "Subscription"]
 
 logger = logging.getLogger("trio_wsgate.hub")
 
@@ -102,17 +97,6 @@ _LIVE_CHECK = 1.0
 # How many of an owner's oldest detached sessions eviction looks at for the largest.
 _EVICTION_SCAN = 64
 
-# Connection ends after which docs/protocol.md §8 keeps nothing to resume.
-_ENDS_SESSION = frozenset(
-    {
-        CloseReason.BYE,
-        CloseReason.KICK,
-        CloseReason.UNAUTHORIZED,
-        CloseReason.PROTOCOL_ERROR,
-        CloseReason.POLICY,
-    }
-)
-
 
 class ResumeResult(enum.StrEnum):
     """What became of a ``hello`` with ``resume``: the label of ``wsgate_resumes_total``."""
@@ -124,53 +108,6 @@ class ResumeResult(enum.StrEnum):
     EXPIRED = "expired"  # found, but its resume_ttl had run out
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
     UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
-
-
-def check_topic(topic: Any) -> str:
-    """Return ``topic`` if it is a valid topic name, else raise ValueError with why."""
-    if not isinstance(topic, str) or not topic:
-        raise ValueError("a topic is a non-empty string")
-    if len(topic) > MAX_TOPIC_LENGTH:
-        raise ValueError(f"a topic has at most {MAX_TOPIC_LENGTH} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in topic):
-        raise ValueError("a topic has no control characters")
-    return topic
-
-
-def user_topic(user: str) -> str:
-    """The topic every session of ``user`` follows."""
-    return USER_TOPIC_PREFIX + user
-
-
-def checked_identity(identity: Identity) -> Identity:
-    """Return the identity if its user id can name a user topic, else raise Unauthorized."""
-    if identity.user is not None:
-        try:
-            check_topic(user_topic(identity.user))
-        except ValueError:
-            raise Unauthorized("the user id is empty, too long or has control characters") from None
-    return identity
-
-
-def prepared(codec: Codec, data: Any) -> tuple[bytes, int]:
-    """A publication's fields beyond its head, encoded by ``codec`` (:meth:`Codec.prepare`),
-    and how many there are."""
-    fields = {} if data is None else {"data": data}
-    return codec.prepare(fields), len(fields)
-
-
-def prepare_data(data: Any) -> dict[str, tuple[bytes, int]]:
-    """Encode a publication's data once per encoding (both, so every subscriber can get it).
-
-    Raises:
-        ValueError: the data is outside the value domain (protocol/values.py): one of
-            the encodings, or a browser, could not carry it.
-    """
-    try:
-        check_value(data, MAX_DEPTH - 1)
-        return {name: prepared(shared_codec(name), data) for name in CODECS}
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"data must be encodable as JSON and as msgpack: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -389,7 +326,7 @@ class Hub:
         session.close_code, session.close_reason = code, reason
         if session.ended:
             return
-        if self.ends_session(reason) or not self.config.resume_ttl:
+        if ends_session(reason) or not self.config.resume_ttl:
             assert code is not None
             assert reason is not None
             self.end(session, code, reason, why=str(reason))
@@ -527,11 +464,6 @@ class Hub:
             self._note_held(owner, left)
         else:
             del self._detached_of[owner], self._held_by[owner]
-
-    @staticmethod
-    def ends_session(reason: CloseReason | None) -> bool:
-        """True if a connection that ended this way ends its session (docs/protocol.md §8)."""
-        return reason in _ENDS_SESSION
 
     def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
         """End a session for good: it will not be resumed."""

@@ -25,7 +25,7 @@ from .connection import Connection
 from .exceptions import Unauthorized
 from .files import CLIENT_PATH, StaticFile, client_file
 from .gateway import Gateway
-from .hub import Hub, checked_identity
+from .hub import Hub
 from .limits import ConnectionCounts, TokenBucket
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason, shared_codec
@@ -226,7 +226,7 @@ class Server:
         if token is not None and self.authenticator is not None:
             # docs/protocol.md §3: a bad token at the handshake is refused with 401.
             try:
-                identity = checked_identity(await identify(self.authenticator, token))
+                identity = await identify(self.authenticator, token)
             except Unauthorized as exc:
                 body = f"unauthorized: {exc}\n"
                 return Refusal(401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'})

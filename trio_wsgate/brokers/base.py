@@ -99,7 +99,7 @@ class Broker(Protocol):
     ) -> Publication:
         """Number a publication, keep it in the history and deliver it to every node.
 
-        ``encoded`` is its data already encoded (:func:`trio_wsgate.hub.prepare_data`),
+        ``encoded`` is its data already encoded (:func:`trio_wsgate.protocol.topics.prepare_data`),
         which a broker delivering in this process passes on with the publication.
         """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CloseCode", "CloseReason"]
+__all__ = ["ENDS_SESSION", "CloseCode", "CloseReason", "ends_session", "reason_for"]
 
 
 class CloseCode(enum.IntEnum):
@@ -55,3 +55,42 @@ class CloseReason(enum.StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"  # 1011: a resume the broker could not answer
     RATE_LIMIT = "rate_limit"  # 4009: the session is kept
     SERVER_CLOSE = "server_close"  # the application closed the session
+
+
+# The one table of what each close code the server sends means for the session
+# (docs/protocol.md §8): the reason it is counted under, and whether it ends the session.
+_REASON_BY_CODE: dict[int, CloseReason] = {
+    CloseCode.PROTOCOL_ERROR: CloseReason.PROTOCOL_ERROR,
+    CloseCode.UNSUPPORTED_DATA: CloseReason.PROTOCOL_ERROR,
+    CloseCode.INVALID_DATA: CloseReason.PROTOCOL_ERROR,
+    CloseCode.MESSAGE_TOO_BIG: CloseReason.PROTOCOL_ERROR,
+    CloseCode.POLICY_VIOLATION: CloseReason.POLICY,
+    CloseCode.UNAUTHORIZED: CloseReason.UNAUTHORIZED,
+    CloseCode.INTERNAL_ERROR: CloseReason.INTERNAL_ERROR,
+    CloseCode.GOING_AWAY: CloseReason.DRAIN,
+    CloseCode.SLOW_CONSUMER: CloseReason.SLOW_CONSUMER,
+    CloseCode.KICKED: CloseReason.KICK,
+    CloseCode.TAKEN_OVER: CloseReason.TAKE_OVER,
+    CloseCode.RATE_LIMITED: CloseReason.RATE_LIMIT,
+}
+
+#: Connection ends after which nothing is kept to resume (docs/protocol.md §8).
+ENDS_SESSION = frozenset(
+    {
+        CloseReason.BYE,
+        CloseReason.KICK,
+        CloseReason.UNAUTHORIZED,
+        CloseReason.PROTOCOL_ERROR,
+        CloseReason.POLICY,
+    }
+)
+
+
+def reason_for(code: int, default: CloseReason = CloseReason.SERVER_CLOSE) -> CloseReason:
+    """The reason a close with ``code`` that the server decided is counted under."""
+    return _REASON_BY_CODE.get(code, default)
+
+
+def ends_session(reason: CloseReason | None) -> bool:
+    """True if a connection that ended this way ends its session (docs/protocol.md §8)."""
+    return reason in ENDS_SESSION
