@@ -125,14 +125,14 @@ async def test_a_subscriber_whose_delivery_fails_ends_alone(
             await request(good, Seq(), "sub", topic="room:1")
             victim = next(s for s in server.hub.sessions.values() if s.connection is not None)
 
-            real = Session._publish
+            real = Session.deliver
 
             def broken(session: Session, pub: Any) -> None:
                 if session is victim:
                     raise RuntimeError("injected: delivery fails")
                 real(session, pub)
 
-            monkeypatch.setattr(Session, "_publish", broken)
+            monkeypatch.setattr(Session, "deliver", broken)
             await server.gateway.publish("room:1", "hello")
             codes = []
             for client in (bad, good):

@@ -499,7 +499,7 @@ async def test_live_sessions_together_are_held_to_max_live_bytes(
             for name, client in clients.items()
         }
         await trio.sleep(10)
-        assert not hub._live_check_armed  # nothing held: no check made
+        assert not hub.live_check_armed  # nothing held: no check made
         start = trio.current_time()
         for name, size in (("a1", 30_000), ("a2", 20_000), ("b", 25_000)):
             sessions[name].send("news", "z" * size)  # never acknowledged

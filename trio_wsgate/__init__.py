@@ -4,7 +4,7 @@ from .auth import Identity, JwtAuthenticator
 from .brokers import MemoryBroker, Publication
 from .client import Backoff, Client, ClientState, Message, open_client
 from .config import Config, SlowConsumerPolicy
-from .connection import Connection, Session
+from .connection import Connection
 from .exceptions import (
     BrokerUnavailable,
     ClientClosed,
@@ -17,9 +17,9 @@ from .exceptions import (
     WsgateError,
 )
 from .gateway import Gateway
-from .hub import SubscribeResult
 from .protocol import CloseCode, CloseReason
 from .server import Server, serve
+from .session import Session, SubscribeResult
 
 __all__ = [
     "Backoff",

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -27,30 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .exceptions import Unauthorized
+from .identity import Identity
 from .protocol.topics import check_topic, user_topic
 
 __all__ = ["Authenticator", "Identity", "JwtAuthenticator", "token_from_request"]
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """The verified identity behind a token.
-
-    Attributes:
-        user: the user id (the ``sub`` claim), or None for an anonymous client.
-        deadline: trio time at which the token expires (None or ``math.inf``: never).
-            The connection is closed with 4001 then, unless a ``refresh`` brought a
-            fresh token. NaN and ``-math.inf`` are refused as invalid tokens, and
-            anything but a number as a bug of the authenticator (:func:`identify`).
-        topics: glob patterns of the topics the user may subscribe to (the ``topics``
-            claim, matched with :func:`fnmatch.fnmatchcase`).
-        claims: every claim of the token, for the application's own use.
-    """
-
-    user: str | None
-    deadline: float | None = None
-    topics: tuple[str, ...] = ()
-    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: Turns a token (None if the client sent none) into an :class:`Identity`, a user id,

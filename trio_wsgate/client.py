@@ -11,9 +11,9 @@
 Theory of operation. The client is a small nursery: a *connect loop* that opens one
 connection at a time and, around each, a reader, a write loop, a watchdog and an ack
 timer (the mirror of the server's connection, docs/architecture.md, "The shape"). The session
-state outlives the connections: an :class:`~trio_wsgate.session.Outbox` numbers what
+state outlives the connections: an :class:`~trio_wsgate.reliability.Outbox` numbers what
 the application sends and keeps it until acknowledged; an
-:class:`~trio_wsgate.session.Inbox` orders what the server sends. After a drop the
+:class:`~trio_wsgate.reliability.Inbox` orders what the server sends. After a drop the
 loop reconnects with exponential backoff and full jitter and sends ``hello`` with
 ``resume``; on ``welcome`` both sides resend what the other has not processed
 (docs/protocol.md §5). So the application sees every reply and message exactly once and in
@@ -72,7 +72,7 @@ from .protocol import (
     Unsub,
     Welcome,
 )
-from .session import Inbox, Outbox, Receipt
+from .reliability import Inbox, Outbox, Receipt
 from .transports.base import TransportBroken
 from .transports.websockets import HandshakeRefused, WebsocketsTransport, client_handshake
 

@@ -38,7 +38,6 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -50,10 +49,9 @@ from .exceptions import (
     HandlerError,
     ProtocolError,
     SessionClosed,
-    SlowConsumer,
     Unauthorized,
 )
-from .hub import ResumeResult, SubscribeResult, Subscription
+from .hub import ResumeResult
 from .limits import TokenBucket
 from .protocol import (
     Ack,
@@ -71,27 +69,26 @@ from .protocol import (
     Refresh,
     Reply,
     Sequenced,
-    Since,
     Sub,
     Unsub,
     Welcome,
 )
-from .protocol.closecodes import ends_session, reason_for
-from .protocol.topics import check_topic, encode_fields, user_topic
+from .protocol.closecodes import reason_for
+from .protocol.topics import check_topic, user_topic
 from .protocol.values import MAX_DEPTH, check_value, value_error
-from .session import Inbox, Outbox, Receipt
+from .reliability import Receipt
+from .session import Outgoing, Session
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken, remote_ip
 from .wakeup import Wakeup
 
 if TYPE_CHECKING:
-    from .brokers import Publication
     from .config import Config
     from .gateway import Gateway
     from .hub import Hub
     from .metrics import Metrics
 
-__all__ = ["Connection", "Session"]
+__all__ = ["Connection"]
 
 logger = logging.getLogger("trio_wsgate.connection")
 
@@ -119,283 +116,6 @@ async def _running(timers: Timers) -> AsyncIterator[None]:
 # What waits in the write queue: an encoded envelope and whether it is sequenced
 # (sequenced envelopes are never dropped).
 _Item = tuple[bytes, bool]
-
-
-# What makes a sequenced envelope, or its encoding, for a seq and a piggybacked ack.
-_Build = Callable[[int, "int | None"], Sequenced]
-_Encode = Callable[[int, "int | None"], bytes]
-
-
-class _Outgoing:
-    """A sequenced envelope kept until acknowledged: its encoding for the wire, alone.
-
-    The envelope object is not kept (a reply's data would be held twice, decoded and
-    encoded): a resume in the other encoding or a hand-over to another node decodes
-    it again from :attr:`payload`, which the value domain makes always possible.
-    """
-
-    __slots__ = ("ack", "payload", "seq")
-
-    def __init__(self, seq: int, ack: int | None, payload: bytes) -> None:
-        self.seq, self.ack, self.payload = seq, ack, payload
-
-    def envelope(self, codec: Codec) -> Sequenced:
-        """The envelope again, from its encoding by ``codec``."""
-        (envelope,) = codec.decode(self.payload)
-        assert isinstance(envelope, Sequenced)
-        return envelope
-
-
-def _size(item: _Outgoing) -> int:
-    return len(item.payload)
-
-
-@dataclass(slots=True, frozen=True)
-class _Senders:
-    """How the sessions of one encoding encode a publication's ``msg``: made once per
-    publication and encoding, whatever the number of subscribers."""
-
-    encode: _Encode
-
-    @classmethod
-    def of(cls, pub: Publication, codec: Codec) -> _Senders:
-        cached = pub.encoded.get(codec.subprotocol)
-        if cached is None:  # not encoded on this node yet (another node published it)
-            cached = pub.encoded[codec.subprotocol] = encode_fields(codec, pub.data)
-        fields, count = cached
-        splice, event = codec.splice, pub.event
-        topic, offset, epoch = pub.topic, pub.offset, pub.epoch
-
-        def encode(seq: int, ack: int | None) -> bytes:
-            head: dict[str, Any] = {"type": "msg", "seq": seq}
-            if ack is not None:
-                head["ack"] = ack
-            if event is not None:
-                head["event"] = event
-            head["topic"], head["offset"], head["epoch"] = topic, offset, epoch
-            return splice(head, fields, count)
-
-        return cls(encode)
-
-
-class Session:
-    """The logical peer, as application code sees it (docs/protocol.md §5).
-
-    A session outlives its connections: when one drops, the session is kept for
-    ``resume_ttl``, and :meth:`send` numbers and buffers what it is given until the
-    client resumes on a new connection, which receives it all, in order, exactly once.
-    Handlers, hooks and per-connection tasks receive it; it never exposes a transport.
-    Sessions are made by the node's :class:`~trio_wsgate.hub.Hub`.
-    """
-
-    # Slots: a node holds tens of thousands of sessions (docs/benchmarks.md, idle).
-    __slots__ = (
-        "__weakref__",
-        "_claimant",
-        "_codec",
-        "_held",
-        "_hub",
-        "_owner",
-        "_resume_token",
-        "close_code",
-        "close_reason",
-        "connection",
-        "detached_at",
-        "ended",
-        "id",
-        "identity",
-        "inbox",
-        "outbox",
-        "resumed",
-        "state",
-        "subscriptions",
-        "user",
-    )
-
-    def __init__(
-        self, hub: Hub, session_id: str, user: str | None, codec: Codec, window: int
-    ) -> None:
-        self._hub = hub
-        self.id = session_id
-        #: The authenticated user, or None on an anonymous node.
-        self.user = user
-        #: The verified token's identity (claims, topics patterns); updated by ``refresh``.
-        self.identity = Identity(user)
-        #: The topics the session follows, and where it stands in each.
-        self.subscriptions: dict[str, Subscription] = {}
-        #: Free for the application's own per-session data; kept across resumes.
-        self.state: dict[str, Any] = {}
-        #: The live connection, or None while detached.
-        self.connection: Connection | None = None
-        #: True if the current connection resumed the session (False for its first).
-        self.resumed = False
-        #: True once the session has ended for good: it will not be resumed.
-        self.ended = False
-        #: trio time at which the session lost its last connection (None if attached).
-        self.detached_at: float | None = None
-        #: The close code and reason of its last connection (None while one is open).
-        self.close_code: int | None = None
-        self.close_reason: CloseReason | None = None
-        self.outbox: Outbox[_Outgoing] = Outbox(window, measure=_size)
-        self.inbox = Inbox(window)
-        self._codec = codec
-        # The bytes of its outbox the node counts as held by detached sessions, and
-        # whose they count as: the user's, or an anonymous client's address's.
-        self._held = 0
-        self._owner = "user:" + user if user is not None else ""
-        # The connection that most recently asked to take the session over.
-        self._claimant: Connection | None = None
-        # Never logged nor shown in repr (a bearer secret for resuming).
-        self._resume_token = ""
-
-    def __repr__(self) -> str:
-        state = "ended" if self.ended else "attached" if self.connection else "detached"
-        return f"<Session {self.id} user={self.user!r} {state}>"
-
-    @property
-    def closed(self) -> bool:
-        """True once the session has ended for good (``bye``, kick, expiry...)."""
-        return self.ended
-
-    def send(self, event: str, data: Any = None) -> None:
-        """Queue a ``msg`` with this event and data for the client. Never blocks.
-
-        While the session has no live connection the envelope is buffered for the
-        resume, up to ``max_buffered``. A full connection queue closes the connection
-        with 4004 and keeps the envelope for the resume all the same.
-
-        Raises:
-            SessionClosed: the session has ended.
-            SlowConsumer: the session had no live connection and overflowed
-                ``max_buffered`` or ``max_buffered_bytes``: it has ended now.
-            ValueError: ``data`` is outside the value domain (docs/protocol.md,
-                "Values"), so not every client could receive it (nothing was queued).
-        """
-        if not isinstance(event, str):
-            raise TypeError(f"an event is a string, not {event!r}")
-        check_value(event)
-        check_value(data, MAX_DEPTH - 1)
-        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
-
-    @property
-    def topics(self) -> list[str]:
-        """The topics the session is subscribed to (once ended: those it was, for the
-        session-end hooks)."""
-        return list(self.subscriptions)
-
-    async def subscribe(self, topic: str, since: Since | None = None) -> SubscribeResult:
-        """Subscribe the session to a topic, whatever the client may do itself.
-
-        Server-side subscriptions (from handlers and hooks) are not checked against
-        any authorisation. See :meth:`Hub.subscribe <trio_wsgate.hub.Hub.subscribe>`.
-        """
-        return await self._hub.subscribe(self, topic, since)
-
-    def unsubscribe(self, topic: str) -> bool:
-        """Unsubscribe from a topic. Returns False if the session was not subscribed."""
-        return self._hub.unsubscribe(self, topic)
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close the current connection with ``code``. Returns at once.
-
-        Whether the session survives for a resume follows docs/protocol.md §8: it does
-        after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
-        """
-        label = reason_for(code)
-        if self.connection is not None:
-            self.connection.close(code, reason, label)
-        elif not self.ended and ends_session(label):
-            self._hub.end(self, code, label, why=str(label))
-
-    def _live(self) -> Connection | None:
-        connection = self.connection
-        if connection is None or connection.closing:
-            return None
-        return connection
-
-    def _publish(self, pub: Publication) -> None:
-        """Queue a publication: its data encoded once for all, its head for this session."""
-        senders = pub.senders.get(self._codec.subprotocol)
-        if senders is None:
-            senders = pub.senders[self._codec.subprotocol] = _Senders.of(pub, self._codec)
-        self._push(None, senders.encode)
-
-    def _push(self, build: _Build | None, encode: _Encode | None = None) -> None:
-        """Number, encode and queue (or buffer) a sequenced envelope.
-
-        A pending ack rides along only if the window lets the envelope out now; an
-        envelope held back would hold the ack back too (docs/protocol.md §4: acks within
-        100 ms). TypeError/ValueError from the codec leave everything unchanged.
-
-        Past ``max_buffered_bytes`` of unacknowledged envelopes, a live connection is
-        closed with 4004 and the session ends at once; a detached session ends, and
-        one that takes the node past ``max_detached_bytes`` makes the owner holding
-        the most give sessions up (:meth:`Hub.hold <trio_wsgate.hub.Hub.hold>`).
-        """
-        if self.ended:
-            raise SessionClosed(self.close_code, self.close_reason)
-        connection = self._live()
-        if connection is not None:
-            connection.check_room()  # a full queue closes the connection with 4004
-            connection = self._live()
-        outbox, inbox = self.outbox, self.inbox
-        ack = (
-            inbox.processed
-            if connection is not None and outbox.open and inbox.ack_pending
-            else None
-        )
-        seq = outbox.next_seq
-        if encode is None:
-            assert build is not None
-            payload = self._codec.encode(build(seq, ack))
-        else:
-            payload = encode(seq, ack)
-        if ack is not None:
-            inbox.take_ack()
-        goes_now = outbox.push(_Outgoing(seq, ack, payload))
-        hub = self._hub
-        if connection is not None:
-            if goes_now:
-                connection.enqueue_sequenced(payload)
-            if not hub._live_check_armed:
-                hub.arm_live_check()
-            limit = hub.config.max_buffered_bytes
-            if connection._pending_bytes > _INBOUND_HIGH_WATER:
-                limit *= 2  # its acks wait behind what the node has not read yet
-            if outbox.nbytes > limit:
-                # Over what a session may keep for a resume: it ends now, and what it
-                # held goes with it, not when its connection is released.
-                connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
-                hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
-        elif self.connection is None:
-            if not hub.hold(self, len(payload)):
-                raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
-        elif hub.overflows(self):  # its connection is closing: kept for the resume
-            hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
-            raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
-
-    def _attach(self, connection: Connection, codec: Codec, resumed: bool) -> None:
-        """Bind to a connection; re-encode what is kept if the encoding changed.
-
-        Raises:
-            TypeError, ValueError: a kept envelope cannot be re-encoded in ``codec``
-                (nothing was changed). The value domain rules it out; the caller
-                ends the session all the same, rather than leave it half attached.
-        """
-        if codec.subprotocol != self._codec.subprotocol:
-            items = list(self.outbox.unacknowledged())
-            payloads = [codec.encode(item.envelope(self._codec)) for _, item in items]
-            for (_, item), payload in zip(items, payloads, strict=True):
-                item.payload = payload
-            self.outbox.recount()
-        self._codec = codec
-        self._hub.release_held(self)
-        if self.user is None:
-            self._owner = "ip:" + connection.remote_ip
-        self.connection = connection
-        self.resumed = resumed
-        self.detached_at = None
-        self.close_code = self.close_reason = None
 
 
 class Connection:
@@ -532,6 +252,12 @@ class Connection:
     def remote_ip(self) -> str:
         """The peer's IP address (the whole remote address if it has no port)."""
         return remote_ip(self._transport.remote_address)
+
+    @property
+    def backlogged(self) -> bool:
+        """True while received envelopes not yet taken by the dispatcher weigh more than
+        the inbound bound (the reader has stopped: the peer's acks wait behind them)."""
+        return self._pending_bytes > _INBOUND_HIGH_WATER
 
     @property
     def queue_depth(self) -> int:
@@ -1133,7 +859,7 @@ class Connection:
         hub, config = self._hub, self._config
         user = identity.user
         session: Session | None = None
-        resend: list[_Outgoing] = []
+        resend: list[Outgoing] = []
         if hello.resume is not None:
             session, result = hub.find(hello.resume, user)
             if session is None and result is ResumeResult.UNKNOWN:
@@ -1155,14 +881,14 @@ class Connection:
             if session is not None:
                 # The newest claim wins: an earlier connection still waiting for the
                 # session to be let go loses it to this one.
-                session._claimant = self
+                session.claimant = self
             if session is not None and session.connection is not None:
                 # Take-over: the old connection still looks open. It is closed with
                 # 4006, and lets go of the session once its handlers have stopped.
                 old = session.connection
                 old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
                 await old.wait_detached()
-                if session._claimant is not self:  # a newer connection claimed it since
+                if session.claimant is not self:  # a newer connection claimed it since
                     self.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
                     return None
                 result = ResumeResult.TAKEN_OVER
@@ -1178,7 +904,7 @@ class Connection:
                 if not self._within_user_limit(session):
                     return None  # the session stays detached, for a resume within the limit
                 try:
-                    session._attach(self, self._codec, resumed=True)
+                    session.attach(self, self._codec, resumed=True)
                 except Exception:
                     # What it kept cannot go out in this encoding (the value domain
                     # rules it out): that session ends, and the client gets a new one
@@ -1200,7 +926,7 @@ class Connection:
                 return None
             # What the user topic sent it already, after the welcome.
             resend = [item for _, item in session.outbox.in_flight]
-            session._attach(self, self._codec, resumed=False)
+            session.attach(self, self._codec, resumed=False)
             ack = 0
         else:
             ack = session.inbox.resume()
@@ -1209,7 +935,7 @@ class Connection:
         self._enqueue_control(
             Welcome(
                 session=session.id,
-                resume_token=session._resume_token,
+                resume_token=session.resume_token,
                 resumed=session.resumed,
                 ack=ack,
                 heartbeat_interval=config.heartbeat_interval or 0,

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .auth import Authenticator
-from .connection import Session
 from .files import StaticFile
+from .session import Session
 
 if TYPE_CHECKING:
     from .brokers import Publication

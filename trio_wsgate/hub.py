@@ -50,11 +50,9 @@ import socket
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import trio
 
 from .auth import Authenticator
@@ -66,23 +64,21 @@ from .protocol import (
     CloseReason,
     Codec,
     Resume,
-    Sequenced,
     Since,
-    parse_envelope,
 )
 from .protocol.closecodes import ends_session
 from .protocol.topics import USER_TOPIC_PREFIX, check_topic, prepare_data, user_topic
-from .protocol.values import check_value, value_error
-from .session import Inbox, Outbox
+from .protocol.values import value_error
+from .session import Session, SubscribeResult, Subscription
 from .timers import Timers
 
 if TYPE_CHECKING:
     from .config import Config
-    from .connection import Connection, Session
+    from .connection import Connection
     from .gateway import Gateway
     from .metrics import Metrics
 
-__all__ = ["Hub", "ResumeResult", "SubscribeResult", "Subscription"]
+__all__ = ["Hub", "ResumeResult"]
 
 logger = logging.getLogger("trio_wsgate.hub")
 
@@ -108,39 +104,6 @@ class ResumeResult(enum.StrEnum):
     EXPIRED = "expired"  # found, but its resume_ttl had run out
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
     UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
-
-
-@dataclass(slots=True)
-class Subscription:
-    """A session's place in a topic: the last offset and epoch it was sent."""
-
-    topic: str
-    offset: int = 0
-    epoch: str = ""
-    #: Live publications held while the history is read (None once live).
-    pending: list[Publication] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeResult:
-    """The answer to a subscription (the ``data`` of the ``sub`` reply, docs/protocol.md §6).
-
-    Every publication up to ``offset`` of ``epoch`` has been queued for the session
-    before this answer; later ones follow live.
-    """
-
-    offset: int
-    epoch: str
-    #: For a subscription with ``since``: whether the history reached back far enough
-    #: and the epoch matched. None without ``since``.
-    recovered: bool | None = None
-
-    def to_data(self) -> dict[str, Any]:
-        """The reply's data."""
-        data: dict[str, Any] = {"offset": self.offset, "epoch": self.epoch}
-        if self.recovered is not None:
-            data["recovered"] = self.recovered
-        return data
 
 
 class Hub:
@@ -202,7 +165,7 @@ class Hub:
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
         self._broker_lock = trio.Lock()
         self._leaving: set[str] = set()  # topics left, for _leave_topics
-        self._live_check_armed = False  # a _check_live_bytes is due
+        self.live_check_armed = False  # a _check_live_bytes is due
         # A storm of new sessions asks a shared broker (Redis) the same things at once:
         # claims and topic positions go in batches (batching.py).
         self._claims: Batcher[None, str, None] = Batcher(self._claim_batch)
@@ -242,11 +205,10 @@ class Hub:
 
     def create(self, user: str | None, codec: Codec) -> Session:
         """A new session for ``user``, encoding with ``codec`` until attached elsewhere."""
-        from .connection import Session  # the connection module imports this one
 
         session_id = secrets.token_urlsafe(16)
         session = Session(self, session_id, user, codec, self.config.window)
-        session._resume_token = self.resume_token(session_id, user)
+        session.resume_token = self.resume_token(session_id, user)
         self._register(session)
         self.metrics.sessions_opened.inc()
         return session
@@ -255,6 +217,11 @@ class Hub:
         self.sessions[session.id] = session
         if session.user is not None:
             self.users.setdefault(session.user, set()).add(session)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """The unacknowledged bytes a session may hold (``max_buffered_bytes``)."""
+        return self.config.max_buffered_bytes
 
     def _unregister(self, session: Session) -> None:
         self.release_held(session)
@@ -370,9 +337,9 @@ class Hub:
         its oldest 64 first, until the node is under it again: one client cannot push
         everyone else's sessions out. Returns False if ``session`` ended.
         """
-        owner = session._owner
+        owner = session.owner
         if nbytes:
-            session._held += nbytes
+            session.held_bytes += nbytes
             self.detached_bytes += nbytes
             held = self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
             self._detached_of.setdefault(owner, {})[session] = None
@@ -389,7 +356,7 @@ class Hub:
             # Of its oldest few, the one holding the most: behind one address, an idle
             # neighbour's session is not the first to pay for a big one's.
             candidates = itertools.islice(self._detached_of[owner], _EVICTION_SCAN)
-            victim = max(candidates, key=lambda candidate: candidate._held)
+            victim = max(candidates, key=lambda candidate: candidate.held_bytes)
             self.end(victim, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
         return not session.ended
 
@@ -405,8 +372,8 @@ class Hub:
         """Something was queued for a live session: check what they all hold within a
         second (:meth:`_check_live_bytes`), unless a check is due already. A node
         whose sessions hold nothing makes no check."""
-        if not self._live_check_armed and self.running:
-            self._live_check_armed = True
+        if not self.live_check_armed and self.running:
+            self.live_check_armed = True
             self.timers.call_at(trio.current_time() + _LIVE_CHECK, self._check_live_bytes)
 
     def _check_live_bytes(self) -> None:
@@ -416,13 +383,13 @@ class Hub:
         (4004, and they end), until the node is under it: one client with many
         connections cannot make the node hold more than that, whatever each
         connection's own bound."""
-        self._live_check_armed = False
+        self.live_check_armed = False
         try:
             held: dict[str, list[Session]] = {}
             total = 0
             for session in self.sessions.values():
                 if session.connection is not None and session.outbox.nbytes:
-                    held.setdefault(session._owner, []).append(session)
+                    held.setdefault(session.owner, []).append(session)
                     total += session.outbox.nbytes
             if total:
                 self.arm_live_check()  # again in a second, while anything is held
@@ -451,14 +418,14 @@ class Hub:
 
     def release_held(self, session: Session) -> None:
         """The session is attached again, or gone: its bytes no longer count as detached."""
-        owner = session._owner
+        owner = session.owner
         sessions = self._detached_of.get(owner)
         if sessions is None or session not in sessions:
             return
         del sessions[session]
-        self.detached_bytes -= session._held
-        left = self._held_by[owner] - session._held
-        session._held = 0
+        self.detached_bytes -= session.held_bytes
+        left = self._held_by[owner] - session.held_bytes
+        session.held_bytes = 0
         if sessions:
             self._held_by[owner] = left
             self._note_held(owner, left)
@@ -676,7 +643,7 @@ class Hub:
             return  # already sent (a live one that the history also held)
         subscription.offset, subscription.epoch = pub.offset, pub.epoch
         try:
-            session._publish(pub)
+            session.deliver(pub)
         except SessionClosed:
             pass  # it ended (or overflowed max_buffered): only its own loss
         except Exception:
@@ -790,32 +757,9 @@ class Hub:
         return session
 
     def _import(self, state: dict[str, Any], user: str | None, codec: Codec) -> Session:
-        """A session made from the state :meth:`_export` wrote on another node."""
-        from .connection import Session, _Outgoing  # the connection module imports this one
-
-        outbox = state["outbox"]
-        session = Session(self, state["id"], user, codec, outbox["window"])
-        session._resume_token = self.resume_token(session.id, user)
-        session.state = state.get("state") or {}
-        kept = Outbox[_Outgoing](outbox["window"], outbox["next_seq"], outbox["acked"])
-        for queue, wires in (
-            (kept.in_flight, outbox["in_flight"]),
-            (kept.waiting, outbox["waiting"]),
-        ):
-            for wire in wires:
-                envelope = parse_envelope(check_value(wire))
-                assert isinstance(envelope, Sequenced)
-                queue.append(
-                    (envelope.seq, _Outgoing(envelope.seq, envelope.ack, codec.encode(envelope)))
-                )
-        kept.measure = session.outbox.measure
-        kept.recount()
-        session.outbox = kept
-        inbox = state["inbox"]
-        session.inbox = Inbox(
-            inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]
-        )
-        return session
+        """A session made from the state another node exported (:meth:`Session.export`)."""
+        resume_token = self.resume_token(state["id"], user)
+        return Session.restore(self, state, user, codec, resume_token)
 
     async def _hand_over(self, session_id: str, to: str, request: str) -> None:
         """Another node asks for a session of ours: let go of it and send its state."""
@@ -924,33 +868,9 @@ class Hub:
 
     @staticmethod
     def _export(session: Session) -> dict[str, Any]:
-        outbox, inbox, codec = session.outbox, session.inbox, session._codec
-        app_state: dict[str, Any] = session.state
-        try:
-            msgpack.packb(app_state, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError):
-            logger.warning("the state of session %s cannot move between nodes", session.id)
-            app_state = {}
-        return {
-            "id": session.id,
-            "user": session.user,
-            "state": app_state,
-            "outbox": {
-                "window": outbox.window,
-                "next_seq": outbox.next_seq,
-                "acked": outbox.acked,
-                "in_flight": [item.envelope(codec).to_wire() for _, item in outbox.in_flight],
-                "waiting": [item.envelope(codec).to_wire() for _, item in outbox.waiting],
-            },
-            "inbox": {
-                "window": inbox.window,
-                "processed": inbox.processed,
-                "acked": inbox.acked,
-            },
-            "subscriptions": {
-                topic: [sub.offset, sub.epoch] for topic, sub in session.subscriptions.items()
-            },
-        }
+        # One place where a session is written out for another node (tests inject a
+        # failure here); the format is the session's own (Session.export).
+        return session.export()
 
     async def _follow_user_topics(self) -> None:
         """Subscribe the sessions that could not follow their user topic (broker outage)."""

@@ -1,264 +1,512 @@
-"""Sequencing and acknowledgement, free of I/O (docs/protocol.md §4).
+"""The session: the logical peer, as the application and the hub see it.
 
-Theory of operation. Each direction of a session has its own numbering. The sending
-side is an :class:`Outbox`: it numbers sequenced envelopes 1, 2, 3, ... with no gaps,
-lets at most ``window`` of them be in flight (written but not yet acknowledged) and
-holds the rest back until acks arrive. The receiving side is an :class:`Inbox`: it
-accepts the next ``seq`` in order, recognises duplicates, rejects gaps, and tracks what
-has been processed and what it has acknowledged so far.
+A session outlives its connections (docs/protocol.md §5): it numbers and keeps what is
+sent to its client until acknowledged (:mod:`trio_wsgate.reliability`), follows topics,
+and moves between connections and between nodes. This module holds its state, the
+cache of how a publication is encoded for the sessions of one encoding, and the format
+its state takes to move to another node, written out (:meth:`Session.export`) and read
+back (:meth:`Session.restore`) here only.
 
-Neither reads a clock. The inbox reports that an ack is *pending* (something processed
-and not yet acknowledged) or *urgent* (half the window or more pending, or a duplicate
-to answer); the connection turns "pending" into a 100 ms deadline and "urgent" into an
-ack at once. Items held by the outbox are opaque: the connection stores its encoded
-frames there, so this module never encodes anything.
-
-Resuming (docs/protocol.md §5). The state here is plain data that a session keeps across
-connections. When a connection drops, :meth:`Inbox.detach` forgets what was received
-but not processed (a handler cancelled mid-way has not processed its envelope: the
-peer resends it). When the peer comes back with the highest ``seq`` it processed,
-:meth:`Outbox.rewind` applies that as an ack and returns every envelope to write again,
-in order, before anything new; :meth:`Inbox.resume` gives the ack to announce
-(``welcome.ack`` on the server, ``hello.resume.ack`` on the client).
+A session knows its node and its connection only through the two protocols below,
+:class:`SessionHost` (what the hub answers) and :class:`SessionLink` (what a
+connection answers), so that this module imports neither (docs/architecture.md,
+"Layers"). It does no I/O and never imports trio.
 """
 
 from __future__ import annotations
 
-import bisect
-import enum
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .exceptions import ProtocolError
-from .protocol.closecodes import CloseCode
+import msgpack
 
-__all__ = ["Inbox", "Outbox", "Receipt"]
+from .exceptions import SessionClosed, SlowConsumer
+from .identity import Identity
+from .protocol import CloseCode, CloseReason, Codec, Msg, Sequenced, Since, parse_envelope
+from .protocol.closecodes import ends_session, reason_for
+from .protocol.topics import encode_fields
+from .protocol.values import MAX_DEPTH, check_value
+from .reliability import Inbox, Outbox
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from .brokers.base import Publication
 
+__all__ = [
+    "Outgoing",
+    "Session",
+    "SessionHost",
+    "SessionLink",
+    "SubscribeResult",
+    "Subscription",
+]
 
-def _seq(entry: tuple[int, Any]) -> int:
-    return entry[0]
-
-
-class Receipt(enum.Enum):
-    """What the inbox made of a received ``seq``."""
-
-    NEW = "new"  # the next in order: process it
-    DUPLICATE = "duplicate"  # already received: ack again, do not process again
-
-
-@dataclass(slots=True)
-class Outbox(Generic[T]):
-    """The sending half: numbering, the window and what awaits acknowledgement.
-
-    Args:
-        window: how many sequenced envelopes may be unacknowledged in flight.
-    """
-
-    window: int
-    #: The ``seq`` the next sequenced envelope gets.
-    next_seq: int = 1
-    #: Highest ``seq`` the peer acknowledged.
-    acked: int = 0
-    #: Written, not yet acknowledged, in ``seq`` order: ``(seq, item)``. Lists, not
-    #: deques: an idle session keeps both, and an empty deque is ten times the size;
-    #: items leave from the front in slices (every item an ack releases at once).
-    in_flight: list[tuple[int, T]] = field(default_factory=list)
-    #: Numbered but held back by the window, in ``seq`` order.
-    waiting: list[tuple[int, T]] = field(default_factory=list)
-    #: How many bytes an item holds (its encoding); None: bytes are not counted.
-    measure: Callable[[T], int] | None = field(default=None, repr=False)
-    #: The bytes of every item not yet acknowledged, as ``measure`` counts them.
-    nbytes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError("window must be at least 1")
-        self.recount()
-
-    def recount(self) -> int:
-        """Count :attr:`nbytes` anew (after the items were re-encoded); return it."""
-        measure = self.measure
-        if measure is not None:
-            self.nbytes = sum(measure(item) for _, item in self.unacknowledged())
-        return self.nbytes
-
-    @property
-    def last_sent(self) -> int:
-        """The highest ``seq`` handed out for writing (what the peer may ack)."""
-        if self.in_flight:
-            return self.in_flight[-1][0]
-        return self.acked
-
-    def push(self, item: T) -> bool:
-        """Take the envelope numbered :attr:`next_seq` (the caller encoded it so).
-
-        Returns:
-            True if it may be written now, False if the window holds it back.
-        """
-        seq = self.next_seq
-        self.next_seq += 1
-        if self.measure is not None:
-            self.nbytes += self.measure(item)
-        if self.open:
-            self.in_flight.append((seq, item))
-            return True
-        self.waiting.append((seq, item))
-        return False
-
-    def receive_ack(self, ack: int) -> list[T]:
-        """Apply a cumulative ack from the peer.
-
-        Returns:
-            The items the window now lets through, in order, to be written.
-
-        Raises:
-            ProtocolError: 1002 if ``ack`` is above what was written (docs/protocol.md §4).
-        """
-        if ack > self.last_sent:
-            raise ProtocolError(
-                CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
-            )
-        if ack <= self.acked:
-            return []  # stale or repeated: acks are cumulative
-        self.acked = ack
-        cut = bisect.bisect_right(self.in_flight, ack, key=_seq)
-        measure = self.measure
-        if measure is not None:
-            self.nbytes -= sum(measure(item) for _, item in self.in_flight[:cut])
-        del self.in_flight[:cut]
-        return self._refill()
-
-    def _refill(self) -> list[T]:
-        room = self.window - len(self.in_flight)
-        if room <= 0 or not self.waiting:
-            return []
-        moved = self.waiting[:room]
-        del self.waiting[:room]
-        self.in_flight.extend(moved)
-        return [item for _, item in moved]
-
-    @property
-    def open(self) -> bool:
-        """True if an envelope pushed now would be written at once (the window has room)."""
-        return not self.waiting and len(self.in_flight) < self.window
-
-    def __len__(self) -> int:
-        """How many envelopes are numbered and not yet acknowledged."""
-        return len(self.in_flight) + len(self.waiting)
-
-    def rewind(self, ack: int, window: int | None = None) -> list[T]:
-        """Resume on a new connection, where the peer processed everything up to ``ack``.
-
-        Everything written before is presumed lost with the old connection. ``window``
-        replaces the window if given (the peer announces it anew on each connection).
-
-        Returns:
-            Every item to write again, in ``seq`` order (at most ``window``).
-
-        Raises:
-            ProtocolError: 1002 if ``ack`` is above what was written, or below an
-                ack the peer gave before (it cannot have processed less since).
-        """
-        if ack < self.acked:
-            raise ProtocolError(
-                CloseCode.PROTOCOL_ERROR,
-                f"resume ack {ack} is below the ack already received ({self.acked})",
-            )
-        self.receive_ack(ack)
-        if window is not None:
-            if window < 1:
-                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "window must be at least 1")
-            self.window = window
-            if len(self.in_flight) > window:  # a smaller window: hold the rest back
-                self.waiting[:0] = self.in_flight[window:]
-                del self.in_flight[window:]
-        self._refill()
-        return [item for _, item in self.in_flight]
-
-    def clear(self) -> None:
-        """Forget every item (the session ended: nothing will be sent again). Acks of
-        what was sent stay valid, as stale ones."""
-        self.acked = self.next_seq - 1
-        self.in_flight.clear()
-        self.waiting.clear()
-        self.nbytes = 0
-
-    def unacknowledged(self) -> Iterator[tuple[int, T]]:
-        """Every numbered envelope not yet acknowledged, in order (for resending)."""
-        yield from self.in_flight
-        yield from self.waiting
+logger = logging.getLogger("trio_wsgate.session")
 
 
 @dataclass(slots=True)
-class Inbox:
-    """The receiving half: order, duplicates, processing and acks.
+class Subscription:
+    """A session's place in a topic: the last offset and epoch it was sent."""
 
-    Args:
-        window: how many sequenced envelopes the peer may have unacknowledged.
+    topic: str
+    offset: int = 0
+    epoch: str = ""
+    #: Live publications held while the history is read (None once live).
+    pending: list[Publication] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    """The answer to a subscription (the ``data`` of the ``sub`` reply, docs/protocol.md §6).
+
+    Every publication up to ``offset`` of ``epoch`` has been queued for the session
+    before this answer; later ones follow live.
     """
 
-    window: int
-    #: Highest ``seq`` accepted (handed on for processing).
-    received: int = 0
-    #: Highest ``seq`` whose processing finished.
-    processed: int = 0
-    #: Highest ``seq`` put in an ack on its way to the peer.
-    acked: int = 0
-    #: A duplicate arrived: the peer wants an ack even if nothing new was processed.
-    reack: bool = False
+    offset: int
+    epoch: str
+    #: For a subscription with ``since``: whether the history reached back far enough
+    #: and the epoch matched. None without ``since``.
+    recovered: bool | None = None
 
-    def receive(self, seq: int) -> Receipt:
-        """Account for a received sequenced envelope.
+    def to_data(self) -> dict[str, Any]:
+        """The reply's data."""
+        data: dict[str, Any] = {"offset": self.offset, "epoch": self.epoch}
+        if self.recovered is not None:
+            data["recovered"] = self.recovered
+        return data
+
+
+class SessionLink(Protocol):
+    """What a session, and the hub through it, need of its connection."""
+
+    #: The close code and classified reason, once decided (None before).
+    close_code: int | None
+    close_reason: CloseReason | None
+    #: trio time at which the connection opened (the oldest goes first at a limit).
+    opened_at: float
+
+    @property
+    def closing(self) -> bool:
+        """True from the decision to close on."""
+        ...
+
+    @property
+    def remote_ip(self) -> str:
+        """The peer's IP address (an anonymous session's owner)."""
+        ...
+
+    @property
+    def backlogged(self) -> bool:
+        """True while what the node has not read from the peer is over its bound (the
+        peer's acks wait behind it)."""
+        ...
+
+    def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
+        """Decide to close; return at once."""
+        ...
+
+    def check_room(self) -> None:
+        """Apply the slow-consumer policy if the write queue is full."""
+        ...
+
+    def enqueue_sequenced(self, payload: bytes) -> None:
+        """Queue an encoded sequenced envelope for the write loop."""
+        ...
+
+    async def wait_detached(self) -> None:
+        """Wait until the connection has let go of its session (its handlers stopped)."""
+
+
+class SessionHost(Protocol):
+    """What a session needs of its node's hub."""
+
+    #: True while a count of what live sessions hold is due (max_live_bytes).
+    live_check_armed: bool
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """The unacknowledged bytes a session may hold (``max_buffered_bytes``)."""
+        ...
+
+    def subscribe(
+        self, session: Session, topic: str, since: Since | None = None
+    ) -> Awaitable[SubscribeResult]:
+        """Subscribe the session to a topic."""
+        ...
+
+    def unsubscribe(self, session: Session, topic: str) -> bool:
+        """Unsubscribe; False if the session was not subscribed."""
+        ...
+
+    def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
+        """End the session for good."""
+        ...
+
+    def arm_live_check(self) -> None:
+        """Count what live sessions hold, soon."""
+        ...
+
+    def hold(self, session: Session, nbytes: int) -> bool:
+        """Count bytes a detached session keeps; False if the session ended for it."""
+        ...
+
+    def overflows(self, session: Session) -> bool:
+        """True if the session holds more than it may keep for a resume."""
+        ...
+
+    def release_held(self, session: Session) -> None:
+        """The session no longer counts as detached."""
+        ...
+
+
+# What makes a sequenced envelope, or its encoding, for a seq and a piggybacked ack.
+_Build = Callable[[int, "int | None"], Sequenced]
+_Encode = Callable[[int, "int | None"], bytes]
+
+
+class Outgoing:
+    """A sequenced envelope kept until acknowledged: its encoding for the wire, alone.
+
+    The envelope object is not kept (a reply's data would be held twice, decoded and
+    encoded): a resume in the other encoding or a hand-over to another node decodes
+    it again from :attr:`payload`, which the value domain makes always possible.
+    """
+
+    __slots__ = ("ack", "payload", "seq")
+
+    def __init__(self, seq: int, ack: int | None, payload: bytes) -> None:
+        self.seq, self.ack, self.payload = seq, ack, payload
+
+    def envelope(self, codec: Codec) -> Sequenced:
+        """The envelope again, from its encoding by ``codec``."""
+        (envelope,) = codec.decode(self.payload)
+        assert isinstance(envelope, Sequenced)
+        return envelope
+
+
+def _size(item: Outgoing) -> int:
+    return len(item.payload)
+
+
+@dataclass(slots=True, frozen=True)
+class _Senders:
+    """How the sessions of one encoding encode a publication's ``msg``: made once per
+    publication and encoding, whatever the number of subscribers."""
+
+    encode: _Encode
+
+    @classmethod
+    def of(cls, pub: Publication, codec: Codec) -> _Senders:
+        cached = pub.encoded.get(codec.subprotocol)
+        if cached is None:  # not encoded on this node yet (another node published it)
+            cached = pub.encoded[codec.subprotocol] = encode_fields(codec, pub.data)
+        fields, count = cached
+        splice, event = codec.splice, pub.event
+        topic, offset, epoch = pub.topic, pub.offset, pub.epoch
+
+        def encode(seq: int, ack: int | None) -> bytes:
+            head: dict[str, Any] = {"type": "msg", "seq": seq}
+            if ack is not None:
+                head["ack"] = ack
+            if event is not None:
+                head["event"] = event
+            head["topic"], head["offset"], head["epoch"] = topic, offset, epoch
+            return splice(head, fields, count)
+
+        return cls(encode)
+
+
+class Session:
+    """The logical peer, as application code sees it (docs/protocol.md §5).
+
+    A session outlives its connections: when one drops, the session is kept for
+    ``resume_ttl``, and :meth:`send` numbers and buffers what it is given until the
+    client resumes on a new connection, which receives it all, in order, exactly once.
+    Handlers, hooks and per-connection tasks receive it; it never exposes a transport.
+    Sessions are made by the node's :class:`~trio_wsgate.hub.Hub`.
+    """
+
+    # Slots: a node holds tens of thousands of sessions (docs/benchmarks.md, idle).
+    __slots__ = (
+        "__weakref__",
+        "_hub",
+        "claimant",
+        "close_code",
+        "close_reason",
+        "codec",
+        "connection",
+        "detached_at",
+        "ended",
+        "held_bytes",
+        "id",
+        "identity",
+        "inbox",
+        "outbox",
+        "owner",
+        "resume_token",
+        "resumed",
+        "state",
+        "subscriptions",
+        "user",
+    )
+
+    def __init__(
+        self, hub: SessionHost, session_id: str, user: str | None, codec: Codec, window: int
+    ) -> None:
+        self._hub = hub
+        self.id = session_id
+        #: The authenticated user, or None on an anonymous node.
+        self.user = user
+        #: The verified token's identity (claims, topics patterns); updated by ``refresh``.
+        self.identity = Identity(user)
+        #: The topics the session follows, and where it stands in each.
+        self.subscriptions: dict[str, Subscription] = {}
+        #: Free for the application's own per-session data; kept across resumes.
+        self.state: dict[str, Any] = {}
+        #: The live connection, or None while detached.
+        self.connection: SessionLink | None = None
+        #: True if the current connection resumed the session (False for its first).
+        self.resumed = False
+        #: True once the session has ended for good: it will not be resumed.
+        self.ended = False
+        #: trio time at which the session lost its last connection (None if attached).
+        self.detached_at: float | None = None
+        #: The close code and reason of its last connection (None while one is open).
+        self.close_code: int | None = None
+        self.close_reason: CloseReason | None = None
+        self.outbox: Outbox[Outgoing] = Outbox(window, measure=_size)
+        self.inbox = Inbox(window)
+        self.codec = codec
+        # The bytes of its outbox the node counts as held by detached sessions, and
+        # whose they count as: the user's, or an anonymous client's address's.
+        self.held_bytes = 0
+        self.owner = "user:" + user if user is not None else ""
+        # The connection that most recently asked to take the session over.
+        self.claimant: SessionLink | None = None
+        # Never logged nor shown in repr (a bearer secret for resuming).
+        self.resume_token = ""
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "attached" if self.connection else "detached"
+        return f"<Session {self.id} user={self.user!r} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended for good (``bye``, kick, expiry...)."""
+        return self.ended
+
+    def send(self, event: str, data: Any = None) -> None:
+        """Queue a ``msg`` with this event and data for the client. Never blocks.
+
+        While the session has no live connection the envelope is buffered for the
+        resume, up to ``max_buffered``. A full connection queue closes the connection
+        with 4004 and keeps the envelope for the resume all the same.
 
         Raises:
-            ProtocolError: 1002 if ``seq`` skips ahead, or if the peer exceeded the
-                window (more than ``window`` envelopes unacknowledged).
+            SessionClosed: the session has ended.
+            SlowConsumer: the session had no live connection and overflowed
+                ``max_buffered`` or ``max_buffered_bytes``: it has ended now.
+            ValueError: ``data`` is outside the value domain (docs/protocol.md,
+                "Values"), so not every client could receive it (nothing was queued).
         """
-        if seq <= self.received:
-            self.reack = True
-            return Receipt.DUPLICATE
-        if seq != self.received + 1:
-            raise ProtocolError(
-                CloseCode.PROTOCOL_ERROR, f"seq {seq} skips ahead (expected {self.received + 1})"
-            )
-        if seq > self.acked + self.window:
-            raise ProtocolError(
-                CloseCode.PROTOCOL_ERROR,
-                f"seq {seq} exceeds the window ({self.window} above ack {self.acked})",
-            )
-        self.received = seq
-        return Receipt.NEW
-
-    def mark_processed(self, seq: int) -> None:
-        """Record that the envelope ``seq`` (and so all before it) was processed."""
-        if seq > self.processed:
-            self.processed = seq
+        if not isinstance(event, str):
+            raise TypeError(f"an event is a string, not {event!r}")
+        check_value(event)
+        check_value(data, MAX_DEPTH - 1)
+        self._push(lambda seq, ack: Msg(seq=seq, event=event, data=data, ack=ack))
 
     @property
-    def ack_pending(self) -> bool:
-        """Something processed is not yet acknowledged, or a duplicate wants an answer."""
-        return self.processed > self.acked or self.reack
+    def topics(self) -> list[str]:
+        """The topics the session is subscribed to (once ended: those it was, for the
+        session-end hooks)."""
+        return list(self.subscriptions)
 
-    @property
-    def ack_urgent(self) -> bool:
-        """Ack at once: half the window is unacknowledged, or a duplicate was received."""
-        return self.reack or (self.processed - self.acked) * 2 >= self.window
+    async def subscribe(self, topic: str, since: Since | None = None) -> SubscribeResult:
+        """Subscribe the session to a topic, whatever the client may do itself.
 
-    def detach(self) -> None:
-        """The connection dropped: what was received and not processed will come again."""
-        self.received = self.processed
-        self.reack = False
+        Server-side subscriptions (from handlers and hooks) are not checked against
+        any authorisation. See :meth:`Hub.subscribe <trio_wsgate.hub.Hub.subscribe>`.
+        """
+        return await self._hub.subscribe(self, topic, since)
 
-    def resume(self) -> int:
-        """A new connection carries on: return the ack to announce, now counted as sent."""
-        self.received = self.processed
-        return self.take_ack()
+    def unsubscribe(self, topic: str) -> bool:
+        """Unsubscribe from a topic. Returns False if the session was not subscribed."""
+        return self._hub.unsubscribe(self, topic)
 
-    def take_ack(self) -> int:
-        """Return the ack value to send now and record it as sent."""
-        self.acked = self.processed
-        self.reack = False
-        return self.processed
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the current connection with ``code``. Returns at once.
+
+        Whether the session survives for a resume follows docs/protocol.md §8: it does
+        after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
+        """
+        label = reason_for(code)
+        if self.connection is not None:
+            self.connection.close(code, reason, label)
+        elif not self.ended and ends_session(label):
+            self._hub.end(self, code, label, why=str(label))
+
+    def _live(self) -> SessionLink | None:
+        connection = self.connection
+        if connection is None or connection.closing:
+            return None
+        return connection
+
+    def deliver(self, pub: Publication) -> None:
+        """Queue a publication: its data encoded once for all, its head for this session."""
+        senders = pub.senders.get(self.codec.subprotocol)
+        if senders is None:
+            senders = pub.senders[self.codec.subprotocol] = _Senders.of(pub, self.codec)
+        self._push(None, senders.encode)
+
+    def _push(self, build: _Build | None, encode: _Encode | None = None) -> None:
+        """Number, encode and queue (or buffer) a sequenced envelope.
+
+        A pending ack rides along only if the window lets the envelope out now; an
+        envelope held back would hold the ack back too (docs/protocol.md §4: acks within
+        100 ms). TypeError/ValueError from the codec leave everything unchanged.
+
+        Past ``max_buffered_bytes`` of unacknowledged envelopes, a live connection is
+        closed with 4004 and the session ends at once; a detached session ends, and
+        one that takes the node past ``max_detached_bytes`` makes the owner holding
+        the most give sessions up (:meth:`Hub.hold <trio_wsgate.hub.Hub.hold>`).
+        """
+        if self.ended:
+            raise SessionClosed(self.close_code, self.close_reason)
+        connection = self._live()
+        if connection is not None:
+            connection.check_room()  # a full queue closes the connection with 4004
+            connection = self._live()
+        outbox, inbox = self.outbox, self.inbox
+        ack = (
+            inbox.processed
+            if connection is not None and outbox.open and inbox.ack_pending
+            else None
+        )
+        seq = outbox.next_seq
+        if encode is None:
+            assert build is not None
+            payload = self.codec.encode(build(seq, ack))
+        else:
+            payload = encode(seq, ack)
+        if ack is not None:
+            inbox.take_ack()
+        goes_now = outbox.push(Outgoing(seq, ack, payload))
+        hub = self._hub
+        if connection is not None:
+            if goes_now:
+                connection.enqueue_sequenced(payload)
+            if not hub.live_check_armed:
+                hub.arm_live_check()
+            limit = hub.max_buffered_bytes
+            if connection.backlogged:
+                limit *= 2  # its acks wait behind what the node has not read yet
+            if outbox.nbytes > limit:
+                # Over what a session may keep for a resume: it ends now, and what it
+                # held goes with it, not when its connection is released.
+                connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+        elif self.connection is None:
+            if not hub.hold(self, len(payload)):
+                raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+        elif hub.overflows(self):  # its connection is closing: kept for the resume
+            hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
+            raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+
+    def attach(self, connection: SessionLink, codec: Codec, resumed: bool) -> None:
+        """Bind to a connection; re-encode what is kept if the encoding changed.
+
+        Raises:
+            TypeError, ValueError: a kept envelope cannot be re-encoded in ``codec``
+                (nothing was changed). The value domain rules it out; the caller
+                ends the session all the same, rather than leave it half attached.
+        """
+        if codec.subprotocol != self.codec.subprotocol:
+            items = list(self.outbox.unacknowledged())
+            payloads = [codec.encode(item.envelope(self.codec)) for _, item in items]
+            for (_, item), payload in zip(items, payloads, strict=True):
+                item.payload = payload
+            self.outbox.recount()
+        self.codec = codec
+        self._hub.release_held(self)
+        if self.user is None:
+            self.owner = "ip:" + connection.remote_ip
+        self.connection = connection
+        self.resumed = resumed
+        self.detached_at = None
+        self.close_code = self.close_reason = None
+
+    # -- moving between nodes: the state format, written and read here only ------------
+
+    def export(self) -> dict[str, Any]:
+        """The session's state for another node (msgpack-able): its numbering, what it
+        keeps unacknowledged (as wire envelopes), its topics and the application's
+        ``state`` (left behind, with a warning, if msgpack cannot carry it).
+
+        Raises:
+            TypeError, ValueError: a kept envelope cannot be decoded again (the value
+                domain rules it out; the hub ends such a session).
+        """
+        outbox, inbox, codec = self.outbox, self.inbox, self.codec
+        app_state: dict[str, Any] = self.state
+        try:
+            msgpack.packb(app_state, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            logger.warning("the state of session %s cannot move between nodes", self.id)
+            app_state = {}
+        return {
+            "id": self.id,
+            "user": self.user,
+            "state": app_state,
+            "outbox": {
+                "window": outbox.window,
+                "next_seq": outbox.next_seq,
+                "acked": outbox.acked,
+                "in_flight": [item.envelope(codec).to_wire() for _, item in outbox.in_flight],
+                "waiting": [item.envelope(codec).to_wire() for _, item in outbox.waiting],
+            },
+            "inbox": {
+                "window": inbox.window,
+                "processed": inbox.processed,
+                "acked": inbox.acked,
+            },
+            "subscriptions": {
+                topic: [sub.offset, sub.epoch] for topic, sub in self.subscriptions.items()
+            },
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        hub: SessionHost,
+        state: dict[str, Any],
+        user: str | None,
+        codec: Codec,
+        resume_token: str,
+    ) -> Session:
+        """A session made from what :meth:`export` wrote on another node (its
+        subscriptions are the hub's to follow again: ``state["subscriptions"]``)."""
+        outbox = state["outbox"]
+        session = cls(hub, state["id"], user, codec, outbox["window"])
+        session.resume_token = resume_token
+        session.state = state.get("state") or {}
+        kept = Outbox[Outgoing](outbox["window"], outbox["next_seq"], outbox["acked"])
+        for queue, wires in (
+            (kept.in_flight, outbox["in_flight"]),
+            (kept.waiting, outbox["waiting"]),
+        ):
+            for wire in wires:
+                envelope = parse_envelope(check_value(wire))
+                assert isinstance(envelope, Sequenced)
+                queue.append(
+                    (envelope.seq, Outgoing(envelope.seq, envelope.ack, codec.encode(envelope)))
+                )
+        kept.measure = session.outbox.measure
+        kept.recount()
+        session.outbox = kept
+        inbox = state["inbox"]
+        session.inbox = Inbox(
+            inbox["window"], inbox["processed"], inbox["processed"], inbox["acked"]
+        )
+        return session

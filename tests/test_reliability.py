@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_wsgate.exceptions import ProtocolError
-from trio_wsgate.session import Inbox, Outbox, Receipt
+from trio_wsgate.reliability import Inbox, Outbox, Receipt
 
 
 def test_outbox_numbers_without_gaps_and_holds_back_beyond_the_window() -> None:
