@@ -37,12 +37,12 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .auth import Identity, identify
+from .auth import Authenticator, Identity, identify
 from .config import UserLimitPolicy
 from .exceptions import (
     BrokerUnavailable,
@@ -51,7 +51,6 @@ from .exceptions import (
     SessionClosed,
     Unauthorized,
 )
-from .hub import ResumeResult
 from .limits import TokenBucket
 from .protocol import (
     Ack,
@@ -68,7 +67,9 @@ from .protocol import (
     Pub,
     Refresh,
     Reply,
+    Resume,
     Sequenced,
+    Since,
     Sub,
     Unsub,
     Welcome,
@@ -77,20 +78,110 @@ from .protocol.closecodes import reason_for
 from .protocol.topics import check_topic, user_topic
 from .protocol.values import MAX_DEPTH, check_value, value_error
 from .reliability import Receipt
-from .session import Outgoing, Session
+from .session import Outgoing, ResumeResult, Session, SubscribeResult
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken, remote_ip
 from .wakeup import Wakeup
 
 if TYPE_CHECKING:
+    from .brokers.base import Publication
     from .config import Config
-    from .gateway import Gateway
-    from .hub import Hub
     from .metrics import Metrics
 
-__all__ = ["Connection"]
+__all__ = ["Application", "Connection", "Node"]
 
 logger = logging.getLogger("trio_wsgate.connection")
+
+#: What a handler, a hook and a per-connection task are (the application's).
+_Handler = Callable[[Session, Any], Awaitable[Any]]
+_Hook = Callable[[Session], Awaitable[None]]
+
+
+class Application(Protocol):
+    """What a connection runs of the application's (a :class:`~trio_wsgate.Gateway`)."""
+
+    @property
+    def handlers(self) -> Mapping[str, _Handler]:
+        """The handler of each client ``msg`` event."""
+        ...
+
+    @property
+    def connect_hooks(self) -> Sequence[_Hook]:
+        """Run after ``welcome`` is queued, before any handler."""
+        ...
+
+    @property
+    def disconnect_hooks(self) -> Sequence[_Hook]:
+        """Run once the connection is released."""
+        ...
+
+    @property
+    def session_tasks(self) -> Sequence[_Hook]:
+        """Run for the connection's life, in its nursery."""
+        ...
+
+
+class Node(Protocol):
+    """What a connection needs of its node: the calls it makes to the hub."""
+
+    #: Turns tokens into identities; None runs anonymous.
+    authenticator: Authenticator | None
+    #: The node's timers (heartbeats, deadlines), run by the hub's task.
+    timers: Timers
+    #: The sessions of each user.
+    users: dict[str, set[Session]]
+
+    @property
+    def running(self) -> bool:
+        """True while the hub's task runs the node's timers."""
+        ...
+
+    def create(self, user: str | None, codec: Codec) -> Session:
+        """A new session of ``user``."""
+        ...
+
+    async def claim(self, session: Session) -> None:
+        """Record this node as the session's owner (a cluster's registry)."""
+        ...
+
+    def find(self, resume: Resume, user: str | None) -> tuple[Session | None, ResumeResult]:
+        """The session a ``hello.resume`` names, if this node holds it for ``user``."""
+        ...
+
+    async def migrate(self, resume: Resume, user: str | None, codec: Codec) -> Session | None:
+        """The session, handed over by the node that holds it, if any."""
+        ...
+
+    def detach(self, session: Session) -> None:
+        """The session's connection is gone: keep it for a resume, or end it."""
+        ...
+
+    def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
+        """End the session for good."""
+        ...
+
+    async def subscribe(
+        self, session: Session, topic: str, since: Since | None = None
+    ) -> SubscribeResult:
+        """Subscribe the session to a topic."""
+        ...
+
+    def unsubscribe(self, session: Session, topic: str) -> bool:
+        """Unsubscribe; False if the session was not subscribed."""
+        ...
+
+    async def publish(self, topic: str, data: Any, event: str | None = None) -> Publication:
+        """Publish to a topic."""
+        ...
+
+    async def may_subscribe(self, session: Session, topic: str) -> bool:
+        """Whether the session may ``sub`` the topic."""
+        ...
+
+    async def may_publish(self, session: Session, topic: str) -> bool:
+        """Whether the session may ``pub`` to the topic."""
+        ...
+
 
 # Bytes that received envelopes waiting for the dispatcher hold, decoded (weighed by
 # protocol.values.weigh), past which the reader stops reading (Connection._wait_taken);
@@ -178,10 +269,10 @@ class Connection:
         self,
         transport: Transport,
         codec: Codec,
-        gateway: Gateway,
+        gateway: Application,
         config: Config,
         metrics: Metrics,
-        hub: Hub,
+        hub: Node,
         identity: Identity | None = None,
     ) -> None:
         self._transport = transport

@@ -1,6 +1,6 @@
 """The node's registry of sessions: creation, resume, take-over and expiry.
 
-Theory of operation (docs/protocol.md §5). A :class:`~trio_wsgate.connection.Session` is
+Theory of operation (docs/protocol.md §5). A :class:`~trio_wsgate.session.Session` is
 created by a ``hello`` without ``resume`` and *attached* to that connection. When the
 connection ends, the session is either **ended** (``bye``, kick, bad token, protocol
 error: docs/protocol.md §8 keeps nothing) or **detached**: it stays here for
@@ -38,7 +38,6 @@ until the next resume attempt finds it.
 from __future__ import annotations
 
 import base64
-import enum
 import hashlib
 import heapq
 import hmac
@@ -49,9 +48,9 @@ import secrets
 import socket
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -69,13 +68,12 @@ from .protocol import (
 from .protocol.closecodes import ends_session
 from .protocol.topics import USER_TOPIC_PREFIX, check_topic, prepare_data, user_topic
 from .protocol.values import value_error
-from .session import Session, SubscribeResult, Subscription
+from .session import ResumeResult, Session, SubscribeResult, Subscription
 from .timers import Timers
 
 if TYPE_CHECKING:
     from .config import Config
     from .connection import Connection
-    from .gateway import Gateway
     from .metrics import Metrics
 
 __all__ = ["Hub", "ResumeResult"]
@@ -94,16 +92,23 @@ _LIVE_CHECK = 1.0
 _EVICTION_SCAN = 64
 
 
-class ResumeResult(enum.StrEnum):
-    """What became of a ``hello`` with ``resume``: the label of ``wsgate_resumes_total``."""
+class Application(Protocol):
+    """What the hub needs of the application (a :class:`~trio_wsgate.Gateway`)."""
 
-    RESUMED = "resumed"
-    TAKEN_OVER = "taken_over"  # resumed from a connection that still looked open
-    MIGRATED = "migrated"  # handed over by the node that held it
-    UNKNOWN = "unknown"  # held by no node, ended, or expired
-    EXPIRED = "expired"  # found, but its resume_ttl had run out
-    BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
-    UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
+    @property
+    def session_end_hooks(self) -> Sequence[Callable[[Session], Awaitable[None]]]:
+        """Run once each, when a session ends for good."""
+        ...
+
+    @property
+    def subscribe_authorizer(self) -> Callable[[Session, str], Awaitable[bool]] | None:
+        """Asked when neither a token's claim nor a node pattern allows a ``sub``."""
+        ...
+
+    @property
+    def publish_authorizer(self) -> Callable[[Session, str], Awaitable[bool]] | None:
+        """Asked when no node pattern allows a ``pub``."""
+        ...
 
 
 class Hub:
@@ -119,7 +124,7 @@ class Hub:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Application,
         config: Config,
         metrics: Metrics,
         broker: Broker | None = None,

@@ -15,6 +15,7 @@ connection answers), so that this module imports neither (docs/architecture.md,
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Outgoing",
+    "ResumeResult",
     "Session",
     "SessionHost",
     "SessionLink",
@@ -76,6 +78,18 @@ class SubscribeResult:
         if self.recovered is not None:
             data["recovered"] = self.recovered
         return data
+
+
+class ResumeResult(enum.StrEnum):
+    """What became of a ``hello`` with ``resume``: the label of ``wsgate_resumes_total``."""
+
+    RESUMED = "resumed"
+    TAKEN_OVER = "taken_over"  # resumed from a connection that still looked open
+    MIGRATED = "migrated"  # handed over by the node that held it
+    UNKNOWN = "unknown"  # held by no node, ended, or expired
+    EXPIRED = "expired"  # found, but its resume_ttl had run out
+    BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
+    UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
 
 
 class SessionLink(Protocol):
