@@ -12,7 +12,7 @@ import trio
 from websockets.trio.client import connect
 
 from trio_wsgate import Server
-from trio_wsgate.transports.asgi import GatewayApp, hypercorn_config
+from trio_wsgate.asgi_app import GatewayApp, hypercorn_config
 
 from .helpers import http_request
 

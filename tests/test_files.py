@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from trio_wsgate import Config, Gateway, Server
-from trio_wsgate.transports.asgi import GatewayApp, hypercorn_config
+from trio_wsgate.asgi_app import GatewayApp, hypercorn_config
 
 from .helpers import http_request
 

@@ -19,7 +19,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import trio
@@ -30,7 +30,9 @@ from .protocol.closecodes import CloseCode
 
 if TYPE_CHECKING:
     from .brokers import Publication
-    from .server import Server
+    from .config import Config
+    from .hub import Hub
+    from .metrics import Metrics
 
 __all__ = ["AdminApp", "probe"]
 
@@ -63,6 +65,39 @@ def probe(path: str, ready: bool, degraded: bool = False) -> tuple[int, str] | N
             return 503, "draining\n"
         return 200, "ready (degraded: the broker is unreachable)\n" if degraded else "ready\n"
     return None
+
+
+class AdminNode(Protocol):
+    """What the admin port needs of its node (a :class:`~trio_wsgate.Server`)."""
+
+    @property
+    def config(self) -> Config:
+        """The node's settings."""
+        ...
+
+    @property
+    def metrics(self) -> Metrics:
+        """The node's metrics (``/metrics``)."""
+        ...
+
+    @property
+    def hub(self) -> Hub:
+        """What the server API publishes through, kicks and asks presence of."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True while the node accepts connections (``/readyz``)."""
+        ...
+
+    @property
+    def degraded(self) -> bool:
+        """True while the broker cannot be reached."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """The node at a glance (``/api/stats``)."""
+        ...
 
 
 class ApiError(Exception):
@@ -119,7 +154,7 @@ class AdminApp:
         server: the node whose state it reports and whose hub it drives.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: AdminNode) -> None:
         self._server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -128,7 +128,9 @@ class Server:
         self._stopped = trio.Event()
         self._root: trio.Nursery | None = None
         self._counts = ConnectionCounts()
-        self._asgi_app: Any = None  # built by the asgi transport on first use
+        #: The ASGI application and hypercorn settings of ``--transport asgi``, made
+        #: on first use (asgi_app.serve_asgi_stream).
+        self.asgi_app: Any = None
         # Every socket in its opening handshake (max_handshakes), by the cancel scope
         # that bounds it, with the address it counts against while its request head
         # has not all come ("" once it has, or for a stream with no ip:port).
@@ -382,7 +384,7 @@ class Server:
 
                 await serve_trio_websocket(self, stream, remote_address)
             else:
-                from .transports.asgi import serve_asgi_stream
+                from .asgi_app import serve_asgi_stream
 
                 await serve_asgi_stream(self, stream, remote_address)
         except Exception as exc:  # the root of a connection's task: log once, count, go on

@@ -19,14 +19,21 @@ does, whenever :meth:`Transport.wants_flush` says so).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..protocol.closecodes import CloseReason
+
+if TYPE_CHECKING:
+    import trio
+
+    from ..config import Config
 
 __all__ = [
     "OUTPUT_HEADROOM",
     "Accept",
+    "Acceptor",
     "Decide",
     "Incoming",
     "Refusal",
@@ -184,4 +191,57 @@ class Transport(Protocol):
 
     async def aclose(self) -> None:
         """Release the transport at once. Idempotent."""
+        ...
+
+
+#: What the node answers an accepted request with (its own kind of :class:`Accept`).
+A = TypeVar("A", bound=Accept)
+
+
+class Acceptor(Protocol[A]):
+    """What an adapter needs of the node it accepts connections for.
+
+    The :class:`~trio_wsgate.Server` answers it; an adapter never names the server
+    (docs/architecture.md, "Layers"), so transports sit below the node that uses them.
+    """
+
+    @property
+    def config(self) -> Config:
+        """The node's settings (handshake and close timeouts, message size)."""
+        ...
+
+    async def admit(self, request: UpgradeRequest) -> Refusal | A:
+        """Decide what an opening request gets: plain HTTP, or an upgrade."""
+        ...
+
+    def release(self, admission: A) -> None:
+        """An admitted connection that never ran, or is gone: it counts no more."""
+        ...
+
+    def count_refusal(self, status: int) -> None:
+        """Count an opening request answered with an HTTP error."""
+        ...
+
+    async def run_connection(
+        self, transport: Transport, admission: A, remote_address: str = ""
+    ) -> None:
+        """Serve the upgraded WebSocket until it ends; release the admission."""
+        ...
+
+    def handshake_started(self, remote_address: str, bound: trio.CancelScope) -> bool:
+        """Count a socket as in its opening handshake; False: close it at once."""
+        ...
+
+    def handshake_head_read(self, bound: trio.CancelScope) -> None:
+        """The socket's request head has all come."""
+        ...
+
+    def handshake_ended(self, bound: trio.CancelScope) -> None:
+        """The socket's opening handshake is over."""
+        ...
+
+    def handshake_slot(
+        self, remote_address: str, bound: trio.CancelScope
+    ) -> AbstractContextManager[bool]:
+        """The handshake, counted while the block lasts (its value: started)."""
         ...

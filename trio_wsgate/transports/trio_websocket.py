@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
@@ -35,11 +35,8 @@ from wsproto.utilities import LocalProtocolError
 
 from ..protocol.closecodes import CloseCode
 from ..wakeup import Wakeup
-from .base import Incoming, Refusal, UpgradeRequest, output_high_water, remote_ip
+from .base import A, Acceptor, Incoming, Refusal, UpgradeRequest, output_high_water, remote_ip
 from .websockets import RECEIVE_SIZE
-
-if TYPE_CHECKING:
-    from ..server import Server
 
 __all__ = ["TrioWebsocketTransport", "serve_trio_websocket"]
 
@@ -200,7 +197,7 @@ class _ContainingNursery:
             await trio.aclose_forcefully(self._stream)
 
 
-async def serve_trio_websocket(server: Server, stream: trio.abc.Stream, remote: str) -> None:
+async def serve_trio_websocket(server: Acceptor[A], stream: trio.abc.Stream, remote: str) -> None:
     """Serve one accepted stream with trio-websocket, start to end."""
     config = server.config
     async with trio.open_nursery() as nursery:  # trio-websocket's reader lives here
