@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from .auth import Authenticator, Identity, identify
-from .config import UserLimitPolicy
 from .exceptions import (
     BrokerUnavailable,
     HandlerError,
@@ -67,21 +66,20 @@ from .protocol import (
     Pub,
     Refresh,
     Reply,
-    Resume,
     Sequenced,
     Since,
     Sub,
     Unsub,
-    Welcome,
 )
 from .protocol.closecodes import reason_for
 from .protocol.topics import check_topic, user_topic
 from .protocol.values import MAX_DEPTH, check_value, value_error
 from .reliability import Receipt
-from .session import Outgoing, ResumeResult, Session, SubscribeResult
+from .session import Session, SubscribeResult
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken, remote_ip
 from .wakeup import Wakeup
+from .welcome import WelcomeHost, follow_user_topic, open_session
 
 if TYPE_CHECKING:
     from .brokers.base import Publication
@@ -121,43 +119,22 @@ class Application(Protocol):
         ...
 
 
-class Node(Protocol):
-    """What a connection needs of its node: the calls it makes to the hub."""
+class Node(WelcomeHost, Protocol):
+    """What a connection needs of its node: the calls it makes to the hub (and those
+    opening a session makes, :class:`~trio_wsgate.welcome.WelcomeHost`)."""
 
     #: Turns tokens into identities; None runs anonymous.
     authenticator: Authenticator | None
     #: The node's timers (heartbeats, deadlines), run by the hub's task.
     timers: Timers
-    #: The sessions of each user.
-    users: dict[str, set[Session]]
 
     @property
     def running(self) -> bool:
         """True while the hub's task runs the node's timers."""
         ...
 
-    def create(self, user: str | None, codec: Codec) -> Session:
-        """A new session of ``user``."""
-        ...
-
-    async def claim(self, session: Session) -> None:
-        """Record this node as the session's owner (a cluster's registry)."""
-        ...
-
-    def find(self, resume: Resume, user: str | None) -> tuple[Session | None, ResumeResult]:
-        """The session a ``hello.resume`` names, if this node holds it for ``user``."""
-        ...
-
-    async def migrate(self, resume: Resume, user: str | None, codec: Codec) -> Session | None:
-        """The session, handed over by the node that holds it, if any."""
-        ...
-
     def detach(self, session: Session) -> None:
         """The session's connection is gone: keep it for a resume, or end it."""
-        ...
-
-    def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
-        """End the session for good."""
         ...
 
     async def subscribe(
@@ -252,7 +229,6 @@ class Connection:
         "_taken",
         "_timers",
         "_transport",
-        "_user_topic",
         "_wake",
         "_welcomed",
         "close_code",
@@ -323,8 +299,6 @@ class Connection:
         self.id = secrets.token_urlsafe(8)
         #: The session, once ``hello`` was answered.
         self.session: Session | None = None
-        # Where a new session began following its user topic (welcome.user_topic).
-        self._user_topic: dict[str, Any] | None = None
         #: True from the decision to close on.
         self.closing = False
         #: The close code and classified reason, once decided (first decision wins).
@@ -343,6 +317,11 @@ class Connection:
     def remote_ip(self) -> str:
         """The peer's IP address (the whole remote address if it has no port)."""
         return remote_ip(self._transport.remote_address)
+
+    @property
+    def codec(self) -> Codec:
+        """The connection's encoding."""
+        return self._codec
 
     @property
     def backlogged(self) -> bool:
@@ -943,168 +922,16 @@ class Connection:
         self._expire_token_at(identity.deadline)
 
     async def _open_session(self, hello: Hello, identity: Identity) -> Session | None:
-        """Resume the session ``hello`` names, or make a new one; queue ``welcome``.
-
-        Returns None if the connection is closing instead (docs/protocol.md §5).
-        """
-        hub, config = self._hub, self._config
-        user = identity.user
-        session: Session | None = None
-        resend: list[Outgoing] = []
-        if hello.resume is not None:
-            session, result = hub.find(hello.resume, user)
-            if session is None and result is ResumeResult.UNKNOWN:
-                # Perhaps another node holds it (docs/protocol.md §5: sessions may move).
-                try:
-                    session = await hub.migrate(hello.resume, user, self._codec)
-                except BrokerUnavailable:
-                    # It may well be there: a new session would lose it. 1011 keeps
-                    # it, and the client comes back after a pause (docs/protocol.md).
-                    self._metrics.resumes.labels(str(ResumeResult.UNAVAILABLE)).inc()
-                    self.close(
-                        CloseCode.INTERNAL_ERROR,
-                        "session store unreachable: try again",
-                        CloseReason.BROKER_UNAVAILABLE,
-                    )
-                    return None
-                if session is not None:
-                    result = ResumeResult.MIGRATED
-            if session is not None:
-                # The newest claim wins: an earlier connection still waiting for the
-                # session to be let go loses it to this one.
-                session.claimant = self
-            if session is not None and session.connection is not None:
-                # Take-over: the old connection still looks open. It is closed with
-                # 4006, and lets go of the session once its handlers have stopped.
-                old = session.connection
-                old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
-                await old.wait_detached()
-                if session.claimant is not self:  # a newer connection claimed it since
-                    self.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
-                    return None
-                result = ResumeResult.TAKEN_OVER
-                if session.ended:  # it overflowed max_buffered as it let go
-                    session, result = None, ResumeResult.UNKNOWN
-            self._metrics.resumes.labels(str(result)).inc()
-            if session is not None:
-                try:
-                    resend = session.outbox.rewind(hello.resume.ack)
-                except ProtocolError as exc:
-                    self.close(exc.code, exc.reason)
-                    return None
-                if not self._within_user_limit(session):
-                    return None  # the session stays detached, for a resume within the limit
-                try:
-                    session.attach(self, self._codec, resumed=True)
-                except Exception:
-                    # What it kept cannot go out in this encoding (the value domain
-                    # rules it out): that session ends, and the client gets a new one
-                    # (resumed: false) rather than a session stuck to this connection.
-                    self.internal_error(f"session {session.id} could not be resumed here")
-                    hub.end(
-                        session,
-                        CloseCode.INTERNAL_ERROR,
-                        CloseReason.INTERNAL_ERROR,
-                        why="internal",
-                    )
-                    session = None
-        if session is None:
-            session = await self._new_session(identity)
-            if session is None:
-                return None
-            if not self._within_user_limit(session):
-                hub.end(session, CloseCode.POLICY_VIOLATION, CloseReason.POLICY, why="user limit")
-                return None
-            # What the user topic sent it already, after the welcome.
-            resend = [item for _, item in session.outbox.in_flight]
-            session.attach(self, self._codec, resumed=False)
-            ack = 0
-        else:
-            ack = session.inbox.resume()
-        session.identity = identity
-        self.session = session
-        self._enqueue_control(
-            Welcome(
-                session=session.id,
-                resume_token=session.resume_token,
-                resumed=session.resumed,
-                ack=ack,
-                heartbeat_interval=config.heartbeat_interval or 0,
-                heartbeat_timeout=config.heartbeat_timeout,
-                window=config.window,
-                max_message_size=config.max_message_size,
-                user=user,
-                user_topic=None if session.resumed else self._user_topic,
-            )
-        )
+        """Resume the session ``hello`` names, or make a new one (welcome.py); queue
+        ``welcome`` and what the client has not acknowledged. None if closing instead."""
+        opened = await open_session(self._hub, self, hello, identity)
+        if opened is None:
+            return None
+        session = self.session = opened.session
+        self._enqueue_control(opened.welcome)
         # Everything above the client's ack, in order, before anything new.
-        self._queue.extend((item.payload, True) for item in resend)
-        # A resumed session follows its user topic already, unless subscribing failed
-        # when it was new (the broker was down: it is tried again when it is back).
-        if session.resumed and user is not None and user_topic(user) not in session.subscriptions:
-            with contextlib.suppress(SessionClosed, BrokerUnavailable):
-                await session.subscribe(user_topic(user))
-        return session
-
-    def _within_user_limit(self, session: Session) -> bool:
-        """Apply ``max_connections_per_user`` before ``session`` is attached here.
-
-        Over the limit, either this connection or the user's oldest is closed with
-        1008, as ``user_limit_policy`` says. Called with no await between it and the
-        attach, so that two connections at once cannot both slip under the limit.
-        """
-        config, user = self._config, session.user
-        limit = config.max_connections_per_user
-        if limit is None or user is None:
-            return True
-        live = [
-            other.connection
-            for other in self._hub.users.get(user, ())
-            if other is not session
-            and other.connection is not None
-            and not other.connection.closing
-        ]
-        if len(live) < limit:
-            return True
-        reason = f"too many connections for this user (at most {limit})"
-        if config.user_limit_policy is UserLimitPolicy.REJECT_NEWEST:
-            self.close(CloseCode.POLICY_VIOLATION, reason)
-            return False
-        for oldest in sorted(live, key=lambda connection: connection.opened_at)[
-            : len(live) - limit + 1
-        ]:
-            oldest.close(CloseCode.POLICY_VIOLATION, reason)
-        return True
-
-    async def _new_session(self, identity: Identity) -> Session | None:
-        """A new session, following ``user:<sub>`` before its ``welcome`` is sent.
-
-        So that nothing sent to the user after the client has its ``welcome`` can be
-        missed (docs/protocol.md §6). Returns None if the connection closed meanwhile.
-        """
-        hub, user = self._hub, identity.user
-        session = hub.create(user, self._codec)
-        session.identity = identity
-        try:
-            await hub.claim(session)
-            if user is not None:
-                try:
-                    position = await session.subscribe(user_topic(user))
-                    self._user_topic = {"topic": user_topic(user), **position.to_data()}
-                except BrokerUnavailable:
-                    # Serve it all the same; it follows its topic once the broker is back.
-                    logger.warning("session of %s opened without its user topic", user)
-        except BaseException:
-            # Cancelled (the client left) or failed: no one can resume a session that
-            # was never welcomed.
-            hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
-            raise
-        if self.closing:
-            hub.end(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, why="unwelcomed")
-            return None
-        if session.ended:  # evicted (max_detached_bytes) while it subscribed
-            self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
-            return None
+        self._queue.extend((item.payload, True) for item in opened.resend)
+        await follow_user_topic(session)
         return session
 
     async def _process(self, session: Session, envelope: Envelope) -> None:
