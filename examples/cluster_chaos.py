@@ -156,7 +156,12 @@ def _redis_port(run: Path) -> int:
 
 
 def publish(admin_ports: list[int], text: str) -> str:
-    """POST /api/publish to a live node: "accepted", "refused" (503) or "down"."""
+    """POST /api/publish to a live node: "accepted", "refused" (503), "down", or
+    "unknown" when the node died with the request sent (it may have published it).
+
+    Only a node that refused the connection is tried again in the node's place: one
+    that dropped it after the request may have published already, and publishing the
+    text again would count as a duplicate delivery (it would be two publications)."""
     for index in random.sample(range(len(admin_ports)), len(admin_ports)):
         request = urllib.request.Request(
             f"http://127.0.0.1:{admin_ports[index]}/api/publish",
@@ -171,8 +176,12 @@ def publish(admin_ports: list[int], text: str) -> str:
             if exc.code == 503:
                 return "refused"
             raise
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ConnectionRefusedError):
+                continue  # that node is down: nothing was sent
+            return "unknown"
         except OSError:
-            continue  # that node just died
+            return "unknown"  # it died with the request: published or not, unknown
     return "down"
 
 

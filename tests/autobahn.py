@@ -5,7 +5,7 @@
 
 Writes the table of docs/conformance.md (between its markers) and exits 1 if a case
 that is not OK is not explained below: every deviation is explained, or the run fails.
-``tests/test_conformance.py`` runs the quick selection.
+``tests/system/test_conformance.py`` runs the quick selection.
 """
 
 from __future__ import annotations

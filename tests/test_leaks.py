@@ -3,7 +3,7 @@
 Thousands of in-memory connections on a MockClock, so the heartbeat and close
 timeouts cost no real time. The count of live trio tasks (what ``wsgate_tasks``
 exports) must come back to where it started. Real sockets, reset with RST, are in
-test_server.py and test_e2e.py.
+test_server.py and system/test_e2e.py.
 """
 
 from __future__ import annotations

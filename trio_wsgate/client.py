@@ -407,6 +407,7 @@ class Client:
     async def unsubscribe(self, topic: str) -> None:
         """Unsubscribe from a topic."""
         self._topics.pop(topic, None)
+        self._recovering.pop(topic, None)  # what a recovery held goes with it
         await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
 
     async def publish(self, topic: str, data: Any) -> dict[str, Any]:
@@ -450,35 +451,39 @@ class Client:
         return track
 
     def _release(self, topic: str, epoch: str | None) -> None:
-        """Deliver what came during ``topic``'s recovery: once each, in offset order."""
+        """Deliver what came during ``topic``'s recovery: once each, in offset order.
+
+        ``epoch`` is the recovery's (a new one when ``recovered`` is false): its
+        publications go last. Without one (the recovery gave up), each epoch's go in
+        the order the epochs first came. Within an epoch, by offset, each once, and
+        none at or below the position the recovery started from.
+        """
         held = self._recovering.pop(topic, None)
         if not held:
             return
         position = self._topics.get(topic)
-        # Of the recovery's epoch (a new one when recovered is false), by offset; any
-        # other epoch's first, as they came.
-        others = [m for m in held if m.epoch != epoch]
-        ours = sorted((m for m in held if m.epoch == epoch), key=lambda m: m.offset or 0)
-        seen: set[int] = set()
-        for message in [*others, *ours]:
-            offset = message.offset or 0
-            if message.epoch == epoch:
-                if offset in seen or (
-                    position is not None and position[1] == epoch and offset <= position[0]
-                ):
+        by_epoch: dict[str | None, dict[int, Message]] = {}
+        for message in held:
+            by_epoch.setdefault(message.epoch, {}).setdefault(message.offset or 0, message)
+        if epoch in by_epoch:
+            by_epoch[epoch] = by_epoch.pop(epoch)  # the recovery's own epoch last
+        for group, messages in by_epoch.items():
+            for offset in sorted(messages):
+                if position is not None and position[1] == group and offset <= position[0]:
                     continue
-                seen.add(offset)
-            self._buffer.append((0, message))  # acked when it came
-            if message.epoch is not None:
-                self._topics[topic] = (offset, message.epoch)
+                self._buffer.append((0, messages[offset]))  # acked when it came
+                if group is not None:
+                    self._topics[topic] = position = (offset, group)
 
     def _retrier(self, topic: str) -> Callable[[HandlerError], None]:
         """Try an automatic resubscription again while the server says ``unavailable``."""
 
         def retry(error: HandlerError) -> None:
-            self._release(topic, None)
             if error.code == "unavailable" and topic in self._topics and self._tasks:
+                # What the recovery holds waits for the next attempt's reply.
                 self._tasks.start_soon(self._subscribe_again, topic)
+            else:
+                self._release(topic, None)
 
         return retry
 
@@ -486,12 +491,15 @@ class Client:
         delay = 0.5
         while topic in self._topics and not self._stopping:
             await trio.sleep(delay * (0.5 + self._rng.random()))
+            if topic not in self._recovering and self._topics.get(topic) is not None:
+                self._recovering[topic] = []  # a recovery again: hold until its reply
             try:
                 await self._call(self._sub_builder(topic), self._tracker(topic))
                 return
             except HandlerError as exc:
                 if exc.code != "unavailable":
                     logger.warning("topic %s could not be followed again: %s", topic, exc)
+                    self._release(topic, None)
                     return
             except (SessionLost, ClientClosed):
                 return  # a new session resubscribes anyway, or the client is done

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .autobahn import DEVIATIONS, QUICK, TRANSPORTS, run_transport
+from ..autobahn import DEVIATIONS, QUICK, TRANSPORTS, run_transport
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Tokens with NaN times, the ping flood, the idle flood, values outside the domain,
 # client close codes, /api/ without the key, and no ping before welcome: about 4 s each.
 QUICK_ATTACKS = "jwt-times,ping-flood,idle-flood,bad-values,close-codes,api-paths,ping-before-hello"

@@ -8,7 +8,7 @@ import trio
 
 from examples.cluster_chaos import run_cluster_chaos
 
-from .redis_server import RedisServer
+from ..redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

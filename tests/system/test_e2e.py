@@ -32,7 +32,7 @@ from websockets.sync.client import ClientConnection, connect
 from examples.cluster_chaos import free_run, wait_for_port
 from trio_wsgate.testing import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
