@@ -1418,7 +1418,7 @@ export class Client {
    * what the recovery held. Held messages never moved the topic's position, so a page
    * reloaded before this point asks again from there (see _resumeRecoveries).
    */
-  _recovered(waiter) {
+  _recovered(waiter, error = null) {
     const topic = waiter.topic;
     const recovery = waiter.recovery;
     // Unsubscribed since (the recovery was dropped with what it held), or a recovery of
@@ -1429,6 +1429,9 @@ export class Client {
       return;
     }
     if (--recovery.pending > 0) return;
+    // An automatic resubscription answered "unavailable" is tried again (from the
+    // same, unmoved position): what the recovery holds waits for that reply.
+    if (error?.code === "unavailable" && waiter.auto) return;
     this._recoveries.delete(topic);
     recovery.held.sort((a, b) => a.offset - b.offset);
     for (const message of recovery.held) {
@@ -1449,7 +1452,7 @@ export class Client {
     // the session, or the client stopping), the send is done all the same.
     waiter.replied = true;
     try {
-      if (waiter.kind === "sub") this._recovered(waiter);
+      if (waiter.kind === "sub") this._recovered(waiter, error);
       if (error != null) {
         this._failed(waiter, new WsgateError(error.code, typeof error.reason === "string" ? error.reason : ""));
       } else {

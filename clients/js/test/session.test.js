@@ -236,6 +236,33 @@ test("recovery: a live publication before the recovered ones loses nothing, dupl
   assert.equal(client.recovered.room, true);
 });
 
+test("recovery answered unavailable: what it holds waits for the retry, asked from the same position", async () => {
+  const { client, server, clock, first, messages } = await losingSession();
+  first.session.ended = true;
+  server.window = 16;
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  const subRoom = sequenced(second.received).find((e) => e.type === "sub" && e.topic === "room");
+  assert.deepEqual(subRoom.since, { offset: 5, epoch: "e1" });
+  messages.length = 0;
+  const room = (offset) => ({ type: "msg", topic: "room", offset, epoch: "e1", data: offset });
+  // A live one comes, then the broker cannot answer the recovery.
+  server.push(second, room(9));
+  server.push(second, { type: "reply", re: subRoom.seq, error: { code: "unavailable", reason: "broker down" } });
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), []); // still held: 6..8 are not here yet
+  second.take();
+  await clock.advance(1000); // the retry's pause: 500 ms × [0.5, 1.5)
+  await settle();
+  const retry = sequenced(second.take()).find((e) => e.type === "sub" && e.topic === "room");
+  assert.deepEqual(retry.since, { offset: 5, epoch: "e1" }); // not from 9
+  for (const offset of [6, 7, 8, 9]) server.push(second, room(offset));
+  server.push(second, { type: "reply", re: retry.seq, data: { offset: 9, epoch: "e1", recovered: true } });
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [6, 7, 8, 9]);
+  assert.equal(client.recovered.room, true);
+});
+
 test("subscribing again to a followed topic asks with since and drops what was already processed", async () => {
   const { client, server, messages } = setup();
   await settle();
