@@ -63,26 +63,20 @@ from .protocol import (
     Msg,
     Ping,
     Pong,
-    Pub,
     Refresh,
     Reply,
     Sequenced,
-    Since,
-    Sub,
-    Unsub,
 )
 from .protocol.closecodes import reason_for
-from .protocol.topics import check_topic, user_topic
-from .protocol.values import MAX_DEPTH, check_value, value_error
+from .protocol.values import value_error
 from .reliability import Receipt
-from .session import Session, SubscribeResult
+from .session import Session
 from .timers import Timer, Timers
 from .transports.base import Transport, TransportBroken, remote_ip
 from .wakeup import Wakeup
 from .welcome import WelcomeHost, follow_user_topic, open_session
 
 if TYPE_CHECKING:
-    from .brokers.base import Publication
     from .config import Config
     from .metrics import Metrics
 
@@ -137,26 +131,10 @@ class Node(WelcomeHost, Protocol):
         """The session's connection is gone: keep it for a resume, or end it."""
         ...
 
-    async def subscribe(
-        self, session: Session, topic: str, since: Since | None = None
-    ) -> SubscribeResult:
-        """Subscribe the session to a topic."""
-        ...
-
-    def unsubscribe(self, session: Session, topic: str) -> bool:
-        """Unsubscribe; False if the session was not subscribed."""
-        ...
-
-    async def publish(self, topic: str, data: Any, event: str | None = None) -> Publication:
-        """Publish to a topic."""
-        ...
-
-    async def may_subscribe(self, session: Session, topic: str) -> bool:
-        """Whether the session may ``sub`` the topic."""
-        ...
-
-    async def may_publish(self, session: Session, topic: str) -> bool:
-        """Whether the session may ``pub`` to the topic."""
+    async def topic_operation(
+        self, session: Session, envelope: Sequenced
+    ) -> tuple[Any, ErrorInfo | None]:
+        """Answer a client's ``sub``, ``unsub`` or ``pub``: ``(data, error)``."""
         ...
 
 
@@ -965,7 +943,7 @@ class Connection:
                 self._metrics.handler_outcome[outcome].observe(trio.current_time() - started)
         else:
             try:
-                data, error = await self._topic_operation(session, envelope)
+                data, error = await self._hub.topic_operation(session, envelope)
             except SessionClosed:
                 return  # as for a handler: not processed, no one to reply to
             except BrokerUnavailable as exc:
@@ -975,58 +953,11 @@ class Connection:
                 error = ErrorInfo("internal", "internal error")
         inbox = session.inbox
         inbox.mark_processed(envelope.seq)
-        self._reply(session, envelope.seq, data, error)
+        session.reply(envelope.seq, data, error)
         if inbox.ack_urgent:
             self._send_ack()
         elif inbox.ack_pending:
             self._want_ack()
-
-    async def _topic_operation(
-        self, session: Session, envelope: Sequenced
-    ) -> tuple[Any, ErrorInfo | None]:
-        """Answer ``sub``, ``unsub`` or ``pub`` (docs/protocol.md §6): ``(data, error)``."""
-        assert isinstance(envelope, Sub | Unsub | Pub)
-        hub, topic = self._hub, envelope.topic
-        try:
-            check_topic(topic)
-        except ValueError as exc:
-            return None, ErrorInfo("bad_topic", str(exc))
-        if isinstance(envelope, Sub):
-            limit = self._config.max_subscriptions
-            if topic not in session.subscriptions and len(session.subscriptions) >= limit:
-                return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
-            if not await hub.may_subscribe(session, topic):
-                return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
-            result = await hub.subscribe(session, topic, envelope.since)
-            return result.to_data(), None
-        if isinstance(envelope, Unsub):
-            if session.user is not None and topic == user_topic(session.user):
-                return None, ErrorInfo("forbidden", "the user topic follows the session")
-            hub.unsubscribe(session, topic)
-            return None, None
-        if not await hub.may_publish(session, topic):
-            return None, ErrorInfo("forbidden", f"not allowed to publish to {topic!r}")
-        try:
-            publication = await hub.publish(topic, envelope.data)
-        except ValueError as exc:
-            return None, ErrorInfo("bad_data", str(exc))
-        return {"offset": publication.offset, "epoch": publication.epoch}, None
-
-    def _reply(self, session: Session, re: int, data: Any, error: ErrorInfo | None) -> None:
-        # A reply to a processed envelope is kept by the session even if this
-        # connection is closing: the client gets it when it resumes.
-        try:
-            try:
-                check_value(data, MAX_DEPTH - 1)  # every encoding, every node can carry it
-                session._push(
-                    lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack)
-                )
-            except (TypeError, ValueError, OverflowError):
-                logger.exception("reply to seq %d could not be encoded", re)
-                failure = ErrorInfo("internal", "the reply could not be encoded")
-                session._push(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
-        except SessionClosed:
-            pass  # the session ended: there is no one to reply to
 
     async def _run_disconnect_hooks(self, session: Session) -> None:
         # Shielded and bounded: a hook runs even when the node shuts down, briefly.

@@ -62,8 +62,13 @@ from .protocol import (
     CloseCode,
     CloseReason,
     Codec,
+    ErrorInfo,
+    Pub,
     Resume,
+    Sequenced,
     Since,
+    Sub,
+    Unsub,
 )
 from .protocol.closecodes import ends_session
 from .protocol.topics import USER_TOPIC_PREFIX, check_topic, prepare_data, user_topic
@@ -909,6 +914,38 @@ class Hub:
         return await self.broker.presence(topic)
 
     # -- authorisation ----------------------------------------------------------------
+
+    async def topic_operation(
+        self, session: Session, envelope: Sequenced
+    ) -> tuple[Any, ErrorInfo | None]:
+        """Answer a client's ``sub``, ``unsub`` or ``pub`` (docs/protocol.md §6):
+        ``(data, error)``; its authorisation and limits are checked here."""
+        assert isinstance(envelope, Sub | Unsub | Pub)
+        hub, topic = self, envelope.topic
+        try:
+            check_topic(topic)
+        except ValueError as exc:
+            return None, ErrorInfo("bad_topic", str(exc))
+        if isinstance(envelope, Sub):
+            limit = self.config.max_subscriptions
+            if topic not in session.subscriptions and len(session.subscriptions) >= limit:
+                return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
+            if not await hub.may_subscribe(session, topic):
+                return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
+            result = await hub.subscribe(session, topic, envelope.since)
+            return result.to_data(), None
+        if isinstance(envelope, Unsub):
+            if session.user is not None and topic == user_topic(session.user):
+                return None, ErrorInfo("forbidden", "the user topic follows the session")
+            hub.unsubscribe(session, topic)
+            return None, None
+        if not await hub.may_publish(session, topic):
+            return None, ErrorInfo("forbidden", f"not allowed to publish to {topic!r}")
+        try:
+            publication = await hub.publish(topic, envelope.data)
+        except ValueError as exc:
+            return None, ErrorInfo("bad_data", str(exc))
+        return {"offset": publication.offset, "epoch": publication.epoch}, None
 
     async def may_subscribe(self, session: Session, topic: str) -> bool:
         """May the client of this session subscribe to the topic itself?

@@ -25,7 +25,17 @@ import msgpack
 
 from .exceptions import SessionClosed, SlowConsumer
 from .identity import Identity
-from .protocol import CloseCode, CloseReason, Codec, Msg, Sequenced, Since, parse_envelope
+from .protocol import (
+    CloseCode,
+    CloseReason,
+    Codec,
+    ErrorInfo,
+    Msg,
+    Reply,
+    Sequenced,
+    Since,
+    parse_envelope,
+)
 from .protocol.closecodes import ends_session, reason_for
 from .protocol.topics import encode_fields
 from .protocol.values import MAX_DEPTH, check_value
@@ -427,6 +437,23 @@ class Session:
         elif hub.overflows(self):  # its connection is closing: kept for the resume
             hub.end(self, CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER, why="overflow")
             raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+
+    def reply(self, re: int, data: Any, error: ErrorInfo | None) -> None:
+        """Queue the ``reply`` to the client's envelope ``re`` (a processed one: it is kept
+        for a resume even if the connection is closing). Data outside the value domain
+        becomes error ``internal``; a session that has ended has no one to reply to."""
+        # A reply to a processed envelope is kept by the session even if this
+        # connection is closing: the client gets it when it resumes.
+        try:
+            try:
+                check_value(data, MAX_DEPTH - 1)  # every encoding, every node can carry it
+                self._push(lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack))
+            except (TypeError, ValueError, OverflowError):
+                logger.exception("reply to seq %d could not be encoded", re)
+                failure = ErrorInfo("internal", "the reply could not be encoded")
+                self._push(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
+        except SessionClosed:
+            pass  # the session ended: there is no one to reply to
 
     def attach(self, connection: SessionLink, codec: Codec, resumed: bool) -> None:
         """Bind to a connection; re-encode what is kept if the encoding changed.
