@@ -215,17 +215,25 @@ test("the user topic's position follows its messages", async () => {
   assert.deepEqual(sub.since, { offset: 3, epoch: "u1" });
 });
 
-test("recovery: a live publication before the recovered ones loses nothing, duplicates nothing and waits its turn", async () => {
-  const { client, server, clock, first, messages } = await losingSession();
+/** A session lost and a new one welcomed: the recovery's `sub` of "room" (since 5) is
+ * on its way; `room(n)` makes publication n of it. */
+async function recoveringRoom() {
+  const env = await losingSession();
+  const { server, clock, first, messages } = env;
   first.session.ended = true;
   server.window = 16;
   await cutAndReconnect(server, clock);
   const second = server.socket;
   const subRoom = sequenced(second.received).find((e) => e.type === "sub" && e.topic === "room");
   messages.length = 0;
+  const room = (offset) => ({ type: "msg", topic: "room", offset, epoch: "e1", data: offset });
+  return { ...env, second, subRoom, room };
+}
+
+test("recovery: a live publication before the recovered ones loses nothing, duplicates nothing and waits its turn", async () => {
+  const { client, server, messages, second, subRoom, room } = await recoveringRoom();
   // The new session already follows room (an on_connect hook): 9 arrives live first,
   // then the sub since 5 sends 6..9, then its reply.
-  const room = (offset) => ({ type: "msg", topic: "room", offset, epoch: "e1", data: offset });
   server.push(second, room(9));
   for (const offset of [6, 7, 8, 9]) server.push(second, room(offset));
   server.push(second, { type: "reply", re: subRoom.seq, data: { offset: 9, epoch: "e1", recovered: true } });
@@ -237,15 +245,8 @@ test("recovery: a live publication before the recovered ones loses nothing, dupl
 });
 
 test("recovery answered unavailable: what it holds waits for the retry, asked from the same position", async () => {
-  const { client, server, clock, first, messages } = await losingSession();
-  first.session.ended = true;
-  server.window = 16;
-  await cutAndReconnect(server, clock);
-  const second = server.socket;
-  const subRoom = sequenced(second.received).find((e) => e.type === "sub" && e.topic === "room");
+  const { client, server, clock, messages, second, subRoom, room } = await recoveringRoom();
   assert.deepEqual(subRoom.since, { offset: 5, epoch: "e1" });
-  messages.length = 0;
-  const room = (offset) => ({ type: "msg", topic: "room", offset, epoch: "e1", data: offset });
   // A live one comes, then the broker cannot answer the recovery.
   server.push(second, room(9));
   server.push(second, { type: "reply", re: subRoom.seq, error: { code: "unavailable", reason: "broker down" } });
