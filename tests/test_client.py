@@ -521,3 +521,60 @@ async def test_an_envelope_over_the_servers_limit_is_refused_not_sent(
                 await client.send("echo", "x" * 5000)
             assert await client.request("echo", "x" * 4000) == "x" * 4000
             assert client.state is ClientState.CONNECTED
+
+
+async def test_a_recovery_answered_unavailable_holds_what_came_until_the_retry(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # docs/protocol.md §6.7: the new session follows room:1 already (its on_connect
+    # joins it) and a live publication comes before the recovery; the broker cannot
+    # answer the recovery at first. What came waits for the retry, which asks from the
+    # same position: 2 and 3 are not skipped for 4.
+    from trio_wsgate.exceptions import BrokerUnavailable
+
+    gateway = make_gateway()
+    sessions = 0
+
+    @gateway.on_connect
+    async def join(session: Session) -> None:
+        nonlocal sessions
+        if not session.resumed:
+            sessions += 1
+            if sessions > 1:
+                await session.subscribe("room:1")
+                await gateway.publish("room:1", "four")
+
+    server = make_server(gateway, allow_subscribe=("room:*",), resume_ttl=0)
+    real = server.hub.subscribe
+    refusals = [1]
+
+    async def flaky(session: Session, topic: str, since: Any = None) -> Any:
+        if since is not None and topic == "room:1" and refusals:
+            refusals.pop()
+            raise BrokerUnavailable("injected: the broker is away")
+        return await real(session, topic, since)
+
+    monkeypatch.setattr(server.hub, "subscribe", flaky)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect) as client:
+            await client.wait_connected()
+            await client.subscribe("room:1")
+            await gateway.publish("room:1", "one")
+            received = []
+            async for message in client.messages():
+                received.append((message.offset, message.data))
+                break
+            await wire.cut()  # the session is lost (resume_ttl 0)
+            await gateway.publish("room:1", "two")
+            await gateway.publish("room:1", "three")
+            with trio.move_on_after(300):  # virtual time: what has not come by then won't
+                async for message in client.messages():
+                    received.append((message.offset, message.data))
+                    if len(received) == 4:
+                        break
+            assert received == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
+            assert not refusals  # the recovery was refused once, then retried
+            assert client.recovered == {"room:1": True}
