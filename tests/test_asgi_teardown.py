@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import Server, Session
+from trio_wsgate import Gateway, Server, Session
 from trio_wsgate.connection import Connection
 from trio_wsgate.testing import RawClient
 from trio_wsgate.transports.asgi import ASGITransport
@@ -124,6 +124,32 @@ async def test_a_peer_gone_while_its_handler_stalls_is_released_at_once(
         assert tasks() == before
 
 
+def _bursting() -> Gateway:
+    """The test gateway, with ``burst``: four BIG messages at once (240 KB, one flush
+    over the output high-water mark)."""
+    gateway = make_gateway()
+
+    @gateway.on("burst")
+    async def burst(session: Session, data: Any) -> None:
+        for _ in range(4):
+            session.send("big", BIG)
+
+    return gateway
+
+
+async def _flooding(server: Server, nursery: trio.Nursery) -> tuple[trio.abc.Stream, Served]:
+    """A peer that asks for a burst, then floods and never reads; five seconds on."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    served = Served(server, server_stream)
+    nursery.start_soon(served.run)
+    client = await RawClient.connect(client_stream)
+    await client.hello()
+    await client.send(msg(1, "burst"))
+    nursery.start_soon(Flood(client, 2).run)
+    await trio.sleep(5)
+    return client_stream, served
+
+
 async def test_a_peer_gone_while_the_reader_waits_for_room_is_released_at_once(
     autojump_clock: MockClock,
     make_server: Callable[..., Server],
@@ -134,12 +160,7 @@ async def test_a_peer_gone_while_the_reader_waits_for_room_is_released_at_once(
     ends the connection at once (under asgi, hypercorn reported it by waiting on that
     full queue, from the write loop: the write loop, the reader and hypercorn's reader
     each waited on another, for ever, with no heartbeat to end it)."""
-    gateway = make_gateway()
-
-    @gateway.on("burst")
-    async def burst(session: Session, data: Any) -> None:
-        for _ in range(4):  # one flush of 240 KB: over the mark at once
-            session.send("big", BIG)
+    gateway = _bursting()
 
     server = make_server(
         gateway, heartbeat_interval=None, max_buffered_bytes=1 << 30, max_buffered=100_000
@@ -147,14 +168,7 @@ async def test_a_peer_gone_while_the_reader_waits_for_room_is_released_at_once(
     async with running(server):
         before = tasks()
         async with trio.open_nursery() as nursery:
-            client_stream, server_stream = trio.testing.lockstep_stream_pair()
-            served = Served(server, server_stream)
-            nursery.start_soon(served.run)
-            client = await RawClient.connect(client_stream)
-            await client.hello()
-            await client.send(msg(1, "burst"))
-            nursery.start_soon(Flood(client, 2).run)
-            await trio.sleep(5)
+            client_stream, served = await _flooding(server, nursery)
             (connection,) = server.connections
             transport = connection._transport
             if isinstance(transport, ASGITransport):
@@ -180,12 +194,7 @@ async def test_a_close_while_hypercorns_queue_is_full_leaves_nothing_behind(
     """The node closes a connection whose peer floods and never reads: released at
     close_timeout, and the stream's task ends with it (under asgi, hypercorn's reader
     waited for ever to put the peer's next message on the queue nobody read)."""
-    gateway = make_gateway()
-
-    @gateway.on("burst")
-    async def burst(session: Session, data: Any) -> None:
-        for _ in range(4):
-            session.send("big", BIG)
+    gateway = _bursting()
 
     server = make_server(
         gateway,
@@ -197,14 +206,7 @@ async def test_a_close_while_hypercorns_queue_is_full_leaves_nothing_behind(
     async with running(server):
         before = tasks()
         async with trio.open_nursery() as nursery:
-            client_stream, server_stream = trio.testing.lockstep_stream_pair()
-            served = Served(server, server_stream)
-            nursery.start_soon(served.run)
-            client = await RawClient.connect(client_stream)
-            await client.hello()
-            await client.send(msg(1, "burst"))
-            nursery.start_soon(Flood(client, 2).run)
-            await trio.sleep(5)
+            client_stream, served = await _flooding(server, nursery)
             (connection,) = server.connections
             assert_hypercorn_queue_full(connection)
             closed = trio.current_time()

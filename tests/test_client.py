@@ -13,6 +13,7 @@ from trio.testing import MockClock
 
 from trio_wsgate import (
     Backoff,
+    Client,
     ClientClosed,
     ClientState,
     Gateway,
@@ -456,6 +457,16 @@ async def test_refresh_sends_a_fresh_token(
             assert client.state is ClientState.CONNECTED
 
 
+async def take(client: Client, received: list[tuple[int | None, Any]], count: int) -> None:
+    """Add (offset, data) of the client's next messages to ``received`` until it holds
+    ``count``; what has not come within 300 s of virtual time is missing, not awaited."""
+    with trio.move_on_after(300):
+        async for message in client.messages():
+            received.append((message.offset, message.data))
+            if len(received) >= count:
+                return
+
+
 async def test_a_live_publication_before_the_recovery_does_not_hide_the_gap(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
@@ -485,18 +496,13 @@ async def test_a_live_publication_before_the_recovery_does_not_hide_the_gap(
         async with open_client(URL, connect=wire.connect, token=token("ada")) as client:
             await client.wait_connected()
             await gateway.send_to_user("ada", "one")
-            received = []
-            async for message in client.messages():
-                received.append((message.offset, message.data))
-                break
+            received: list[tuple[int | None, Any]] = []
+            await take(client, received, 1)
             await wire.cut()  # the session is lost (resume_ttl 0)
             await gateway.send_to_user("ada", "two")
             await gateway.send_to_user("ada", "three")
             assert await client.wait_state(ClientState.SESSION_LOST) is ClientState.SESSION_LOST
-            async for message in client.messages():
-                received.append((message.offset, message.data))
-                if len(received) == 4:
-                    break
+            await take(client, received, 4)
             assert received == [(1, "one"), (2, "two"), (3, "three"), (4, "welcome back")]
             assert client.recovered == {"user:ada": True}
             await gateway.send_to_user("ada", "five")
@@ -563,18 +569,12 @@ async def test_a_recovery_answered_unavailable_holds_what_came_until_the_retry(
             await client.wait_connected()
             await client.subscribe("room:1")
             await gateway.publish("room:1", "one")
-            received = []
-            async for message in client.messages():
-                received.append((message.offset, message.data))
-                break
+            received: list[tuple[int | None, Any]] = []
+            await take(client, received, 1)
             await wire.cut()  # the session is lost (resume_ttl 0)
             await gateway.publish("room:1", "two")
             await gateway.publish("room:1", "three")
-            with trio.move_on_after(300):  # virtual time: what has not come by then won't
-                async for message in client.messages():
-                    received.append((message.offset, message.data))
-                    if len(received) == 4:
-                        break
+            await take(client, received, 4)
             assert received == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
             assert not refusals  # the recovery was refused once, then retried
             assert client.recovered == {"room:1": True}
