@@ -610,6 +610,11 @@ class Ctx:
         if not ok:
             self.failures.append(failure)
 
+    def require_no_unexpected(self) -> None:
+        """Fail if any answer was counted as ``UNEXPECTED ...`` (the first five say which)."""
+        unexpected = {k: n for k, n in self.counts.items() if k.startswith("UNEXPECTED")}
+        self.require(not unexpected, f"unexpected answers: {dict(list(unexpected.items())[:5])}")
+
     def token(self, user: str, **claims: Any) -> str | None:
         if self.jwt_secret is None:
             return None
@@ -1023,8 +1028,7 @@ async def attack_jwt_times(ctx: Ctx) -> None:
             ctx.counts[f"UNEXPECTED {where} {claim}: {outcome}"] += 1
 
     await swarm(ctx, body)
-    unexpected = {k: n for k, n in ctx.counts.items() if k.startswith("UNEXPECTED")}
-    ctx.require(not unexpected, f"unexpected answers: {unexpected}")
+    ctx.require_no_unexpected()
 
 
 # Empty-payload pings would do; 125 bytes (the most a ping may carry) make the node
@@ -1362,8 +1366,7 @@ async def attack_api_paths(ctx: Ctx) -> None:
             ctx.counts[f"UNEXPECTED {method} {path[:30]} {headers}: {status}"] += 1
 
     await swarm(ctx, body)
-    unexpected = {k: n for k, n in ctx.counts.items() if k.startswith("UNEXPECTED")}
-    ctx.require(not unexpected, f"unexpected answers: {dict(list(unexpected.items())[:5])}")
+    ctx.require_no_unexpected()
 
 
 async def attack_ping_before_hello(ctx: Ctx) -> None:
