@@ -15,7 +15,7 @@ import trio.testing
 from trio.testing import MockClock
 
 from trio_wsgate import HandlerError, Server, Session
-from trio_wsgate import connection as connection_module
+from trio_wsgate.dispatch import INBOUND_HIGH_WATER
 from trio_wsgate.protocol.codecs import MSGPACK_SUBPROTOCOL
 from trio_wsgate.testing import open_memory_connection
 
@@ -103,9 +103,9 @@ async def test_case5_a_peer_faster_than_its_handler_is_not_read_ahead(
         (session,) = server.hub.sessions.values()
         (connection,) = server.connections
         # The window would let it send 256; the node read 256 KiB of them, and stopped.
-        bound = connection_module._INBOUND_HIGH_WATER
+        bound = INBOUND_HIGH_WATER
         assert session.inbox.received <= 2 + bound // 60_000 + 1
-        assert connection._pending_bytes <= bound + 60_100
+        assert connection.inbound_bytes <= bound + 60_100
         # Not closed for silence: the node stopped reading, the peer did not stop.
         await trio.sleep(60)
         assert not connection.closing
@@ -139,7 +139,7 @@ async def test_case5_what_waits_for_the_handlers_is_weighed_decoded_not_on_the_w
         (session,) = server.hub.sessions.values()
         (connection,) = server.connections
         assert session.inbox.received == 2  # the stall, and one message of arrays
-        assert connection._pending_bytes > 20_000 * 64
+        assert connection.inbound_bytes > 20_000 * 64
 
 
 async def test_case8_a_client_subscribes_a_session_to_at_most_max_subscriptions(

@@ -190,3 +190,66 @@ def test_no_module_uses_another_modules_private_names() -> None:
             ):
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert found == []
+
+
+#: The layers of docs/architecture.md, from the bottom: a module may import its own
+#: layer and those before it, never one after. The plumbing (settings, metrics, the
+#: timers) sits between the protocol, which needs none of it, and everything else.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("protocol", {"protocol", "exceptions", "identity"}),
+    ("plumbing", {"config", "limits", "logs", "metrics", "wakeup", "timers"}),
+    ("session", {"reliability", "session", "auth", "brokers.base"}),
+    ("transports", {"transports"}),
+    ("connection", {"connection", "dispatch", "heartbeat", "tokens", "welcome"}),
+    ("hub", {"hub", "batching", "brokers"}),
+    (
+        "edges",
+        {
+            "server",
+            "admin",
+            "asgi_app",
+            "files",
+            "gateway",
+            "cli",
+            "client",
+            "_client_cli",
+            "testing",
+            "__main__",
+        },
+    ),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a module of the package (its longest listed prefix)."""
+    name = module.removeprefix("trio_wsgate.")
+    best: tuple[int, int] | None = None
+    for index, (_, members) in enumerate(LAYERS):
+        for member in members:
+            listed = name == member or name.startswith(member + ".")
+            if listed and (best is None or len(member) > best[0]):
+                best = (len(member), index)
+    assert best is not None, f"{module} is in no layer of docs/architecture.md"
+    return best[1]
+
+
+def test_every_import_points_down_the_layers() -> None:
+    graph = imports()
+    upward = []
+    for name, targets in graph.items():
+        if name == "trio_wsgate":  # the package's __init__: the top, not a layer
+            continue
+        for target in targets - {"trio", "trio_wsgate"}:
+            if layer_of(target) > layer_of(name):
+                upward.append(
+                    f"{name} ({LAYERS[layer_of(name)][0]}) imports "
+                    f"{target} ({LAYERS[layer_of(target)][0]})"
+                )
+    assert upward == []
+
+
+def test_the_layer_test_sees_an_upward_arrow() -> None:
+    assert layer_of("trio_wsgate.brokers.base") < layer_of("trio_wsgate.connection")
+    assert layer_of("trio_wsgate.brokers.redis") > layer_of("trio_wsgate.connection")
+    assert layer_of("trio_wsgate.protocol.codecs") < layer_of("trio_wsgate.timers")
+    assert layer_of("trio_wsgate.transports.asgi") < layer_of("trio_wsgate.welcome")

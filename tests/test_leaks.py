@@ -273,18 +273,30 @@ async def _connect(server: Server, nursery: trio.Nursery) -> trio.abc.Stream:
     return client_stream
 
 
+@pytest.mark.parametrize("parts", ["bare", "heartbeat-and-token"])
 async def test_an_ended_connection_is_freed_without_the_cyclic_collector(
-    make_server: Callable[..., Server],
+    make_server: Callable[..., Server], parts: str
 ) -> None:
     # The node runs the cyclic GC rarely (cli.tune_gc): a connection's objects caught
     # in a reference cycle would stay until it does, and churn would grow the process.
-    # websockets' protocol had two (its bound select_subprotocol, its parser).
+    # websockets' protocol had two (its bound select_subprotocol, its parser); the
+    # heartbeat and the token's watch call back into their connection.
     import gc
     import weakref
 
+    from trio_wsgate import Identity
     from trio_wsgate.testing import open_memory_connection
 
-    server = make_server(heartbeat_interval=None)
+    if parts == "bare":
+        server = make_server(heartbeat_interval=None)
+    else:
+        gateway = make_gateway()
+
+        @gateway.authenticate
+        async def anyone(token: str | None) -> Identity:
+            return Identity("someone", deadline=trio.current_time() + 3600)
+
+        server = make_server(gateway)
     refs: list[weakref.ref[Any]] = []
     gc.collect()
     gc.disable()
@@ -293,6 +305,9 @@ async def test_an_ended_connection_is_freed_without_the_cyclic_collector(
             await nursery.start(server.hub.run)
             async with open_memory_connection(server, nursery) as client:
                 await client.hello()
+                if parts != "bare":
+                    await client.send({"type": "refresh", "token": "again"})
+                    await trio.testing.wait_all_tasks_blocked()
                 (connection,) = server.connections
                 refs.append(weakref.ref(connection.session))
                 transport = connection._transport

@@ -483,7 +483,7 @@ class Hub:
         """Run what the node's sessions need, until cancelled.
 
         In one nursery: the broker (its connections, subscriptions and receivers),
-        the node's timers (every connection's heartbeat, hello, ack and token-expiry
+        the node's timers (every connection's heartbeat, ack-delay and token-expiry
         deadlines: :mod:`trio_wsgate.timers`), and the hub's own loop, which expires
         detached sessions, runs session-end hooks and the hub's chores.
         """

@@ -1,0 +1,305 @@
+"""The dispatcher: what a connection runs of the application's, in order.
+
+The reader hands it ``hello``, then every new sequenced envelope, in order. It answers
+``hello`` (:func:`~trio_wsgate.welcome.open_session` finds or makes the session), runs
+the connect hooks and starts the application's per-connection tasks, then takes each
+envelope in arrival order: a ``msg`` goes to the handler of its event, a ``sub``,
+``unsub`` or ``pub`` to the node (:meth:`DispatchHost.topic_operation`), and what they
+answer goes back through the connection as a ``reply``. One envelope at a time: a
+handler that waits holds up the next one, never the reader.
+
+What waits for it is weighed, decoded (:func:`~trio_wsgate.protocol.values.weigh`):
+past :data:`INBOUND_HIGH_WATER` the reader stops reading until the dispatcher has taken
+it, so a peer that sends faster than its handlers run is held back by TCP, not by this
+process's memory. A message heavier than that is taken alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import trio
+
+from .auth import Authenticator
+from .exceptions import BrokerUnavailable, HandlerError, SessionClosed, Unauthorized
+from .identity import Identity
+from .protocol import CloseCode, CloseReason, Envelope, ErrorInfo, Hello, Msg, Sequenced
+from .protocol.values import value_error
+from .session import Session
+from .tokens import authenticate
+from .wakeup import Wakeup
+from .welcome import Opened, Opener, WelcomeHost, follow_user_topic, open_session
+
+__all__ = ["INBOUND_HIGH_WATER", "Application", "DispatchHost", "Dispatched", "Dispatcher"]
+
+logger = logging.getLogger("trio_wsgate.connection")
+
+#: Bytes that received envelopes waiting for the dispatcher may hold, decoded, before
+#: the reader stops reading.
+INBOUND_HIGH_WATER = 1 << 20
+
+#: What a handler, a hook and a per-connection task are (the application's).
+_Handler = Callable[[Session, Any], Awaitable[Any]]
+_Hook = Callable[[Session], Awaitable[None]]
+
+
+class Application(Protocol):
+    """What a connection runs of the application's (a :class:`~trio_wsgate.Gateway`)."""
+
+    @property
+    def handlers(self) -> Mapping[str, _Handler]:
+        """The handler of each client ``msg`` event."""
+        ...
+
+    @property
+    def connect_hooks(self) -> Sequence[_Hook]:
+        """Run after ``welcome`` is queued, before any handler."""
+        ...
+
+    @property
+    def disconnect_hooks(self) -> Sequence[_Hook]:
+        """Run once the connection is released."""
+        ...
+
+    @property
+    def session_tasks(self) -> Sequence[_Hook]:
+        """Run for the connection's life, in its nursery."""
+        ...
+
+
+class DispatchHost(WelcomeHost, Protocol):
+    """What the dispatcher asks of the node (and opening a session asks, WelcomeHost)."""
+
+    #: Turns tokens into identities; None runs anonymous.
+    authenticator: Authenticator | None
+
+    async def topic_operation(
+        self, session: Session, envelope: Sequenced
+    ) -> tuple[Any, ErrorInfo | None]:
+        """Answer a client's ``sub``, ``unsub`` or ``pub``: ``(data, error)``."""
+        ...
+
+
+class Dispatched(Opener, Protocol):
+    """What the dispatcher needs of its connection."""
+
+    def opened(self, opened: Opened) -> Session:
+        """Take the session, queue its ``welcome`` and what the client has not
+        acknowledged."""
+        ...
+
+    def welcomed(self, session: Session) -> None:
+        """``hello`` is answered: the session's timers start, the reader reads on."""
+        ...
+
+    def answer(self, session: Session, seq: int, data: Any, error: ErrorInfo | None) -> None:
+        """Queue the reply to the client's ``seq`` and acknowledge it."""
+        ...
+
+    def crashed(self) -> None:
+        """An unexpected error: log it and close with 1011."""
+        ...
+
+
+class Dispatcher:
+    """One connection's dispatcher, and the envelopes waiting for it.
+
+    It keeps no reference to its connection (which holds it): the connection is
+    passed to each call, so that the two make no reference cycle.
+
+    Args:
+        node: the node's sessions and topics.
+        application: the handlers and hooks it runs.
+        verified: who the client is, if a token came with the handshake.
+    """
+
+    __slots__ = (
+        "_application",
+        "_arrived",
+        "_node",
+        "_pending",
+        "_taken",
+        "_verified",
+        "pending_bytes",
+    )
+
+    def __init__(
+        self,
+        node: DispatchHost,
+        application: Application,
+        verified: Identity | None,
+    ) -> None:
+        self._node = node
+        self._application = application
+        self._verified = verified
+        # Envelopes for the dispatcher, in order, and the wakeup it waits on for more.
+        self._pending: list[Envelope] = []
+        self._arrived = Wakeup()
+        #: What the messages those came in weigh, decoded; past INBOUND_HIGH_WATER
+        #: the reader waits on _taken (made then) until the dispatcher takes them.
+        self.pending_bytes = 0
+        self._taken: Wakeup | None = None
+
+    @property
+    def has_tasks(self) -> bool:
+        """True if the application has per-connection tasks (they need a nursery)."""
+        return bool(self._application.session_tasks)
+
+    @property
+    def backlogged(self) -> bool:
+        """True while what waits weighs more than the bound."""
+        return self.pending_bytes > INBOUND_HIGH_WATER
+
+    def put(self, envelope: Envelope) -> None:
+        """The reader hands over ``hello`` or a new sequenced envelope."""
+        self._pending.append(envelope)
+        self._arrived.set()
+
+    def weigh(self, weight: int) -> None:
+        """A message is read: what it decoded to is counted while any of it waits."""
+        if self._pending:
+            self.pending_bytes += weight
+
+    async def wait_taken(self, connection: Dispatched) -> None:
+        """Return once what waits is taken, or ``connection`` is closing: the reader
+        reads no more until then (TCP pushes back on the peer)."""
+        taken = self._taken
+        if taken is None:
+            taken = self._taken = Wakeup()
+        while self.pending_bytes > INBOUND_HIGH_WATER and not connection.closing:
+            await taken.wait()
+
+    def release(self) -> None:
+        """The connection is closing: a reader waiting in :meth:`wait_taken` returns."""
+        if self._taken is not None:
+            self._taken.set()
+
+    async def run(self, connection: Dispatched, nursery: trio.Nursery | None) -> None:
+        """Answer ``hello``, then every envelope in order, through ``connection``,
+        until cancelled; the application's per-connection tasks go into ``nursery``."""
+        timeout = self._node.config.hello_timeout
+        with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
+            (hello,) = await self._next()  # the reader waits for welcome
+        if waiting.cancelled_caught:
+            connection.close(CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT)
+            return
+        assert isinstance(hello, Hello)
+        session = await self._open(connection, hello)
+        if session is None:
+            return
+        connection.welcomed(session)
+        application = self._application
+        for hook in application.connect_hooks:
+            await hook(session)
+        if nursery is not None:  # there are per-connection tasks
+            for task in application.session_tasks:
+                nursery.start_soon(self._guard, connection, task, session)
+        arrived = self._arrived
+        while True:
+            # _next() inline: an idle connection's dispatcher waits one frame
+            # shallower (docs/benchmarks.md, "Idle").
+            while not self._pending:
+                await arrived.wait()
+            envelopes, self._pending = self._pending, []
+            self._took()
+            # Settings made while this task was busy are for envelopes taken here:
+            # kept, they would wake the next wait for nothing.
+            arrived.clear()
+            # Everything already read is processed before this task yields, so the
+            # write loop finds all the replies of one read queued, and sends them in
+            # one write.
+            for envelope in envelopes:
+                await self._process(connection, session, envelope)
+
+    async def disconnected(self, session: Session) -> None:
+        """Run the disconnect hooks: shielded and bounded, so that they run even when
+        the node shuts down, briefly."""
+        with trio.move_on_after(self._node.config.close_timeout) as scope:
+            scope.shield = True
+            for hook in self._application.disconnect_hooks:
+                try:
+                    await hook(session)
+                except Exception:
+                    logger.exception("disconnect hook failed")
+
+    async def _next(self) -> list[Envelope]:
+        """Every envelope the reader has handed over, in order; waits for one."""
+        while not self._pending:
+            await self._arrived.wait()
+        envelopes, self._pending = self._pending, []
+        self._took()
+        self._arrived.clear()
+        return envelopes
+
+    def _took(self) -> None:
+        self.pending_bytes = 0
+        if self._taken is not None:
+            self._taken.set()
+
+    async def _guard(self, connection: Dispatched, task: _Hook, session: Session) -> None:
+        # The root of each of the application's per-connection tasks.
+        try:
+            await task(session)
+        except Exception:
+            connection.crashed()
+
+    async def _open(self, connection: Dispatched, hello: Hello) -> Session | None:
+        """Authenticate the client and resume or make its session (welcome.py); the
+        connection queues ``welcome`` and what to resend. None if closing instead."""
+        node = self._node
+        try:
+            identity = await authenticate(node.authenticator, hello.token, self._verified)
+        except Unauthorized as exc:
+            connection.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
+            return None
+        opened = await open_session(node, connection, hello, identity)
+        if opened is None:
+            return None
+        session = connection.opened(opened)
+        await follow_user_topic(session)
+        return session
+
+    async def _process(self, connection: Dispatched, session: Session, envelope: Envelope) -> None:
+        assert isinstance(envelope, Sequenced)
+        data: Any = None
+        error: ErrorInfo | None = None
+        metrics = self._node.metrics
+        if isinstance(envelope, Msg):
+            handler = self._application.handlers.get(envelope.event or "")
+            if handler is None:
+                error = ErrorInfo("unknown_event", f"no handler for event {envelope.event!r}")
+            else:
+                started = trio.current_time()
+                outcome = "ok"
+                try:
+                    data = await handler(session, envelope.data)
+                except SessionClosed:
+                    # The handler's own session closed under it (4004, kick...): the
+                    # envelope is not processed and there is no one to reply to.
+                    metrics.handler_outcome["closed"].observe(trio.current_time() - started)
+                    return
+                except HandlerError as exc:
+                    error, outcome = ErrorInfo(exc.code, exc.reason), "error"
+                    if value_error([exc.code, exc.reason]) is not None or not (
+                        isinstance(exc.code, str) and isinstance(exc.reason, str)
+                    ):
+                        logger.error("a HandlerError's code and reason are strings: %r", exc)
+                        error, outcome = ErrorInfo("internal", "internal error"), "exception"
+                except Exception:
+                    connection.internal_error(f"handler for {envelope.event!r} failed")
+                    error, outcome = ErrorInfo("internal", "internal error"), "exception"
+                metrics.handler_outcome[outcome].observe(trio.current_time() - started)
+        else:
+            try:
+                data, error = await self._node.topic_operation(session, envelope)
+            except SessionClosed:
+                return  # as for a handler: not processed, no one to reply to
+            except BrokerUnavailable as exc:
+                error = ErrorInfo("unavailable", str(exc))
+            except Exception:
+                connection.internal_error(f"{envelope.type} failed")
+                error = ErrorInfo("internal", "internal error")
+        connection.answer(session, envelope.seq, data, error)
