@@ -188,7 +188,7 @@ class Connection:
         self._ack_timer: Timer | None = None
         self._heartbeat: Heartbeat | None = None
         if config.heartbeat_interval is not None:
-            self._heartbeat = Heartbeat(self, config, self._timers, metrics)
+            self._heartbeat = Heartbeat(self)
         self._tokens: TokenWatch | None = None  # on nodes that check tokens
         if hub.authenticator is not None:
             self._tokens = TokenWatch(hub.authenticator, self._timers, self)
@@ -229,6 +229,22 @@ class Connection:
     def codec(self) -> Codec:
         """The connection's encoding."""
         return self._codec
+
+    @property
+    def config(self) -> Config:
+        """The node's settings."""
+        return self._config
+
+    @property
+    def metrics(self) -> Metrics:
+        """The node's metrics."""
+        return self._metrics
+
+    @property
+    def timers(self) -> Timers:
+        """The timers of this connection's deadlines: the node's, or its own when the
+        node's are not running."""
+        return self._timers
 
     @property
     def backlogged(self) -> bool:

@@ -30,6 +30,21 @@ class Beating(Protocol):
     """What the heartbeat needs of its connection."""
 
     @property
+    def config(self) -> Config:
+        """The node's settings (``heartbeat_interval`` is set)."""
+        ...
+
+    @property
+    def timers(self) -> Timers:
+        """The timers the heartbeat runs on (the node's, or the connection's own)."""
+        ...
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where the round trips go (``wsgate_heartbeat_rtt_seconds``)."""
+        ...
+
+    @property
     def closing(self) -> bool:
         """True from the decision to close on."""
         ...
@@ -55,31 +70,17 @@ class Beating(Protocol):
 class Heartbeat:
     """The pings and the liveness deadline of one connection.
 
+    It asks its connection for the settings, the timers and the metrics rather than
+    keeping them: one object per connection, kept small.
+
     Args:
         connection: the connection it keeps alive.
-        config: the node's settings (``heartbeat_interval`` is set).
-        timers: the timers it runs on (the node's, or the connection's own).
-        metrics: where the round trips go (``wsgate_heartbeat_rtt_seconds``).
     """
 
-    __slots__ = (
-        "_config",
-        "_connection",
-        "_liveness_timer",
-        "_metrics",
-        "_ping_timer",
-        "_pings",
-        "_timers",
-        "last_seen",
-    )
+    __slots__ = ("_connection", "_liveness_timer", "_ping_timer", "_pings", "last_seen")
 
-    def __init__(
-        self, connection: Beating, config: Config, timers: Timers, metrics: Metrics
-    ) -> None:
+    def __init__(self, connection: Beating) -> None:
         self._connection = connection
-        self._config = config
-        self._timers = timers
-        self._metrics = metrics
         self._ping_timer: Timer | None = None
         self._liveness_timer: Timer | None = None
         self._pings: list[tuple[int, float]] = []  # (ts, sent at), the 4 newest
@@ -91,19 +92,20 @@ class Heartbeat:
         interval = self._interval()
         now = trio.current_time()
         self.last_seen = now
-        self._liveness_timer = self._timers.call_at(
-            self._late(now + interval + self._config.heartbeat_timeout), self._check_liveness
+        self._liveness_timer = self._connection.timers.call_at(
+            self._late(now + interval + self._connection.config.heartbeat_timeout),
+            self._check_liveness,
         )
 
     def start_pings(self) -> None:
         """Pings belong to a session: the first goes an interval after ``welcome``."""
         if not self._connection.closing:
             when = self._early(trio.current_time() + self._interval())
-            self._ping_timer = self._timers.call_at(when, self._ping)
+            self._ping_timer = self._connection.timers.call_at(when, self._ping)
 
     def stop(self) -> None:
         """No more pings or checks (the connection is closing)."""
-        timers = self._timers
+        timers = self._connection.timers
         timers.cancel(self._ping_timer)
         timers.cancel(self._liveness_timer)
         self._ping_timer = self._liveness_timer = None
@@ -114,16 +116,16 @@ class Heartbeat:
             for index, (pinged, sent) in enumerate(self._pings):
                 if pinged == ts:
                     del self._pings[index]
-                    self._metrics.heartbeat_rtt.observe(trio.current_time() - sent)
+                    self._connection.metrics.heartbeat_rtt.observe(trio.current_time() - sent)
                     return
 
     def _interval(self) -> float:
-        interval = self._config.heartbeat_interval
+        interval = self._connection.config.heartbeat_interval
         assert interval is not None
         return interval
 
     def _slack(self) -> float:
-        return min(self._config.heartbeat_slack, self._interval() / 10)
+        return min(self._connection.config.heartbeat_slack, self._interval() / 10)
 
     def _early(self, when: float) -> float:
         slack = self._slack()
@@ -142,7 +144,9 @@ class Heartbeat:
             self._pings.append((ts, now))
             if len(self._pings) > 4:  # unanswered pings are forgotten
                 del self._pings[0]
-            self._ping_timer = self._timers.call_at(self._early(now + self._interval()), self._ping)
+            self._ping_timer = self._connection.timers.call_at(
+                self._early(now + self._interval()), self._ping
+            )
             self._connection.send_control(Ping(ts))
         except Exception:
             self._connection.crashed()
@@ -153,11 +157,13 @@ class Heartbeat:
         connection = self._connection
         if connection.backlogged:
             self.last_seen = trio.current_time()  # not silent: not read
-        deadline = self.last_seen + self._interval() + self._config.heartbeat_timeout
+        deadline = self.last_seen + self._interval() + self._connection.config.heartbeat_timeout
         if trio.current_time() >= deadline:
             self._liveness_timer = None
             connection.close(
                 CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
             )
         else:
-            self._liveness_timer = self._timers.call_at(self._late(deadline), self._check_liveness)
+            self._liveness_timer = self._connection.timers.call_at(
+                self._late(deadline), self._check_liveness
+            )
