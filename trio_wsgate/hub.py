@@ -137,6 +137,9 @@ class Hub:
     ) -> None:
         self.gateway = gateway
         self.config = config
+        #: The unacknowledged bytes a session may hold (``max_buffered_bytes``): an
+        #: attribute, read on every envelope a session sends.
+        self.max_buffered_bytes = config.max_buffered_bytes
         self.metrics = metrics
         self.broker: Broker = broker or MemoryBroker(
             config.history_size,
@@ -227,11 +230,6 @@ class Hub:
         self.sessions[session.id] = session
         if session.user is not None:
             self.users.setdefault(session.user, set()).add(session)
-
-    @property
-    def max_buffered_bytes(self) -> int:
-        """The unacknowledged bytes a session may hold (``max_buffered_bytes``)."""
-        return self.config.max_buffered_bytes
 
     def _unregister(self, session: Session) -> None:
         self.release_held(session)

@@ -423,10 +423,9 @@ class Session:
                 connection.enqueue_sequenced(payload)
             if not hub.live_check_armed:
                 hub.arm_live_check()
-            limit = hub.max_buffered_bytes
-            if connection.backlogged:
-                limit *= 2  # its acks wait behind what the node has not read yet
-            if outbox.nbytes > limit:
+            nbytes, limit = outbox.nbytes, hub.max_buffered_bytes
+            # Twice the bound while its acks wait behind what the node has not read yet.
+            if nbytes > limit and (nbytes > 2 * limit or not connection.backlogged):
                 # Over what a session may keep for a resume: it ends now, and what it
                 # held goes with it, not when its connection is released.
                 connection.close(CloseCode.SLOW_CONSUMER, "slow consumer")
