@@ -131,9 +131,10 @@ class FakeNode:
 
 @asynccontextmanager
 async def connected(
-    node: FakeNode, application: FakeApplication
+    node: FakeNode, application: FakeApplication, verified: Identity | None = None
 ) -> AsyncIterator[tuple[RawClient, list[Connection]]]:
-    """A raw client, and the connection serving it (once its handshake is done)."""
+    """A raw client, and the connection serving it (once its handshake is done);
+    ``verified``: who a token given with the handshake said the client is."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     served: list[Connection] = []
 
@@ -152,6 +153,7 @@ async def connected(
             node.config,
             node.metrics,
             node,
+            verified,
         )
         served.append(connection)
         await connection.run()
@@ -251,33 +253,13 @@ async def test_a_token_from_the_handshake_is_who_the_session_is(
 
     node = FakeNode(settings())
     node.authenticator = Verifier()
-    application = FakeApplication()
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-
-    async def accept(request: UpgradeRequest) -> Accept:
-        return Accept(JSON_SUBPROTOCOL)
-
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            handshake = await accept_websocket(server_stream, decide=accept, max_message_size=65536)
-            assert isinstance(handshake, Handshake)
-            connection = Connection(
-                handshake.transport,
-                shared_codec(JSON_SUBPROTOCOL),
-                application,
-                node.config,
-                node.metrics,
-                node,
-                Identity("ann", deadline=trio.current_time() + 30),
-            )
-            await connection.run()
-
-        nursery.start_soon(serve)
-        client = await RawClient.connect(client_stream, subprotocols=[JSON_SUBPROTOCOL])
+    verified = Identity("ann", deadline=trio.current_time() + 30)
+    async with connected(node, FakeApplication(), verified) as (client, served):
         start = trio.current_time()
         await client.hello()
+        (connection,) = served
+        assert connection.session is not None
+        assert connection.session.user == "ann"
         # The handshake's token expires 30 s after it was verified: 4001 then.
         assert await client.wait_closed() == (4001, "unauthorized: token expired")
         assert trio.current_time() - start == pytest.approx(30)
-        await trio.aclose_forcefully(client_stream)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .hub import Hub
     from .metrics import Metrics
 
-__all__ = ["AdminApp", "probe"]
+__all__ = ["AdminApp", "Answer", "ApiError", "Counts", "HttpApp", "probe"]
 
 logger = logging.getLogger("trio_wsgate.admin")
 
@@ -147,15 +147,27 @@ _API: dict[str, tuple[str, str]] = {
 }
 
 
-class AdminApp:
-    """ASGI app answering ``/healthz``, ``/readyz``, ``/metrics`` and ``/api/*``.
+class Counts(Protocol):
+    """Where an HTTP app counts its internal errors (``wsgate_internal_errors_total``)."""
+
+    def inc(self, amount: float = 1) -> None:
+        """Count ``amount`` more."""
+        ...
+
+
+class HttpApp:
+    """An ASGI app that answers plain HTTP with :meth:`handle`, and refuses WebSockets.
 
     Args:
-        server: the node whose state it reports and whose hub it drives.
+        internal_errors: counts the requests whose answer crashed (they get 500).
     """
 
-    def __init__(self, server: AdminNode) -> None:
-        self._server = server
+    def __init__(self, internal_errors: Counts) -> None:
+        self._internal_errors = internal_errors
+
+    async def handle(self, scope: Scope, receive: Receive) -> Answer:
+        """Answer one request: ``(status, body, content type, extra headers)``."""
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -186,7 +198,7 @@ class AdminApp:
         try:
             status, body, content_type, extra = await self.handle(scope, receive)
         except Exception:  # the root of the request: log once, count, answer
-            self._server.metrics.internal_errors.inc()
+            self._internal_errors.inc()
             logger.exception("internal error answering %s %s", scope["method"], scope["path"])
             status, body, content_type, extra = _json(
                 500, {"error": "internal", "reason": "internal error"}
@@ -226,7 +238,7 @@ class AdminApp:
         app, hconfig = ASGIWrapper(framework), HypercornConfig()
         hconfig.accesslog = None  # /api requests carry the API key
         hconfig.errorlog = logger
-        metrics = self._server.metrics
+        internal_errors = self._internal_errors
 
         async def serve_connection(stream: trio.SocketStream) -> None:
             try:
@@ -234,16 +246,29 @@ class AdminApp:
             except OSError:  # the peer left before we looked
                 await trio.aclose_forcefully(stream)
                 return
-            remote = f"{peer[0]}:{peer[1]}"
+            # A worker's admin socket (a Unix socket) has no peer address.
+            remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "local"
             try:
                 await serve_hypercorn_stream(app, hconfig, stream, remote)
             except Exception:  # the root of the connection's task: log once, count, go on
-                metrics.internal_errors.inc()
+                internal_errors.inc()
                 logger.exception("internal error serving %s on the admin port", remote)
             finally:
                 await trio.aclose_forcefully(stream)
 
         await trio.serve_listeners(serve_connection, list(listeners))
+
+
+class AdminApp(HttpApp):
+    """ASGI app answering ``/healthz``, ``/readyz``, ``/metrics`` and ``/api/*``.
+
+    Args:
+        server: the node whose state it reports and whose hub it drives.
+    """
+
+    def __init__(self, server: AdminNode) -> None:
+        super().__init__(server.metrics.internal_errors)
+        self._server = server
 
     async def handle(self, scope: Scope, receive: Receive) -> Answer:
         """Answer one request: ``(status, body, content type, extra headers)``."""

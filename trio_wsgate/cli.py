@@ -25,6 +25,7 @@ from .config import Config, SlowConsumerPolicy, TransportKind, UserLimitPolicy
 from .gateway import Gateway
 from .logs import install_redaction
 from .server import Server
+from .workers import WORKER_ENV, Supervisor
 
 __all__ = ["build_parser", "config_from_args", "load_app", "main"]
 
@@ -89,6 +90,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max-message-size", "max_message_size", int, "largest message accepted, bytes"),
     ("admin-host", "admin_host", str, "address of the admin port"),
     ("admin-port", "admin_port", int, "admin port (0 turns it off)"),
+    ("admin-socket", "admin_socket", str, "serve the admin endpoints on this Unix socket instead"),
     ("keepalive-idle", "keepalive_idle", int, "TCP keepalive idle, seconds"),
     ("keepalive-interval", "keepalive_interval", int, "TCP keepalive interval, seconds"),
     ("keepalive-count", "keepalive_count", int, "TCP keepalive probes"),
@@ -176,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text}; WSGATE_{flag.upper().replace('-', '_')} takes a comma-separated list"
             + (f" (default {env})" if env else ""),
         )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("workers") or 1),
+        help="node processes on one port, sharing a Redis (a private one without --redis)"
+        " (default %(default)s)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_env("reuse-port") in ("1", "true", "yes"),
+        help="listen with SO_REUSEPORT, beside other processes on the same port",
+    )
     serve.add_argument(
         "--open-api",
         action="store_true",
@@ -321,6 +336,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
         settings[field] = tuple(given)
     settings["open_api"] = args.open_api
+    settings["reuse_port"] = args.reuse_port
     settings["compression"] = args.compression
     return Config(**settings)
 
@@ -349,9 +365,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "raw-echo":
         _raw_echo(args)
         return
+    worker = os.environ.get(WORKER_ENV)  # set by the supervisor of --workers
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s "
+        + (f"[worker {worker}] " if worker else "")
+        + "%(name)s: %(message)s",
     )
     try:
         config = config_from_args(args)
@@ -360,6 +379,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     install_redaction(
         s for s in (config.secret, config.jwt_secret, config.api_key, config.redis_url) if s
     )
+    if args.workers != 1:
+        try:
+            supervisor = Supervisor(sys.argv[1:] if argv is None else argv, config, args.workers)
+        except ValueError as exc:
+            raise SystemExit(f"trio-wsgate: {exc}") from None
+        sys.exit(supervisor.serve())
     if args.app:
         sys.path.insert(0, os.getcwd())
         gateway = load_app(args.app)

@@ -49,6 +49,9 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    #: Listen with ``SO_REUSEPORT``, beside other processes listening on the same port
+    #: (the workers of ``--workers``): the kernel spreads connections across them.
+    reuse_port: bool = False
     path: str = "/ws"
     heartbeat_interval: float | None = 25.0
     heartbeat_timeout: float = 10.0
@@ -67,6 +70,9 @@ class Config:
     admin_host: str = "127.0.0.1"
     #: ``None`` turns the admin port off; 0 picks a free port.
     admin_port: int | None = 8001
+    #: Serve the admin endpoints on this Unix socket instead of the admin port (how a
+    #: worker of ``--workers`` answers its supervisor).
+    admin_socket: str | None = None
     keepalive_idle: int = 60
     keepalive_interval: int = 5
     keepalive_count: int = 3

@@ -27,6 +27,7 @@ from .files import CLIENT_PATH, StaticFile, client_file
 from .gateway import Gateway
 from .hub import Hub
 from .limits import ConnectionCounts, TokenBucket
+from .listeners import open_tcp_listeners, open_unix_listener
 from .metrics import Metrics
 from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason, shared_codec
 from .transports.base import Accept, Refusal, Transport, UpgradeRequest, remote_ip
@@ -469,7 +470,9 @@ class Server:
             handle_signals: drain on SIGTERM/SIGINT; a second signal stops at once.
         """
         config = self.config
-        self._listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        self._listeners = await open_tcp_listeners(
+            config.port, config.host, reuse_port=config.reuse_port
+        )
         self.listen_addresses = [
             (str(name[0]), int(name[1]))
             for name in (listener.socket.getsockname() for listener in self._listeners)
@@ -479,7 +482,7 @@ class Server:
             handler_nursery: trio.Nursery = await root.start(_open_connections_nursery)
             await root.start(self.hub.run)  # the broker is ready before the first client
             root.start_soon(self._accept, handler_nursery)
-            if config.admin_port is not None:
+            if config.admin_port is not None or config.admin_socket is not None:
                 await root.start(self._serve_admin)
             if handle_signals:
                 root.start_soon(self._watch_signals)
@@ -497,12 +500,15 @@ class Server:
         # Not hypercorn.trio.serve: one admin connection's error would end the node
         # (pgjones/hypercorn#225). AdminApp.serve contains each connection's failure.
         config = self.config
-        assert config.admin_port is not None  # started only with an admin port
-        listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
-        self.admin_addresses = [
-            (str(name[0]), int(name[1]))
-            for name in (listener.socket.getsockname() for listener in listeners)
-        ]
+        if config.admin_socket is not None:  # a worker, answering its supervisor
+            listeners = [await open_unix_listener(config.admin_socket)]
+        else:
+            assert config.admin_port is not None  # started only with an admin port
+            listeners = await trio.open_tcp_listeners(config.admin_port, host=config.admin_host)
+            self.admin_addresses = [
+                (str(name[0]), int(name[1]))
+                for name in (listener.socket.getsockname() for listener in listeners)
+            ]
         task_status.started()
         await AdminApp(self).serve(listeners)
 
