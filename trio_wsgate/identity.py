@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Identity"]
+__all__ = ["ANONYMOUS", "Identity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +29,8 @@ class Identity:
     deadline: float | None = None
     topics: tuple[str, ...] = ()
     claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Every anonymous client's identity (on a node without an authenticator, and a new
+#: session's until its connection says who it is): one object, shared, read-only.
+ANONYMOUS = Identity(None, claims=MappingProxyType({}))

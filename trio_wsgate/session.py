@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 
 from .exceptions import SessionClosed, SlowConsumer
-from .identity import Identity
+from .identity import ANONYMOUS, Identity
 from .protocol import (
     CloseCode,
     CloseReason,
@@ -284,7 +284,7 @@ class Session:
         #: The authenticated user, or None on an anonymous node.
         self.user = user
         #: The verified token's identity (claims, topics patterns); updated by ``refresh``.
-        self.identity = Identity(user)
+        self.identity = ANONYMOUS if user is None else Identity(user)
         #: The topics the session follows, and where it stands in each.
         self.subscriptions: dict[str, Subscription] = {}
         #: Free for the application's own per-session data; kept across resumes.

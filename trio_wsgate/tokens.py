@@ -15,7 +15,7 @@ import trio
 
 from .auth import Authenticator, identify
 from .exceptions import Unauthorized
-from .identity import Identity
+from .identity import ANONYMOUS, Identity
 from .protocol import CloseCode, CloseReason
 from .session import Session
 from .timers import Timer, Timers
@@ -34,7 +34,7 @@ async def authenticate(
         Unauthorized: the token is refused (the connection closes with 4001).
     """
     if authenticator is None:
-        return Identity(None)
+        return ANONYMOUS
     if token is None and verified is not None:
         return verified
     return await identify(authenticator, token)
