@@ -16,6 +16,7 @@ import trio
 from trio.testing import MockClock
 
 from trio_wsgate import BrokerUnavailable, Config, JwtAuthenticator, Server
+from trio_wsgate.brokers.base import Publication
 from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker
 from trio_wsgate.testing import RawClient, open_memory_connection
 
@@ -155,6 +156,43 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
         with trio.fail_after(5):
             (late,) = await msgs(ada, 1)
         assert (late["offset"], late["data"]) == (4, "lost 4")
+
+
+async def test_lost_pubsub_connections_never_use_up_the_commands_connections(
+    redis_server: RedisServer,
+) -> None:
+    """coredis 6.9 keeps a pool slot for each pooled connection that broke while lent
+    out, as a pub/sub's is: on the commands' client, 64 such losses left every command
+    waiting forever. The pub/sub now has a client of its own per connection; here the
+    commands may use 2 connections, and the pub/sub is cut 6 times."""
+    received: list[Any] = []
+    all_six = trio.Event()
+
+    def receive(publication: Publication) -> None:
+        received.append(publication.data)
+        if len(received) == 6:
+            all_six.set()
+
+    broker = RedisBroker(redis_server.url, health_interval=0.2, max_connections=2)
+    broker.bind(receive)
+    async with (
+        trio.open_nursery() as nursery,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+        await nursery.start(broker.run)
+        await broker.subscribe("t")
+        for n in range(6):
+            with trio.fail_after(10):  # the node's pub/sub is there again
+                while not await redis.client_list(type_=coredis.PureToken.PUBSUB):  # noqa: ASYNC110 - Redis's state
+                    await trio.sleep(0.05)
+            assert await redis.client_kill(type_=coredis.PureToken.PUBSUB) == 1
+            with trio.fail_after(10):
+                await broker.publish("t", n)  # waited forever from the third cut on
+        broker.sync_interval = 0.2  # what pub/sub missed while cut comes from the log
+        with trio.fail_after(10):
+            await all_six.wait()
+        assert received == list(range(6))
+        nursery.cancel_scope.cancel()
 
 
 def test_redis_settings_stay_out_of_reprs() -> None:

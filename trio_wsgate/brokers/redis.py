@@ -203,6 +203,7 @@ class RedisBroker:
         unreachable_after: pings in a row left unanswered (each for ``health_interval``,
             at least a second) before Redis counts as lost. A refused or broken
             connection counts at once.
+        max_connections: connections the node's commands may use at once.
     """
 
     shared = True
@@ -220,6 +221,7 @@ class RedisBroker:
         command_timeout: float = 2.0,
         max_backoff: float = 5.0,
         unreachable_after: int = 3,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
         self.history_size = history_size
@@ -231,6 +233,7 @@ class RedisBroker:
         self.command_timeout = command_timeout
         self.max_backoff = max_backoff
         self.unreachable_after = unreachable_after
+        self.max_connections = max_connections
         #: True while Redis answers (``/readyz`` says "degraded" otherwise).
         self.healthy = False
         self._healthy_again = trio.Event()
@@ -285,7 +288,7 @@ class RedisBroker:
         # The health check pings on a connection of its own, so that its answer does
         # not wait behind a burst of commands on the shared ones.
         async with (
-            coredis.Redis.from_url(self.url) as client,
+            coredis.Redis.from_url(self.url, max_connections=self.max_connections) as client,
             coredis.Redis.from_url(self.url, max_connections=1) as health,
         ):
             self._client = client
@@ -295,7 +298,7 @@ class RedisBroker:
                     # Ready once the first ping is answered or failed: /readyz then
                     # says whether Redis is there from the node's first moment.
                     await nursery.start(self._watch_health, health)
-                    await nursery.start(self._listen_forever, client)
+                    await nursery.start(self._listen_forever)
                     nursery.start_soon(self._refresh_presence)
                     nursery.start_soon(self._check_positions)
                     self._ready.set()
@@ -303,16 +306,21 @@ class RedisBroker:
             finally:
                 self._client = self._pubsub = self._nursery = None
 
-    async def _listen_forever(
-        self, client: coredis.Redis[bytes], *, task_status: trio.TaskStatus[None]
-    ) -> None:
+    async def _listen_forever(self, *, task_status: trio.TaskStatus[None]) -> None:
         """One pub/sub connection at a time, subscribed to every channel we want.
 
         When Redis is lost (the health check says so), the connection is dropped and,
         once Redis answers again, a new one subscribes everything anew; then the
         positions are checked, so what was published meanwhile is delivered from the
-        logs. (coredis reconnects a pub/sub by itself too, but it may take its
-        keepalive interval to notice that Redis went away.)
+        logs.
+
+        Each pub/sub connection comes from a client of its own, closed with it, and
+        coredis does not reconnect it by itself (``retry_policy=None``): a lost pub/sub
+        connection ends it here, and the loop makes a new one. coredis 6.9 keeps a pool
+        slot for every pooled connection that broke while lent out, as a pub/sub's
+        always is; on the commands' client, 64 lost pub/sub connections left every
+        command waiting for a slot (tests/test_redis.py). (Its own reconnection would
+        also have lost what was published meanwhile until the next position check.)
         """
         started = False
         while True:
@@ -328,7 +336,10 @@ class RedisBroker:
             channels = [self._control_channel, *map(self._channel, self._positions)]
             try:
                 with scope:
-                    async with client.pubsub(channels=channels) as pubsub:
+                    async with (
+                        coredis.Redis.from_url(self.url, max_connections=2) as listener,
+                        listener.pubsub(channels=channels, retry_policy=None) as pubsub,
+                    ):
                         self._pubsub = pubsub
                         if not started:
                             started = True

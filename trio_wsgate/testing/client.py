@@ -99,7 +99,13 @@ class RawClient:
         await self.send_raw(payload, binary=codec.binary)
 
     async def send_raw(self, payload: bytes, *, binary: bool) -> None:
-        """Send one message of the given frame kind, whatever it holds."""
+        """Send one message of the given frame kind, whatever it holds.
+
+        Raises:
+            Closed: the server's close frame has come (nothing more can be sent).
+        """
+        if self.close_code is not None:
+            raise Closed(self.close_code, self.close_reason)
         if binary:
             self.protocol.send_binary(payload)
         else:
