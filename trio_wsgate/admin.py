@@ -50,20 +50,26 @@ JSON = "application/json"
 _BODY_MARGIN = 4096
 
 
-def probe(path: str, ready: bool, degraded: bool = False) -> tuple[int, str] | None:
+def probe(
+    path: str, ready: bool, degraded: bool = False, shards: Sequence[str] = ()
+) -> tuple[int, str] | None:
     """Answer the load balancers' probes, on either port: ``(status, body)``.
 
     ``/healthz`` is 200 while the process serves; ``/readyz`` is 200 while it
     accepts connections and 503 while it drains (docs/protocol.md §9). While the broker
     cannot be reached, ``/readyz`` stays 200 (a Redis blip must not empty the load
-    balancer) and says ``degraded`` in its body. Other paths: None.
+    balancer) and says ``degraded`` in its body, with the ``shards`` of a sharded
+    broker that are down. Other paths: None.
     """
     if path == "/healthz":
         return 200, "ok\n"
     if path == "/readyz":
         if not ready:
             return 503, "draining\n"
-        return 200, "ready (degraded: the broker is unreachable)\n" if degraded else "ready\n"
+        if not degraded:
+            return 200, "ready\n"
+        which = f" (shards {', '.join(shards)})" if shards else ""
+        return 200, f"ready (degraded: the broker is unreachable{which})\n"
     return None
 
 
@@ -93,6 +99,11 @@ class AdminNode(Protocol):
     @property
     def degraded(self) -> bool:
         """True while the broker cannot be reached."""
+        ...
+
+    @property
+    def unreachable(self) -> list[str]:
+        """The shards of a sharded broker that cannot be reached."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -283,7 +294,7 @@ class AdminApp(HttpApp):
                 return answer
         if method not in ("GET", "HEAD"):
             return 405, b"Method Not Allowed\n", TEXT, [(b"allow", b"GET, HEAD")]
-        probed = probe(path, self._server.ready, self._server.degraded)
+        probed = probe(path, self._server.ready, self._server.degraded, self._server.unreachable)
         if probed is not None:
             return probed[0], probed[1].encode(), TEXT, []
         if path == "/metrics":

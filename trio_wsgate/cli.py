@@ -111,7 +111,6 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("history-bytes", "history_bytes", int, "bytes of history of all topics (in memory)"),
     ("api-key", "api_key", str, "key of the server API (Authorization: apikey KEY)"),
     ("node-id", "node_id", str, "this node's name in /api/stats (default host-pid-random)"),
-    ("redis", "redis_url", str, "redis://host:port/db: nodes sharing it act as one gateway"),
     ("redis-prefix", "redis_prefix", str, "prefix of the gateway's Redis keys and channels"),
     ("transport", "transport", TransportKind, "websockets, trio-websocket or asgi"),
     ("handshake-timeout", "handshake_timeout", float, "bound on the opening handshake, seconds"),
@@ -138,6 +137,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
 _SECRET_FLAGS = frozenset({"secret", "jwt-secret", "api-key", "redis"})
 # Repeatable flags; from the environment, a comma-separated list.
 _LIST_FLAGS: list[tuple[str, str, str]] = [
+    (
+        "redis",
+        "redis_url",
+        "redis://host:port/db (or unix:///path): the nodes sharing it act as one gateway;"
+        " given several times, topics and sessions are sharded across them",
+    ),
     ("allow-subscribe", "allow_subscribe", "topic glob any client may subscribe to (repeatable)"),
     ("allow-publish", "allow_publish", "topic glob any client may publish to (repeatable)"),
     ("allowed-origin", "allowed_origins", "an Origin allowed to connect, exact (repeatable)"),
@@ -174,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
             dest=field,
             action="append",
             default=None,
-            metavar="PATTERN",
+            metavar="URL" if flag == "redis" else "PATTERN",
             help=f"{text}; WSGATE_{flag.upper().replace('-', '_')} takes a comma-separated list"
-            + (f" (default {env})" if env else ""),
+            + (f" (default {env})" if env and flag not in _SECRET_FLAGS else ""),
         )
     serve.add_argument(
         "--workers",
@@ -335,6 +340,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if given is None:
             given = [p.strip() for p in (_env(flag) or "").split(",") if p.strip()]
         settings[field] = tuple(given)
+    settings["redis_url"] = ",".join(settings["redis_url"]) or None
     settings["open_api"] = args.open_api
     settings["reuse_port"] = args.reuse_port
     settings["compression"] = args.compression
@@ -377,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
     install_redaction(
-        s for s in (config.secret, config.jwt_secret, config.api_key, config.redis_url) if s
+        s for s in (config.secret, config.jwt_secret, config.api_key, *config.redis_urls) if s
     )
     if args.workers != 1:
         try:

@@ -132,10 +132,18 @@ class Config:
     open_api: bool = False
     #: This node's name in ``/api/stats`` and logs; None picks ``host-pid-random``.
     node_id: str | None = None
-    #: ``redis://host:port/db``: the nodes sharing it act as one gateway. None keeps
+    #: ``redis://host:port/db`` (or ``unix:///path``): the nodes sharing it act as one
+    #: gateway. Several, separated by commas, shard the topics and sessions across
+    #: them (brokers/sharded.py; every node lists them in the same order). None keeps
     #: everything in this process (the in-memory broker). Never printed (it may hold a
     #: password).
     redis_url: str | None = field(default=None, repr=False)
+
+    @property
+    def redis_urls(self) -> list[str]:
+        """The Redis instances of :attr:`redis_url`, in order (none: in memory)."""
+        return [url.strip() for url in (self.redis_url or "").split(",") if url.strip()]
+
     #: The prefix of every Redis key and channel, so that several gateways can share one
     #: Redis.
     redis_prefix: str = "wsgate"

@@ -57,6 +57,7 @@ import trio
 from .auth import Authenticator
 from .batching import Batcher
 from .brokers import Broker, History, MemoryBroker, Publication
+from .brokers.sharded import ShardedBroker
 from .exceptions import BrokerUnavailable, SessionClosed
 from .protocol import (
     CloseCode,
@@ -199,7 +200,15 @@ class Hub:
         metrics.sessions.set_function(lambda: float(len(self.sessions)))
         metrics.sessions_detached.set_function(lambda: float(self.detached_count()))
         metrics.topics.set_function(lambda: float(len(self.topics)))
-        metrics.broker_up.set_function(lambda: 1.0 if self.broker.healthy else 0.0)
+        metrics.broker_health = self.broker_health
+
+    def broker_health(self) -> dict[str, bool]:
+        """Whether the broker can be reached: ``{"": up}``, or ``{shard: up}`` for each
+        shard of a sharded one."""
+        broker = self.broker
+        if isinstance(broker, ShardedBroker):
+            return broker.health()
+        return {"": broker.healthy}
 
     # -- tokens -----------------------------------------------------------------------
 

@@ -13,11 +13,16 @@ bounded (:meth:`Metrics.close_code_label`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -106,6 +111,25 @@ class _Family(Collector):
                     buckets.append((le, cumulative))
                 family.add_metric([value], buckets, child.sum)
             yield family
+
+
+class _BrokerUp(Collector):
+    """``wsgate_broker_up``: one sample, or one per shard of a sharded broker."""
+
+    def __init__(self, health: Callable[[], Mapping[str, bool]]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Metric]:
+        health = self._health()
+        sharded = list(health) != [""]
+        family = GaugeMetricFamily(
+            "wsgate_broker_up",
+            "1 while the broker (Redis; each shard of a sharded one) can be reached, else 0.",
+            labels=["shard"] if sharded else None,
+        )
+        for shard, up in health.items():
+            family.add_metric([shard] if sharded else [], 1.0 if up else 0.0)
+        yield family
 
 
 class CloseCounter:
@@ -234,9 +258,10 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.broker_up = Gauge(
-            "wsgate_broker_up", "1 while the broker (Redis) can be reached, else 0.", registry=r
-        )
+        #: Whether the broker can be reached: ``{"": up}``, or for a sharded broker
+        #: ``{shard: up}`` (``wsgate_broker_up``, unlabelled or by ``shard``).
+        self.broker_health: Callable[[], Mapping[str, bool]] = lambda: {"": True}
+        r.register(_BrokerUp(lambda: self.broker_health()))
         self.sessions_migrated = Counter(
             "wsgate_sessions_migrated",
             "Sessions moved between nodes, by direction (in, out, parked by a draining node).",

@@ -20,6 +20,7 @@ import trio
 from .admin import AdminApp, probe
 from .auth import Authenticator, Identity, authenticator_from_settings, identify, token_from_request
 from .brokers import Broker
+from .brokers.sharded import ShardedBroker, shard_name
 from .config import Config, TransportKind
 from .connection import Connection
 from .exceptions import Unauthorized
@@ -93,15 +94,23 @@ class Server:
                 jwt_issuer=config.jwt_issuer,
             )
         )
-        if broker is None and config.redis_url is not None:
+        if broker is None and config.redis_urls:
             from .brokers.redis import RedisBroker  # coredis is imported only when used
 
-            broker = RedisBroker(
-                config.redis_url,
-                history_size=config.history_size,
-                history_ttl=config.history_ttl,
-                prefix=config.redis_prefix,
-            )
+            shards = [
+                RedisBroker(
+                    url,
+                    history_size=config.history_size,
+                    history_ttl=config.history_ttl,
+                    prefix=config.redis_prefix,
+                )
+                for url in config.redis_urls
+            ]
+            if len(shards) == 1:
+                broker = shards[0]
+            else:
+                names = [shard_name(url) for url in config.redis_urls]
+                broker = ShardedBroker(shards, names)
         #: The node's sessions, users and topics.
         self.hub = Hub(gateway, config, self.metrics, broker, self.authenticator)
         gateway._hub = self.hub
@@ -150,8 +159,14 @@ class Server:
 
     @property
     def degraded(self) -> bool:
-        """True while the broker cannot be reached (``/readyz`` says so, still 200)."""
+        """True while the broker (or a shard of it) cannot be reached (``/readyz`` says
+        so, still 200)."""
         return not self.hub.broker.healthy
+
+    @property
+    def unreachable(self) -> list[str]:
+        """The shards of a sharded broker that cannot be reached, by name."""
+        return [name for name, up in self.hub.broker_health().items() if not up and name]
 
     def _queue_depth(self) -> int:
         return sum(connection.queue_depth for connection in self.connections)
@@ -193,7 +208,7 @@ class Server:
         :class:`Admission` is counted against the limits until :meth:`release`.
         """
         config = self.config
-        answer = probe(request.path, self.ready, self.degraded)
+        answer = probe(request.path, self.ready, self.degraded, self.unreachable)
         if answer is not None:
             status, body = answer
             return Refusal(status, body, {"Retry-After": RETRY_AFTER} if status == 503 else {})

@@ -77,8 +77,11 @@ class Broker(Protocol):
     again after an outage, it tells the control receiver ``{"kind": "recovered"}``.
     """
 
-    #: False while the broker cannot be reached (``/readyz`` says so, still 200).
-    healthy: bool
+    @property
+    def healthy(self) -> bool:
+        """False while the broker cannot be reached (``/readyz`` says so, still 200)."""
+        ...
+
     #: True where other nodes share the broker, so a session this node holds can move
     #: to one of them (a draining node waits for its sessions to be asked for).
     shared: bool

@@ -1,0 +1,248 @@
+"""Several Redis instances as one broker (brokers/sharded.py): three real shards.
+
+Each test starts three redis-servers of its own on free ports (they skip without the
+binary, and fail under ``WSGATE_REQUIRE_REDIS=1``) and two nodes that list them in the
+same order. Topics are picked so that each lands on the shard the test needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_wsgate import Config, JwtAuthenticator, Server
+from trio_wsgate.brokers.sharded import ShardedBroker, jump_hash, shard_key, shard_name
+from trio_wsgate.testing import open_memory_connection
+
+from .conftest import make_gateway
+from .helpers import http_get
+from .redis_server import RedisServer, redis_binary
+from .test_auth import SECRET, now, token
+from .test_redis import park_one, user
+from .test_topics import Seq, msgs, offsets, request
+
+pytestmark = pytest.mark.redis
+
+
+# -- the hash ------------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(1, 50))
+def test_jump_hash_moves_a_key_only_to_a_new_bucket(key: int, buckets: int) -> None:
+    before, after = jump_hash(key, buckets), jump_hash(key, buckets + 1)
+    assert 0 <= before < buckets
+    assert after in (before, buckets)  # it stays, or goes to the bucket just added
+
+
+def test_jump_hash_spreads_names_evenly() -> None:
+    counts = [0, 0, 0]
+    for n in range(30_000):
+        counts[jump_hash(shard_key(f"room:{n}"), 3)] += 1
+    assert all(9_400 < count < 10_600 for count in counts), counts
+    assert shard_key("room:1") == shard_key("room:1")  # the same on every node and run
+
+
+def test_a_shard_is_named_by_its_address_never_its_password() -> None:
+    assert shard_name("redis://:hunter2@10.0.0.5:6380/0") == "10.0.0.5:6380"
+    assert shard_name("redis://user:pw@cache") == "cache:6379"
+    assert shard_name("unix:///run/redis.sock") == "/run/redis.sock"
+
+
+# -- three shards --------------------------------------------------------------------
+
+
+@pytest.fixture
+def shards() -> Iterator[list[RedisServer]]:
+    binary = redis_binary()
+    servers = [RedisServer(binary) for _ in range(3)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+
+
+def topic_on(shard: int, prefix: str = "room:") -> str:
+    """A topic name that lives on ``shard`` of three."""
+    return next(
+        f"{prefix}{n}" for n in range(1000) if jump_hash(shard_key(f"{prefix}{n}"), 3) == shard
+    )
+
+
+def node(shards: list[RedisServer], name: str, **settings: Any) -> Server:
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    settings.setdefault("allow_subscribe", ("room:*",))
+    settings.setdefault("allow_publish", ("room:*",))
+    urls = ",".join(server.url for server in shards)
+    config = Config(port=0, node_id=name, redis_url=urls, secret="s" * 32, **settings)
+    return Server(gateway, config)
+
+
+@asynccontextmanager
+async def sharded(
+    shards: list[RedisServer], **settings: Any
+) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
+    settings.setdefault("admin_port", None)
+    async with trio.open_nursery() as nursery:
+        servers = [node(shards, f"node-{i}", **settings) for i in range(2)]
+        for server in servers:
+            await nursery.start(server.serve)
+        yield nursery, servers
+        nursery.cancel_scope.cancel()
+
+
+async def test_topics_on_every_shard_cross_nodes_with_one_numbering_and_recover(
+    shards: list[RedisServer],
+) -> None:
+    async with sharded(shards) as (nursery, (a, b)):
+        assert isinstance(a.hub.broker, ShardedBroker)
+        topics = [topic_on(i) for i in range(3)]
+        async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
+            seq_a, seq_b = Seq(), Seq()
+            epochs = {}
+            for topic in topics:
+                reply = await request(ada, seq_a, "sub", topic=topic)
+                epochs[topic] = reply["data"]["epoch"]
+                await request(bob, seq_b, "sub", topic=topic)
+            for i in range(6):
+                topic = topics[i % 3]
+                publication = await (a, b)[i % 2].gateway.publish(topic, i)
+                assert publication.offset == i // 3 + 1  # each topic numbered by its shard
+            for client in (ada, bob):
+                got = await msgs(client, 6)
+                assert [(m["topic"], m["offset"], m["data"]) for m in got] == [
+                    (topics[i % 3], i // 3 + 1, i) for i in range(6)
+                ]
+            await ada.send({"type": "bye"})
+        # Each topic's history is on its shard: a client that saw offset 1 recovers.
+        for topic in topics:
+            await a.gateway.publish(topic, f"missed on {topic}")
+        async with user(b, nursery, "ada") as ada:
+            seq = Seq()
+            for topic in topics:
+                since = {"offset": 2, "epoch": epochs[topic]}
+                reply = await request(ada, seq, "sub", topic=topic, since=since)
+                assert reply["data"]["recovered"] is True
+            got = await msgs(ada, 3)
+            assert sorted((m["topic"], m["offset"], m["data"]) for m in got) == sorted(
+                (topic, 3, f"missed on {topic}") for topic in topics
+            )
+        # What lives where: each shard holds its own topic's keys, and only those.
+        for index, server in enumerate(shards):
+            async with coredis.Redis.from_url(server.url) as redis:
+                keys = {key.decode() for key in await redis.keys("wsgate:t:room:*:meta")}
+            assert keys == {f"wsgate:t:{topics[index]}:meta"}
+
+
+async def test_send_to_user_presence_kick_and_a_migrating_session_span_the_shards(
+    shards: list[RedisServer],
+) -> None:
+    async with sharded(shards) as (nursery, (a, b)):
+        async with (
+            user(a, nursery, "ada") as phone,
+            user(b, nursery, "ada") as laptop,
+            user(b, nursery, "bob") as bob,
+        ):
+            await b.gateway.send_to_user("ada", "hi", event="dm")
+            for device in (phone, laptop):
+                (dm,) = await msgs(device, 1)
+                assert (dm["topic"], dm["data"], dm["offset"]) == ("user:ada", "hi", 1)
+            room = topic_on(2)
+            await request(phone, Seq(), "sub", topic=room)
+            await request(bob, Seq(), "sub", topic=room)
+            assert sorted((await a.gateway.presence(room)).values()) == ["ada", "bob"]
+            assert await b.gateway.kick(user="ada") == 2
+            assert await phone.wait_closed() == (4005, "kicked")
+            assert await laptop.wait_closed() == (4005, "kicked")
+        # Sessions are sharded by id: each of several migrates from a to b.
+        for _ in range(4):
+            async with open_memory_connection(a, nursery) as old:
+                first = await old.hello(token=token("cy"))
+                await old.send({"type": "msg", "seq": 1, "event": "echo", "data": "x"})
+                await old.recv_type("reply")
+                resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+                async with open_memory_connection(b, nursery) as new:
+                    welcome = await new.hello(token=token("cy"), resume=resume)
+                    assert welcome["resumed"] is True
+                    assert welcome["session"] == first["session"]
+                    await new.send({"type": "bye"})
+        migrated = b.metrics.registry.get_sample_value(
+            "wsgate_resumes_total", {"result": "migrated"}
+        )
+        taken = b.metrics.registry.get_sample_value(
+            "wsgate_resumes_total", {"result": "taken_over"}
+        )
+        assert (migrated or 0) + (taken or 0) == 4
+
+
+async def test_a_drained_node_parks_its_sessions_on_their_shards(
+    shards: list[RedisServer],
+) -> None:
+    async with sharded(shards, heartbeat_interval=None, drain_timeout=30) as (nursery, (a, b)):
+        first, _, _, before = await park_one(a, nursery)
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is True
+            (again,) = await msgs(new, 1)  # never acknowledged: it comes again
+            assert (again["seq"], again["data"]) == (before["seq"], "before")
+
+
+async def test_one_shard_down_degrades_only_its_topics(shards: list[RedisServer]) -> None:
+    async with sharded(shards, admin_port=0) as (nursery, (a, b)):
+        down, up = topic_on(1), topic_on(0)
+        async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
+            seq_a, seq_b = Seq(), Seq()
+            for topic in (down, up):
+                await request(ada, seq_a, "sub", topic=topic)
+            await request(bob, seq_b, "sub", topic=up)
+            shards[1].kill()
+            with trio.fail_after(15):
+                while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
+                    await trio.sleep(0.05)
+            health = a.hub.broker_health()
+            assert health == {
+                shard_name(shards[0].url): True,
+                shard_name(shards[1].url): False,
+                shard_name(shards[2].url): True,
+            }
+            registry = a.metrics.registry
+            name = shard_name(shards[1].url)
+            assert registry.get_sample_value("wsgate_broker_up", {"shard": name}) == 0
+            other = shard_name(shards[0].url)
+            assert registry.get_sample_value("wsgate_broker_up", {"shard": other}) == 1
+            host, port = a.admin_addresses[0]
+            status, _, body = await http_get(port, "/readyz", host)
+            assert status == 200
+            assert f"degraded: the broker is unreachable (shards {name})" in body.decode()
+            # The other shards' topics go on, across both nodes.
+            for i in range(3):
+                await b.gateway.publish(up, i)
+            got = await msgs(bob, 3)
+            assert [m["data"] for m in got] == [0, 1, 2]
+            reply = await request(ada, seq_a, "pub", topic=down, data="lost?")
+            assert reply["error"]["code"] == "unavailable"
+            shards[1].start()  # empty: the topic starts a new epoch there
+            with trio.fail_after(15):
+                while not a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
+                    await trio.sleep(0.05)
+            publication = await a.gateway.publish(down, "back")
+            assert publication.offset == 1
+            got = await msgs(ada, 4)
+            assert [(m["topic"], m["data"]) for m in got] == [
+                (up, 0),
+                (up, 1),
+                (up, 2),
+                (down, "back"),
+            ]
+            assert offsets(got[:3]) == [1, 2, 3]
