@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class RedisServer:
     binary: str
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    _scratch: str | None = None
     #: A directory for an append-only file fsynced on every write: what it
     #: acknowledged survives a SIGKILL. None: it keeps nothing.
     data_dir: str | None = None
@@ -37,7 +39,11 @@ class RedisServer:
 
     def start(self) -> None:
         """Start it (again, on the same port) and wait until it answers."""
-        durability = ["--appendonly", "no"]
+        # A directory of its own even when it keeps nothing: a primary demoted to a
+        # replica by a failover writes the snapshot it syncs from (dump.rdb) there,
+        # and a server started later in the same directory would load it.
+        self._scratch = tempfile.mkdtemp(prefix="wsgate-redis-")
+        durability = ["--appendonly", "no", "--dir", self._scratch]
         if self.data_dir is not None:
             durability = ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir]
         self.process = subprocess.Popen(
@@ -80,6 +86,9 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def redis_binary() -> str:

@@ -53,6 +53,19 @@ def test_a_shard_is_named_by_its_address_never_its_password() -> None:
     assert shard_name("redis://:hunter2@10.0.0.5:6380/0") == "10.0.0.5:6380"
     assert shard_name("redis://user:pw@cache") == "cache:6379"
     assert shard_name("unix:///run/redis.sock") == "/run/redis.sock"
+    assert shard_name("redis+sentinel://:pw@s1:26379,s2:26379/orders?db=1") == "sentinel:orders"
+
+
+def test_several_urls_split_where_a_new_one_starts() -> None:
+    config = Config(
+        redis_url="redis://a:6379/0, redis+sentinel://s1:26379,s2:26379/svc,unix:///r.sock"
+    )
+    assert config.redis_urls == [
+        "redis://a:6379/0",
+        "redis+sentinel://s1:26379,s2:26379/svc",
+        "unix:///r.sock",
+    ]
+    assert Config().redis_urls == []
 
 
 # -- three shards --------------------------------------------------------------------

@@ -142,7 +142,14 @@ class Config:
     @property
     def redis_urls(self) -> list[str]:
         """The Redis instances of :attr:`redis_url`, in order (none: in memory)."""
-        return [url.strip() for url in (self.redis_url or "").split(",") if url.strip()]
+        urls: list[str] = []
+        for part in (self.redis_url or "").split(","):
+            part = part.strip()
+            if urls and part and "://" not in part:
+                urls[-1] += "," + part  # a Sentinel URL's next host:port
+            elif part:
+                urls.append(part)
+        return urls
 
     #: The prefix of every Redis key and channel, so that several gateways can share one
     #: Redis.

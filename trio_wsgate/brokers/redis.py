@@ -20,6 +20,19 @@ prefix (``wsgate`` by default):
   ``{p}:parked:{session}``, the state of a session that a draining node left behind
   for whichever node its client resumes on (until its resume window runs out).
 
+The URL is ``redis://host:port/db``, ``unix:///path`` or, for a primary found through
+Sentinel, ``redis+sentinel://host:port[,host:port...]/service_name[?db=N]`` (a
+password in it is the primary's). Through Sentinel the broker asks every half second
+where the primary is, and when it has moved drops every connection to the old one (a
+primary demoted by ``SENTINEL FAILOVER`` keeps accepting writes for seconds, which the
+new one never sees) and catches up, as after an outage.
+
+After any outage or failover, each topic the node follows is checked for an offset
+that went back (a new primary that had not received the last writes, a Redis
+restarted from an older file): such a topic gets a new epoch, so that no node drops
+new publications as already delivered and every client learns that the history it
+knew is gone.
+
 Publishing is one Lua script: it creates the epoch if the topic has none (a new epoch
 starts a new log), assigns the next offset atomically, appends to the log and publishes.
 Offsets are therefore consecutive per topic across all nodes.
@@ -33,6 +46,7 @@ gap is filled even when no later message comes to reveal it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -44,11 +58,12 @@ import anyio
 import coredis
 import msgpack
 import trio
+from coredis.connection import TCPLocation
 
 from ..exceptions import BrokerUnavailable
 from .base import ControlReceiver, History, Publication, Receiver
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "SentinelUrl"]
 
 logger = logging.getLogger("trio_wsgate.redis")
 
@@ -155,6 +170,19 @@ if state then return {state, ttl} end
 return {false, 0, redis.call('GET', KEYS[2])}
 """
 
+# A topic whose offset went back below what this node delivered, in the same epoch,
+# starts a new epoch. KEYS: meta, log; ARGV: epoch delivered, offset delivered, new epoch.
+_REGRESSED = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+if epoch == ARGV[1] and offset < tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'offset', 0)
+  return 1
+end
+return 0
+"""
+
 _PRESENCE_GET = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -184,6 +212,43 @@ def _str(value: Any) -> str:
 def _unpack_state(packed: bytes) -> dict[str, Any]:
     state: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return state
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """A ``redis+sentinel://`` URL, parsed."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl | None:
+        """The parts of a ``redis+sentinel://`` URL; None for any other URL.
+
+        Raises:
+            ValueError: it names no Sentinel or no service.
+        """
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme != "redis+sentinel":
+            return None
+        credentials, at, rest = rest.rpartition("@")
+        password = credentials.partition(":")[2] or None if at else None
+        hosts, _, path = rest.partition("/")
+        service, _, query = path.partition("?")
+        sentinels = []
+        for host in filter(None, hosts.split(",")):
+            name, _, port = host.rpartition(":")
+            sentinels.append((name or host, int(port) if name else 26379))
+        db = 0
+        for pair in filter(None, query.split("&")):
+            key, _, value = pair.partition("=")
+            if key == "db":
+                db = int(value)
+        if not sentinels or not service:
+            raise ValueError("redis+sentinel:// needs host:port[,host:port...]/service_name")
+        return cls(tuple(sentinels), service, db, password)
 
 
 class RedisBroker:
@@ -224,6 +289,9 @@ class RedisBroker:
         max_connections: int = 64,
     ) -> None:
         self.url = url
+        self._sentinel_url = SentinelUrl.parse(url)
+        self._sentinel: coredis.Sentinel[bytes] | None = None
+        self._clients: list[coredis.Redis[bytes]] = []  # their pools follow the primary
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.prefix = prefix
@@ -287,14 +355,20 @@ class RedisBroker:
         """Connect, listen and keep presence fresh, until cancelled."""
         # The health check pings on a connection of its own, so that its answer does
         # not wait behind a burst of commands on the shared ones.
-        async with (
-            coredis.Redis.from_url(self.url, max_connections=self.max_connections) as client,
-            coredis.Redis.from_url(self.url, max_connections=1) as health,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            where = self._sentinel_url
+            if where is not None:
+                self._sentinel = await stack.enter_async_context(
+                    coredis.Sentinel([TCPLocation(host, port) for host, port in where.sentinels])
+                )
+            client = await stack.enter_async_context(self._new_client(self.max_connections))
+            health = await stack.enter_async_context(self._new_client(1))
             self._client = client
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    if where is not None:
+                        nursery.start_soon(self._follow_primary, where.service)
                     # Ready once the first ping is answered or failed: /readyz then
                     # says whether Redis is there from the node's first moment.
                     await nursery.start(self._watch_health, health)
@@ -304,7 +378,46 @@ class RedisBroker:
                     self._ready.set()
                     task_status.started()
             finally:
-                self._client = self._pubsub = self._nursery = None
+                self._client = self._pubsub = self._nursery = self._sentinel = None
+
+    def _new_client(self, max_connections: int) -> coredis.Redis[bytes]:
+        """A client of the primary (not yet entered), from the URL or through Sentinel."""
+        where = self._sentinel_url
+        if where is None:
+            return coredis.Redis.from_url(self.url, max_connections=max_connections)
+        assert self._sentinel is not None
+        client: coredis.Redis[bytes] = self._sentinel.primary_for(
+            where.service, max_connections=max_connections, db=where.db, password=where.password
+        )
+        self._clients.append(client)
+        if len(self._clients) > 8:  # the pub/sub's come and go
+            del self._clients[:-8]
+        return client
+
+    async def _follow_primary(self, service: str) -> None:
+        """Through Sentinel: every half second, where is the primary? When it has
+        moved, every client's pool drops its connections to the old one (coredis does
+        that on asking), the pub/sub is made anew, and the node catches up."""
+        assert self._sentinel is not None
+        known: tuple[str, int] | None = None
+        while True:
+            try:
+                with trio.fail_after(max(self.command_timeout, 1.0)):
+                    primary = await self._sentinel.discover_primary(service)
+                if known is not None and primary != known:
+                    logger.warning("the Redis primary moved (Sentinel): following it")
+                    for client in list(self._clients):
+                        follow = getattr(client.connection_pool, "get_primary_location", None)
+                        if follow is not None:
+                            await follow()
+                    if self._pubsub_scope is not None:
+                        self._pubsub_scope.cancel()
+                    for event in self._recovered.values():
+                        event.set()
+                known = primary
+            except (*_UNREACHABLE, trio.TooSlowError, coredis.exceptions.RedisError) as exc:
+                logger.info("Sentinel did not say where the primary is: %r", exc)
+            await trio.sleep(0.5)
 
     async def _listen_forever(self, *, task_status: trio.TaskStatus[None]) -> None:
         """One pub/sub connection at a time, subscribed to every channel we want.
@@ -337,7 +450,7 @@ class RedisBroker:
             try:
                 with scope:
                     async with (
-                        coredis.Redis.from_url(self.url, max_connections=2) as listener,
+                        self._new_client(2) as listener,
                         listener.pubsub(channels=channels, retry_policy=None) as pubsub,
                     ):
                         self._pubsub = pubsub
@@ -631,6 +744,21 @@ class RedisBroker:
         if history.publications:
             logger.info("filled a gap of %s from the log", topic)
 
+    async def _new_epoch_if_behind(self, topic: str, position: _Position) -> None:
+        """After an outage: if Redis holds the topic at an offset below what this node
+        delivered, in the same epoch (it lost the last writes), start a new epoch."""
+        moved = await self._call(
+            _REGRESSED,
+            [self._meta(topic), self._log(topic)],
+            [position.epoch, position.offset, secrets.token_hex(4)],
+        )
+        if _int(moved):
+            logger.warning(
+                "%s: Redis lost publications this node delivered (a failover or a "
+                "restart from an older file): the topic starts a new epoch",
+                topic,
+            )
+
     def _deliver(self, topic: str, position: _Position, publication: Publication) -> None:
         position.epoch, position.offset = publication.epoch, publication.offset
         if self._receiver is not None:
@@ -639,12 +767,14 @@ class RedisBroker:
     async def _check_positions(self) -> None:
         """Now and then, fill what pub/sub lost though no later message revealed it."""
         while True:
-            await self._pause("positions", self.sync_interval)
+            recovered = await self._pause("positions", self.sync_interval)
             for topic in list(self._positions):
                 try:
                     async with self._order:
                         position = self._positions.get(topic)
                         if position is not None:
+                            if recovered:
+                                await self._new_epoch_if_behind(topic, position)
                             await self._fill(topic, position, -1)
                 except BrokerUnavailable:
                     break  # try again next time
@@ -678,11 +808,13 @@ class RedisBroker:
             present[session] = user or None
         return present
 
-    async def _pause(self, task: str, seconds: float) -> None:
-        """Sleep ``seconds``, or until Redis is back after an outage."""
+    async def _pause(self, task: str, seconds: float) -> bool:
+        """Sleep ``seconds``, or until Redis is back after an outage (then True)."""
         with trio.move_on_after(seconds):
             await self._recovered[task].wait()
+        recovered = self._recovered[task].is_set()
         self._recovered[task] = trio.Event()
+        return recovered
 
     def _on_control(self, message: dict[str, Any]) -> None:
         if message.get("kind") == "handed":

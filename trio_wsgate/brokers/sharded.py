@@ -64,6 +64,8 @@ def shard_name(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return parts.path
+    if parts.scheme == "redis+sentinel":  # its hosts are Sentinels: name the service
+        return "sentinel:" + parts.path.strip("/")
     host = parts.hostname or "localhost"
     return f"{host}:{parts.port or 6379}"
 
