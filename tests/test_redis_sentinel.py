@@ -33,7 +33,17 @@ pytestmark = pytest.mark.redis
 
 def test_a_sentinel_url_names_its_sentinels_service_and_db() -> None:
     parsed = SentinelUrl.parse("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2/gateway?db=2")
-    assert parsed == SentinelUrl((("10.0.0.1", 26379), ("10.0.0.2", 26379)), "gateway", 2, "pw")
+    assert parsed == SentinelUrl(
+        (("10.0.0.1", 26379), ("10.0.0.2", 26379)), "gateway", 2, password="pw"
+    )
+    assert "pw" not in repr(parsed)
+    odd = SentinelUrl.parse("redis+sentinel://ann:p%40ss:w@[::1]:26380,s2/svc")
+    assert odd is not None
+    assert (odd.sentinels, odd.username, odd.password) == (
+        (("::1", 26380), ("s2", 26379)),
+        "ann",
+        "p@ss:w",
+    )
     assert SentinelUrl.parse("redis://127.0.0.1:6379/0") is None
     with pytest.raises(ValueError, match="service_name"):
         SentinelUrl.parse("redis+sentinel://127.0.0.1:26379/")
@@ -203,7 +213,10 @@ async def test_a_failover_during_traffic_is_followed_and_nothing_is_doubled(
                 await trio.sleep(0.02)
         # Both nodes follow the new primary within their half-second watch: from then
         # on every publication goes through, to the replica that was promoted.
-        await trio.sleep(1.5)
+        with trio.fail_after(15):
+            while not accepted or accepted[-1] != len(accepted) + refused - 1:
+                await publish(len(accepted) + refused)
+                await trio.sleep(0.05)
         for _ in range(20):
             n = len(accepted) + refused
             await publish(n)

@@ -53,7 +53,10 @@ def test_a_shard_is_named_by_its_address_never_its_password() -> None:
     assert shard_name("redis://:hunter2@10.0.0.5:6380/0") == "10.0.0.5:6380"
     assert shard_name("redis://user:pw@cache") == "cache:6379"
     assert shard_name("unix:///run/redis.sock") == "/run/redis.sock"
-    assert shard_name("redis+sentinel://:pw@s1:26379,s2:26379/orders?db=1") == "sentinel:orders"
+    assert shard_name("redis+sentinel://:pw@s1:26379,s2:26379/orders?db=1") == "sentinel:orders/1"
+    # A password with the characters a URL parser trips on never shows, nor raises.
+    assert shard_name("redis://:a/b#c?d@cache:6380/2") == "cache:6380/2"
+    assert shard_name("redis://[::1]") == "[::1]:6379"
 
 
 def test_several_urls_split_where_a_new_one_starts() -> None:
@@ -259,3 +262,45 @@ async def test_one_shard_down_degrades_only_its_topics(shards: list[RedisServer]
                 (down, "back"),
             ]
             assert offsets(got[:3]) == [1, 2, 3]
+
+
+async def test_a_shard_down_at_drain_leaves_the_other_shards_sessions_parked(
+    shards: list[RedisServer],
+) -> None:
+    # Parking goes shard by shard: those that answer take their sessions (which then
+    # resume on another node), the one that does not leaves its own on the draining
+    # node, and no session is both parked and kept.
+    async with sharded(shards, heartbeat_interval=None, drain_timeout=2) as (nursery, (a, b)):
+        welcomes = []
+        async with trio.open_nursery() as clients:
+            for _ in range(9):
+                client = await clients.start(_hold, a)
+                welcomes.append(client)
+            where = [jump_hash(shard_key(w["session"]), 3) for w in welcomes]
+            dead = max(set(where), key=where.count)
+            assert len(set(where)) > 1, where  # 9 sessions over 3 shards: they spread
+            shards[dead].kill()
+            with trio.fail_after(15):
+                while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
+                    await trio.sleep(0.05)
+            with trio.fail_after(30):
+                await a.drain()
+            clients.cancel_scope.cancel()
+        parked = a.metrics.registry.get_sample_value(
+            "wsgate_sessions_migrated_total", {"direction": "parked"}
+        )
+        assert parked == sum(1 for shard in where if shard != dead)
+        for welcome, shard in zip(welcomes, where, strict=True):
+            if shard == dead:
+                continue
+            async with open_memory_connection(b, nursery) as new:
+                resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
+                back = await new.hello(token=token("ada"), resume=resume)
+                assert back["resumed"] is True
+
+
+async def _hold(server: Server, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
+    """A client of ``server`` that says hello and stays, until its node drains it."""
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        task_status.started(await client.hello(token=token("ada")))
+        await client.wait_closed()

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .hub import Hub
     from .metrics import Metrics
 
-__all__ = ["AdminApp", "Answer", "ApiError", "Counts", "HttpApp", "probe"]
+__all__ = ["BODY_MARGIN", "AdminApp", "Answer", "ApiError", "Counts", "HttpApp", "probe"]
 
 logger = logging.getLogger("trio_wsgate.admin")
 
@@ -47,7 +47,7 @@ TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 # Largest request body read, in bytes: a publication must fit a WebSocket message
 # anyway, so a body a little over max_message_size is never useful.
-_BODY_MARGIN = 4096
+BODY_MARGIN = 4096
 
 
 def probe(
@@ -338,7 +338,7 @@ class AdminApp(HttpApp):
             return answer
 
     async def _body(self, receive: Receive) -> dict[str, Any]:
-        limit = self._server.config.max_message_size + _BODY_MARGIN
+        limit = self._server.config.max_message_size + BODY_MARGIN
         chunks: list[bytes] = []
         size = 0
         while True:

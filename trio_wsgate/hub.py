@@ -57,6 +57,7 @@ import trio
 from .auth import Authenticator
 from .batching import Batcher
 from .brokers import Broker, History, MemoryBroker, Publication
+from .brokers.base import PartlyParked
 from .brokers.sharded import ShardedBroker
 from .exceptions import BrokerUnavailable, SessionClosed
 from .protocol import (
@@ -849,8 +850,13 @@ class Hub:
                 state = self._exported(session)
                 if state is not None:
                     states.append((state, ttl))
+            refused: BrokerUnavailable | None = None
+            taken = batch
             try:
                 await self.broker.park_sessions(states, self.node_id)
+            except PartlyParked as exc:  # some instances of the broker took theirs
+                refused = exc
+                taken = [(session, ttl) for session, ttl in batch if session.id in exc.parked]
             except BrokerUnavailable as exc:
                 logger.warning("could not park %d sessions: %s", len(batch), exc)
                 return parked
@@ -858,7 +864,7 @@ class Hub:
                 for session, _ in batch:
                     del self._parking[session.id]
                 done.set()  # hand-overs asked for meanwhile go on (no checkpoint first)
-            for session, _ in batch:
+            for session, _ in taken:
                 if session.ended:
                     continue  # expired meanwhile: its parked state expires too
                 session.ended = True  # here; it lives on at whichever node it resumes
@@ -867,6 +873,9 @@ class Hub:
                 self._unregister(session)
                 self.metrics.sessions_migrated.labels("parked").inc()
                 parked += 1
+            if refused is not None:
+                logger.warning("could not park every session: %s", refused)
+                return parked
         return parked
 
     def _exported(self, session: Session) -> dict[str, Any] | None:

@@ -58,7 +58,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .admin import JSON, TEXT, Answer, HttpApp, probe
+from .admin import BODY_MARGIN, JSON, TEXT, Answer, HttpApp, probe
 from .config import Config
 from .listeners import bind_tcp
 
@@ -374,6 +374,7 @@ class Supervisor:
         self._next = 0  # the worker that answers the next /api request
         self._stopped = trio.Event()
         self._all_ended = trio.Event()  # set once every worker has ended in a drain
+        self._tasks: trio.Nursery  # the supervisor's own nursery, once it runs
         #: The supervisor's own internal errors (its admin port's).
         self.internal_errors = _Count()
 
@@ -397,13 +398,19 @@ class Supervisor:
                 if config.redis_url is None:
                     logger.info("the workers share a private redis-server (a Unix socket)")
 
+        failed = False
         try:
             trio.run(main)
-        except (WorkerFailed, trio.TooSlowError) as exc:
-            reason = exc if isinstance(exc, WorkerFailed) else "the workers were not ready in time"
-            logger.error("trio-wsgate: %s", reason)
-            return 1
-        return 1 if self.forced else 0
+        except* WorkerFailed as group:  # trio's nurseries wrap what their tasks raise
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            logger.error("trio-wsgate: %s", first)
+            failed = True
+        except* trio.TooSlowError:
+            logger.error("trio-wsgate: the workers were not ready within %.0f s", _START_TIMEOUT)
+            failed = True
+        return 1 if failed or self.forced else 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything, serve until drained by a signal (or cancelled)."""
@@ -415,6 +422,7 @@ class Supervisor:
                 # Resume tokens must verify on every worker: one key for all of them.
                 env["WSGATE_SECRET"] = secrets.token_urlsafe(32)
             async with trio.open_nursery() as nursery:
+                self._tasks = nursery
                 if config.redis_url is None:
                     assert self._redis_server is not None
                     redis = PrivateRedis(directory, self._redis_server)
@@ -422,6 +430,14 @@ class Supervisor:
                     self.redis_url = env["WSGATE_REDIS"] = redis.url
                 # Bound, never listening: it holds the port (0 picks one) for the
                 # workers, also while one of them starts again.
+                if config.port:
+                    # Another process holding the port with SO_REUSEPORT too (another
+                    # machine's gateway, started twice) would share its connections.
+                    try:
+                        for sock in await bind_tcp(config.port, config.host, reuse_port=False):
+                            sock.close()
+                    except OSError as exc:
+                        raise WorkerFailed(f"port {config.port} is in use: {exc}") from exc
                 holders = await bind_tcp(config.port, config.host, reuse_port=True)
                 try:
                     port = holders[0].getsockname()[1]
@@ -462,21 +478,23 @@ class Supervisor:
     async def _keep_running(self, worker: Worker, command: list[str], env: dict[str, str]) -> None:
         delay = 1.0
         env = {**env, WORKER_ENV: str(worker.index)}
-        while True:
+        while not self.draining:
             started = trio.current_time()
             worker.starts += 1
             worker.ready = False
             worker.process = child = await _spawner.spawn(command, env=env)
             try:
+                if self.draining:  # decided while it was being started: drain it too
+                    child.send_signal(signal.SIGTERM)
+                elif worker.starts > 1:  # a start again: ready once it answers
+                    self._tasks.start_soon(self._mark_ready, worker, child)
                 returncode = await child.wait()
             finally:  # cancelled: the supervisor stops (its workers are drained by then)
                 await child.stop(self.config.drain_timeout + 2 * self.config.close_timeout + 5)
             worker.exits.append(returncode)
             worker.ready = False
             if self.draining:
-                if not any(_running(other) for other in self.workers):
-                    self._all_ended.set()
-                return
+                break
             if trio.current_time() - started > 60:
                 delay = 1.0
             logger.error(
@@ -487,6 +505,17 @@ class Supervisor:
             )
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
+        if not any(_running(other) for other in self.workers):
+            self._all_ended.set()
+
+    async def _mark_ready(self, worker: Worker, child: Child) -> None:
+        """A worker started again is ready (for /api) once it says so."""
+        with trio.move_on_after(_START_TIMEOUT):
+            while child.returncode is None and worker.process is child:
+                if await self._is_ready(worker):
+                    worker.ready = True
+                    return
+                await trio.sleep(0.1)
 
     async def _wait_ready(self) -> None:
         """Until every worker answers ``/readyz`` with 200 (at most a minute)."""
@@ -533,8 +562,9 @@ class Supervisor:
         # disconnect hooks: past that and a margin, it is killed.
         bound = config.drain_timeout + 2 * config.close_timeout + 5.0
         with trio.move_on_after(bound):
-            if any(_running(worker) for worker in self.workers):
+            while any(_running(worker) for worker in self.workers):
                 await self._all_ended.wait()
+                self._all_ended = trio.Event()
         if any(_running(worker) for worker in self.workers):
             logger.error("workers still running %.0f s after SIGTERM: killing them", bound)
             self.forced = True
@@ -609,7 +639,12 @@ class MachineAdmin(HttpApp):
             return 200, await self._metrics(), CONTENT_TYPE_LATEST, []
         return 404, b"Not Found\n", TEXT, []
 
-    async def _ask_all(self, target: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> list[Any]:
+    async def _ask_all(
+        self,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        timeout: float = _ASK_TIMEOUT,
+    ) -> list[Any]:
         """Every running worker's answer to ``GET target`` (None where it gave none)."""
         workers = [w for w in self._supervisor.workers if _running(w)]
         answers: list[Any] = [None] * len(workers)
@@ -618,7 +653,9 @@ class MachineAdmin(HttpApp):
             with contextlib.suppress(WorkerUnreachable):
                 answers[slot] = (
                     worker,
-                    *await http_request(worker.admin_socket, target, headers=headers),
+                    *await http_request(
+                        worker.admin_socket, target, headers=headers, timeout=timeout
+                    ),
                 )
 
         async with trio.open_nursery() as nursery:
@@ -630,7 +667,7 @@ class MachineAdmin(HttpApp):
         supervisor = self._supervisor
         if supervisor.draining:
             return 503, b"draining\n", TEXT, []
-        answers = await self._ask_all("/readyz")
+        answers = await self._ask_all("/readyz", timeout=1.0)  # a probe waits little
         ready = [a for a in answers if a is not None and a[1] == 200]
         for worker in supervisor.workers:
             worker.ready = any(a[0] is worker for a in ready)
@@ -667,20 +704,28 @@ class MachineAdmin(HttpApp):
         headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() in _FORWARDED]
         if scope["path"] == "/api/stats" and scope["method"] == "GET":
             return await self._stats(headers)
-        body = b""
+        # No more than a worker takes (its admin port answers 413 past it).
+        limit = self._supervisor.config.max_message_size + BODY_MARGIN
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
-            body += message.get("body", b"")
-            if len(body) > _MAX_ANSWER:
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
                 return 413, b"Payload Too Large\n", TEXT, []
+            chunks.append(chunk)
             if not message.get("more_body"):
                 break
+        body = b"".join(chunks)
         worker = self._supervisor.next_worker()
         if worker is None:
             return _unavailable("no worker is ready")
-        target = scope["path"] + (
-            "?" + scope["query_string"].decode() if scope.get("query_string") else ""
-        )
+        # As it came (raw_path): decoded, "%3F" would start a query and "%C3%A9" would
+        # not make a request target at all.
+        raw = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string") or b""
+        target = (raw + (b"?" + query if query else b"")).decode("latin-1")
         try:
             status, answer_headers, answer = await http_request(
                 worker.admin_socket, target, method=scope["method"], headers=headers, body=body

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 import trio
 
-__all__ = ["Broker", "ControlReceiver", "History", "Publication", "Receiver"]
+from ..exceptions import BrokerUnavailable
+
+__all__ = ["Broker", "ControlReceiver", "History", "PartlyParked", "Publication", "Receiver"]
 
 
 @dataclass(slots=True, eq=False)
@@ -61,6 +63,15 @@ class History:
         if since_offset == self.offset:
             return True
         return bool(self.publications) and self.publications[0].offset == since_offset + 1
+
+
+class PartlyParked(BrokerUnavailable):
+    """Parking reached some of the broker's instances and not others: the sessions
+    in :attr:`parked` were parked (they live on in the broker), the rest were not."""
+
+    def __init__(self, reason: str, parked: set[str]) -> None:
+        super().__init__(reason)
+        self.parked = parked
 
 
 #: Called by the broker for each publication of a topic the node subscribed to.
@@ -140,7 +151,12 @@ class Broker(Protocol):
     async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
         """Leave each session's state (with how many seconds it may still be resumed)
         for whichever node its client comes back to, and stop recording ``node`` as
-        its holder. A draining node's last act with a shared broker."""
+        its holder. A draining node's last act with a shared broker.
+
+        Raises:
+            BrokerUnavailable: none was parked.
+            PartlyParked: only those it names were (a broker of several instances).
+        """
 
     async def request_handover(
         self, session: str, owner: str, node: str, timeout: float

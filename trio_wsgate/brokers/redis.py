@@ -51,8 +51,10 @@ import logging
 import math
 import random
 import secrets
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import coredis
@@ -63,12 +65,21 @@ from coredis.connection import TCPLocation
 from ..exceptions import BrokerUnavailable
 from .base import ControlReceiver, History, Publication, Receiver
 
-__all__ = ["RedisBroker", "SentinelUrl"]
+__all__ = ["RedisBroker", "SentinelUrl", "host_port"]
 
 logger = logging.getLogger("trio_wsgate.redis")
 
-# What coredis raises when Redis cannot be reached (TimeoutError is an OSError).
-_UNREACHABLE = (coredis.exceptions.ConnectionError, OSError)
+# What coredis raises when Redis cannot be reached (TimeoutError is an OSError), or
+# when what it reached is no longer the primary (a replica after a failover answers
+# writes with READONLY; through Sentinel, a connection to a demoted primary is stale):
+# every one of them is "unavailable" to the caller, and Redis counts as lost until
+# the health check (and, through Sentinel, the watch on the primary) says otherwise.
+_UNREACHABLE = (
+    coredis.exceptions.ConnectionError,
+    OSError,
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.StalePrimaryError,
+)
 
 #: How long a topic's meta outlives its last use at least (ms).
 _META_TTL_MS = 24 * 3600 * 1000
@@ -214,41 +225,64 @@ def _unpack_state(packed: bytes) -> dict[str, Any]:
     return state
 
 
+def host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
+
+    Raises:
+        ValueError: an empty host, or a port that is not a number.
+    """
+    if text.startswith("["):
+        host, _, after = text[1:].partition("]")
+        port = after[1:] if after.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"not a host[:port]: {text!r}")
+    return host, int(port) if port else default_port
+
+
 @dataclass(frozen=True, slots=True)
 class SentinelUrl:
-    """A ``redis+sentinel://`` URL, parsed."""
+    """A ``redis+sentinel://`` URL, parsed: the primary's credentials are not shown."""
 
     sentinels: tuple[tuple[str, int], ...]
     service: str
     db: int = 0
-    password: str | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, url: str) -> SentinelUrl | None:
-        """The parts of a ``redis+sentinel://`` URL; None for any other URL.
+        """The parts of ``redis+sentinel://[user:password@]host[:port][,...]/service[?db=N]``
+        (credentials percent-decoded, as in ``redis://`` URLs); None for another URL.
 
         Raises:
-            ValueError: it names no Sentinel or no service.
+            ValueError: it names no Sentinel or no service, or a bad host or db.
         """
         scheme, sep, rest = url.partition("://")
         if not sep or scheme != "redis+sentinel":
             return None
         credentials, at, rest = rest.rpartition("@")
-        password = credentials.partition(":")[2] or None if at else None
+        username = password = None
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
         hosts, _, path = rest.partition("/")
         service, _, query = path.partition("?")
-        sentinels = []
-        for host in filter(None, hosts.split(",")):
-            name, _, port = host.rpartition(":")
-            sentinels.append((name or host, int(port) if name else 26379))
+        sentinels = tuple(host_port(host, 26379) for host in hosts.split(",") if host)
         db = 0
         for pair in filter(None, query.split("&")):
             key, _, value = pair.partition("=")
             if key == "db":
+                if not value.isdigit():
+                    raise ValueError(f"db must be a number, not {value!r}")
                 db = int(value)
         if not sentinels or not service:
             raise ValueError("redis+sentinel:// needs host:port[,host:port...]/service_name")
-        return cls(tuple(sentinels), service, db, password)
+        return cls(sentinels, unquote(service), db, username, password)
 
 
 class RedisBroker:
@@ -291,7 +325,9 @@ class RedisBroker:
         self.url = url
         self._sentinel_url = SentinelUrl.parse(url)
         self._sentinel: coredis.Sentinel[bytes] | None = None
-        self._clients: list[coredis.Redis[bytes]] = []  # their pools follow the primary
+        # Through Sentinel, the clients whose pools follow the primary: the commands'
+        # and the health check's for the broker's life, the pub/sub's while it lasts.
+        self._clients: set[coredis.Redis[bytes]] = set()
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.prefix = prefix
@@ -380,19 +416,28 @@ class RedisBroker:
             finally:
                 self._client = self._pubsub = self._nursery = self._sentinel = None
 
-    def _new_client(self, max_connections: int) -> coredis.Redis[bytes]:
-        """A client of the primary (not yet entered), from the URL or through Sentinel."""
+    @contextlib.asynccontextmanager
+    async def _new_client(self, max_connections: int) -> AsyncIterator[coredis.Redis[bytes]]:
+        """A client of the primary, from the URL or through Sentinel, for the block."""
         where = self._sentinel_url
         if where is None:
-            return coredis.Redis.from_url(self.url, max_connections=max_connections)
+            async with coredis.Redis.from_url(self.url, max_connections=max_connections) as client:
+                yield client
+            return
         assert self._sentinel is not None
-        client: coredis.Redis[bytes] = self._sentinel.primary_for(
-            where.service, max_connections=max_connections, db=where.db, password=where.password
+        client = self._sentinel.primary_for(
+            where.service,
+            max_connections=max_connections,
+            db=where.db,
+            username=where.username,
+            password=where.password,
         )
-        self._clients.append(client)
-        if len(self._clients) > 8:  # the pub/sub's come and go
-            del self._clients[:-8]
-        return client
+        self._clients.add(client)
+        try:
+            async with client:
+                yield client
+        finally:
+            self._clients.discard(client)
 
     async def _follow_primary(self, service: str) -> None:
         """Through Sentinel: every half second, where is the primary? When it has
@@ -766,18 +811,22 @@ class RedisBroker:
 
     async def _check_positions(self) -> None:
         """Now and then, fill what pub/sub lost though no later message revealed it."""
+        unchecked: set[str] = set()  # topics whose offset may have gone back
         while True:
-            recovered = await self._pause("positions", self.sync_interval)
+            if await self._pause("positions", self.sync_interval):
+                unchecked.update(self._positions)  # after an outage: every one of them
+            unchecked.intersection_update(self._positions)  # no longer followed: forgotten
             for topic in list(self._positions):
                 try:
                     async with self._order:
                         position = self._positions.get(topic)
                         if position is not None:
-                            if recovered:
+                            if topic in unchecked:
                                 await self._new_epoch_if_behind(topic, position)
                             await self._fill(topic, position, -1)
+                    unchecked.discard(topic)
                 except BrokerUnavailable:
-                    break  # try again next time
+                    break  # try again next time (the unchecked ones stay so)
                 except Exception:
                     logger.exception("checking %s failed", topic)
 

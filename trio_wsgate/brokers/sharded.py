@@ -27,11 +27,11 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import trio
 
-from .base import Broker, ControlReceiver, History, Publication, Receiver
+from ..exceptions import BrokerUnavailable
+from .base import Broker, ControlReceiver, History, PartlyParked, Publication, Receiver
 
 __all__ = ["ShardedBroker", "jump_hash", "shard_key", "shard_name"]
 
@@ -59,15 +59,26 @@ def shard_key(name: str) -> int:
 
 
 def shard_name(url: str) -> str:
-    """What a shard is called in metrics and ``/readyz``: its address, never its
-    password (``host:port``, or the socket's path)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    if parts.scheme == "redis+sentinel":  # its hosts are Sentinels: name the service
-        return "sentinel:" + parts.path.strip("/")
-    host = parts.hostname or "localhost"
-    return f"{host}:{parts.port or 6379}"
+    """What a shard is called in metrics and ``/readyz``: where it is, never its
+    credentials (``host:port``, with ``/db`` past 0; a socket's path; a Sentinel
+    service). Two URLs of one name are one Redis."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]  # the credentials, whatever characters they hold
+    rest, _, query = rest.partition("?")
+    db = next((v for k, _, v in (p.partition("=") for p in query.split("&")) if k == "db"), "")
+    if scheme == "unix":
+        name = rest
+    else:
+        location, _, path = rest.partition("/")
+        if scheme == "redis+sentinel":
+            return f"sentinel:{path}" + (f"/{db}" if db not in ("", "0") else "")
+        db = db or path or "0"
+        if location.startswith("["):  # [v6] or [v6]:port
+            has_port = location.rpartition("]")[2].startswith(":")
+        else:
+            has_port = ":" in location
+        name = location if has_port else f"{location or 'localhost'}:6379"
+    return name + (f"/{db}" if db not in ("", "0") else "")
 
 
 class ShardedBroker:
@@ -181,9 +192,17 @@ class ShardedBroker:
     # -- sessions ---------------------------------------------------------------------
 
     async def claim_sessions(self, sessions: list[str], node: str) -> None:
-        """Record ``node`` as the holder, on each session's shard."""
+        """Record ``node`` as the holder, on each session's shard: every shard is
+        asked (each remembers its own and claims them again once it is back), and
+        the first refusal is raised after."""
+        refused: BrokerUnavailable | None = None
         for index, group in self._group(sessions, str).items():
-            await self.shards[index].claim_sessions(group, node)
+            try:
+                await self.shards[index].claim_sessions(group, node)
+            except BrokerUnavailable as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused
 
     async def release_session(self, session: str, node: str) -> None:
         """Forget the session's holder, on its shard."""
@@ -194,9 +213,25 @@ class ShardedBroker:
         return await self._of(session).find_session(session)
 
     async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
-        """Park each session on its shard (all of one shard at once, or none of them)."""
+        """Park each session on its shard (all of one shard at once, or none of them).
+
+        Raises:
+            BrokerUnavailable: no shard parked any.
+            PartlyParked: some shards did: the sessions it names are parked.
+        """
+        parked: set[str] = set()
+        refused: BrokerUnavailable | None = None
         for index, group in self._group(sessions, lambda item: item[0]["id"]).items():
-            await self.shards[index].park_sessions(group, node)
+            try:
+                await self.shards[index].park_sessions(group, node)
+            except BrokerUnavailable as exc:
+                refused = refused or exc
+            else:
+                parked.update(state["id"] for state, _ in group)
+        if refused is not None:
+            if parked:
+                raise PartlyParked(str(refused), parked)
+            raise refused
 
     async def request_handover(
         self, session: str, owner: str, node: str, timeout: float
