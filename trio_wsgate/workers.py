@@ -81,7 +81,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before 
     # SIGKILL (a worker drains on it). Children are started from _Spawner's thread,
     # which lives as long as the supervisor's process.
     _libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != _SUPERVISOR:  # it died between the fork and the prctl
+        os._exit(1)
 
+
+_SUPERVISOR = os.getpid()  # a child's parent, which it checks after asking to die with it
 
 try:
     _libc: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
