@@ -78,11 +78,14 @@ async def test_publications_cross_nodes_with_one_numbering(redis_server: RedisSe
             ]
 
 
-async def test_send_to_user_presence_and_kick_span_the_cluster(
-    redis_server: RedisServer,
-) -> None:
+@asynccontextmanager
+async def users_span_the_nodes(
+    a: Server, b: Server, nursery: trio.Nursery, room: str
+) -> AsyncIterator[RawClient]:
+    """Ada on both nodes and Bob on ``b``: send_to_user reaches both of Ada's devices,
+    presence in ``room`` shows both users, a kick of Ada closes both; then Bob, still
+    following ``room``, for the block."""
     async with (
-        cluster(redis_server) as (nursery, (a, b)),
         user(a, nursery, "ada") as phone,
         user(b, nursery, "ada") as laptop,
         user(b, nursery, "bob") as bob,
@@ -91,14 +94,24 @@ async def test_send_to_user_presence_and_kick_span_the_cluster(
         for device in (phone, laptop):
             (dm,) = await msgs(device, 1)
             assert (dm["topic"], dm["data"], dm["offset"]) == ("user:ada", "hi", 1)
-        await request(phone, Seq(), "sub", topic="room:1")
-        await request(bob, Seq(), "sub", topic="room:1")
-        present = await a.gateway.presence("room:1")
+        await request(phone, Seq(), "sub", topic=room)
+        await request(bob, Seq(), "sub", topic=room)
+        present = await a.gateway.presence(room)
         assert sorted(present.values()) == ["ada", "bob"]
         assert len(await b.gateway.presence("user:ada")) == 2
         assert await b.gateway.kick(user="ada") == 2
         assert await phone.wait_closed() == (4005, "kicked")
         assert await laptop.wait_closed() == (4005, "kicked")
+        yield bob
+
+
+async def test_send_to_user_presence_and_kick_span_the_cluster(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        cluster(redis_server) as (nursery, (a, b)),
+        users_span_the_nodes(a, b, nursery, "room:1") as bob,
+    ):
         for _ in range(100):  # the kicked sessions leave room:1 on node a's side
             if sorted((await a.gateway.presence("room:1")).values()) == ["bob"]:
                 break

@@ -25,7 +25,7 @@ from .conftest import make_gateway
 from .helpers import http_get
 from .redis_server import RedisServer, redis_binary
 from .test_auth import SECRET, now, token
-from .test_redis import park_one, user
+from .test_redis import park_one, user, users_span_the_nodes
 from .test_topics import Seq, msgs, offsets, request
 
 pytestmark = pytest.mark.redis
@@ -164,22 +164,8 @@ async def test_send_to_user_presence_kick_and_a_migrating_session_span_the_shard
     shards: list[RedisServer],
 ) -> None:
     async with sharded(shards) as (nursery, (a, b)):
-        async with (
-            user(a, nursery, "ada") as phone,
-            user(b, nursery, "ada") as laptop,
-            user(b, nursery, "bob") as bob,
-        ):
-            await b.gateway.send_to_user("ada", "hi", event="dm")
-            for device in (phone, laptop):
-                (dm,) = await msgs(device, 1)
-                assert (dm["topic"], dm["data"], dm["offset"]) == ("user:ada", "hi", 1)
-            room = topic_on(2)
-            await request(phone, Seq(), "sub", topic=room)
-            await request(bob, Seq(), "sub", topic=room)
-            assert sorted((await a.gateway.presence(room)).values()) == ["ada", "bob"]
-            assert await b.gateway.kick(user="ada") == 2
-            assert await phone.wait_closed() == (4005, "kicked")
-            assert await laptop.wait_closed() == (4005, "kicked")
+        async with users_span_the_nodes(a, b, nursery, topic_on(2)):
+            pass  # the user topic, the room and the kick on the shards they hash to
         # Sessions are sharded by id: each of several migrates from a to b.
         for _ in range(4):
             async with open_memory_connection(a, nursery) as old:

@@ -285,9 +285,9 @@ def test_the_machine_metrics_label_each_worker_and_keep_each_family_once() -> No
     assert 'wsgate_closes_total{code="1000",reason="clean",worker="1"} 6.0' in text
 
 
-def test_a_worker_that_cannot_start_stops_the_command_with_its_error(tmp_path: Path) -> None:
-    redis_binary()
-    process = subprocess.run(
+def serve_until_it_stops(*flags: str) -> subprocess.CompletedProcess[bytes]:
+    """``trio-wsgate serve --workers 2 --admin-port 0 FLAGS``, run to its end."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -295,18 +295,20 @@ def test_a_worker_that_cannot_start_stops_the_command_with_its_error(tmp_path: P
             "serve",
             "--workers",
             "2",
-            "--port",
-            "0",
             "--admin-port",
             "0",
-            "--app",
-            "no_such_module:gateway",
+            *list(flags),
         ],
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")},
         capture_output=True,
         timeout=60,
     )
+
+
+def test_a_worker_that_cannot_start_stops_the_command_with_its_error() -> None:
+    redis_binary()
+    process = serve_until_it_stops("--port", "0", "--app", "no_such_module:gateway")
     assert process.returncode == 1
     log = process.stderr.decode()
     assert "exited with 1 at start (its log is above)" in log
@@ -320,23 +322,6 @@ def test_a_port_another_process_holds_is_refused_not_shared() -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        process = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "trio_wsgate",
-                "serve",
-                "--workers",
-                "2",
-                "--port",
-                str(port),
-                "--admin-port",
-                "0",
-            ],
-            cwd=ROOT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")},
-            capture_output=True,
-            timeout=60,
-        )
+        process = serve_until_it_stops("--port", str(port))
     assert process.returncode == 1
     assert f"port {port} is in use" in process.stderr.decode()

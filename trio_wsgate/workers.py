@@ -82,7 +82,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before 
     # which lives as long as the supervisor's process.
     _libc.prctl(1, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != _SUPERVISOR:  # it died between the fork and the prctl
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _SUPERVISOR = os.getpid()  # a child's parent, which it checks after asking to die with it
