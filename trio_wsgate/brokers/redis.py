@@ -84,13 +84,34 @@ _UNREACHABLE = (
 #: How long a topic's meta outlives its last use at least (ms).
 _META_TTL_MS = 24 * 3600 * 1000
 
-_PUBLISH = """
+# The topic's epoch, made if it has none (a new epoch starts a new log). KEYS: meta,
+# log; ARGV[1]: a new epoch's name; ARGV[5] '1' (through Sentinel): an epoch belongs
+# to the primary that numbered it, known by its replication id, which a promoted
+# replica changes. So the first publication on a new primary starts a new epoch:
+# offsets it kept below what nodes delivered from the old one are never reused.
+_EPOCH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local rid = false
+if ARGV[5] == '1' then
+  rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local known = redis.call('HGET', KEYS[1], 'rid')
+  if epoch and known and known ~= rid then
+    epoch = false
+  elseif epoch and not known then
+    redis.call('HSET', KEYS[1], 'rid', rid)
+  end
+end
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  if rid then redis.call('HSET', KEYS[1], 'rid', rid) end
 end
+"""
+
+_PUBLISH = (
+    _EPOCH
+    + """
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local maxlen = tonumber(ARGV[3])
@@ -103,14 +124,11 @@ end
 redis.call('PUBLISH', KEYS[3], offset .. '\\n' .. epoch .. '\\n' .. ARGV[2])
 return {offset, epoch}
 """
+)
 
-_HISTORY = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
+_HISTORY = (
+    _EPOCH
+    + """
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local first = tonumber(ARGV[2])
@@ -125,6 +143,7 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return {offset, epoch, entries, ms}
 """
+)
 
 _PRESENCE_SET = """
 local now = redis.call('TIME')
@@ -324,6 +343,8 @@ class RedisBroker:
     ) -> None:
         self.url = url
         self._sentinel_url = SentinelUrl.parse(url)
+        # Through Sentinel, a topic's epoch belongs to its primary (_EPOCH).
+        self._by_primary = "1" if self._sentinel_url is not None else "0"
         self._sentinel: coredis.Sentinel[bytes] | None = None
         # Through Sentinel, the clients whose pools follow the primary: the commands'
         # and the health check's for the broker's life, the pub/sub's while it lasts.
@@ -681,7 +702,13 @@ class RedisBroker:
         offset, epoch = await self._call(
             _PUBLISH,
             [self._meta(topic), self._log(topic), self._channel(topic)],
-            [secrets.token_hex(4), payload, self.history_size, self._meta_ttl_ms()],
+            [
+                secrets.token_hex(4),
+                payload,
+                self.history_size,
+                self._meta_ttl_ms(),
+                self._by_primary,
+            ],
         )
         publication = Publication(topic, _int(offset), _str(epoch), data, event)
         if encoded:
@@ -698,7 +725,7 @@ class RedisBroker:
         offset, epoch, entries, now_ms = await self._call(
             _HISTORY,
             [self._meta(topic), self._log(topic)],
-            [secrets.token_hex(4), first, self._meta_ttl_ms(), last],
+            [secrets.token_hex(4), first, self._meta_ttl_ms(), last, self._by_primary],
         )
         epoch = _str(epoch)
         oldest = -math.inf if self.history_ttl is None else _int(now_ms) - self.history_ttl * 1000
