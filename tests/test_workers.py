@@ -325,3 +325,28 @@ def test_a_port_another_process_holds_is_refused_not_shared() -> None:
         process = serve_until_it_stops("--port", str(port))
     assert process.returncode == 1
     assert f"port {port} is in use" in process.stderr.decode()
+
+
+def test_workers_started_again_answer_the_api_without_anyone_asking_readyz(
+    tmp_path: Path,
+) -> None:
+    with machine(tmp_path) as node:
+        workers = [
+            pid
+            for pid in node.children()
+            if b"trio_wsgate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        answer = None
+        while answer is None:
+            assert time.monotonic() < deadline, "the API never answered again"
+            try:
+                answer = node.post("/api/publish", {"topic": "room", "data": "back"})
+            except urllib.error.HTTPError as error:
+                if error.code != 503:  # 503: no worker ready yet
+                    raise
+                time.sleep(0.1)
+        assert answer["offset"] >= 1
