@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -249,6 +250,7 @@ async def run_cluster_chaos(
     finally:
         os.killpg(cluster.pid, signal.SIGTERM)
         cluster.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)  # its pids, logs and Redis files
     report.accepted = len(accepted)
     published = set(accepted)
     for mine in received:

@@ -108,9 +108,13 @@ def machine(tmp_path: Path, workers: int = 2, *flags: str) -> Iterator[Machine]:
         assert int(found.group(2)) == workers
         yield Machine(process, int(found.group(1)), f"http://127.0.0.1:{admin_port}", log)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        if process.poll() is None:  # drained, so that it removes its directory
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
 
 class Peer:
