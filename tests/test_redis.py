@@ -29,14 +29,18 @@ from .test_topics import Seq, msgs, offsets, request
 pytestmark = pytest.mark.redis
 
 
-def node(redis: RedisServer, name: str, **settings: Any) -> Server:
+def node_at(url: str, name: str, **settings: Any) -> Server:
+    """A node with JWT users over the Redis at ``url`` (any form ``--redis`` takes)."""
     gateway = make_gateway()
     gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
     settings.setdefault("allow_subscribe", ("room:*",))
-    config = Config(
-        admin_port=None, port=0, node_id=name, redis_url=redis.url, secret="s" * 32, **settings
-    )
+    settings.setdefault("admin_port", None)
+    config = Config(port=0, node_id=name, redis_url=url, secret="s" * 32, **settings)
     return Server(gateway, config)
+
+
+def node(redis: RedisServer, name: str, **settings: Any) -> Server:
+    return node_at(redis.url, name, **settings)
 
 
 @asynccontextmanager

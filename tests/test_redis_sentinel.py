@@ -18,14 +18,13 @@ import coredis
 import pytest
 import trio
 
-from trio_wsgate import BrokerUnavailable, Config, JwtAuthenticator, Server
+from trio_wsgate import BrokerUnavailable, Server
 from trio_wsgate.brokers.redis import SentinelUrl
 from trio_wsgate.testing import free_port, open_memory_connection
 
-from .conftest import make_gateway
 from .redis_server import RedisServer, redis_binary
-from .test_auth import SECRET, now, token
-from .test_redis import user
+from .test_auth import token
+from .test_redis import node_at, user
 from .test_topics import Seq, msgs, request
 
 pytestmark = pytest.mark.redis
@@ -133,20 +132,10 @@ def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
         primary.kill()
 
 
-def node(where: Sentinel, name: str, **settings: Any) -> Server:
-    gateway = make_gateway()
-    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
-    settings.setdefault("allow_subscribe", ("room:*",))
-    config = Config(
-        admin_port=None, port=0, node_id=name, redis_url=where.url, secret="s" * 32, **settings
-    )
-    return Server(gateway, config)
-
-
 @asynccontextmanager
 async def nodes(where: Sentinel) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
     async with trio.open_nursery() as nursery:
-        servers = [node(where, f"node-{i}") for i in range(2)]
+        servers = [node_at(where.url, f"node-{i}") for i in range(2)]
         for server in servers:
             await nursery.start(server.serve)
         yield nursery, servers

@@ -17,15 +17,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_wsgate import Config, JwtAuthenticator, Server
+from trio_wsgate import Config, Server
 from trio_wsgate.brokers.sharded import ShardedBroker, jump_hash, shard_key, shard_name
 from trio_wsgate.testing import open_memory_connection
 
-from .conftest import make_gateway
 from .helpers import http_get
 from .redis_server import RedisServer, redis_binary
-from .test_auth import SECRET, now, token
-from .test_redis import park_one, user, users_span_the_nodes
+from .test_auth import token
+from .test_redis import node_at, park_one, user, users_span_the_nodes
 from .test_topics import Seq, msgs, offsets, request
 
 pytestmark = pytest.mark.redis
@@ -95,13 +94,8 @@ def topic_on(shard: int, prefix: str = "room:") -> str:
 
 
 def node(shards: list[RedisServer], name: str, **settings: Any) -> Server:
-    gateway = make_gateway()
-    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
-    settings.setdefault("allow_subscribe", ("room:*",))
     settings.setdefault("allow_publish", ("room:*",))
-    urls = ",".join(server.url for server in shards)
-    config = Config(port=0, node_id=name, redis_url=urls, secret="s" * 32, **settings)
-    return Server(gateway, config)
+    return node_at(",".join(server.url for server in shards), name, **settings)
 
 
 @asynccontextmanager

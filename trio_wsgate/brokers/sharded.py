@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -113,14 +113,16 @@ class ShardedBroker:
         """Whether each shard can be reached, by name."""
         return {name: shard.healthy for name, shard in zip(self.names, self.shards, strict=True)}
 
-    def _of(self, name: str) -> Broker:
-        return self.shards[jump_hash(shard_key(name), len(self.shards))]
+    def _index(self, name: str) -> int:
+        return jump_hash(shard_key(name), len(self.shards))
 
-    def _group(self, items: Iterable[_T], name_of: Any) -> dict[int, list[_T]]:
+    def _of(self, name: str) -> Broker:
+        return self.shards[self._index(name)]
+
+    def _group(self, items: Iterable[_T], name_of: Callable[[_T], str]) -> dict[int, list[_T]]:
         groups: dict[int, list[_T]] = {}
         for item in items:
-            index = jump_hash(shard_key(name_of(item)), len(self.shards))
-            groups.setdefault(index, []).append(item)
+            groups.setdefault(self._index(name_of(item)), []).append(item)
         return groups
 
     # -- life -------------------------------------------------------------------------
