@@ -32,6 +32,10 @@ class RedisServer:
     #: A directory for an append-only file fsynced on every write: what it
     #: acknowledged survives a SIGKILL. None: it keeps nothing.
     data_dir: str | None = None
+    #: A node of a Redis Cluster: the file where it keeps the cluster's layout (kept
+    #: across a kill and start, so that the node comes back as itself). None: standalone.
+    node_file: str | None = None
+    bus_port: int = field(default_factory=free_port)
 
     @property
     def url(self) -> str:
@@ -46,6 +50,11 @@ class RedisServer:
         durability = ["--appendonly", "no", "--dir", self._scratch]
         if self.data_dir is not None:
             durability = ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir]
+        if self.node_file is not None:
+            durability += ["--cluster-enabled", "yes", "--cluster-config-file", self.node_file]
+            # The cluster bus is on a port of its own (by default port + 10000, which
+            # a free port above 55535 cannot have).
+            durability += ["--cluster-port", str(self.bus_port)]
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -62,14 +71,19 @@ class RedisServer:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
+            if self.answers(b"PING\r\n", b"+PONG"):
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def answers(self, command: bytes, expected: bytes) -> bool:
+        """Whether it answers ``command`` (inline) with a reply that holds ``expected``."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(command)
+                return expected in sock.recv(4096)
+        except OSError:
+            return False
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and commands queue, but nothing answers."""
@@ -99,3 +113,59 @@ def redis_binary() -> str:
             pytest.fail(f"WSGATE_REQUIRE_REDIS=1 but {reason}")
         pytest.skip(reason)
     return binary
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of ``size`` primaries (no replicas) on free ports of 127.0.0.1.
+
+    Every node is a :class:`RedisServer` started with ``--cluster-enabled yes`` and a
+    node file in its own scratch directory; ``redis-cli --cluster create`` then spreads
+    the 16384 slots over them.
+    """
+
+    binary: str
+    size: int = 3
+    nodes: list[RedisServer] = field(default_factory=list)
+    _dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        """A ``redis+cluster://`` URL naming every node (any one of them would do)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="wsgate-cluster-")
+        self.nodes = []
+        for index in range(self.size):
+            node_file = os.path.join(self._dir, f"nodes-{index}.conf")
+            self.nodes.append(RedisServer(self.binary, node_file=node_file))
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def wait_ok(self) -> None:
+        """Wait until every node says the cluster is up (``cluster_state:ok``)."""
+        deadline = time.monotonic() + 20
+        while not all(
+            node.answers(b"CLUSTER INFO\r\n", b"cluster_state:ok") for node in self.nodes
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not come up")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

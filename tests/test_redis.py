@@ -296,54 +296,59 @@ async def test_a_session_migrates_between_live_nodes_with_traffic_in_flight(
     redis_server: RedisServer,
 ) -> None:
     async with cluster(redis_server, heartbeat_interval=None) as (nursery, (a, b)):
-        async with open_memory_connection(a, nursery) as old:
-            first = await old.hello(token=token("ada"))
-            seq = Seq()
-            await request(old, seq, "sub", topic="room:1")
-            await request(old, seq, "msg", event="push", data=3)  # msgs pushed, then the reply
-            for i in range(2):
-                await b.gateway.publish("room:1", f"before {i}")
-            seen = [await old.recv_type("msg") for _ in range(5)]
-            highest = max(m["seq"] for m in seen)
-            a.hub.sessions[first["session"]].state["colour"] = "green"
-            # The client acks only part of what it saw (the rest is lost with the wire),
-            # and sends one more request the server never gets an answer out for.
-            acked = highest - 2
-            # Resume at node b while the connection to a still looks open.
-            async with open_memory_connection(b, nursery) as new:
-                resume = {"session": first["session"], "token": first["resume_token"], "ack": acked}
-                welcome = await new.hello(token=token("ada"), resume=resume)
-                assert welcome["resumed"] is True
-                assert welcome["session"] == first["session"]
-                assert welcome["ack"] == 2  # both requests were processed at a
-                assert await old.wait_closed() == (4006, "session taken over")
-                await a.gateway.publish("room:1", "after")  # published at a, after the move
-                again = [await new.recv_type("msg") for _ in range(3)]
-                # Everything above the client's ack, in order, with the original seqs...
-                assert [m["seq"] for m in again[:2]] == [acked + 1, acked + 2]
-                assert [m.get("data") for m in again[:2]] == [m.get("data") for m in seen[-2:]]
-                # ... then the publication made meanwhile, once, with the next offset.
-                assert (again[2]["data"], again[2]["offset"]) == ("after", 3)
-                assert again[2]["seq"] == highest + 1
-                # The session lives at b now, with its state; a let go of it.
-                session = b.hub.sessions[first["session"]]
-                assert session.state == {"colour": "green"}
-                assert first["session"] not in a.hub.sessions
-                assert sorted(session.topics) == ["room:1", "user:ada"]
-                assert (await request(new, seq, "msg", event="echo", data=1))["data"] == 1
-                await b.gateway.publish("room:1", "later")
-                (later,) = await msgs(new, 1)
-                assert (later["data"], later["offset"]) == ("later", 4)
-        for server, direction in ((a, "out"), (b, "in")):
-            assert (
-                server.metrics.registry.get_sample_value(
-                    "wsgate_sessions_migrated_total", {"direction": direction}
-                )
-                == 1
-            )
+        await migrate_with_traffic_in_flight(a, b, nursery)
+
+
+async def migrate_with_traffic_in_flight(a: Server, b: Server, nursery: trio.Nursery) -> None:
+    """Ada's session, following room:1, resumes at ``b`` while its connection to ``a``
+    still looks open, having acknowledged only part of what it saw: every message above
+    its ack comes again once, in order, then what was published meanwhile, once."""
+    async with open_memory_connection(a, nursery) as old:
+        first = await old.hello(token=token("ada"))
+        seq = Seq()
+        await request(old, seq, "sub", topic="room:1")
+        await request(old, seq, "msg", event="push", data=3)  # msgs pushed, then the reply
+        for i in range(2):
+            await b.gateway.publish("room:1", f"before {i}")
+        seen = [await old.recv_type("msg") for _ in range(5)]
+        highest = max(m["seq"] for m in seen)
+        a.hub.sessions[first["session"]].state["colour"] = "green"
+        # The client acks only part of what it saw (the rest is lost with the wire),
+        # and sends one more request the server never gets an answer out for.
+        acked = highest - 2
+        # Resume at node b while the connection to a still looks open.
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": acked}
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is True
+            assert welcome["session"] == first["session"]
+            assert welcome["ack"] == 2  # both requests were processed at a
+            assert await old.wait_closed() == (4006, "session taken over")
+            await a.gateway.publish("room:1", "after")  # published at a, after the move
+            again = [await new.recv_type("msg") for _ in range(3)]
+            # Everything above the client's ack, in order, with the original seqs...
+            assert [m["seq"] for m in again[:2]] == [acked + 1, acked + 2]
+            assert [m.get("data") for m in again[:2]] == [m.get("data") for m in seen[-2:]]
+            # ... then the publication made meanwhile, once, with the next offset.
+            assert (again[2]["data"], again[2]["offset"]) == ("after", 3)
+            assert again[2]["seq"] == highest + 1
+            # The session lives at b now, with its state; a let go of it.
+            session = b.hub.sessions[first["session"]]
+            assert session.state == {"colour": "green"}
+            assert first["session"] not in a.hub.sessions
+            assert sorted(session.topics) == ["room:1", "user:ada"]
+            assert (await request(new, seq, "msg", event="echo", data=1))["data"] == 1
+            await b.gateway.publish("room:1", "later")
+            (later,) = await msgs(new, 1)
+            assert (later["data"], later["offset"]) == ("later", 4)
+    for server, direction in ((a, "out"), (b, "in")):
         assert (
-            b.metrics.registry.get_sample_value("wsgate_resumes_total", {"result": "migrated"}) == 1
+            server.metrics.registry.get_sample_value(
+                "wsgate_sessions_migrated_total", {"direction": direction}
+            )
+            == 1
         )
+    assert b.metrics.registry.get_sample_value("wsgate_resumes_total", {"result": "migrated"}) == 1
 
 
 async def park_one(

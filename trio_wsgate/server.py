@@ -95,10 +95,12 @@ class Server:
             )
         )
         if broker is None and config.redis_urls:
-            from .brokers.redis import RedisBroker  # coredis is imported only when used
+            # coredis is imported only when used.
+            from .brokers.cluster import ClusterBroker
+            from .brokers.redis import RedisBroker
 
             shards = [
-                RedisBroker(
+                (ClusterBroker if url.startswith("redis+cluster://") else RedisBroker)(
                     url,
                     history_size=config.history_size,
                     history_ttl=config.history_ttl,

@@ -51,7 +51,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -79,7 +79,16 @@ _UNREACHABLE = (
     OSError,
     coredis.exceptions.ReadOnlyError,
     coredis.exceptions.StalePrimaryError,
+    # Redis Cluster (brokers/cluster.py): slots without a primary, a slot moving for
+    # longer than coredis retries, a layout it cannot route by.
+    coredis.exceptions.ClusterDownError,
+    coredis.exceptions.ClusterError,
+    coredis.exceptions.ClusterRoutingError,
+    coredis.exceptions.TryAgainError,
 )
+
+#: A client of one Redis, or of a Redis Cluster (brokers/cluster.py).
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 
 #: How long a topic's meta outlives its last use at least (ms).
 _META_TTL_MS = 24 * 3600 * 1000
@@ -325,6 +334,8 @@ class RedisBroker:
     """
 
     shared = True
+    #: The script that numbers, logs and publishes a publication.
+    _publish_script = _PUBLISH
 
     def __init__(
         self,
@@ -365,7 +376,7 @@ class RedisBroker:
         self._pubsub_scope: trio.CancelScope | None = None
         # Set when Redis answers again: each catching-up task waits on its own.
         self._recovered = {"positions": trio.Event(), "presence": trio.Event()}
-        self._client: coredis.Redis[bytes] | None = None
+        self._client: Client | None = None
         self._nursery: trio.Nursery | None = None
         self._pubsub: Any = None
         self._receiver: Receiver | None = None
@@ -438,7 +449,7 @@ class RedisBroker:
                 self._client = self._pubsub = self._nursery = self._sentinel = None
 
     @contextlib.asynccontextmanager
-    async def _new_client(self, max_connections: int) -> AsyncIterator[coredis.Redis[bytes]]:
+    async def _new_client(self, max_connections: int) -> AsyncIterator[Client]:
         """A client of the primary, from the URL or through Sentinel, for the block."""
         where = self._sentinel_url
         if where is None:
@@ -517,7 +528,7 @@ class RedisBroker:
                 with scope:
                     async with (
                         self._new_client(2) as listener,
-                        listener.pubsub(channels=channels, retry_policy=None) as pubsub,
+                        self._open_pubsub(listener, channels) as pubsub,
                     ):
                         self._pubsub = pubsub
                         if not started:
@@ -537,22 +548,35 @@ class RedisBroker:
             if not scope.cancel_called:
                 await trio.sleep(0.5)  # it ended by itself: do not spin
 
-    def _redis(self) -> coredis.Redis[bytes]:
+    def _open_pubsub(self, listener: Client, channels: list[str]) -> Any:
+        """A pub/sub of ``listener`` subscribed to ``channels``, not reconnecting by itself."""
+        return listener.pubsub(channels=channels, retry_policy=None)
+
+    def _redis(self) -> Client:
         if self._client is None:
             raise BrokerUnavailable("the Redis broker is not running")
         return self._client
 
-    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        # Bounded: after Redis restarts, a command on a connection it never answered
-        # on could otherwise wait forever (and hold up everything behind it).
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Bound the block by ``command_timeout``; Redis out of reach or too slow in it
+        is :class:`BrokerUnavailable` (out of reach: Redis counts as lost).
+
+        Bounded: after Redis restarts, a command on a connection it never answered on
+        could otherwise wait forever (and hold up everything behind it).
+        """
         try:
             with trio.fail_after(self.command_timeout):
-                return await self._redis().eval(script, keys=keys, args=args)
+                yield
         except _UNREACHABLE as exc:
             self._lost()
             raise BrokerUnavailable(f"Redis is unreachable: {exc!r}") from exc
         except trio.TooSlowError as exc:
             raise self._too_slow() from exc
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        with self._guarded():
+            return await self._redis().eval(script, keys=keys, args=args)
 
     async def _take(self, script: str, keys: list[str], put_back: str) -> Any:
         """Run ``script``, which takes a session's state out of Redis, as ``_call`` does.
@@ -638,7 +662,7 @@ class RedisBroker:
 
     async def _watch_health(
         self,
-        health: coredis.Redis[bytes],
+        health: Client,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -700,7 +724,7 @@ class RedisBroker:
         """
         payload = msgpack.packb([event, data], use_bin_type=True)
         offset, epoch = await self._call(
-            _PUBLISH,
+            self._publish_script,
             [self._meta(topic), self._log(topic), self._channel(topic)],
             [
                 secrets.token_hex(4),
@@ -745,14 +769,8 @@ class RedisBroker:
         pubsub = self._pubsub
         if pubsub is None:
             raise BrokerUnavailable("Redis is unreachable")
-        try:
-            with trio.fail_after(self.command_timeout):
-                await pubsub.subscribe(self._channel(topic))
-        except _UNREACHABLE as exc:
-            self._lost()
-            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
-        except trio.TooSlowError as exc:
-            raise self._too_slow() from exc
+        with self._guarded():
+            await pubsub.subscribe(self._channel(topic))
         position = await self._history(topic, None)
         async with self._order:
             self._positions.setdefault(topic, _Position(position.epoch, position.offset))
@@ -768,10 +786,12 @@ class RedisBroker:
                 logger.warning("could not unsubscribe from %s: Redis is unreachable", topic)
 
     async def _listen(self, pubsub: Any) -> None:
-        prefix = f"{self.prefix}:c:".encode()
         control = self._control_channel.encode()
-        async for message in pubsub:
-            if message.get("type") != "message":
+        # Not ``async for``: coredis ends that iteration whenever the pub/sub holds no
+        # channel for a moment (a cluster's slot that moved takes its channels away).
+        while True:
+            message = await pubsub.get_message()
+            if message is None or message.get("type") != "message":
                 continue
             channel, data = message["channel"], message["data"]
             if isinstance(channel, str):
@@ -779,10 +799,17 @@ class RedisBroker:
             try:
                 if channel == control:
                     self._on_control(msgpack.unpackb(data, raw=False))
-                elif channel.startswith(prefix):
-                    await self._on_live(channel[len(prefix) :].decode(), data)
+                else:
+                    topic = self._topic_of(channel)
+                    if topic is not None:
+                        await self._on_live(topic, data)
             except Exception:
                 logger.exception("a message from Redis could not be handled")
+
+    def _topic_of(self, channel: bytes) -> str | None:
+        """The topic whose channel this is; None for a channel of no topic."""
+        prefix = f"{self.prefix}:c:".encode()
+        return channel[len(prefix) :].decode() if channel.startswith(prefix) else None
 
     async def _on_live(self, topic: str, data: bytes) -> None:
         offset_text, epoch_text, payload = data.split(b"\n", 2)
@@ -918,16 +945,11 @@ class RedisBroker:
 
     async def broadcast(self, message: dict[str, Any]) -> None:
         """Send a control message to every node, this one included."""
-        try:
-            with trio.fail_after(self.command_timeout):
-                await self._redis().publish(
-                    self._control_channel, msgpack.packb(message, use_bin_type=True)
-                )
-        except _UNREACHABLE as exc:
-            self._lost()
-            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
-        except trio.TooSlowError as exc:
-            raise self._too_slow() from exc
+        with self._guarded():
+            await self._send_control(msgpack.packb(message, use_bin_type=True))
+
+    async def _send_control(self, packed: bytes) -> None:
+        await self._redis().publish(self._control_channel, packed)
 
     # -- sessions: ownership and hand-over ---------------------------------------------
 
@@ -954,6 +976,9 @@ class RedisBroker:
 
     def _parked_key(self, session: str) -> str:
         return f"{self.prefix}:parked:{session}"
+
+    def _handover_key(self, request: str) -> str:
+        return f"{self.prefix}:handover:{request}"
 
     async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
         """A parked session's state (taken from Redis), or else the node holding it."""
@@ -991,7 +1016,7 @@ class RedisBroker:
                 await answered.wait()
             if not answered.is_set():
                 return None
-            key = f"{self.prefix}:handover:{request}"
+            key = self._handover_key(request)
             packed, _ = await self._take(_TAKE, [key], self._parked_key(session))
         finally:
             del self._handovers[request]
@@ -1001,7 +1026,7 @@ class RedisBroker:
         """Leave the state for the asking node and tell it."""
         if state is not None:
             packed = msgpack.packb(state, use_bin_type=True)
-            await self._call(_PUT, [f"{self.prefix}:handover:{request}"], [packed, 30000])
+            await self._call(_PUT, [self._handover_key(request)], [packed, 30000])
         await self.broadcast({"kind": "handed", "request": request, "to": to})
 
     def statistics(self) -> dict[str, int]:

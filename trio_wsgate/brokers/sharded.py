@@ -72,6 +72,8 @@ def shard_name(url: str) -> str:
         location, _, path = rest.partition("/")
         if scheme == "redis+sentinel":
             return f"sentinel:{path}" + (f"/{db}" if db not in ("", "0") else "")
+        if scheme == "redis+cluster":
+            return f"cluster:{location.partition(',')[0]}"
         db = db or path or "0"
         if location.startswith("["):  # [v6] or [v6]:port
             has_port = location.rpartition("]")[2].startswith(":")

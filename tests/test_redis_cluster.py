@@ -1,0 +1,335 @@
+"""A Redis Cluster as the broker (brokers/cluster.py): three real primaries.
+
+Each test starts a cluster of its own (three ``redis-server --cluster-enabled yes`` on
+free ports, joined by ``redis-cli --cluster create``; they skip without the binary, and
+fail under ``WSGATE_REQUIRE_REDIS=1``) and two nodes that name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+from coredis._utils import hash_slot
+
+from trio_wsgate import BrokerUnavailable, Server
+from trio_wsgate.brokers.cluster import ClusterBroker, ClusterUrl, _tag
+from trio_wsgate.testing import open_memory_connection
+
+from .redis_server import RedisClusterServers, redis_binary
+from .test_auth import token
+from .test_redis import (
+    migrate_with_traffic_in_flight,
+    node_at,
+    park_one,
+    user,
+    users_span_the_nodes,
+)
+from .test_topics import Seq, msgs, request
+
+pytestmark = pytest.mark.redis
+
+
+def test_a_cluster_url_names_its_nodes_and_hides_its_credentials() -> None:
+    where = ClusterUrl.parse("redis+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2,[::1]:7002")
+    assert where is not None
+    assert where.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
+    assert (where.username, where.password) == ("app", "p@ss")
+    assert "p@ss" not in repr(where)
+    assert ClusterUrl.parse("redis://a:6379") is None
+    with pytest.raises(ValueError, match="needs host:port"):
+        ClusterUrl.parse("redis+cluster://")
+    with pytest.raises(ValueError, match="may not hold"):
+        ClusterBroker("redis+cluster://a:7000", prefix="app{1}")
+
+
+def test_every_key_of_a_name_shares_one_slot_whatever_the_name_holds() -> None:
+    broker = ClusterBroker("redis+cluster://a:7000")
+    for name in ("room:1", "}{", "{a}", "}", "x}y{z}", "é"):
+        keys = [broker._meta(name), broker._log(name), broker._channel(name)]
+        keys.append(broker._presence_key(name))
+        assert len({hash_slot(key.encode()) for key in keys}) == 1, name
+        assert broker._topic_of(broker._channel(name).encode()) == name
+        session = [broker._session_key(name), broker._parked_key(name)]
+        assert len({hash_slot(key.encode()) for key in session}) == 1, name
+    # Names spread over the slots (a tag is a hash, not the name).
+    assert len({hash_slot(_tag(f"room:{n}").encode()) for n in range(100)}) > 90
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(redis_binary())
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.kill()
+
+
+def node(where: RedisClusterServers, name: str, **settings: Any) -> Server:
+    settings.setdefault("allow_publish", ("room:*",))
+    return node_at(where.url, name, **settings)
+
+
+@asynccontextmanager
+async def nodes(
+    where: RedisClusterServers, **settings: Any
+) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
+    async with trio.open_nursery() as nursery:
+        servers = [node(where, f"node-{i}", **settings) for i in range(2)]
+        for server in servers:
+            await nursery.start(server.serve)
+        yield nursery, servers
+        nursery.cancel_scope.cancel()
+
+
+async def slot_owners(where: RedisClusterServers) -> dict[int, int]:
+    """Which of ``where.nodes`` (by index) holds each slot."""
+    ports = {server.port: index for index, server in enumerate(where.nodes)}
+    async with coredis.Redis(port=where.nodes[0].port) as redis:
+        ranges = await redis.cluster_slots()
+    owners: dict[int, int] = {}
+    for (first, last), (primary, *_) in ranges.items():
+        for slot in range(first, last + 1):
+            owners[slot] = ports[int(primary["port"])]
+    return owners
+
+
+def topic_on(owners: dict[int, int], index: int, prefix: str = "room:") -> str:
+    """A topic name whose slot is on primary ``index``."""
+    return next(f"{prefix}{n}" for n in range(10_000) if owners[slot_of(f"{prefix}{n}")] == index)
+
+
+def slot_of(topic: str) -> int:
+    return hash_slot(_tag(topic).encode())
+
+
+async def test_topics_on_every_primary_cross_nodes_with_one_numbering_and_recover(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    owners = await slot_owners(redis_cluster)
+    topics = [topic_on(owners, i) for i in range(3)]
+    async with nodes(redis_cluster) as (nursery, (a, b)):
+        assert isinstance(a.hub.broker, ClusterBroker)
+        async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
+            seq_a, seq_b = Seq(), Seq()
+            epochs = {}
+            for topic in topics:
+                reply = await request(ada, seq_a, "sub", topic=topic)
+                epochs[topic] = reply["data"]["epoch"]
+                await request(bob, seq_b, "sub", topic=topic)
+            for i in range(6):
+                topic = topics[i % 3]
+                publication = await (a, b)[i % 2].gateway.publish(topic, i)
+                assert publication.offset == i // 3 + 1
+            for client in (ada, bob):
+                got = await msgs(client, 6)
+                assert [(m["topic"], m["offset"], m["data"]) for m in got] == [
+                    (topics[i % 3], i // 3 + 1, i) for i in range(6)
+                ]
+            await ada.send({"type": "bye"})
+        for topic in topics:
+            await a.gateway.publish(topic, f"missed on {topic}")
+        async with user(b, nursery, "ada") as ada:
+            seq = Seq()
+            for topic in topics:
+                since = {"offset": 2, "epoch": epochs[topic]}
+                reply = await request(ada, seq, "sub", topic=topic, since=since)
+                assert reply["data"]["recovered"] is True
+            got = await msgs(ada, 3)
+            assert sorted((m["topic"], m["offset"], m["data"]) for m in got) == sorted(
+                (topic, 3, f"missed on {topic}") for topic in topics
+            )
+    # Each primary holds its own topic's keys, and only those.
+    for index, server in enumerate(redis_cluster.nodes):
+        async with coredis.Redis(port=server.port) as redis:
+            keys = {key.decode() for key in await redis.keys("wsgate:t:*}room:*:meta")}
+        assert keys == {ClusterBroker("redis+cluster://x:1")._meta(topics[index])}
+
+
+async def test_send_to_user_presence_kick_and_a_migrating_session_span_the_cluster(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    owners = await slot_owners(redis_cluster)
+    async with nodes(redis_cluster) as (nursery, (a, b)):
+        async with users_span_the_nodes(a, b, nursery, topic_on(owners, 2)):
+            pass
+        for _ in range(4):
+            async with open_memory_connection(a, nursery) as old:
+                first = await old.hello(token=token("cy"))
+                await old.send({"type": "msg", "seq": 1, "event": "echo", "data": "x"})
+                await old.recv_type("reply")
+                resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+                async with open_memory_connection(b, nursery) as new:
+                    welcome = await new.hello(token=token("cy"), resume=resume)
+                    assert welcome["resumed"] is True
+                    await new.send({"type": "bye"})
+
+
+async def test_a_drained_node_parks_its_sessions_in_the_cluster(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    async with nodes(redis_cluster, heartbeat_interval=None, drain_timeout=30) as (
+        nursery,
+        (a, b),
+    ):
+        first, _, _, before = await park_one(a, nursery)
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is True
+            (again,) = await msgs(new, 1)
+            assert (again["seq"], again["data"]) == (before["seq"], "before")
+
+
+async def test_a_session_migrates_between_nodes_with_traffic_in_flight(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    async with nodes(redis_cluster, heartbeat_interval=None) as (nursery, (a, b)):
+        await migrate_with_traffic_in_flight(a, b, nursery)
+
+
+class Traffic:
+    """Publications of one topic from node ``a``, numbered 0, 1, 2...; and what a
+    subscriber at node ``b`` receives."""
+
+    def __init__(self, a: Server, topic: str) -> None:
+        self.a, self.topic = a, topic
+        self.accepted: list[int] = []
+        self.offsets: list[int] = []
+        self.refused = 0
+        self.got: list[dict[str, Any]] = []
+
+    async def publish(self) -> None:
+        n = len(self.accepted) + self.refused
+        try:
+            publication = await self.a.gateway.publish(self.topic, n)
+        except BrokerUnavailable:
+            self.refused += 1
+        else:
+            self.accepted.append(n)
+            self.offsets.append(publication.offset)
+
+    async def receive(self, client: Any) -> None:
+        while True:
+            self.got.extend(await msgs(client, 1))
+
+    async def received_all(self) -> None:
+        with trio.fail_after(15):
+            while [m["data"] for m in self.got[-1:]] != self.accepted[-1:]:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+    def check(self) -> None:
+        """Every publication accepted reached the subscriber once, in order, and the
+        offsets have no gap."""
+        assert [m["data"] for m in self.got] == self.accepted
+        assert [m["offset"] for m in self.got] == self.offsets
+        assert self.offsets == list(range(1, len(self.offsets) + 1))
+        assert len({m["epoch"] for m in self.got}) == 1
+
+
+async def test_a_slot_moved_during_traffic_loses_nothing(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    # `redis-cli --cluster reshard` moves the lowest slots of the primary it takes
+    # them from: the topic is one of those, so it moves while it is published to.
+    owners = await slot_owners(redis_cluster)
+    lowest = min(slot for slot, owner in owners.items() if owner == 1)
+    topic = next(
+        f"room:{n}" for n in range(100_000) if lowest <= slot_of(f"room:{n}") < lowest + 50
+    )
+    async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
+        for server in (a, b):
+            # No periodic catching up: what reaches bob after the move reaches him
+            # because the watchdog subscribed again on the slot's new primary.
+            server.hub.broker.sync_interval = 3600  # type: ignore[attr-defined]
+        await request(bob, Seq(), "sub", topic=topic)
+        traffic = Traffic(a, topic)
+        nursery.start_soon(traffic.receive, bob)
+        for _ in range(20):
+            await traffic.publish()
+        ids = [await _node_id(server) for server in redis_cluster.nodes]
+        source, target = redis_cluster.nodes[1], redis_cluster.nodes[2]
+        reshard = [
+            "redis-cli",
+            "--cluster",
+            "reshard",
+            f"127.0.0.1:{source.port}",
+            "--cluster-from",
+            ids[1],
+            "--cluster-to",
+            ids[2],
+            "--cluster-slots",
+            "50",
+            "--cluster-yes",
+        ]
+        async with trio.open_nursery() as moving:
+            done = trio.Event()
+
+            async def move() -> None:
+                await trio.run_process(reshard, capture_stdout=True, capture_stderr=True)
+                done.set()
+
+            moving.start_soon(move)
+            with trio.fail_after(60):
+                while not done.is_set():
+                    await traffic.publish()
+                    await trio.sleep(0.005)
+        assert (await slot_owners(redis_cluster))[slot_of(topic)] == 2  # it did move
+        for _ in range(20):
+            await traffic.publish()
+        await traffic.received_all()
+        traffic.check()
+        assert traffic.accepted[-20:] == list(
+            range(traffic.accepted[-1] - 19, traffic.accepted[-1] + 1)
+        )
+        # b listens on the slot's new primary, and no longer on the old one.
+        channel = b.hub.broker._channel(topic)  # type: ignore[attr-defined]
+        for server, count in ((target, 1), (source, 0)):
+            async with coredis.Redis(port=server.port) as redis:
+                assert await redis.pubsub_shardnumsub(channel) == {channel.encode(): count}
+
+
+async def _node_id(server: Any) -> str:
+    async with coredis.Redis(port=server.port) as redis:
+        return (await redis.cluster_myid()).decode()
+
+
+async def test_a_primary_killed_and_restarted_loses_nothing_it_accepted(
+    redis_cluster: RedisClusterServers, tmp_path: Any
+) -> None:
+    owners = await slot_owners(redis_cluster)
+    topic = topic_on(owners, 0)
+    primary = redis_cluster.nodes[0]
+    # It keeps what it acknowledged (an append-only file fsynced on every write).
+    primary.data_dir = str(tmp_path)
+    primary.kill()
+    primary.start()
+    redis_cluster.wait_ok()
+    async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
+        await request(bob, Seq(), "sub", topic=topic)
+        traffic = Traffic(a, topic)
+        nursery.start_soon(traffic.receive, bob)
+        for _ in range(10):
+            await traffic.publish()
+        primary.kill()
+        with trio.fail_after(15):
+            while a.hub.broker.healthy:
+                await traffic.publish()
+                await trio.sleep(0.05)
+        await traffic.publish()
+        assert traffic.refused  # its topics are unavailable while it is down
+        primary.start()
+        with trio.fail_after(30):
+            while not (a.hub.broker.healthy and b.hub.broker.healthy):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        with trio.fail_after(30):
+            while len(traffic.accepted) < 30:
+                await traffic.publish()
+                await trio.sleep(0.01)
+        await traffic.received_all()
+        traffic.check()

@@ -1,0 +1,262 @@
+"""The Redis Cluster broker: :class:`~trio_wsgate.brokers.redis.RedisBroker` over a
+Redis Cluster, with sharded pub/sub (docs/operations.md, "A Redis Cluster").
+
+What differs from one Redis:
+
+* **Hash tags.** Every key of a topic (meta, log, presence) and its channel carry the
+  same hash tag, so each of the topic's scripts touches one slot, as Redis Cluster
+  requires, and the offsets stay gap-free. So do a session's keys (holder, parked). The
+  tag is a hash of the name, not the name itself: a name may hold ``{`` or ``}``, and
+  a client picks its topics and its resume's session id.
+* **Sharded pub/sub.** A topic's publications go out with ``SPUBLISH`` from the
+  publishing script, to the nodes subscribed with ``SSUBSCRIBE`` on the primary that
+  holds the topic's slot only, not to every node of the cluster as ``PUBLISH`` does.
+  Control messages (kicks, hand-overs) go on one shard channel too.
+* **Slots move.** When a slot moves to another primary (resharding, a failover), Redis
+  tells its subscribers ``sunsubscribe``, and coredis forgets the channel; it does not
+  subscribe again, and its pub/sub holds connections only to the primaries it knew when
+  it started. So a watchdog compares the channels wanted with those held, every
+  ``watch_interval``: it refreshes the moved slots (a keyed command, which follows the
+  ``MOVED`` answer), subscribes again, and, if that fails (a primary the pub/sub has no
+  connection to), makes a new pub/sub. What was published meanwhile is filled from the
+  topic's log by offset, as after any outage.
+* **Several sessions at once** (the presence refresh, parking at drain): one script per
+  slot, since a script may not span slots. Parking is all-or-nothing per slot; when
+  some slots took their sessions and others did not, :class:`PartlyParked` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import coredis
+import trio
+
+# The slot coredis itself routes a key by: grouping by it matches its routing exactly.
+from coredis._utils import hash_slot
+
+from ..exceptions import BrokerUnavailable
+from .base import PartlyParked
+from .redis import Client, RedisBroker, host_port
+
+__all__ = ["ClusterBroker", "ClusterUrl"]
+
+logger = logging.getLogger("trio_wsgate.redis")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """A ``redis+cluster://`` URL, parsed: the credentials are not shown."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl | None:
+        """The parts of ``redis+cluster://[user:password@]host[:port][,host[:port]...]``
+        (credentials percent-decoded); None for another URL.
+
+        Raises:
+            ValueError: it names no node, or a bad one.
+        """
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme != "redis+cluster":
+            return None
+        credentials, at, rest = rest.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        hosts = rest.partition("/")[0].partition("?")[0]
+        nodes = tuple(host_port(host, 6379) for host in hosts.split(",") if host)
+        if not nodes:
+            raise ValueError("redis+cluster:// needs host:port[,host:port...]")
+        return cls(nodes, username, password)
+
+
+def _tag(name: str) -> str:
+    """The hash tag of a topic's or a session's keys: a hash of the name, so that no
+    ``{`` or ``}`` in the name can make two of its keys land in different slots."""
+    return "{" + hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + "}"
+
+
+class ClusterBroker(RedisBroker):
+    """Topics, history and presence in a Redis Cluster, shared by every node that uses it.
+
+    Takes :class:`RedisBroker`'s arguments; ``url`` is
+    ``redis+cluster://[user:password@]host:port[,host:port...]``, naming any of the
+    cluster's nodes (more than one, so that the node starts while one is down).
+
+    Args:
+        watch_interval: seconds between checks that every channel wanted is held.
+    """
+
+    def __init__(self, url: str, *, watch_interval: float = 1.0, **settings: Any) -> None:
+        super().__init__(url, **settings)
+        # Publications go out on the topic's shard channel.
+        sharded = self._publish_script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+        assert sharded != self._publish_script
+        self._publish_script = sharded
+        where = ClusterUrl.parse(url)
+        if where is None:
+            raise ValueError("a ClusterBroker needs a redis+cluster:// URL")
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError("in a Redis Cluster the key prefix may not hold { or }")
+        self._where = where
+        self.watch_interval = watch_interval
+        self._channel_prefix = f"{self.prefix}:c:".encode()
+
+    def __repr__(self) -> str:  # the URL may hold a password
+        return f"<ClusterBroker prefix={self.prefix!r}>"
+
+    # -- keys: each name's keys in one slot ---------------------------------------------
+
+    def _meta(self, topic: str) -> str:
+        return f"{self.prefix}:t:{_tag(topic)}{topic}:meta"
+
+    def _log(self, topic: str) -> str:
+        return f"{self.prefix}:t:{_tag(topic)}{topic}:log"
+
+    def _channel(self, topic: str) -> str:
+        return f"{self.prefix}:c:{_tag(topic)}{topic}"
+
+    def _presence_key(self, topic: str) -> str:
+        return f"{self.prefix}:presence:{_tag(topic)}{topic}"
+
+    def _session_key(self, session: str) -> str:
+        return f"{self.prefix}:s:{_tag(session)}{session}"
+
+    def _parked_key(self, session: str) -> str:
+        return f"{self.prefix}:parked:{_tag(session)}{session}"
+
+    def _topic_of(self, channel: bytes) -> str | None:
+        if not channel.startswith(self._channel_prefix):
+            return None
+        # After the prefix: the 18 characters of the tag, then the topic.
+        return channel[len(self._channel_prefix) + 18 :].decode()
+
+    # -- the cluster's clients and sharded pub/sub ---------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _new_client(self, max_connections: int) -> AsyncIterator[Client]:
+        where = self._where
+        client: coredis.RedisCluster[bytes] = coredis.RedisCluster(
+            startup_nodes=[{"host": host, "port": port} for host, port in where.nodes],
+            username=where.username,
+            password=where.password,
+            max_connections=max_connections,
+            max_connections_per_node=True,
+        )
+        async with client:
+            yield client
+
+    def _open_pubsub(self, listener: Client, channels: list[str]) -> Any:
+        assert isinstance(listener, coredis.RedisCluster)
+        return listener.sharded_pubsub(channels=channels, retry_policy=None)
+
+    async def _send_control(self, packed: bytes) -> None:
+        client = self._redis()
+        assert isinstance(client, coredis.RedisCluster)
+        await client.spublish(self._control_channel, packed)
+
+    async def _listen(self, pubsub: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_channels, pubsub)
+            await super()._listen(pubsub)
+
+    async def _watch_channels(self, pubsub: Any) -> None:
+        """Subscribe again to what a moved slot took away (see the module's docstring)."""
+        while True:
+            await trio.sleep(self.watch_interval)
+            wanted = {self._control_channel, *map(self._channel, self._positions)}
+            held = {c.decode() if isinstance(c, bytes) else c for c in pubsub.channels}
+            missing = sorted(wanted - held)
+            if not missing:
+                continue
+            logger.warning(
+                "%d channel(s) no longer held (their slot moved): subscribing again", len(missing)
+            )
+            try:
+                with self._guarded():
+                    await self._follow_slots(missing)
+                    await pubsub.subscribe(*missing)
+            except (BrokerUnavailable, KeyError, coredis.exceptions.RedisError):
+                # A primary this pub/sub has no connection to: a new pub/sub, which
+                # subscribes to every channel wanted and catches up from the logs.
+                logger.warning("making a new sharded pub/sub for the cluster's new layout")
+                if self._pubsub_scope is not None:
+                    self._pubsub_scope.cancel()
+                return
+            self._recovered["positions"].set()  # what was published meanwhile
+
+    async def _follow_slots(self, channels: list[str]) -> None:
+        """Learn where the channels' slots are now: a keyed command to each slot, whose
+        ``MOVED`` answer, if any, moves it in the client's layout."""
+        client = self._redis()
+        seen: set[int] = set()
+        for channel in channels:
+            slot = hash_slot(channel.encode())
+            if slot not in seen:
+                seen.add(slot)
+                await client.exists([channel])  # a channel's name hashes as a key does
+
+    async def subscribe(self, topic: str) -> None:
+        """Listen to the topic's shard channel; deliveries start from its current offset.
+
+        The topic's slot is looked up first, so that ``SSUBSCRIBE`` goes to the primary
+        that holds it now.
+        """
+        await self._ready.wait()
+        with self._guarded():
+            await self._follow_slots([self._channel(topic)])
+        try:
+            await super().subscribe(topic)
+        except (KeyError, coredis.exceptions.PubSubError) as exc:
+            # Its primary is one the pub/sub has no connection to: a new pub/sub.
+            if self._pubsub_scope is not None:
+                self._pubsub_scope.cancel()
+            raise BrokerUnavailable("the cluster's layout changed: try again") from exc
+
+    # -- several sessions: one script per slot -----------------------------------------
+
+    async def _claim(self, owned: dict[str, str]) -> None:
+        if not owned:
+            return
+        ttl = int(self.presence_ttl * 1000)
+        with self._guarded():
+            async with self._redis().pipeline(transaction=False) as pipe:
+                for session, node in owned.items():
+                    pipe.set(self._session_key(session), node, px=ttl)
+
+    async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
+        """Park each slot's sessions with one script (all of them, or none).
+
+        Raises:
+            BrokerUnavailable: no slot took any.
+            PartlyParked: some did: the sessions it names are parked.
+        """
+        by_slot: dict[int, list[tuple[dict[str, Any], float]]] = {}
+        for item in sessions:
+            slot = hash_slot(self._parked_key(item[0]["id"]).encode())
+            by_slot.setdefault(slot, []).append(item)
+        parked: set[str] = set()
+        refused: BrokerUnavailable | None = None
+        for group in by_slot.values():
+            try:
+                await super().park_sessions(group, node)
+            except BrokerUnavailable as exc:
+                refused = refused or exc
+            else:
+                parked.update(state["id"] for state, _ in group)
+        if refused is not None:
+            if parked:
+                raise PartlyParked(str(refused), parked)
+            raise refused
