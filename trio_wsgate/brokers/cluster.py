@@ -12,6 +12,10 @@ What differs from one Redis:
   publishing script, to the nodes subscribed with ``SSUBSCRIBE`` on the primary that
   holds the topic's slot only, not to every node of the cluster as ``PUBLISH`` does.
   Control messages (kicks, hand-overs) go on one shard channel too.
+* **A failover starts a new epoch**, as through Sentinel: a replica promoted in the
+  place of the primary that numbered a topic starts a new epoch at its first
+  publication (it knows that primary's replication id as its ``master_replid2``). A
+  primary that a topic's keys migrated to, intact, goes on with its numbering.
 * **Slots move.** When a slot moves to another primary (resharding, a failover), Redis
   tells its subscribers ``sunsubscribe``, and coredis forgets the channel; it does not
   subscribe again, and its pub/sub holds connections only to the primaries it knew when
@@ -101,6 +105,11 @@ class ClusterBroker(RedisBroker):
 
     def __init__(self, url: str, *, watch_interval: float = 1.0, **settings: Any) -> None:
         super().__init__(url, **settings)
+        # A replica promoted in the place of the primary that numbered a topic (it may
+        # lack the last publications) starts a new epoch at its first publication,
+        # rather than numbering again offsets that nodes already delivered; a primary
+        # the topic's keys migrated to (intact) goes on with its numbering.
+        self._by_primary = "2"
         # Publications go out on the topic's shard channel.
         sharded = self._publish_script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
         assert sharded != self._publish_script

@@ -98,14 +98,23 @@ _META_TTL_MS = 24 * 3600 * 1000
 # to the primary that numbered it, known by its replication id, which a promoted
 # replica changes. So the first publication on a new primary starts a new epoch:
 # offsets it kept below what nodes delivered from the old one are never reused.
+# ARGV[5] '2' (a Redis Cluster, where keys also move between primaries intact): only
+# a primary promoted from the one that numbered the topic (whose replication id it
+# keeps as master_replid2) starts a new epoch; a primary the keys migrated to takes
+# the topic over as it is.
 _EPOCH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local rid = false
-if ARGV[5] == '1' then
-  rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+if ARGV[5] ~= '0' then
+  local info = redis.call('INFO', 'replication')
+  rid = string.match(info, 'master_replid:(%w+)')
   local known = redis.call('HGET', KEYS[1], 'rid')
   if epoch and known and known ~= rid then
-    epoch = false
+    if ARGV[5] == '1' or known == string.match(info, 'master_replid2:(%w+)') then
+      epoch = false
+    else
+      redis.call('HSET', KEYS[1], 'rid', rid)
+    end
   elseif epoch and not known then
     redis.call('HSET', KEYS[1], 'rid', rid)
   end
