@@ -153,6 +153,37 @@ class RedisClusterServers:
         )
         self.wait_ok()
 
+    def add_replica(self, primary: RedisServer) -> RedisServer:
+        """Start a node and join it to the cluster as ``primary``'s replica; return it
+        once it is in sync."""
+        assert self._dir is not None
+        node_file = os.path.join(self._dir, f"nodes-{len(self.nodes)}.conf")
+        replica = RedisServer(self.binary, node_file=node_file)
+        replica.start()
+        self.nodes.append(replica)
+        cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "add-node",
+                f"127.0.0.1:{replica.port}",
+                f"127.0.0.1:{primary.port}",
+                "--cluster-slave",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 20
+        while not replica.answers(b"INFO replication\r\n", b"master_link_status:up"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not sync with its primary")
+            time.sleep(0.1)
+        self.wait_ok()
+        return replica
+
     def wait_ok(self) -> None:
         """Wait until every node says the cluster is up (``cluster_state:ok``)."""
         deadline = time.monotonic() + 20

@@ -281,20 +281,40 @@ async def test_a_slot_moved_during_traffic_loses_nothing(
             with trio.fail_after(60):
                 while not done.is_set():
                     await traffic.publish()
+                    # A slot on the move is no outage: neither node counts Redis lost.
+                    assert a.hub.broker.healthy
+                    assert b.hub.broker.healthy
                     await trio.sleep(0.005)
         assert (await slot_owners(redis_cluster))[slot_of(topic)] == 2  # it did move
         for _ in range(20):
             await traffic.publish()
         await traffic.received_all()
         traffic.check()
+        # A subscriber new to the topic at the node that never followed it: its
+        # SSUBSCRIBE goes to the slot's new primary at once.
+        async with user(a, nursery, "cy") as cy:
+            await request(cy, Seq(), "sub", topic=topic)
+            await traffic.publish()
+            (got,) = await msgs(cy, 1)
+            assert got["data"] == traffic.accepted[-1]
+        await traffic.received_all()
+        traffic.check()
+        assert a.hub.broker.healthy
+        assert b.hub.broker.healthy
         assert traffic.accepted[-20:] == list(
             range(traffic.accepted[-1] - 19, traffic.accepted[-1] + 1)
         )
-        # b listens on the slot's new primary, and no longer on the old one.
+        # Both nodes listen on the slot's new primary, and none on the old one.
         channel = b.hub.broker._channel(topic)  # type: ignore[attr-defined]
-        for server, count in ((target, 1), (source, 0)):
-            async with coredis.Redis(port=server.port) as redis:
-                assert await redis.pubsub_shardnumsub(channel) == {channel.encode(): count}
+        assert await subscribers(target, channel) == 2  # a (for cy) and b (for bob)
+        assert await subscribers(source, channel) == 0
+
+
+async def subscribers(server: Any, channel: str) -> int:
+    """How many connections ``server`` has subscribed to the shard channel."""
+    async with coredis.Redis(port=server.port) as redis:
+        counts = await redis.pubsub_shardnumsub(channel)
+    return int(counts[channel.encode()])
 
 
 async def _node_id(server: Any) -> str:
@@ -337,3 +357,36 @@ async def test_a_primary_killed_and_restarted_loses_nothing_it_accepted(
         await traffic.received_all()
         # Restarted from its own file, the primary goes on with its numbering.
         traffic.check()
+
+
+async def test_a_failover_during_traffic_is_followed_and_starts_a_new_epoch(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    owners = await slot_owners(redis_cluster)
+    topic = topic_on(owners, 0)
+    primary = redis_cluster.nodes[0]
+    replica = redis_cluster.add_replica(primary)
+    async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
+        for server in (a, b):  # no periodic catching up: the watchdog must follow
+            server.hub.broker.sync_interval = 3600  # type: ignore[attr-defined]
+        await request(bob, Seq(), "sub", topic=topic)
+        traffic = Traffic(a, topic)
+        nursery.start_soon(traffic.receive, bob)
+        for _ in range(20):
+            await traffic.publish()
+        async with coredis.Redis(port=replica.port) as redis:
+            await redis.cluster_failover()  # the replica takes over, in step with it
+        with trio.fail_after(20):
+            while (await slot_owners(redis_cluster)).get(slot_of(topic)) != len(
+                redis_cluster.nodes
+            ) - 1:
+                await traffic.publish()
+                await trio.sleep(0.02)
+        for _ in range(20):
+            await traffic.publish()
+        assert traffic.accepted[-1] == len(traffic.accepted) + traffic.refused - 1
+        await traffic.received_all()
+        # The promoted replica numbered its first publication in a new epoch.
+        traffic.check(epochs=2)
+        channel = b.hub.broker._channel(topic)  # type: ignore[attr-defined]
+        assert await subscribers(replica, channel) == 1

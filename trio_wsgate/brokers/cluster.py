@@ -41,9 +41,8 @@ from urllib.parse import unquote
 
 import coredis
 import trio
-
-# The slot coredis itself routes a key by: grouping by it matches its routing exactly.
-from coredis._utils import hash_slot
+from coredis._utils import hash_slot  # the slot coredis routes a key by
+from coredis.connection import TCPLocation
 
 from ..exceptions import BrokerUnavailable
 from .base import PartlyParked
@@ -79,11 +78,18 @@ class ClusterUrl:
             user, colon, secret = credentials.partition(":")
             username = unquote(user) or None
             password = unquote(secret) if colon else None
-        hosts = rest.partition("/")[0].partition("?")[0]
+        hosts, _, options = rest.partition("/")
+        if options.strip("/"):
+            # A database or options (TLS...) it would not honour: say so, not ignore it.
+            raise ValueError("redis+cluster:// takes host:port[,host:port...] and nothing else")
         nodes = tuple(host_port(host, 6379) for host in hosts.split(",") if host)
         if not nodes:
             raise ValueError("redis+cluster:// needs host:port[,host:port...]")
         return cls(nodes, username, password)
+
+
+#: Slots parked at once at drain (a script each: a script may not span slots).
+_PARKING_AT_ONCE = 32
 
 
 def _tag(name: str) -> str:
@@ -112,7 +118,8 @@ class ClusterBroker(RedisBroker):
         self._by_primary = "2"
         # Publications go out on the topic's shard channel.
         sharded = self._publish_script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
-        assert sharded != self._publish_script
+        if sharded == self._publish_script:
+            raise RuntimeError("the publish script has no PUBLISH to make SPUBLISH")
         self._publish_script = sharded
         where = ClusterUrl.parse(url)
         if where is None:
@@ -158,7 +165,8 @@ class ClusterBroker(RedisBroker):
     async def _new_client(self, max_connections: int) -> AsyncIterator[Client]:
         where = self._where
         client: coredis.RedisCluster[bytes] = coredis.RedisCluster(
-            startup_nodes=[{"host": host, "port": port} for host, port in where.nodes],
+            startup_nodes=[TCPLocation(host, port) for host, port in where.nodes],
+            decode_responses=False,
             username=where.username,
             password=where.password,
             max_connections=max_connections,
@@ -194,42 +202,68 @@ class ClusterBroker(RedisBroker):
                 "%d channel(s) no longer held (their slot moved): subscribing again", len(missing)
             )
             try:
-                with self._guarded():
-                    await self._follow_slots(missing)
+                await self._follow_slots(missing)
+                with trio.fail_after(self.command_timeout):
                     await pubsub.subscribe(*missing)
-            except (BrokerUnavailable, KeyError, coredis.exceptions.RedisError):
-                # A primary this pub/sub has no connection to: a new pub/sub, which
-                # subscribes to every channel wanted and catches up from the logs.
+            except (
+                BrokerUnavailable,
+                trio.TooSlowError,
+                TimeoutError,
+                KeyError,
+                coredis.exceptions.RedisError,
+            ):
+                # A primary this pub/sub has no connection to, or no answer: a new
+                # pub/sub, which subscribes to every channel wanted on the layout as
+                # it is now, and catches up from the logs.
                 logger.warning("making a new sharded pub/sub for the cluster's new layout")
                 if self._pubsub_scope is not None:
                     self._pubsub_scope.cancel()
                 return
-            self._recovered["positions"].set()  # what was published meanwhile
+            # A topic unsubscribed from meanwhile is not held on for nothing.
+            wanted = {self._control_channel, *map(self._channel, self._positions)}
+            unwanted = [channel for channel in missing if channel not in wanted]
+            if unwanted:
+                with contextlib.suppress(trio.TooSlowError, coredis.exceptions.RedisError):
+                    with trio.fail_after(self.command_timeout):
+                        await pubsub.unsubscribe(*unwanted)
+            # What was published on those topics meanwhile, from their logs.
+            for channel in missing:
+                topic = self._topic_of(channel.encode())
+                if topic is not None:
+                    with contextlib.suppress(BrokerUnavailable):
+                        await self._catch_up(topic)
 
     async def _follow_slots(self, channels: list[str]) -> None:
-        """Learn where the channels' slots are now: a keyed command to each slot, whose
-        ``MOVED`` answer, if any, moves it in the client's layout."""
-        client = self._redis()
-        seen: set[int] = set()
-        for channel in channels:
-            slot = hash_slot(channel.encode())
-            if slot not in seen:
-                seen.add(slot)
-                await client.exists([channel])  # a channel's name hashes as a key does
+        """Tell the pub/sub's client where the channels' slots are now: a keyed command
+        to each slot, whose ``MOVED`` answer, if any, moves it in that client's layout
+        (the one ``SSUBSCRIBE`` is routed by). Bounded as every command is.
 
-    async def subscribe(self, topic: str) -> None:
-        """Listen to the topic's shard channel; deliveries start from its current offset.
-
-        The topic's slot is looked up first, so that ``SSUBSCRIBE`` goes to the primary
-        that holds it now.
+        Raises:
+            BrokerUnavailable: the cluster could not be asked.
         """
-        await self._ready.wait()
+        client = self._listener
+        if client is None:
+            raise BrokerUnavailable("Redis is unreachable")
+        seen: set[int] = set()
         with self._guarded():
-            await self._follow_slots([self._channel(topic)])
+            for channel in channels:
+                slot = hash_slot(channel.encode())
+                if slot not in seen:
+                    seen.add(slot)
+                    await client.exists([channel])  # a channel's name hashes as a key does
+
+    async def _listen_to(self, pubsub: Any, channel: str) -> None:
+        """``SSUBSCRIBE``, routed by the pub/sub's layout, once a keyed command has
+        brought the channel's slot up to date in it (one round trip, for the node's
+        first subscriber of a topic only). If the slot's primary is one the pub/sub has
+        no connection to, or it does not answer, the pub/sub is made anew, and the
+        caller told to try again."""
+        await self._follow_slots([channel])
         try:
-            await super().subscribe(topic)
-        except (KeyError, coredis.exceptions.PubSubError) as exc:
-            # Its primary is one the pub/sub has no connection to: a new pub/sub.
+            with trio.fail_after(self.command_timeout):
+                await pubsub.subscribe(channel)
+        except (trio.TooSlowError, TimeoutError, KeyError, coredis.exceptions.RedisError) as exc:
+            logger.warning("could not subscribe on the cluster: making a new sharded pub/sub")
             if self._pubsub_scope is not None:
                 self._pubsub_scope.cancel()
             raise BrokerUnavailable("the cluster's layout changed: try again") from exc
@@ -257,15 +291,22 @@ class ClusterBroker(RedisBroker):
             slot = hash_slot(self._parked_key(item[0]["id"]).encode())
             by_slot.setdefault(slot, []).append(item)
         parked: set[str] = set()
-        refused: BrokerUnavailable | None = None
-        for group in by_slot.values():
-            try:
-                await super().park_sessions(group, node)
-            except BrokerUnavailable as exc:
-                refused = refused or exc
-            else:
-                parked.update(state["id"] for state, _ in group)
-        if refused is not None:
+        refused: list[BrokerUnavailable] = []
+        limit = trio.CapacityLimiter(_PARKING_AT_ONCE)
+
+        async def park(group: list[tuple[dict[str, Any], float]]) -> None:
+            async with limit:
+                try:
+                    await super(ClusterBroker, self).park_sessions(group, node)
+                except BrokerUnavailable as exc:
+                    refused.append(exc)
+                else:
+                    parked.update(state["id"] for state, _ in group)
+
+        async with trio.open_nursery() as nursery:
+            for group in by_slot.values():
+                nursery.start_soon(park, group)
+        if refused:
             if parked:
-                raise PartlyParked(str(refused), parked)
-            raise refused
+                raise PartlyParked(str(refused[0]), parked)
+            raise refused[0]

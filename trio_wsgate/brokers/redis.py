@@ -79,13 +79,17 @@ _UNREACHABLE = (
     OSError,
     coredis.exceptions.ReadOnlyError,
     coredis.exceptions.StalePrimaryError,
-    # Redis Cluster (brokers/cluster.py): slots without a primary, a slot moving for
-    # longer than coredis retries, a layout it cannot route by.
+    # Redis Cluster (brokers/cluster.py): slots without a primary, a layout coredis
+    # cannot route by, and (_MOVING) a slot moving for longer than coredis retries.
     coredis.exceptions.ClusterDownError,
-    coredis.exceptions.ClusterError,
     coredis.exceptions.ClusterRoutingError,
+    coredis.exceptions.ClusterError,
     coredis.exceptions.TryAgainError,
 )
+# A slot of a Redis Cluster in the middle of moving (a script whose keys are half
+# migrated, redirections beyond coredis's retries): that command fails, but the
+# cluster is not lost.
+_MOVING = (coredis.exceptions.ClusterError, coredis.exceptions.TryAgainError)
 
 #: A client of one Redis, or of a Redis Cluster (brokers/cluster.py).
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
@@ -388,6 +392,7 @@ class RedisBroker:
         self._client: Client | None = None
         self._nursery: trio.Nursery | None = None
         self._pubsub: Any = None
+        self._listener: Client | None = None  # the pub/sub's own client, while it lasts
         self._receiver: Receiver | None = None
         self._control: ControlReceiver | None = None
         self._positions: dict[str, _Position] = {}  # last delivered, per subscribed topic
@@ -539,7 +544,7 @@ class RedisBroker:
                         self._new_client(2) as listener,
                         self._open_pubsub(listener, channels) as pubsub,
                     ):
-                        self._pubsub = pubsub
+                        self._pubsub, self._listener = pubsub, listener
                         if not started:
                             started = True
                             task_status.started()
@@ -553,7 +558,7 @@ class RedisBroker:
                     raise
             except* _UNREACHABLE:
                 self._lost()
-            self._pubsub = None
+            self._pubsub = self._listener = None
             if not scope.cancel_called:
                 await trio.sleep(0.5)  # it ended by itself: do not spin
 
@@ -578,10 +583,17 @@ class RedisBroker:
             with trio.fail_after(self.command_timeout):
                 yield
         except _UNREACHABLE as exc:
-            self._lost()
-            raise BrokerUnavailable(f"Redis is unreachable: {exc!r}") from exc
+            raise self._unavailable(exc) from exc
         except trio.TooSlowError as exc:
             raise self._too_slow() from exc
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        """What a command that failed with ``exc`` (one of ``_UNREACHABLE``) tells its
+        caller; Redis counts as lost unless only a cluster's slot was moving."""
+        if isinstance(exc, _MOVING):
+            return BrokerUnavailable(f"a slot of the Redis Cluster is moving: {exc!r}")
+        self._lost()
+        return BrokerUnavailable(f"Redis is unreachable: {exc!r}")
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         with self._guarded():
@@ -625,8 +637,7 @@ class RedisBroker:
             if not answer:
                 raise BrokerUnavailable("Redis did not answer")
             if isinstance(answer[0], BaseException):
-                self._lost()
-                raise BrokerUnavailable(f"Redis is unreachable: {answer[0]!r}") from answer[0]
+                raise self._unavailable(answer[0]) from answer[0]
             taken = True
             return answer[0]
         finally:
@@ -778,11 +789,14 @@ class RedisBroker:
         pubsub = self._pubsub
         if pubsub is None:
             raise BrokerUnavailable("Redis is unreachable")
-        with self._guarded():
-            await pubsub.subscribe(self._channel(topic))
+        await self._listen_to(pubsub, self._channel(topic))
         position = await self._history(topic, None)
         async with self._order:
             self._positions.setdefault(topic, _Position(position.epoch, position.offset))
+
+    async def _listen_to(self, pubsub: Any, channel: str) -> None:
+        with self._guarded():
+            await pubsub.subscribe(channel)
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop listening to the topic's channel."""
@@ -872,6 +886,16 @@ class RedisBroker:
         if self._receiver is not None:
             self._receiver(publication)
 
+    async def _catch_up(self, topic: str, *, regressed: bool = False) -> None:
+        """Deliver from the topic's log what pub/sub lost of it, if it is followed; with
+        ``regressed``, first start a new epoch if Redis went back (after an outage)."""
+        async with self._order:
+            position = self._positions.get(topic)
+            if position is not None:
+                if regressed:
+                    await self._new_epoch_if_behind(topic, position)
+                await self._fill(topic, position, -1)
+
     async def _check_positions(self) -> None:
         """Now and then, fill what pub/sub lost though no later message revealed it."""
         unchecked: set[str] = set()  # topics whose offset may have gone back
@@ -881,12 +905,7 @@ class RedisBroker:
             unchecked.intersection_update(self._positions)  # no longer followed: forgotten
             for topic in list(self._positions):
                 try:
-                    async with self._order:
-                        position = self._positions.get(topic)
-                        if position is not None:
-                            if topic in unchecked:
-                                await self._new_epoch_if_behind(topic, position)
-                            await self._fill(topic, position, -1)
+                    await self._catch_up(topic, regressed=topic in unchecked)
                     unchecked.discard(topic)
                 except BrokerUnavailable:
                     break  # try again next time (the unchecked ones stay so)
