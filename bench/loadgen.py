@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import os
 import resource
@@ -40,20 +41,52 @@ SAMPLED = 100  # fan-out subscribers that decode what they receive, for latency
 # -- the server, read from /proc ---------------------------------------------------------
 
 
+#: Measure the server's process and all its descendants (``--server-tree``: the
+#: workers of ``--workers N``, under their supervisor).
+TREE = False
+
+
+def _pids(pid: int) -> list[int]:
+    """``pid``, and with :data:`TREE` every process below it."""
+    pids, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        pids.append(current)
+        if TREE:  # children are listed per thread: the supervisor spawns from one
+            for children in glob.glob(f"/proc/{current}/task/*/children"):
+                try:
+                    with open(children) as f:
+                        queue += [int(child) for child in f.read().split()]
+                except OSError:
+                    pass
+    return pids
+
+
 def server_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the process has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """CPU seconds (user + system) the process (with :data:`TREE`, its tree) has used."""
+    total = 0.0
+    for each in _pids(pid):
+        try:
+            with open(f"/proc/{each}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def server_rss(pid: int) -> int:
-    """Resident set size in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Resident set size in bytes (with :data:`TREE`, of the whole tree)."""
+    total = 0
+    for each in _pids(pid):
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def own_cpu() -> float:
@@ -374,6 +407,15 @@ class FanOut(Generator):
         self.published = 0
         self.room = asyncio.Event()
         self.subscribers = 0
+        # --group G: subscribers in topics of G each (bench.0, bench.1...), the
+        # publisher going round them; else all of them in one topic, bench.
+        self.topics = max(1, args.connections // args.group) if args.group else 0
+        self.joined = 0
+
+    @property
+    def per_publication(self) -> int:
+        """Deliveries each publication makes."""
+        return self.subscribers // self.topics if self.topics else self.subscribers
 
     def on_message(self, conn: Conn, payload: bytes) -> None:
         wire = self.wire
@@ -389,8 +431,8 @@ class FanOut(Generator):
         else:
             self.count += 1
         if (
-            self.published * self.subscribers - self.count
-            < self.args.outstanding * self.subscribers
+            self.published * self.per_publication - self.count
+            < self.args.outstanding * self.per_publication
         ):
             self.room.set()
 
@@ -416,7 +458,9 @@ class FanOut(Generator):
                     else:
                         conn.ready.set_result(None)  # subscribed
             elif kind == "welcome":
-                conn.send(self.wire.encode({"type": "sub", "seq": 1, "topic": "bench"}))
+                topic = f"bench.{self.joined % self.topics}" if self.topics else "bench"
+                self.joined += 1
+                conn.send(self.wire.encode({"type": "sub", "seq": 1, "topic": topic}))
                 conn.seq = 1
             elif kind != "ack":
                 conn.handle_control(envelope)
@@ -453,7 +497,7 @@ class FanOut(Generator):
                 self.running, window, start_count = True, Window(args.server_pid), self.count
             if now >= end:
                 break
-            if (self.published - args.outstanding) * self.subscribers >= self.count:
+            if (self.published - args.outstanding) * self.per_publication >= self.count:
                 self.room.clear()
                 try:
                     await asyncio.wait_for(self.room.wait(), 5)
@@ -461,7 +505,9 @@ class FanOut(Generator):
                     break  # stalled: the counts say how far it got
                 continue
             self.published += 1
-            data = {"t": time.monotonic(), "i": self.published}
+            data: dict[str, Any] = {"t": time.monotonic(), "i": self.published}
+            if self.topics:
+                data["topic"] = f"bench.{self.published % self.topics}"
             if self.wire.gateway:
                 publisher.seq += 1
                 publisher.acked = publisher.server_seq
@@ -485,6 +531,7 @@ class FanOut(Generator):
         acks.cancel()
         result["deliveries_per_s"] = (self.count - start_count) / result["seconds"]
         result["subscribers"] = self.subscribers
+        result["subscribers_per_topic"] = self.per_publication
         result["publications"] = self.published
         result.update(percentiles(self.latencies))
         return result
@@ -594,13 +641,19 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--proto", choices=["json", "msgpack", "echo"], default="json")
     parser.add_argument("--server-pid", type=int)
+    parser.add_argument(
+        "--server-tree", action="store_true", help="measure the server pid's descendants too"
+    )
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--rate", type=float, default=5000)
     parser.add_argument("--outstanding", type=int, default=4)
+    parser.add_argument("--group", type=int, default=0, help="fan-out: subscribers per topic")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
+    global TREE
+    TREE = args.server_tree
     generator = SCENARIOS[args.scenario](args)
     result = uvloop.run(generator.run())
     result["scenario"] = args.scenario

@@ -100,6 +100,8 @@ def gateway_command(port: int, admin_port: int, *flags: str) -> list[str]:
         "--allow-subscribe",
         "bench",
         "--allow-subscribe",
+        "bench.*",
+        "--allow-subscribe",
         "herd",
         *flags,
     ]
