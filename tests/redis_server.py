@@ -36,6 +36,8 @@ class RedisServer:
     #: across a kill and start, so that the node comes back as itself). None: standalone.
     node_file: str | None = None
     bus_port: int = field(default_factory=free_port)
+    #: More of redis-server's options.
+    options: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -55,6 +57,7 @@ class RedisServer:
             # The cluster bus is on a port of its own (by default port + 10000, which
             # a free port above 55535 cannot have).
             durability += ["--cluster-port", str(self.bus_port)]
+        durability += self.options
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -126,6 +129,9 @@ class RedisClusterServers:
 
     binary: str
     size: int = 3
+    #: How long a primary may not answer before its replica takes over (Redis's
+    #: default is 15 s).
+    node_timeout_ms: int = 15000
     nodes: list[RedisServer] = field(default_factory=list)
     _dir: str | None = None
 
@@ -139,7 +145,7 @@ class RedisClusterServers:
         self.nodes = []
         for index in range(self.size):
             node_file = os.path.join(self._dir, f"nodes-{index}.conf")
-            self.nodes.append(RedisServer(self.binary, node_file=node_file))
+            self.nodes.append(RedisServer(self.binary, node_file=node_file, options=self._options))
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
@@ -158,7 +164,7 @@ class RedisClusterServers:
         once it is in sync."""
         assert self._dir is not None
         node_file = os.path.join(self._dir, f"nodes-{len(self.nodes)}.conf")
-        replica = RedisServer(self.binary, node_file=node_file)
+        replica = RedisServer(self.binary, node_file=node_file, options=self._options)
         replica.start()
         self.nodes.append(replica)
         cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
@@ -183,6 +189,10 @@ class RedisClusterServers:
             time.sleep(0.1)
         self.wait_ok()
         return replica
+
+    @property
+    def _options(self) -> list[str]:
+        return ["--cluster-node-timeout", str(self.node_timeout_ms)]
 
     def wait_ok(self) -> None:
         """Wait until every node says the cluster is up (``cluster_state:ok``)."""

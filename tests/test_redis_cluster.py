@@ -62,7 +62,8 @@ def test_every_key_of_a_name_shares_one_slot_whatever_the_name_holds() -> None:
 
 @pytest.fixture
 def redis_cluster() -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(redis_binary())
+    # A primary that stops answering is failed over within 2 s.
+    servers = RedisClusterServers(redis_binary(), node_timeout_ms=1000)
     try:
         servers.start()
         yield servers
@@ -390,3 +391,57 @@ async def test_a_failover_during_traffic_is_followed_and_starts_a_new_epoch(
         traffic.check(epochs=2)
         channel = b.hub.broker._channel(topic)  # type: ignore[attr-defined]
         assert await subscribers(replica, channel) == 1
+
+
+async def test_a_primary_killed_is_replaced_by_its_replica_and_the_nodes_follow(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    owners = await slot_owners(redis_cluster)
+    topic = topic_on(owners, 0)
+    primary = redis_cluster.nodes[0]
+    replica = redis_cluster.add_replica(primary)
+    async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
+        await request(bob, Seq(), "sub", topic=topic)
+        traffic = Traffic(a, topic)
+        nursery.start_soon(traffic.receive, bob)
+        for _ in range(20):
+            await traffic.publish()
+        await traffic.received_all()
+        primary.kill()  # no goodbye: the replica takes over after the node timeout
+        started = trio.current_time()
+        with trio.fail_after(30):
+            while (await slot_owners_from(replica)).get(slot_of(topic)) != replica.port:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        promoted = trio.current_time() - started
+        with trio.fail_after(20):
+            while True:  # until publications go through again
+                before = len(traffic.accepted)
+                await traffic.publish()
+                if len(traffic.accepted) > before:
+                    break
+                await trio.sleep(0.1)
+        followed = trio.current_time() - started
+        for _ in range(20):
+            await traffic.publish()
+        assert traffic.accepted[-20:] == list(
+            range(traffic.accepted[-1] - 19, traffic.accepted[-1] + 1)
+        )
+        await traffic.received_all()
+        # Everything accepted reached bob once, in order; the promoted replica numbered
+        # in a new epoch.
+        traffic.check(epochs=2)
+        with trio.fail_after(20):
+            while not (a.hub.broker.healthy and b.hub.broker.healthy):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert followed - promoted < 10, (promoted, followed)
+
+
+async def slot_owners_from(server: Any) -> dict[int, int]:
+    """Which port holds each slot, as ``server`` sees the cluster."""
+    async with coredis.Redis(port=server.port) as redis:
+        ranges = await redis.cluster_slots()
+    return {
+        slot: int(primary["port"])
+        for (first, last), (primary, *_) in ranges.items()
+        for slot in range(first, last + 1)
+    }

@@ -130,6 +130,11 @@ class ClusterBroker(RedisBroker):
         self.watch_interval = watch_interval
         self._channel_prefix = f"{self.prefix}:c:".encode()
 
+    # After a failed ping, a new health client: the old one's layout may still hold a
+    # primary that is gone (coredis refreshes it only after many errors), and its
+    # pings, sent to every primary it knows, would fail on for good.
+    _renew_health_client = True
+
     def __repr__(self) -> str:  # the URL may hold a password
         return f"<ClusterBroker prefix={self.prefix!r}>"
 

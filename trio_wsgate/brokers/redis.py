@@ -80,11 +80,9 @@ _UNREACHABLE = (
     coredis.exceptions.ReadOnlyError,
     coredis.exceptions.StalePrimaryError,
     # Redis Cluster (brokers/cluster.py): slots without a primary, a layout coredis
-    # cannot route by, and (_MOVING) a slot moving for longer than coredis retries.
-    coredis.exceptions.ClusterDownError,
-    coredis.exceptions.ClusterRoutingError,
-    coredis.exceptions.ClusterError,
-    coredis.exceptions.TryAgainError,
+    # cannot route by (a primary just lost), nodes answering a fan-out differently,
+    # and (_MOVING) a slot moving for longer than coredis retries.
+    coredis.exceptions.RedisClusterError,
 )
 # A slot of a Redis Cluster in the middle of moving (a script whose keys are half
 # migrated, redirections beyond coredis's retries): that command fails, but the
@@ -435,8 +433,6 @@ class RedisBroker:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, listen and keep presence fresh, until cancelled."""
-        # The health check pings on a connection of its own, so that its answer does
-        # not wait behind a burst of commands on the shared ones.
         async with contextlib.AsyncExitStack() as stack:
             where = self._sentinel_url
             if where is not None:
@@ -444,7 +440,6 @@ class RedisBroker:
                     coredis.Sentinel([TCPLocation(host, port) for host, port in where.sentinels])
                 )
             client = await stack.enter_async_context(self._new_client(self.max_connections))
-            health = await stack.enter_async_context(self._new_client(1))
             self._client = client
             try:
                 async with trio.open_nursery() as nursery:
@@ -453,7 +448,7 @@ class RedisBroker:
                         nursery.start_soon(self._follow_primary, where.service)
                     # Ready once the first ping is answered or failed: /readyz then
                     # says whether Redis is there from the node's first moment.
-                    await nursery.start(self._watch_health, health)
+                    await nursery.start(self._watch_health)
                     await nursery.start(self._listen_forever)
                     nursery.start_soon(self._refresh_presence)
                     nursery.start_soon(self._check_positions)
@@ -557,6 +552,11 @@ class RedisBroker:
                 if not scope.cancel_called and trio.current_effective_deadline() != -math.inf:
                     raise
             except* _UNREACHABLE:
+                self._lost()
+            except* coredis.exceptions.RedisError as group:
+                # Anything else Redis answered the pub/sub with ends that pub/sub, never
+                # the node: a new one, once Redis answers.
+                logger.warning("the Redis pub/sub failed: %r", group.exceptions[0])
                 self._lost()
             self._pubsub = self._listener = None
             if not scope.cancel_called:
@@ -681,10 +681,7 @@ class RedisBroker:
             self._pubsub_scope.cancel()  # a new pub/sub connection once Redis is back
 
     async def _watch_health(
-        self,
-        health: Client,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Ping Redis; when it answers again, catch up at once (positions, presence).
 
@@ -693,39 +690,72 @@ class RedisBroker:
         node or a busy Redis, not a lost one. While it does not answer, the pings back
         off exponentially (with jitter, up to ``max_backoff``), so that a fleet of nodes
         does not hammer a Redis coming up.
+
+        The pings go on a connection of their own, so that their answer does not wait
+        behind a burst of commands. With ``_renew_health_client`` (a cluster, whose
+        layout changes when a primary is lost) each failed ping is followed by a new
+        client, which learns the layout anew.
         """
         rng = random.Random()
-        failures = 0
         started = False
         while True:
             try:
-                with trio.fail_after(max(self.health_interval, 1.0)):
-                    await health.ping()
-            except (*_UNREACHABLE, trio.TooSlowError) as exc:
-                failures += 1
-                if not isinstance(exc, trio.TooSlowError) or failures >= self.unreachable_after:
-                    self._lost()
-                elif self.healthy:
-                    logger.info("Redis did not answer a ping (%d in a row)", failures)
-                ceiling = max(
-                    self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
-                )
-                pause = rng.uniform(self.health_interval, ceiling)
-            else:
-                failures = 0
-                if not self.healthy:
-                    self.healthy = True
-                    self._healthy_again.set()
-                    logger.warning("Redis is reachable: catching up")
-                    for event in self._recovered.values():
-                        event.set()
-                    if self._control is not None:
-                        self._control({"kind": "recovered"})
-                pause = self.health_interval
-            if not started:  # the first ping is done, answered or not
-                started = True
-                task_status.started()
-            await trio.sleep(pause)
+                async with self._new_client(1) as health:
+                    while True:
+                        try:
+                            with trio.fail_after(max(self.health_interval, 1.0)):
+                                await health.ping()
+                        except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
+                            pause = self._ping_failed(exc, rng)
+                        except trio.TooSlowError as exc:
+                            pause = self._ping_failed(exc, rng)
+                        else:
+                            pause = self._ping_answered()
+                        if not started:  # the first ping is done, answered or not
+                            started = True
+                            task_status.started()
+                        await trio.sleep(pause)
+                        if self._ping_failures and self._renew_health_client:
+                            break
+            except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
+                # The client could not even start (a cluster none of whose nodes
+                # answered): as a failed ping.
+                pause = self._ping_failed(exc, rng)
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(pause)
+
+    #: Make a new health client after each failed ping (brokers/cluster.py).
+    _renew_health_client = False
+    _ping_failures = 0
+
+    def _ping_failed(self, exc: BaseException, rng: random.Random) -> float:
+        """Count a ping that failed (any error counts as no answer: a Redis still
+        loading its data, a password changed); return the pause before the next."""
+        self._ping_failures += 1
+        failures = self._ping_failures
+        if not isinstance(exc, trio.TooSlowError) or failures >= self.unreachable_after:
+            self._lost()
+        elif self.healthy:
+            logger.info("Redis did not answer a ping (%d in a row)", failures)
+        ceiling = max(
+            self.health_interval, min(self.health_interval * 2**failures, self.max_backoff)
+        )
+        return rng.uniform(self.health_interval, ceiling)
+
+    def _ping_answered(self) -> float:
+        """Redis answered: if it had been lost, catch up now."""
+        self._ping_failures = 0
+        if not self.healthy:
+            self.healthy = True
+            self._healthy_again.set()
+            logger.warning("Redis is reachable: catching up")
+            for event in self._recovered.values():
+                event.set()
+            if self._control is not None:
+                self._control({"kind": "recovered"})
+        return self.health_interval
 
     # -- publications -----------------------------------------------------------------
 
