@@ -38,13 +38,32 @@ class RedisServer:
     bus_port: int = field(default_factory=free_port)
     #: More of redis-server's options.
     options: list[str] = field(default_factory=list)
+    _started: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start it (again, on the same port) and wait until it answers."""
+        """Start it (again, on the same port) and wait until it answers.
+
+        The first start draws other free ports if the ones it had were taken meanwhile
+        (a free port is only free until someone binds it); a restart keeps its own.
+        """
+        for _ in range(5):
+            if self._launch():
+                self._started = True
+                return
+            self.kill()
+            if self._started:
+                break
+            self.port = free_port()
+            self.bus_port = free_port()
+            while self.bus_port == self.port:
+                self.bus_port = free_port()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def _launch(self) -> bool:
         # A directory of its own even when it keeps nothing: a primary demoted to a
         # replica by a failover writes the snapshot it syncs from (dump.rdb) there,
         # and a server started later in the same directory would load it.
@@ -73,11 +92,11 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             if self.answers(b"PING\r\n", b"+PONG"):
-                return
+                return True
             time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        return False  # it exited (a port taken), or never answered
 
     def answers(self, command: bytes, expected: bytes) -> bool:
         """Whether it answers ``command`` (inline) with a reply that holds ``expected``."""

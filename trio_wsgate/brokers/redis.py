@@ -439,11 +439,10 @@ class RedisBroker:
                 self._sentinel = await stack.enter_async_context(
                     coredis.Sentinel([TCPLocation(host, port) for host, port in where.sentinels])
                 )
-            client = await stack.enter_async_context(self._new_client(self.max_connections))
-            self._client = client
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self._hold_client)
                     if where is not None:
                         nursery.start_soon(self._follow_primary, where.service)
                     # Ready once the first ping is answered or failed: /readyz then
@@ -456,6 +455,29 @@ class RedisBroker:
                     task_status.started()
             finally:
                 self._client = self._pubsub = self._nursery = self._sentinel = None
+
+    async def _hold_client(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The commands' client, for the broker's life. A Redis client connects when
+        first used, but a cluster's learns the layout as it opens: while no node of
+        the cluster answers, it is opened again every ``health_interval`` (commands
+        answer :class:`BrokerUnavailable` meanwhile), so that the node starts, and
+        serves degraded, without its Redis."""
+        started = False
+        while True:
+            try:
+                async with self._new_client(self.max_connections) as client:
+                    self._client = client
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep_forever()
+            except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
+                self._client = None
+                logger.info("Redis could not be reached to open a client: %r", exc)
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(self.health_interval)
 
     @contextlib.asynccontextmanager
     async def _new_client(self, max_connections: int) -> AsyncIterator[Client]:
