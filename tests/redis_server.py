@@ -151,6 +151,8 @@ class RedisClusterServers:
     #: How long a primary may not answer before its replica takes over (Redis's
     #: default is 15 s).
     node_timeout_ms: int = 15000
+    #: More of redis-server's options, for every node.
+    extra_options: list[str] = field(default_factory=list)
     nodes: list[RedisServer] = field(default_factory=list)
     _dir: str | None = None
 
@@ -211,7 +213,7 @@ class RedisClusterServers:
 
     @property
     def _options(self) -> list[str]:
-        return ["--cluster-node-timeout", str(self.node_timeout_ms)]
+        return ["--cluster-node-timeout", str(self.node_timeout_ms), *self.extra_options]
 
     def wait_ok(self) -> None:
         """Wait until every node says the cluster is up (``cluster_state:ok``)."""

@@ -29,6 +29,7 @@ from .test_redis import (
     user,
     users_span_the_nodes,
 )
+from .test_redis_sharded import topics_cross_nodes_and_recover
 from .test_topics import Seq, msgs, request
 
 pytestmark = pytest.mark.redis
@@ -116,35 +117,7 @@ async def test_topics_on_every_primary_cross_nodes_with_one_numbering_and_recove
     topics = [topic_on(owners, i) for i in range(3)]
     async with nodes(redis_cluster) as (nursery, (a, b)):
         assert isinstance(a.hub.broker, ClusterBroker)
-        async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
-            seq_a, seq_b = Seq(), Seq()
-            epochs = {}
-            for topic in topics:
-                reply = await request(ada, seq_a, "sub", topic=topic)
-                epochs[topic] = reply["data"]["epoch"]
-                await request(bob, seq_b, "sub", topic=topic)
-            for i in range(6):
-                topic = topics[i % 3]
-                publication = await (a, b)[i % 2].gateway.publish(topic, i)
-                assert publication.offset == i // 3 + 1
-            for client in (ada, bob):
-                got = await msgs(client, 6)
-                assert [(m["topic"], m["offset"], m["data"]) for m in got] == [
-                    (topics[i % 3], i // 3 + 1, i) for i in range(6)
-                ]
-            await ada.send({"type": "bye"})
-        for topic in topics:
-            await a.gateway.publish(topic, f"missed on {topic}")
-        async with user(b, nursery, "ada") as ada:
-            seq = Seq()
-            for topic in topics:
-                since = {"offset": 2, "epoch": epochs[topic]}
-                reply = await request(ada, seq, "sub", topic=topic, since=since)
-                assert reply["data"]["recovered"] is True
-            got = await msgs(ada, 3)
-            assert sorted((m["topic"], m["offset"], m["data"]) for m in got) == sorted(
-                (topic, 3, f"missed on {topic}") for topic in topics
-            )
+        await topics_cross_nodes_and_recover(a, b, nursery, topics)
     # Each primary holds its own topic's keys, and only those.
     for index, server in enumerate(redis_cluster.nodes):
         async with coredis.Redis(port=server.port) as redis:
@@ -474,3 +447,54 @@ async def test_a_node_started_while_the_cluster_is_away_serves_degraded_and_catc
             await b.gateway.publish(topic, "back")
             (got,) = await msgs(ada, 1)
             assert (got["topic"], got["data"], got["offset"]) == (topic, "back", 1)
+
+
+async def test_a_primary_down_at_drain_leaves_the_other_slots_sessions_parked() -> None:
+    # Parking goes slot by slot: the slots whose primary answers take their sessions
+    # (which then resume on another node); those of the primary that is down stay on
+    # the draining node, and no session is both parked and kept.
+    where = RedisClusterServers(redis_binary(), node_timeout_ms=1000)
+    where.extra_options = ["--cluster-require-full-coverage", "no"]
+    try:
+        where.start()
+        owners = await slot_owners(where)
+        settings = {"heartbeat_interval": None, "drain_timeout": 2}
+        async with nodes(where, **settings) as (nursery, (a, b)):
+            welcomes = []
+            async with trio.open_nursery() as clients:
+                for _ in range(9):
+                    welcomes.append(await clients.start(_hold, a))
+                broker = a.hub.broker
+                assert isinstance(broker, ClusterBroker)
+                on = [
+                    owners[hash_slot(broker._parked_key(w["session"]).encode())] for w in welcomes
+                ]
+                dead = max(set(on), key=on.count)
+                assert len(set(on)) > 1, on  # 9 sessions over 3 primaries: they spread
+                where.nodes[dead].kill()
+                with trio.fail_after(15):
+                    while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
+                        await trio.sleep(0.05)
+                with trio.fail_after(30):
+                    await a.drain()
+                clients.cancel_scope.cancel()
+            parked = a.metrics.registry.get_sample_value(
+                "wsgate_sessions_migrated_total", {"direction": "parked"}
+            )
+            assert parked == sum(1 for owner in on if owner != dead)
+            for welcome, owner in zip(welcomes, on, strict=True):
+                if owner == dead:
+                    continue
+                async with open_memory_connection(b, nursery) as new:
+                    resume = {"session": welcome["session"], "token": welcome["resume_token"]}
+                    back = await new.hello(token=token("ada"), resume={**resume, "ack": 0})
+                    assert back["resumed"] is True
+    finally:
+        where.kill()
+
+
+async def _hold(server: Server, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
+    """A client of ``server`` that says hello and stays, until its node drains it."""
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        task_status.started(await client.hello(token=token("ada")))
+        await client.wait_closed()

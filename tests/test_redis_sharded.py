@@ -117,41 +117,50 @@ async def test_topics_on_every_shard_cross_nodes_with_one_numbering_and_recover(
     async with sharded(shards) as (nursery, (a, b)):
         assert isinstance(a.hub.broker, ShardedBroker)
         topics = [topic_on(i) for i in range(3)]
-        async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
-            seq_a, seq_b = Seq(), Seq()
-            epochs = {}
-            for topic in topics:
-                reply = await request(ada, seq_a, "sub", topic=topic)
-                epochs[topic] = reply["data"]["epoch"]
-                await request(bob, seq_b, "sub", topic=topic)
-            for i in range(6):
-                topic = topics[i % 3]
-                publication = await (a, b)[i % 2].gateway.publish(topic, i)
-                assert publication.offset == i // 3 + 1  # each topic numbered by its shard
-            for client in (ada, bob):
-                got = await msgs(client, 6)
-                assert [(m["topic"], m["offset"], m["data"]) for m in got] == [
-                    (topics[i % 3], i // 3 + 1, i) for i in range(6)
-                ]
-            await ada.send({"type": "bye"})
-        # Each topic's history is on its shard: a client that saw offset 1 recovers.
-        for topic in topics:
-            await a.gateway.publish(topic, f"missed on {topic}")
-        async with user(b, nursery, "ada") as ada:
-            seq = Seq()
-            for topic in topics:
-                since = {"offset": 2, "epoch": epochs[topic]}
-                reply = await request(ada, seq, "sub", topic=topic, since=since)
-                assert reply["data"]["recovered"] is True
-            got = await msgs(ada, 3)
-            assert sorted((m["topic"], m["offset"], m["data"]) for m in got) == sorted(
-                (topic, 3, f"missed on {topic}") for topic in topics
-            )
+        await topics_cross_nodes_and_recover(a, b, nursery, topics)
         # What lives where: each shard holds its own topic's keys, and only those.
         for index, server in enumerate(shards):
             async with coredis.Redis.from_url(server.url) as redis:
                 keys = {key.decode() for key in await redis.keys("wsgate:t:room:*:meta")}
             assert keys == {f"wsgate:t:{topics[index]}:meta"}
+
+
+async def topics_cross_nodes_and_recover(
+    a: Server, b: Server, nursery: trio.Nursery, topics: list[str]
+) -> None:
+    """Ada at ``a`` and Bob at ``b`` follow three topics (each on a different Redis):
+    publications from either node reach both, numbered per topic; then Ada, back at
+    ``b``, recovers what she missed of each by offset."""
+    async with user(a, nursery, "ada") as ada, user(b, nursery, "bob") as bob:
+        seq_a, seq_b = Seq(), Seq()
+        epochs = {}
+        for topic in topics:
+            reply = await request(ada, seq_a, "sub", topic=topic)
+            epochs[topic] = reply["data"]["epoch"]
+            await request(bob, seq_b, "sub", topic=topic)
+        for i in range(6):
+            topic = topics[i % 3]
+            publication = await (a, b)[i % 2].gateway.publish(topic, i)
+            assert publication.offset == i // 3 + 1  # each topic numbered by its shard
+        for client in (ada, bob):
+            got = await msgs(client, 6)
+            assert [(m["topic"], m["offset"], m["data"]) for m in got] == [
+                (topics[i % 3], i // 3 + 1, i) for i in range(6)
+            ]
+        await ada.send({"type": "bye"})
+    # Each topic's history is on its shard: a client that saw offset 1 recovers.
+    for topic in topics:
+        await a.gateway.publish(topic, f"missed on {topic}")
+    async with user(b, nursery, "ada") as ada:
+        seq = Seq()
+        for topic in topics:
+            since = {"offset": 2, "epoch": epochs[topic]}
+            reply = await request(ada, seq, "sub", topic=topic, since=since)
+            assert reply["data"]["recovered"] is True
+        got = await msgs(ada, 3)
+        assert sorted((m["topic"], m["offset"], m["data"]) for m in got) == sorted(
+            (topic, 3, f"missed on {topic}") for topic in topics
+        )
 
 
 async def test_send_to_user_presence_kick_and_a_migrating_session_span_the_shards(

@@ -140,23 +140,8 @@ class ClusterBroker(RedisBroker):
 
     # -- keys: each name's keys in one slot ---------------------------------------------
 
-    def _meta(self, topic: str) -> str:
-        return f"{self.prefix}:t:{_tag(topic)}{topic}:meta"
-
-    def _log(self, topic: str) -> str:
-        return f"{self.prefix}:t:{_tag(topic)}{topic}:log"
-
-    def _channel(self, topic: str) -> str:
-        return f"{self.prefix}:c:{_tag(topic)}{topic}"
-
-    def _presence_key(self, topic: str) -> str:
-        return f"{self.prefix}:presence:{_tag(topic)}{topic}"
-
-    def _session_key(self, session: str) -> str:
-        return f"{self.prefix}:s:{_tag(session)}{session}"
-
-    def _parked_key(self, session: str) -> str:
-        return f"{self.prefix}:parked:{_tag(session)}{session}"
+    def _named(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{_tag(name)}{name}"
 
     def _topic_of(self, channel: bytes) -> str | None:
         if not channel.startswith(self._channel_prefix):

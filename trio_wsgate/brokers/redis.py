@@ -405,17 +405,21 @@ class RedisBroker:
 
     # -- keys -------------------------------------------------------------------------
 
+    def _named(self, kind: str, name: str) -> str:
+        """The key (or channel) of ``kind`` for a topic or a session named ``name``."""
+        return f"{self.prefix}:{kind}:{name}"
+
     def _meta(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}:meta"
+        return self._named("t", topic) + ":meta"
 
     def _log(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}:log"
+        return self._named("t", topic) + ":log"
 
     def _channel(self, topic: str) -> str:
-        return f"{self.prefix}:c:{topic}"
+        return self._named("c", topic)
 
     def _presence_key(self, topic: str) -> str:
-        return f"{self.prefix}:presence:{topic}"
+        return self._named("presence", topic)
 
     @property
     def _control_channel(self) -> str:
@@ -1034,7 +1038,7 @@ class RedisBroker:
     # -- sessions: ownership and hand-over ---------------------------------------------
 
     def _session_key(self, session: str) -> str:
-        return f"{self.prefix}:s:{session}"
+        return self._named("s", session)
 
     async def _claim(self, owned: dict[str, str]) -> None:
         if not owned:
@@ -1055,7 +1059,7 @@ class RedisBroker:
         await self._call(_RELEASE, [self._session_key(session)], [node])
 
     def _parked_key(self, session: str) -> str:
-        return f"{self.prefix}:parked:{session}"
+        return self._named("parked", session)
 
     def _handover_key(self, request: str) -> str:
         return f"{self.prefix}:handover:{request}"
