@@ -29,7 +29,7 @@ from .test_redis import (
     user,
     users_span_the_nodes,
 )
-from .test_redis_sharded import topics_cross_nodes_and_recover
+from .test_redis_sharded import _hold, topics_cross_nodes_and_recover
 from .test_topics import Seq, msgs, request
 
 pytestmark = pytest.mark.redis
@@ -491,10 +491,3 @@ async def test_a_primary_down_at_drain_leaves_the_other_slots_sessions_parked() 
                     assert back["resumed"] is True
     finally:
         where.kill()
-
-
-async def _hold(server: Server, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
-    """A client of ``server`` that says hello and stays, until its node drains it."""
-    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
-        task_status.started(await client.hello(token=token("ada")))
-        await client.wait_closed()

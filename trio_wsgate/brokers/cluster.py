@@ -37,7 +37,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 import coredis
 import trio
@@ -46,7 +45,7 @@ from coredis.connection import TCPLocation
 
 from ..exceptions import BrokerUnavailable
 from .base import PartlyParked
-from .redis import Client, RedisBroker, host_port
+from .redis import Client, RedisBroker, host_port, split_url
 
 __all__ = ["ClusterBroker", "ClusterUrl"]
 
@@ -69,15 +68,10 @@ class ClusterUrl:
         Raises:
             ValueError: it names no node, or a bad one.
         """
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme != "redis+cluster":
+        parts = split_url(url, "redis+cluster")
+        if parts is None:
             return None
-        credentials, at, rest = rest.rpartition("@")
-        username = password = None
-        if at:
-            user, colon, secret = credentials.partition(":")
-            username = unquote(user) or None
-            password = unquote(secret) if colon else None
+        username, password, rest = parts
         hosts, _, options = rest.partition("/")
         if options.strip("/"):
             # A database or options (TLS...) it would not honour: say so, not ignore it.

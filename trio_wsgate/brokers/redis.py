@@ -65,7 +65,7 @@ from coredis.connection import TCPLocation
 from ..exceptions import BrokerUnavailable
 from .base import ControlReceiver, History, Publication, Receiver
 
-__all__ = ["RedisBroker", "SentinelUrl", "host_port"]
+__all__ = ["RedisBroker", "SentinelUrl", "host_port", "split_url"]
 
 logger = logging.getLogger("trio_wsgate.redis")
 
@@ -282,6 +282,21 @@ def host_port(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
+def split_url(url: str, scheme: str) -> tuple[str | None, str | None, str] | None:
+    """``scheme://[user:password@]rest`` as (user, password, rest), the credentials
+    percent-decoded as in ``redis://`` URLs; None for a URL of another scheme."""
+    found, sep, rest = url.partition("://")
+    if not sep or found != scheme:
+        return None
+    credentials, at, rest = rest.rpartition("@")  # whatever characters they hold
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return username, password, rest
+
+
 @dataclass(frozen=True, slots=True)
 class SentinelUrl:
     """A ``redis+sentinel://`` URL, parsed: the primary's credentials are not shown."""
@@ -300,15 +315,10 @@ class SentinelUrl:
         Raises:
             ValueError: it names no Sentinel or no service, or a bad host or db.
         """
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme != "redis+sentinel":
+        parts = split_url(url, "redis+sentinel")
+        if parts is None:
             return None
-        credentials, at, rest = rest.rpartition("@")
-        username = password = None
-        if at:
-            user, colon, secret = credentials.partition(":")
-            username = unquote(user) or None
-            password = unquote(secret) if colon else None
+        username, password, rest = parts
         hosts, _, path = rest.partition("/")
         service, _, query = path.partition("?")
         sentinels = tuple(host_port(host, 26379) for host in hosts.split(",") if host)
