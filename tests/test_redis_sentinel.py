@@ -24,7 +24,14 @@ from trio_wsgate.testing import free_port, open_memory_connection
 
 from .redis_server import RedisServer, redis_binary
 from .test_auth import token
-from .test_redis import node_at, user
+from .test_redis import (
+    migrate_with_traffic_in_flight,
+    node_at,
+    park_one,
+    user,
+    users_span_the_nodes,
+)
+from .test_redis_sharded import topics_cross_nodes_and_recover
 from .test_topics import Seq, msgs, request
 
 pytestmark = pytest.mark.redis
@@ -133,9 +140,12 @@ def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
 
 
 @asynccontextmanager
-async def nodes(where: Sentinel) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
+async def nodes(
+    where: Sentinel, **settings: Any
+) -> AsyncIterator[tuple[trio.Nursery, list[Server]]]:
+    settings.setdefault("allow_publish", ("room:*",))
     async with trio.open_nursery() as nursery:
-        servers = [node_at(where.url, f"node-{i}") for i in range(2)]
+        servers = [node_at(where.url, f"node-{i}", **settings) for i in range(2)]
         for server in servers:
             await nursery.start(server.serve)
         yield nursery, servers
@@ -161,6 +171,28 @@ async def test_through_sentinel_nodes_act_as_one_gateway(sentinel: Sentinel) -> 
                 assert welcome["resumed"] is True
         async with coredis.Redis(port=sentinel.primary.port) as primary:
             assert await primary.exists(["wsgate:t:room:1:meta"]) == 1
+
+
+async def test_through_sentinel_history_presence_kicks_and_sessions_span_the_nodes(
+    sentinel: Sentinel,
+) -> None:
+    async with nodes(sentinel, heartbeat_interval=None) as (nursery, (a, b)):
+        async with users_span_the_nodes(a, b, nursery, "room:5"):
+            pass  # send_to_user, presence and a kick, across the nodes
+        await topics_cross_nodes_and_recover(a, b, nursery, ["room:2", "room:3", "room:4"])
+        # Exactly once through a client that reconnects to the other node.
+        await migrate_with_traffic_in_flight(a, b, nursery)
+
+
+async def test_through_sentinel_a_drained_node_parks_its_sessions(sentinel: Sentinel) -> None:
+    async with nodes(sentinel, heartbeat_interval=None, drain_timeout=30) as (nursery, (a, b)):
+        first, _, _, before = await park_one(a, nursery)
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+            welcome = await new.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is True
+            (again,) = await msgs(new, 1)  # never acknowledged: it comes again
+            assert (again["seq"], again["data"]) == (before["seq"], "before")
 
 
 async def test_a_failover_during_traffic_is_followed_and_nothing_is_doubled(

@@ -24,7 +24,13 @@ from trio_wsgate.testing import open_memory_connection
 from .helpers import http_get
 from .redis_server import RedisServer, redis_binary
 from .test_auth import token
-from .test_redis import node_at, park_one, user, users_span_the_nodes
+from .test_redis import (
+    migrate_with_traffic_in_flight,
+    node_at,
+    park_one,
+    user,
+    users_span_the_nodes,
+)
 from .test_topics import Seq, msgs, offsets, request
 
 pytestmark = pytest.mark.redis
@@ -188,6 +194,14 @@ async def test_send_to_user_presence_kick_and_a_migrating_session_span_the_shard
             "wsgate_resumes_total", {"result": "taken_over"}
         )
         assert (migrated or 0) + (taken or 0) == 4
+
+
+async def test_a_session_migrates_across_shards_with_traffic_in_flight(
+    shards: list[RedisServer],
+) -> None:
+    # Exactly once through a client that reconnects to the other node.
+    async with sharded(shards, heartbeat_interval=None) as (nursery, (a, b)):
+        await migrate_with_traffic_in_flight(a, b, nursery)
 
 
 async def test_a_drained_node_parks_its_sessions_on_their_shards(
