@@ -5,6 +5,7 @@ docs/protocol.md §6 and docs/architecture.md, "Session migration".
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -665,3 +666,28 @@ async def test_a_node_started_while_redis_is_away_serves_degraded_and_catches_up
                 await a.gateway.publish("room:1", "back")
                 (message,) = await msgs(bob, 1)
                 assert message["data"] == "back"
+
+
+async def test_a_command_redis_refuses_fails_alone_and_redis_is_not_lost(
+    redis_server: RedisServer,
+) -> None:
+    # The node's Redis user loses the right to run scripts (an operator's ACL change):
+    # a publication is refused (unavailable), Redis does not count as lost, and the
+    # node goes on; once the right is back, so are publications.
+    def acl(*rules: str) -> None:
+        command = ["redis-cli", "-p", str(redis_server.port), "ACL", "SETUSER", "app", *rules]
+        subprocess.run(command, check=True, capture_output=True, timeout=10)
+
+    acl("on", ">pw", "~*", "&*", "+@all")
+    url = f"redis://app:pw@127.0.0.1:{redis_server.port}/0"
+    async with trio.open_nursery() as nursery:
+        a = node_at(url, "a")
+        await nursery.start(a.serve)
+        acl("-eval", "-evalsha")
+        with pytest.raises(BrokerUnavailable, match="refused"):
+            await a.gateway.publish("room:1", "x")
+        assert a.hub.broker.healthy
+        acl("+@all")
+        publication = await a.gateway.publish("room:1", "y")
+        assert publication.offset == 1
+        nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import coredis
@@ -491,3 +492,21 @@ async def test_a_primary_down_at_drain_leaves_the_other_slots_sessions_parked() 
                     assert back["resumed"] is True
     finally:
         where.kill()
+
+
+async def test_a_cluster_that_accepts_but_never_answers_leaves_the_node_starting_degraded() -> None:
+    # Opening a cluster's client asks for its layout: bounded, so that the broker
+    # starts (degraded) and its health check reports, rather than waiting forever.
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        broker = ClusterBroker(f"redis+cluster://127.0.0.1:{port}", command_timeout=0.5)
+        with trio.fail_after(10):
+            await nursery.start(broker.run)
+        assert not broker.healthy
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish("room:1", "x")
+        nursery.cancel_scope.cancel()

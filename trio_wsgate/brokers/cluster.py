@@ -242,14 +242,15 @@ class ClusterBroker(RedisBroker):
         first subscriber of a topic only). If the slot's primary is one the pub/sub has
         no connection to, or it does not answer, the pub/sub is made anew, and the
         caller told to try again."""
+        scope = self._pubsub_scope  # the pub/sub's, not a newer one's
         await self._follow_slots([channel])
         try:
             with trio.fail_after(self.command_timeout):
                 await pubsub.subscribe(channel)
         except (trio.TooSlowError, TimeoutError, KeyError, coredis.exceptions.RedisError) as exc:
             logger.warning("could not subscribe on the cluster: making a new sharded pub/sub")
-            if self._pubsub_scope is not None:
-                self._pubsub_scope.cancel()
+            if scope is not None and self._pubsub is pubsub:
+                scope.cancel()
             raise BrokerUnavailable("the cluster's layout changed: try again") from exc
 
     # -- several sessions: one script per slot -----------------------------------------

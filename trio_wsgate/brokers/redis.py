@@ -88,6 +88,8 @@ _UNREACHABLE = (
 # migrated, redirections beyond coredis's retries): that command fails, but the
 # cluster is not lost.
 _MOVING = (coredis.exceptions.ClusterError, coredis.exceptions.TryAgainError)
+# Errors of a cluster that are a command's own fault, not the cluster's.
+_NOT_LOST = (coredis.exceptions.ClusterCrossSlotError, coredis.exceptions.ClusterTransactionError)
 
 #: A client of one Redis, or of a Redis Cluster (brokers/cluster.py).
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
@@ -470,28 +472,47 @@ class RedisBroker:
             finally:
                 self._client = self._pubsub = self._nursery = self._sentinel = None
 
+    @property
+    def _open_timeout(self) -> float:
+        """How long opening a client may take (a cluster's asks for the layout)."""
+        return 2 * max(self.command_timeout, 1.0)
+
     async def _hold_client(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The commands' client, for the broker's life. A Redis client connects when
-        first used, but a cluster's learns the layout as it opens: while no node of
-        the cluster answers, it is opened again every ``health_interval`` (commands
-        answer :class:`BrokerUnavailable` meanwhile), so that the node starts, and
-        serves degraded, without its Redis."""
+        first used, but a cluster's learns the layout as it opens: while that fails or
+        takes longer than ``_open_timeout``, it is tried again after a pause, or as
+        soon as the health check hears Redis again (commands answer
+        :class:`BrokerUnavailable` meanwhile), so that the node starts, and serves
+        degraded, without its Redis."""
+        rng = random.Random()
         started = False
+        failures = 0
         while True:
-            try:
-                async with self._new_client(self.max_connections) as client:
-                    self._client = client
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await trio.sleep_forever()
-            except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
-                self._client = None
-                logger.info("Redis could not be reached to open a client: %r", exc)
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(self.health_interval)
+            reason = "no answer"
+            with trio.move_on_after(self._open_timeout) as scope:
+                try:
+                    async with self._new_client(self.max_connections) as client:
+                        scope.deadline = math.inf  # opened: held for good
+                        self._client, failures = client, 0
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await trio.sleep_forever()
+                except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
+                    reason = repr(exc)
+            self._client = None
+            failures += 1
+            log = logger.warning if failures == 1 else logger.info
+            log("could not open a client of Redis (%s): trying again", reason)
+            if not started:
+                started = True
+                task_status.started()
+            pause = rng.uniform(self.health_interval, 2 * self.health_interval)
+            if self.healthy:
+                await trio.sleep(pause)
+            else:
+                with trio.move_on_after(pause):
+                    await self._healthy_again.wait()
 
     @contextlib.asynccontextmanager
     async def _new_client(self, max_connections: int) -> AsyncIterator[Client]:
@@ -558,6 +579,7 @@ class RedisBroker:
         also have lost what was published meanwhile until the next position check.)
         """
         started = False
+        refused = 0  # pub/subs in a row that Redis refused
         while True:
             if not self.healthy:
                 # Redis is away (at start-up too: the node serves, degraded). coredis
@@ -567,7 +589,10 @@ class RedisBroker:
                     started = True
                     task_status.started()
                 await self._healthy_again.wait()
+            # Opening is bounded (a cluster's client asks for the layout); once open,
+            # the pub/sub lasts until it fails or is dropped.
             scope = self._pubsub_scope = trio.CancelScope()
+            scope.deadline = trio.current_time() + self._open_timeout
             channels = [self._control_channel, *map(self._channel, self._positions)]
             try:
                 with scope:
@@ -576,6 +601,8 @@ class RedisBroker:
                         self._open_pubsub(listener, channels) as pubsub,
                     ):
                         self._pubsub, self._listener = pubsub, listener
+                        scope.deadline = math.inf
+                        refused = 0
                         if not started:
                             started = True
                             task_status.started()
@@ -590,13 +617,14 @@ class RedisBroker:
             except* _UNREACHABLE:
                 self._lost()
             except* coredis.exceptions.RedisError as group:
-                # Anything else Redis answered the pub/sub with ends that pub/sub, never
-                # the node: a new one, once Redis answers.
+                # Anything else Redis answered the pub/sub with (an ACL refusing a
+                # channel...) ends that pub/sub, never the node, nor counts Redis lost:
+                # a new one, after a pause that grows while it goes on.
                 logger.warning("the Redis pub/sub failed: %r", group.exceptions[0])
-                self._lost()
+                refused += 1
             self._pubsub = self._listener = None
-            if not scope.cancel_called:
-                await trio.sleep(0.5)  # it ended by itself: do not spin
+            if not scope.cancel_called:  # it ended by itself: do not spin
+                await trio.sleep(min(self.max_backoff, 0.5 * 2**refused))
 
     def _open_pubsub(self, listener: Client, channels: list[str]) -> Any:
         """A pub/sub of ``listener`` subscribed to ``channels``, not reconnecting by itself."""
@@ -618,16 +646,21 @@ class RedisBroker:
         try:
             with trio.fail_after(self.command_timeout):
                 yield
-        except _UNREACHABLE as exc:
+        except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
             raise self._unavailable(exc) from exc
         except trio.TooSlowError as exc:
             raise self._too_slow() from exc
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
-        """What a command that failed with ``exc`` (one of ``_UNREACHABLE``) tells its
-        caller; Redis counts as lost unless only a cluster's slot was moving."""
+        """What a command that failed with ``exc`` tells its caller. Redis counts as
+        lost when it could not be reached; not when it refused the command (out of
+        memory, a script it is busy with, an ACL, a bug of ours: logged) or when a
+        cluster's slot was only moving."""
         if isinstance(exc, _MOVING):
             return BrokerUnavailable(f"a slot of the Redis Cluster is moving: {exc!r}")
+        if isinstance(exc, _NOT_LOST) or not isinstance(exc, _UNREACHABLE):
+            logger.warning("Redis refused a command: %r", exc)
+            return BrokerUnavailable(f"Redis refused the command: {exc!r}")
         self._lost()
         return BrokerUnavailable(f"Redis is unreachable: {exc!r}")
 
@@ -656,7 +689,7 @@ class RedisBroker:
                 # Long enough for any answer Redis sends at all.
                 with trio.move_on_after(max(30.0, 10 * self.command_timeout)):
                     answer.append(await self._redis().eval(script, keys=keys, args=[]))
-            except (BrokerUnavailable, *_UNREACHABLE) as exc:
+            except (BrokerUnavailable, *_UNREACHABLE, coredis.exceptions.RedisError) as exc:
                 answer.append(exc)
             finally:
                 done.set()  # cancelled too (the node stops): its caller need not wait
@@ -672,6 +705,8 @@ class RedisBroker:
                 raise self._too_slow()
             if not answer:
                 raise BrokerUnavailable("Redis did not answer")
+            if isinstance(answer[0], BrokerUnavailable):
+                raise answer[0]
             if isinstance(answer[0], BaseException):
                 raise self._unavailable(answer[0]) from answer[0]
             taken = True
@@ -698,7 +733,12 @@ class RedisBroker:
                 with trio.fail_after(max(self.command_timeout, 1.0)):
                     await self._redis().eval(_PUT, keys=[key], args=[state, int(left * 1000) or 1])
                 return
-            except (BrokerUnavailable, *_UNREACHABLE, trio.TooSlowError):
+            except (
+                BrokerUnavailable,
+                *_UNREACHABLE,
+                coredis.exceptions.RedisError,
+                trio.TooSlowError,
+            ):
                 await trio.sleep(1.0)
         logger.error("a session's state could not be parked again: its client starts anew")
 
@@ -735,32 +775,47 @@ class RedisBroker:
         rng = random.Random()
         started = False
         while True:
-            try:
-                async with self._new_client(1) as health:
-                    while True:
-                        try:
-                            with trio.fail_after(max(self.health_interval, 1.0)):
-                                await health.ping()
-                        except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
-                            pause = self._ping_failed(exc, rng)
-                        except trio.TooSlowError as exc:
-                            pause = self._ping_failed(exc, rng)
-                        else:
-                            pause = self._ping_answered()
-                        if not started:  # the first ping is done, answered or not
-                            started = True
-                            task_status.started()
-                        await trio.sleep(pause)
-                        if self._ping_failures and self._renew_health_client:
-                            break
-            except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
-                # The client could not even start (a cluster none of whose nodes
-                # answered): as a failed ping.
-                pause = self._ping_failed(exc, rng)
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(pause)
+            failed: BaseException = trio.TooSlowError()  # if the client does not open
+            with trio.move_on_after(self._open_timeout) as scope:
+                try:
+                    async with self._new_client(1) as health:
+                        scope.deadline = math.inf
+                        while True:
+                            renew: BaseException | None = None
+                            try:
+                                with trio.fail_after(max(self.health_interval, 1.0)):
+                                    await health.ping()
+                            except (
+                                *_UNREACHABLE,
+                                coredis.exceptions.RedisError,
+                                trio.TooSlowError,
+                            ) as exc:
+                                pause, renew = self._ping_failed(exc, rng), exc
+                            else:
+                                pause = self._ping_answered()
+                            if not started:  # the first ping is done, answered or not
+                                started = True
+                                task_status.started()
+                            await trio.sleep(pause)
+                            # A slow answer is a busy Redis: the same client asks again,
+                            # until so many go unanswered that Redis counts as lost.
+                            if (
+                                renew is not None
+                                and self._renew_health_client
+                                and (
+                                    not isinstance(renew, trio.TooSlowError)
+                                    or self._ping_failures >= self.unreachable_after
+                                )
+                            ):
+                                break
+                    continue
+                except (*_UNREACHABLE, coredis.exceptions.RedisError) as exc:
+                    failed = exc  # the client could not even open: as a failed ping
+            pause = self._ping_failed(failed, rng)
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(pause)
 
     #: Make a new health client after each failed ping (brokers/cluster.py).
     _renew_health_client = False
