@@ -17,6 +17,9 @@ scenarios, the load generator pinned to CPU 1 as in bench/run.py. The workers ar
 pinned: with two, they take both cores, the load generator's included, which is where
 this machine and the model part (docs/scaling.md says by how much).
 
+Part 3, **the model** of docs/scaling.md (:func:`model`): cores and Redis CPU for a
+million connections and 500,000 deliveries/s, computed from parts 1 and 2.
+
 Writes ``bench/scaling.json`` (``--no-write``: print only).
 """
 
@@ -172,15 +175,17 @@ async def redis_costs(quick: bool) -> dict[str, Any]:
                     clients.append(client)
                 await phase.done(units)
             async with Phase(port, result, "first_subscription") as phase:
-                # A topic the node follows for the first time.
-                await clients[0].send({"type": "sub", "seq": 1, "topic": "room:first"})
-                await clients[0].recv_type("reply")
-                await phase.done(1)
-            async with Phase(port, result, "further_subscription") as phase:
-                for client in clients[1:]:
-                    await client.send({"type": "sub", "seq": 1, "topic": "room:first"})
+                # Topics the node follows for the first time: one of its own each.
+                for i, client in enumerate(clients):
+                    await client.send({"type": "sub", "seq": 1, "topic": f"room:own-{i}"})
                     await client.recv_type("reply")
-                await phase.done(units - 1)
+                await phase.done(units)
+            async with Phase(port, result, "further_subscription") as phase:
+                # A topic the node already follows, by one session more each time.
+                for client in clients:
+                    await client.send({"type": "sub", "seq": 2, "topic": "room:first"})
+                    await client.recv_type("reply")
+                await phase.done(units)
             async with Phase(port, result, "publication") as phase:
                 # Each delivered to every subscriber (one node): Redis's work is per
                 # publication and per node listening, never per delivery.
@@ -371,6 +376,82 @@ def scaled_run(quick: bool) -> dict[str, Any]:
     return results
 
 
+# -- part 3: the model of docs/scaling.md -------------------------------------------------
+
+#: Centrifugo's published run: connections, deliveries/s in groups of GROUP, connects/s.
+CONNECTIONS, DELIVERIES, GROUP, CONNECTS = 1_000_000, 500_000, 10, 200_000 / 60
+#: Of the extra CPU a publication costs a worker through Redis, the shares of the
+#: publishing side (its Redis command) and of each receiving worker (reading it back
+#: from pub/sub): 30 % and 8 % of a worker in a py-spy profile of the groups-of-10
+#: run through Redis (taken while writing this; not part of the script).
+PUBLISH_SHARE, RECEIVE_SHARE = 30 / 38, 8 / 38
+#: The CPU 19,800 idle connections with heartbeats took (docs/benchmarks.md).
+IDLE_CPU_PER_CONNECTION = 0.04 / 19_800
+#: Estimated, not measured: Redis CPU per key write of the 20-second refresh of
+#: session ownership (one per session) and presence (one per subscription).
+REFRESH_US_PER_WRITE, REFRESH_SECONDS = 1.5, 20
+
+
+def model(results: dict[str, Any]) -> dict[str, Any]:
+    """Cores and Redis CPU for :data:`CONNECTIONS` and :data:`DELIVERIES`, from the
+    figures of this run (docs/scaling.md explains each step)."""
+    runs = results["scaled_run"]
+    memory, redis = runs["1 worker(s), in memory"], runs["1 worker(s), 1 Redis"]
+    publications = DELIVERIES / GROUP
+    # A publication's CPU on one worker, all its subscribers there: in memory, and
+    # through Redis; the difference is the Redis path, split publish/receive.
+    in_memory = GROUP / memory["fanout_groups_of_10"]["deliveries_per_s"]
+    through_redis = GROUP / redis["fanout_groups_of_10"]["deliveries_per_s"]
+    publish = (through_redis - in_memory) * PUBLISH_SHARE
+    receive = (through_redis - in_memory) * RECEIVE_SHARE
+    workers = 100.0  # a first guess; the receivers per publication depend on it
+    for _ in range(20):
+        receivers = workers * (1 - (1 - 1 / workers) ** GROUP)
+        per_publication = in_memory + publish + receivers * receive
+        delivery_cores = publications * per_publication
+        connect_cores = CONNECTS / redis["churn"]["cycles_per_s"]
+        idle_cores = CONNECTIONS * IDLE_CPU_PER_CONNECTION
+        workers = delivery_cores + connect_cores + idle_cores
+    costs = results["redis_costs"]
+    quiet, busy = costs["stream_0_nodes_listening"], costs["stream_4_nodes_listening"]
+    base_us = quiet["redis_cpu_us_per_publication"]
+    per_node_us = max(0.0, (busy["redis_cpu_us_per_publication"] - base_us) / 4)
+    publication_cpu = publications * (base_us + receivers * per_node_us) / 1e6
+    # A connection follows its user topic (in the connect) and its group topic: the
+    # first follower of it on its worker for as many of a group's members as there
+    # are workers among them.
+    first = receivers / GROUP
+    subscribe_us = (
+        first * costs["first_subscription"]["redis_cpu_us"]
+        + (1 - first) * costs["further_subscription"]["redis_cpu_us"]
+    )
+    connect_cpu = CONNECTS * (costs["connect"]["redis_cpu_us"] + subscribe_us) / 1e6
+    refresh_cpu = 3 * CONNECTIONS / REFRESH_SECONDS * REFRESH_US_PER_WRITE / 1e6
+    resume_wave_cpu = CONNECTS * costs["resume_other_node"]["redis_cpu_us"] / 1e6
+    rss = redis["idle"]["rss_before"]
+    return {
+        "us_per_publication_in_memory": in_memory * 1e6,
+        "us_per_publication_through_redis": through_redis * 1e6,
+        "us_publish_side": publish * 1e6,
+        "us_per_receiving_worker": receive * 1e6,
+        "workers_receiving_each_publication": receivers,
+        "us_per_publication_at_scale": per_publication * 1e6,
+        "delivery_cores": delivery_cores,
+        "connect_cores": connect_cores,
+        "idle_cores": idle_cores,
+        "workers": workers,
+        "memory_gib": (CONNECTIONS * redis["idle"]["kib_per_connection"] * 1024 + workers * rss)
+        / 2**30,
+        "redis_us_per_publication": base_us,
+        "redis_us_per_listening_node": per_node_us,
+        "redis_publication_cpu": publication_cpu,
+        "redis_connect_cpu": connect_cpu,
+        "redis_refresh_cpu_estimate": refresh_cpu,
+        "redis_cpu": publication_cpu + connect_cpu + refresh_cpu,
+        "redis_resume_wave_cpu": resume_wave_cpu,
+    }
+
+
 _SPIN = """
 import time
 n, end = 0, time.perf_counter() + 3
@@ -408,6 +489,9 @@ def main() -> None:
         print(json.dumps(results["redis_costs"], indent=2), flush=True)
     if args.only in (None, "scaled"):
         results["scaled_run"] = scaled_run(args.quick)
+    if args.only is None:
+        results["model"] = model(results)
+        print(json.dumps(results["model"], indent=2), flush=True)
     if not args.no_write:
         path = ROOT / "bench" / "scaling.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
