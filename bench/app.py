@@ -21,7 +21,7 @@ async def publish(session: Session, data: Any) -> Any:
     """Fan-out: one publication to every subscriber of ``bench`` (or of the topic ``bench.N``
     that the data names), encoded once per encoding."""
     topic = data.get("topic", "bench") if isinstance(data, dict) else "bench"
-    if topic != "bench" and not topic.startswith("bench."):
+    if not isinstance(topic, str) or (topic != "bench" and not topic.startswith("bench.")):
         raise ValueError("bench topics only")
     publication = await gateway.publish(topic, data)
     return publication.offset

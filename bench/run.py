@@ -150,7 +150,8 @@ def loadgen(scenario: str, target: Server, **options: Any) -> dict[str, Any]:
         str(target.pid),
     ]
     for key, value in options.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        command += [flag] if value is True else [flag, str(value)]  # True: a bare flag
     done = subprocess.run(
         pinned(GENERATOR_CPU, *command), cwd=ROOT, capture_output=True, timeout=900, check=False
     )

@@ -46,8 +46,9 @@ import trio
 from trio_wsgate import Config, Gateway, JwtAuthenticator, Server
 from trio_wsgate.testing import free_port, open_memory_connection, wait_for_port
 
+from . import run
 from .loadgen import server_cpu
-from .run import GENERATOR_CPU, PYTHON, ROOT, gateway_command, pinned
+from .run import PYTHON, ROOT, gateway_command, pinned
 
 SECRET = "a-benchmark-secret-of-32-bytes-at-least"
 
@@ -298,18 +299,13 @@ def gateway(workers: int, urls: list[str]) -> Iterator[tuple[str, subprocess.Pop
             process.wait()
 
 
-def loadgen(scenario: str, url: str, **options: Any) -> dict[str, Any]:
-    command = [PYTHON, "-m", "bench.loadgen", scenario, "--url", url, "--proto", "json"]
-    command += ["--server-tree"]  # the supervisor and its workers
-    for key, value in options.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(
-        pinned(GENERATOR_CPU, *command), cwd=ROOT, capture_output=True, timeout=900, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"loadgen {scenario} failed:\n{done.stderr.decode()}")
-    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    return result
+def loadgen(
+    scenario: str, url: str, process: subprocess.Popen[bytes], **options: Any
+) -> dict[str, Any]:
+    """bench/run.py's load generator against ``trio-wsgate serve`` at ``url``, measuring
+    the process and its workers (``--server-tree``)."""
+    target = run.Server("gateway-json", process, url, "json")
+    return run.loadgen(scenario, target, server_tree=True, **options)
 
 
 #: The configurations of the scaled-down run: (workers, Redis instances); 0 Redis is
@@ -338,7 +334,7 @@ def scaled_run(quick: bool) -> dict[str, Any]:
                 with gateway(workers, urls) as (url, process):
                     redis_cpu = sum(server_cpu(redis.pid) for _, _, redis in shards)
                     started = time.monotonic()
-                    entry[scenario] = loadgen("fanout", url, server_pid=process.pid, **options)
+                    entry[scenario] = loadgen("fanout", url, process, **options)
                     wall = time.monotonic() - started  # connecting and warming up too
                     used = sum(server_cpu(redis.pid) for _, _, redis in shards) - redis_cpu
                     entry[scenario]["redis_cpu_whole_run"] = used / wall
@@ -347,7 +343,7 @@ def scaled_run(quick: bool) -> dict[str, Any]:
                 entry["churn"] = loadgen(
                     "churn",
                     url,
-                    server_pid=process.pid,
+                    process,
                     connections=50,
                     duration=1.0 if quick else 5.0,
                 )
@@ -355,7 +351,7 @@ def scaled_run(quick: bool) -> dict[str, Any]:
                 entry["idle"] = loadgen(
                     "idle",
                     url,
-                    server_pid=process.pid,
+                    process,
                     connections=idle_count,
                     warmup=1.0 if quick else 3.0,
                     duration=1.0 if quick else 5.0,

@@ -30,7 +30,7 @@ from .test_redis import (
     user,
     users_span_the_nodes,
 )
-from .test_redis_sharded import _hold, topics_cross_nodes_and_recover
+from .test_redis_sharded import drain_with_one_down, topics_cross_nodes_and_recover
 from .test_topics import Seq, msgs, request
 
 pytestmark = pytest.mark.redis
@@ -179,6 +179,19 @@ class Traffic:
         self.refused = 0
         self.got: list[dict[str, Any]] = []
 
+    @classmethod
+    async def start(
+        cls, a: Server, topic: str, client: Any, nursery: trio.Nursery, publications: int
+    ) -> Traffic:
+        """``client`` (at the other node) follows ``topic``, received in the background,
+        and ``publications`` are published from ``a``."""
+        await request(client, Seq(), "sub", topic=topic)
+        traffic = cls(a, topic)
+        nursery.start_soon(traffic.receive, client)
+        for _ in range(publications):
+            await traffic.publish()
+        return traffic
+
     async def publish(self) -> None:
         n = len(self.accepted) + self.refused
         try:
@@ -225,11 +238,7 @@ async def test_a_slot_moved_during_traffic_loses_nothing(
             # No periodic catching up: what reaches bob after the move reaches him
             # because the watchdog subscribed again on the slot's new primary.
             server.hub.broker.sync_interval = 3600  # type: ignore[attr-defined]
-        await request(bob, Seq(), "sub", topic=topic)
-        traffic = Traffic(a, topic)
-        nursery.start_soon(traffic.receive, bob)
-        for _ in range(20):
-            await traffic.publish()
+        traffic = await Traffic.start(a, topic, bob, nursery, publications=20)
         ids = [await _node_id(server) for server in redis_cluster.nodes]
         source, target = redis_cluster.nodes[1], redis_cluster.nodes[2]
         reshard = [
@@ -309,11 +318,7 @@ async def test_a_primary_killed_and_restarted_loses_nothing_it_accepted(
     primary.start()
     redis_cluster.wait_ok()
     async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
-        await request(bob, Seq(), "sub", topic=topic)
-        traffic = Traffic(a, topic)
-        nursery.start_soon(traffic.receive, bob)
-        for _ in range(10):
-            await traffic.publish()
+        traffic = await Traffic.start(a, topic, bob, nursery, publications=10)
         primary.kill()
         with trio.fail_after(15):
             while a.hub.broker.healthy:
@@ -344,11 +349,7 @@ async def test_a_failover_during_traffic_is_followed_and_starts_a_new_epoch(
     async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
         for server in (a, b):  # no periodic catching up: the watchdog must follow
             server.hub.broker.sync_interval = 3600  # type: ignore[attr-defined]
-        await request(bob, Seq(), "sub", topic=topic)
-        traffic = Traffic(a, topic)
-        nursery.start_soon(traffic.receive, bob)
-        for _ in range(20):
-            await traffic.publish()
+        traffic = await Traffic.start(a, topic, bob, nursery, publications=20)
         async with coredis.Redis(port=replica.port) as redis:
             await redis.cluster_failover()  # the replica takes over, in step with it
         with trio.fail_after(20):
@@ -377,11 +378,7 @@ async def test_a_primary_killed_is_replaced_by_its_replica_and_the_nodes_follow(
     primary = redis_cluster.nodes[0]
     replica = redis_cluster.add_replica(primary)
     async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
-        await request(bob, Seq(), "sub", topic=topic)
-        traffic = Traffic(a, topic)
-        nursery.start_soon(traffic.receive, bob)
-        for _ in range(20):
-            await traffic.publish()
+        traffic = await Traffic.start(a, topic, bob, nursery, publications=20)
         await traffic.received_all()
         primary.kill()  # no goodbye: the replica takes over after the node timeout
         started = trio.current_time()
@@ -461,35 +458,15 @@ async def test_a_primary_down_at_drain_leaves_the_other_slots_sessions_parked() 
         owners = await slot_owners(where)
         settings = {"heartbeat_interval": None, "drain_timeout": 2}
         async with nodes(where, **settings) as (nursery, (a, b)):
-            welcomes = []
-            async with trio.open_nursery() as clients:
-                for _ in range(9):
-                    welcomes.append(await clients.start(_hold, a))
-                broker = a.hub.broker
-                assert isinstance(broker, ClusterBroker)
-                on = [
-                    owners[hash_slot(broker._parked_key(w["session"]).encode())] for w in welcomes
-                ]
-                dead = max(set(on), key=on.count)
-                assert len(set(on)) > 1, on  # 9 sessions over 3 primaries: they spread
-                where.nodes[dead].kill()
-                with trio.fail_after(15):
-                    while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
-                        await trio.sleep(0.05)
-                with trio.fail_after(30):
-                    await a.drain()
-                clients.cancel_scope.cancel()
-            parked = a.metrics.registry.get_sample_value(
-                "wsgate_sessions_migrated_total", {"direction": "parked"}
+            broker = a.hub.broker
+            assert isinstance(broker, ClusterBroker)
+            await drain_with_one_down(
+                a,
+                b,
+                nursery,
+                where=lambda session: owners[hash_slot(broker._parked_key(session).encode())],
+                kill=lambda index: where.nodes[index].kill(),
             )
-            assert parked == sum(1 for owner in on if owner != dead)
-            for welcome, owner in zip(welcomes, on, strict=True):
-                if owner == dead:
-                    continue
-                async with open_memory_connection(b, nursery) as new:
-                    resume = {"session": welcome["session"], "token": welcome["resume_token"]}
-                    back = await new.hello(token=token("ada"), resume={**resume, "ack": 0})
-                    assert back["resumed"] is True
     finally:
         where.kill()
 

@@ -7,7 +7,7 @@ same order. Topics are picked so that each lands on the shard the test needs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -274,32 +274,50 @@ async def test_a_shard_down_at_drain_leaves_the_other_shards_sessions_parked(
     # resume on another node), the one that does not leaves its own on the draining
     # node, and no session is both parked and kept.
     async with sharded(shards, heartbeat_interval=None, drain_timeout=2) as (nursery, (a, b)):
-        welcomes = []
-        async with trio.open_nursery() as clients:
-            for _ in range(9):
-                client = await clients.start(_hold, a)
-                welcomes.append(client)
-            where = [jump_hash(shard_key(w["session"]), 3) for w in welcomes]
-            dead = max(set(where), key=where.count)
-            assert len(set(where)) > 1, where  # 9 sessions over 3 shards: they spread
-            shards[dead].kill()
-            with trio.fail_after(15):
-                while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
-                    await trio.sleep(0.05)
-            with trio.fail_after(30):
-                await a.drain()
-            clients.cancel_scope.cancel()
-        parked = a.metrics.registry.get_sample_value(
-            "wsgate_sessions_migrated_total", {"direction": "parked"}
+        await drain_with_one_down(
+            a,
+            b,
+            nursery,
+            where=lambda session: jump_hash(shard_key(session), 3),
+            kill=lambda index: shards[index].kill(),
         )
-        assert parked == sum(1 for shard in where if shard != dead)
-        for welcome, shard in zip(welcomes, where, strict=True):
-            if shard == dead:
-                continue
-            async with open_memory_connection(b, nursery) as new:
-                resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
-                back = await new.hello(token=token("ada"), resume=resume)
-                assert back["resumed"] is True
+
+
+async def drain_with_one_down(
+    a: Server,
+    b: Server,
+    nursery: trio.Nursery,
+    where: Callable[[str], int],
+    kill: Callable[[int], None],
+) -> None:
+    """Nine sessions at ``a``; the Redis instance holding most of them (``where`` names
+    a session's, ``kill`` kills one) is killed, then ``a`` drains: the sessions of the
+    other instances are parked and resume at ``b``, the dead one's are not parked."""
+    welcomes = []
+    async with trio.open_nursery() as clients:
+        for _ in range(9):
+            welcomes.append(await clients.start(_hold, a))
+        on = [where(w["session"]) for w in welcomes]
+        dead = max(set(on), key=on.count)
+        assert len(set(on)) > 1, on  # 9 sessions over 3 instances: they spread
+        kill(dead)
+        with trio.fail_after(15):
+            while a.hub.broker.healthy:  # noqa: ASYNC110 - the health check's finding
+                await trio.sleep(0.05)
+        with trio.fail_after(30):
+            await a.drain()
+        clients.cancel_scope.cancel()
+    parked = a.metrics.registry.get_sample_value(
+        "wsgate_sessions_migrated_total", {"direction": "parked"}
+    )
+    assert parked == sum(1 for index in on if index != dead)
+    for welcome, index in zip(welcomes, on, strict=True):
+        if index == dead:
+            continue
+        async with open_memory_connection(b, nursery) as new:
+            resume = {"session": welcome["session"], "token": welcome["resume_token"], "ack": 0}
+            back = await new.hello(token=token("ada"), resume=resume)
+            assert back["resumed"] is True
 
 
 async def _hold(server: Server, task_status: trio.TaskStatus[dict[str, Any]]) -> None:

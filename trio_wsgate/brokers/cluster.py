@@ -122,7 +122,6 @@ class ClusterBroker(RedisBroker):
             raise ValueError("in a Redis Cluster the key prefix may not hold { or }")
         self._where = where
         self.watch_interval = watch_interval
-        self._channel_prefix = f"{self.prefix}:c:".encode()
 
     # After a failed ping, a new health client: the old one's layout may still hold a
     # primary that is gone (coredis refreshes it only after many errors), and its

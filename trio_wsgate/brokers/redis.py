@@ -386,6 +386,7 @@ class RedisBroker:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.prefix = prefix
+        self._channel_prefix = f"{prefix}:c:".encode()  # of every topic's channel
         self.presence_ttl = presence_ttl
         self.sync_interval = sync_interval
         self.health_interval = health_interval
@@ -952,7 +953,7 @@ class RedisBroker:
 
     def _topic_of(self, channel: bytes) -> str | None:
         """The topic whose channel this is; None for a channel of no topic."""
-        prefix = f"{self.prefix}:c:".encode()
+        prefix = self._channel_prefix
         return channel[len(prefix) :].decode() if channel.startswith(prefix) else None
 
     async def _on_live(self, topic: str, data: bytes) -> None:
