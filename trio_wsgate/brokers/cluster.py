@@ -110,11 +110,7 @@ class ClusterBroker(RedisBroker):
         # rather than numbering again offsets that nodes already delivered; a primary
         # the topic's keys migrated to (intact) goes on with its numbering.
         self._by_primary = "2"
-        # Publications go out on the topic's shard channel.
-        sharded = self._publish_script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
-        if sharded == self._publish_script:
-            raise RuntimeError("the publish script has no PUBLISH to make SPUBLISH")
-        self._publish_script = sharded
+        self._publish_script = self._sharded_publish_script  # on the topic's shard channel
         where = ClusterUrl.parse(url)
         if where is None:
             raise ValueError("a ClusterBroker needs a redis+cluster:// URL")

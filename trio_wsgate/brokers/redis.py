@@ -148,6 +148,9 @@ return {offset, epoch}
 """
 )
 
+# The same through sharded pub/sub (a Redis Cluster): to the primary of the topic's slot.
+_SPUBLISH = _PUBLISH.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+
 _HISTORY = (
     _EPOCH
     + """
@@ -357,8 +360,10 @@ class RedisBroker:
     """
 
     shared = True
-    #: The script that numbers, logs and publishes a publication.
+    #: The script that numbers, logs and publishes a publication; and the one that
+    #: publishes on the topic's shard channel (brokers/cluster.py).
     _publish_script = _PUBLISH
+    _sharded_publish_script = _SPUBLISH
 
     def __init__(
         self,
