@@ -14,7 +14,8 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import Server, Session
+from trio_wsgate import BrokerUnavailable, Server, Session
+from trio_wsgate.brokers import History
 from trio_wsgate.brokers.memory import MemoryBroker
 from trio_wsgate.testing import open_memory_connection
 
@@ -95,14 +96,26 @@ async def test_case8_a_topic_nobody_follows_is_forgotten_at_once(
 
 
 class _ParkedBroker(MemoryBroker):
-    """The in-memory broker, where another node left one session's state."""
+    """The in-memory broker, where another node left one session's state; while
+    ``down``, it cannot be asked to follow a topic (Redis restarting)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.parked: dict[str, Any] = {}
+        self.down = False
 
     async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
         return self.parked.pop(session, None), None
+
+    async def subscribe(self, topic: str) -> None:
+        if self.down:
+            raise BrokerUnavailable("Redis is restarting")
+        await super().subscribe(topic)
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        if self.down:
+            raise BrokerUnavailable("Redis is restarting")
+        return await super().history(topic, since)
 
 
 def _park_elsewhere(server: Server) -> tuple[_ParkedBroker, Session]:
@@ -138,6 +151,84 @@ async def test_a_migrated_session_that_ends_while_its_history_comes_is_not_resum
             assert welcome["resumed"] is False  # not a dead session answering nothing
             await client.send(msg(1, "echo", "hi"))
             assert (await client.recv_type("reply"))["data"] == "hi"
+            await client.close()
+
+
+async def test_a_session_that_moves_while_the_broker_cannot_follow_its_topics_misses_nothing(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by the cluster chaos test: a session resumed on another node while Redis
+    restarted was resumed deaf to its topic, and its client never knew. It keeps its
+    place, and the node follows the topic from there once the broker answers (after
+    0.5 s, then 1 s more: the pause doubles), with nothing for the client to do."""
+    server = make_server(allow_subscribe=("news",))
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            await client.recv_type("reply")
+        await detached(server)
+        broker, _ = _park_elsewhere(server)
+        await server.gateway.publish("news", "while parked")
+        broker.down = True
+        async with open_memory_connection(server, nursery) as client:
+            start = trio.current_time()
+            welcome = await client.hello(resume=resume_of(first, 1))
+            assert welcome["resumed"] is True
+            (session,) = server.hub.sessions.values()
+            assert session.topics == ["news"]  # its place is kept
+            await server.gateway.publish("news", "while following failed")
+            await trio.sleep(1.2)
+            broker.down = False
+            await server.gateway.publish("news", "once back")
+            got = []
+            for _ in range(3):
+                envelope = await client.recv_type("msg")
+                got.append((envelope["data"], envelope["offset"], trio.current_time() - start))
+            assert got == [
+                ("while parked", 1, 1.5),
+                ("while following failed", 2, 1.5),
+                ("once back", 3, 1.5),
+            ]
+            await client.send(msg(2, "echo", "hi"))  # and the session goes on
+            assert (await client.recv_type("reply"))["data"] == "hi"
+            await client.close()
+
+
+async def test_a_topic_kept_unfollowed_answers_the_clients_own_sub_from_its_place(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The client's own ``sub`` of a topic its session keeps unfollowed: ``unavailable``
+    while the broker is away (the place is kept), then followed from the place, not
+    from now; its ``unsub`` drops it."""
+    server = make_server(allow_subscribe=("news",))
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            await client.recv_type("reply")
+        await detached(server)
+        broker, _ = _park_elsewhere(server)
+        await server.gateway.publish("news", "missed")
+        broker.down = True
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello(resume=resume_of(first, 1))
+            (session,) = server.hub.sessions.values()
+            await client.send({"type": "sub", "seq": 2, "topic": "news"})
+            assert (await client.recv_type("reply"))["error"]["code"] == "unavailable"
+            assert session.topics == ["news"]
+            broker.down = False
+            await client.send({"type": "sub", "seq": 3, "topic": "news"})
+            missed = await client.recv_type("msg")
+            reply = await client.recv_type("reply")
+            assert (missed["data"], missed["offset"]) == ("missed", 1)
+            assert reply["data"]["offset"] == 1
+            await client.send({"type": "unsub", "seq": 4, "topic": "news"})
+            await client.recv_type("reply")
+            assert session.topics == []
+            await trio.sleep(10)  # nothing follows it again behind the client's back
+            assert session.topics == []
+            assert "news" not in server.hub.topics
             await client.close()
 
 

@@ -178,6 +178,10 @@ class Hub:
         #: The local subscribers of each topic, by session id.
         self.topics: dict[str, dict[str, Session]] = {}
         self._broker_topics: set[str] = set()  # topics the node follows at the broker
+        # Sessions that moved here with topics the broker could not be asked to follow
+        # then (Hub.migrate), in order, and whether a task follows them again.
+        self._unfollowed: dict[Session, None] = {}
+        self._following_again = False
         self._broker_lock = trio.Lock()
         self._leaving: set[str] = set()  # topics left, for _leave_topics
         self.live_check_armed = False  # a _check_live_bytes is due
@@ -569,13 +573,17 @@ class Hub:
         if session.ended:
             raise SessionClosed(session.close_code, session.close_reason)
         current = session.subscriptions.get(topic)
-        if current is not None and since is None and current.pending is None:
+        if current is not None and not current.followed:
+            # Not followed here yet (Hub.migrate): from where the session stopped, so
+            # that a plain sub leaves no gap.
+            since = since or Since(current.offset, current.epoch)
+        elif current is not None and since is None and current.pending is None:
             return SubscribeResult(current.offset, current.epoch)
         subscription = Subscription(topic, pending=[])
         session.subscriptions[topic] = subscription
         local = self.topics.setdefault(topic, {})
         local[session.id] = session
-        if current is None:
+        if current is None or not current.followed:
             self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, True))
         try:
             if topic not in self._broker_topics:
@@ -593,6 +601,8 @@ class Hub:
             # not processed, and the client will send it again.
             if session.subscriptions.get(topic) is subscription:
                 self.unsubscribe(session, topic)
+                if current is not None and not current.followed:
+                    session.subscriptions[topic] = current  # still to follow from there
             raise
         if session.subscriptions.get(topic) is not subscription:
             # Replaced or dropped while the history was read: the newer call answers.
@@ -768,11 +778,51 @@ class Hub:
         for topic, (offset, epoch) in state["subscriptions"].items():
             try:
                 await self.subscribe(session, topic, Since(offset, epoch))
-            except (BrokerUnavailable, SessionClosed):
-                logger.warning("migrated session %s could not follow %s", session.id, topic)
+            except BrokerUnavailable:
+                # The session keeps its place, and the hub follows the topic from
+                # there once the broker answers: what was published meanwhile comes
+                # from the history, in order. (Dropped, the session would have been
+                # resumed deaf to the topic, its client none the wiser.)
+                logger.warning(
+                    "migrated session %s follows %s once the broker answers", session.id, topic
+                )
+                session.subscriptions[topic] = Subscription(topic, offset, epoch, followed=False)
+                self._follow_again(session)
+            except SessionClosed:
+                break
         if session.ended:  # it overflowed, or was evicted, while its history came
             return None
         return session
+
+    def _follow_again(self, session: Session) -> None:
+        """Follow, as soon as the broker answers, the topics ``session`` keeps unfollowed."""
+        self._unfollowed[session] = None
+        if not self._following_again and self._tasks is not None:
+            self._following_again = True
+            self._tasks.start_soon(self._refollow)
+
+    async def _refollow(self) -> None:
+        """Subscribe each session kept unfollowed to its topics from where it stopped;
+        while the broker does not answer, try again after a pause that doubles (0.5 s
+        to 8 s)."""
+        pause = 0.5
+        try:
+            while self._unfollowed:
+                await trio.sleep(pause)
+                pause = min(2 * pause, 8.0)
+                for session in list(self._unfollowed):
+                    try:
+                        for topic, place in list(session.subscriptions.items()):
+                            if not place.followed and not session.ended:
+                                await self.subscribe(session, topic)
+                    except BrokerUnavailable:
+                        break  # again later, this session first
+                    except SessionClosed:
+                        pass
+                    del self._unfollowed[session]
+                    pause = 0.5
+        finally:
+            self._following_again = False
 
     def _import(self, state: dict[str, Any], user: str | None, codec: Codec) -> Session:
         """A session made from the state another node exported (:meth:`Session.export`)."""

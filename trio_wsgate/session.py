@@ -66,6 +66,10 @@ class Subscription:
     epoch: str = ""
     #: Live publications held while the history is read (None once live).
     pending: list[Publication] | None = None
+    #: False while the node does not follow it for the session: a session that moved
+    #: here while the broker could not be asked. ``offset`` and ``epoch`` are then
+    #: where it stopped, and the hub follows it again from there (Hub.migrate).
+    followed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
