@@ -209,6 +209,19 @@ def fanout(quick: bool) -> dict[str, Any]:
     return results
 
 
+def burst(quick: bool) -> dict[str, Any]:
+    """Scenario 3b: fan-out to 1,000 subscribers, the publisher keeping 200 publications
+    undelivered (bursts: the node can coalesce what it writes to each subscriber)."""
+    results: dict[str, Any] = {}
+    options = {"connections": 1000, "outstanding": 200, "warmup": 0.3 if quick else 1.0}
+    options["duration"] = 1.0 if quick else 5.0
+    for name in ["gateway-json", "websockets-asyncio"] if quick else GATEWAY + BROADCAST_PEERS:
+        with server(name) as target:
+            results[name] = loadgen("fanout", target, **options)
+        show("burst", name, results[name], "deliveries_per_s", "p99_ms", "generator_busy")
+    return results
+
+
 def connection_ceiling() -> int:
     """How many connections one process can hold here: the hard limit on open files."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -353,6 +366,7 @@ SCENARIOS = {
     "rr": request_reply,
     "latency": latency,
     "fanout": fanout,
+    "burst": burst,
     "idle": idle,
     "churn": churn,
     "herd": herd,
