@@ -221,9 +221,14 @@ async def test_a_write_the_socket_takes_only_part_of_goes_out_whole(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         data = "".join(chr(ord("a") + i % 26) for i in range(600_000))
         await client.send({"type": "msg", "seq": 1, "event": "echo", "data": data})
+        # Replies queued while the rest of the first is still being written follow it,
+        # in order: one writer at a time (connection.py, "one writer").
+        for seq in range(2, 7):
+            await client.send({"type": "msg", "seq": seq, "event": "echo", "data": seq})
         with trio.fail_after(10):
-            reply = await client.recv_type("reply")
-        assert reply["data"] == data
+            replies = [await client.recv_type("reply") for _ in range(6)]
+        assert replies[0]["data"] == data
+        assert [(r["re"], r["data"]) for r in replies[1:]] == [(n, n) for n in range(2, 7)]
         assert partial, "the reply fitted the socket at once: the test tested nothing"
         assert all(0 <= written < total for written, total in partial)
         await stream.aclose()

@@ -10,15 +10,17 @@ because the peer is connected runs in it:
   the application's handlers one at a time in arrival order. It runs in the
   *application scope*, a cancel scope that also holds the application's
   per-connection tasks, if it has any;
-* the **write loop**: the only task that writes. Producers append encoded envelopes to
-  a bounded queue and wake it; it writes everything queued in one ``send_all``, several
-  envelopes batched into one frame.
+* **one writer** at a time. Producers append encoded envelopes to a bounded queue and
+  ask for a flush; the node's timers' task (:meth:`~trio_wsgate.timers.Timers.call_soon`)
+  frames everything queued by its next pass, several envelopes batched into one frame,
+  and writes it without waiting. Only what the socket does not take at once is left
+  to a **write loop**, a task started for it that ends once all is written.
 
 The **heartbeat** (:mod:`trio_wsgate.heartbeat`), the **ack delay** and the **token's
 expiry** (:mod:`trio_wsgate.tokens`) are entries in the node's timers
-(:mod:`trio_wsgate.timers`), not tasks: an idle connection is three sleeping tasks,
-the reader, the write loop and the dispatcher, and they wait on a
-:class:`~trio_wsgate.wakeup.Wakeup` each, not on events made per wait. A ``refresh`` is
+(:mod:`trio_wsgate.timers`), not tasks: an idle connection is two sleeping tasks,
+the reader and the dispatcher, and the dispatcher waits on a
+:class:`~trio_wsgate.wakeup.Wakeup`, not on events made per wait. A ``refresh`` is
 checked by a short task with a cancel scope of its own. They belong to the application
 scope all the same: deciding to close cancels them.
 
@@ -67,7 +69,6 @@ from .session import Session
 from .timers import Timer, Timers
 from .tokens import TokenWatch
 from .transports.base import Transport, TransportBroken, remote_ip
-from .wakeup import Wakeup
 from .welcome import Opened
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class Connection:
         "_detached",
         "_dispatcher",
         "_done",
+        "_flush_due",
         "_heartbeat",
         "_hello_seen",
         "_hub",
@@ -149,8 +151,8 @@ class Connection:
         "_timers",
         "_tokens",
         "_transport",
-        "_wake",
         "_welcomed",
+        "_writing",
         "close_code",
         "close_decided_at",
         "close_reason",
@@ -177,7 +179,10 @@ class Connection:
         self._metrics = metrics
         self._hub = hub
         self._queue: list[_Item] = []
-        self._wake = Wakeup()  # the write loop's
+        # What is queued is written by the node's timers' task (_flush_now), and by a
+        # write loop of the connection's own only while the socket does not take it.
+        self._flush_due = False
+        self._writing = False  # a write loop runs
         self._dispatcher = Dispatcher(hub, gateway, identity)
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome (an idle
@@ -294,8 +299,9 @@ class Connection:
                 self._nursery = nursery
                 if self.closing:  # closed before it started (a drain raced us)
                     nursery.cancel_scope.deadline = self._close_deadline()
-                # Constant names: trio would otherwise format one per task.
-                nursery.start_soon(self._write_loop, name=_WRITER)
+                if self._queue or self._transport.wants_flush():
+                    self._start_writer()  # queued before there was a nursery
+                # A constant name: trio would otherwise format one per task.
                 nursery.start_soon(self._application, name=_APPLICATION)
                 # The reader is this nursery's own task: one task fewer per connection.
                 try:
@@ -404,7 +410,7 @@ class Connection:
             self._nursery.cancel_scope.deadline = self._close_deadline()
         if send:
             self._transport.send_close(code, text)
-        self._wake.set()
+        self._want_flush()
 
     def _answered_hello(self) -> None:
         welcomed, self._welcomed = self._welcomed, None
@@ -484,7 +490,7 @@ class Connection:
                 code, text = incoming.peer_close
                 self._begin_close(code, text, CloseReason.CLEAN, send=False)
             if transport.wants_flush():
-                self._wake.set()
+                self._want_flush()
             if incoming.eof:
                 # The peer closed its end; after a close handshake this is the normal end.
                 self._abort(CloseCode.ABNORMAL, CloseReason.EOF)
@@ -558,7 +564,7 @@ class Connection:
         released = self._session().outbox.receive_ack(ack)
         if released:
             self._queue.extend((item.payload, True) for item in released)
-            self._wake.set()
+            self._want_flush()
 
     # -- producers ------------------------------------------------------------------
 
@@ -579,7 +585,7 @@ class Connection:
     def enqueue_sequenced(self, payload: bytes) -> None:
         """Queue an encoded sequenced envelope the session's window let out."""
         self._queue.append((payload, True))
-        self._wake.set()
+        self._want_flush()
 
     def send_control(self, envelope: Envelope) -> None:
         """Queue a control envelope (``welcome``, ``ack``, ``ping``, ``pong``), unless
@@ -590,7 +596,7 @@ class Connection:
         if self.closing:
             return
         self._queue.append((self._codec.encode(envelope), False))
-        self._wake.set()
+        self._want_flush()
 
     def _send_ack(self) -> None:
         self.send_control(Ack(self._session().inbox.take_ack()))
@@ -603,14 +609,55 @@ class Connection:
         except Exception:
             self.crashed()
 
-    # -- the write loop -------------------------------------------------------------
+    # -- writing ----------------------------------------------------------------------
+
+    def _want_flush(self) -> None:
+        """Something is queued: the write loop's, if one runs; else the timers' next
+        pass writes it (:meth:`_flush_now`), with whatever else is queued by then."""
+        if not self._writing and not self._flush_due:  # a write loop looks again
+            self._flush_due = True
+            self._timers.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        """Frame what is queued and write it without waiting (in the timers' task); a
+        write loop takes over what the socket does not take at once."""
+        if not self._flush_due:
+            return
+        self._flush_due = False
+        if self._writing:
+            return  # a write loop started since: it writes this too
+        try:
+            if self._queue and not self.closing:
+                self._frame_queue()
+            if self._transport.flush_now():
+                return
+        except TransportBroken as exc:
+            self._abort(CloseCode.ABNORMAL, exc.reason)
+            return
+        except trio.ClosedResourceError:
+            return
+        except Exception:
+            self.crashed()
+            return
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        nursery = self._nursery
+        if self._writing or nursery is None or self.released_at is not None:
+            return  # one at a time; before run, run starts it
+        self._writing = True
+        try:
+            nursery.start_soon(self._write_loop, name=_WRITER)
+        except RuntimeError:  # the nursery has closed: nothing more is written
+            self._writing = False
 
     async def _write_loop(self) -> None:
+        """Write until nothing is left: what the socket did not take at once, a
+        half-close, or a transport that never writes at once (docs/architecture.md,
+        "One writer")."""
         transport = self._transport
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()  # all that is queued now goes out in this pass
                 if self._queue and not self.closing:
                     self._frame_queue()
                 try:
@@ -622,8 +669,12 @@ class Connection:
                     return
                 if finished:
                     return  # our end of the stream is closed; the reader sees the peer's
+                if not self._queue and not transport.wants_flush():
+                    return
         except Exception:
             self.crashed()
+        finally:
+            self._writing = False
 
     def _frame_queue(self) -> None:
         """Move everything queued into frames: one envelope, or a batch per frame."""

@@ -10,6 +10,12 @@ wakes once per due timer instead of once per task.
 Callbacks run in the timers' task, so they must be quick and must not block: they
 decide (queue a ping, begin a close) and return. An exception in one is logged and
 does not stop the others.
+
+The same task also runs what is asked for "soon" (:meth:`Timers.call_soon`): the
+writes of every connection that has something to send, so that a publication to a
+thousand subscribers, or a heartbeat due on as many connections, is written in one
+pass of one task rather than by a thousand tasks woken one after the other
+(docs/architecture.md, "One writer").
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Timers:
         self._next = math.inf
         self._wake = Wakeup()
         self._cancelled = 0  # entries in the heap that will not be called
+        self._soon: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         """Timers pending (cancelled ones included until they are swept out)."""
@@ -60,6 +67,12 @@ class Timers:
         if when < self._next:
             self._wake.set()
         return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` in the timers' next pass, after those due then."""
+        self._soon.append(callback)
+        if self._next != -math.inf:  # not in a pass, which would see it
+            self._wake.set()
 
     def cancel(self, timer: Timer | None) -> None:
         """Do not call ``timer`` (None, or one already called or cancelled: nothing).
@@ -78,10 +91,28 @@ class Timers:
             heapq.heapify(heap)
             self._cancelled = 0
 
+    def _call_soon_ones(self) -> None:
+        """Call what was asked for soon (since the last pass, and by these calls)."""
+        while self._soon:
+            soon, self._soon = self._soon, []
+            for callback in soon:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("a timer's callback failed")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Call each timer when it is due, until cancelled."""
         heap = self._heap
         task_status.started()
+        try:
+            await self._run(heap)
+        finally:
+            # What was asked for soon will not be called: let go of what it refers to
+            # (a connection's own timers would otherwise keep it in a cycle).
+            self._soon.clear()
+
+    async def _run(self, heap: list[tuple[float, int, Timer]]) -> None:
         while True:
             # Timers set by the callbacks below are seen by this pass or by the next
             # computation of _next: they need no wake-up.
@@ -97,6 +128,9 @@ class Timers:
                         callback()
                     except Exception:
                         logger.exception("a timer's callback failed")
+            callback = None  # not kept alive, with what it refers to, while asleep
+            if self._soon:
+                self._call_soon_ones()
             self._next = heap[0][0] if heap else math.inf
             with trio.move_on_at(self._next):
                 await self._wake.wait()

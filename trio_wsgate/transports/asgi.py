@@ -181,6 +181,10 @@ class ASGITransport:
         """True if messages or the close wait to be sent."""
         return bool(self._out) or (self._close is not None and not self._close_sent)
 
+    def flush_now(self) -> bool:
+        """Never at once: what is queued goes through :meth:`flush`."""
+        return False
+
     async def flush(self) -> bool:
         """Hand what is queued to the ASGI server, then the close.
 

@@ -1,9 +1,9 @@
 """The few calls a connection needs from a WebSocket, whatever implements it.
 
-The connection's reader is the only caller of :meth:`Transport.receive`; its write
-loop is the only caller of :meth:`Transport.flush`. The ``send_*`` methods only queue
-bytes (sans-I/O style), so any task may call them; nothing reaches the network until
-the write loop flushes.
+The connection's reader is the only caller of :meth:`Transport.receive`; one writer at
+a time calls :meth:`Transport.flush_now` or :meth:`Transport.flush` (the connection
+sees to it). The ``send_*`` methods only queue bytes (sans-I/O style), so any task may
+call them; nothing reaches the network until a flush.
 
 Backpressure. What waits to be written to a peer is bounded in bytes, the transport's
 own control frames (the pongs that answer the peer's pings) included: while more than
@@ -12,8 +12,8 @@ waits before reading anything more, and a flush that brings it back below wakes 
 A peer that sends and never reads is then held back by TCP's flow control, not by the
 node's memory; the connection's heartbeat closes it, and the close's deadline
 (``close_timeout``) cancels a reader still waiting. A caller must therefore keep
-flushing while it waits on :meth:`Transport.receive` (the connection's write loop
-does, whenever :meth:`Transport.wants_flush` says so).
+flushing while it waits on :meth:`Transport.receive` (the connection does, whenever
+:meth:`Transport.wants_flush` says so).
 """
 
 from __future__ import annotations
@@ -175,6 +175,17 @@ class Transport(Protocol):
 
     def wants_flush(self) -> bool:
         """True if bytes are queued for the network."""
+        ...
+
+    def flush_now(self) -> bool:
+        """Write what is queued without waiting, if it can: True if nothing is left to
+        write. False leaves the rest for :meth:`flush` (a partial write, a half-close
+        due, a transport that cannot write without waiting).
+
+        Raises:
+            TransportBroken: the peer broke the connection.
+            trio.ClosedResourceError: this side closed the transport.
+        """
         ...
 
     async def flush(self) -> bool:

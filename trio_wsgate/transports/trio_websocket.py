@@ -136,6 +136,10 @@ class TrioWebsocketTransport:
         """True if messages or the close wait to be sent."""
         return bool(self._out) or (self._close is not None and not self._close_sent)
 
+    def flush_now(self) -> bool:
+        """Never at once: what is queued goes through :meth:`flush`."""
+        return False
+
     async def flush(self) -> bool:
         """Send what is queued, then the close (which waits for the peer's answer).
 

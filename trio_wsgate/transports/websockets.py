@@ -172,6 +172,8 @@ class WebsocketsTransport:
         self._high_water = high_water
         # Bytes handed to send_all that it has not finished writing.
         self._in_flight = 0
+        # What a write at once left unwritten (the kernel took the rest): flush's.
+        self._leftover: bytes | memoryview = b""
         # What the reader waits on while too much is unsent (only then: see receive).
         self._room: Wakeup | None = None
 
@@ -184,7 +186,7 @@ class WebsocketsTransport:
     def unsent_bytes(self) -> int:
         """Bytes waiting to be written: queued (pongs and close frames included), and
         handed to the stream but not yet taken by it."""
-        return self._in_flight + sum(map(len, self._protocol.writes))
+        return self._in_flight + len(self._leftover) + sum(map(len, self._protocol.writes))
 
     async def _wait_for_room(self) -> None:
         """Wait until a flush has brought what is unsent down to the high-water mark."""
@@ -328,7 +330,34 @@ class WebsocketsTransport:
 
     def wants_flush(self) -> bool:
         """True if websockets has bytes waiting for the network."""
-        return bool(self._protocol.writes)
+        return bool(self._protocol.writes or self._leftover)
+
+    def flush_now(self) -> bool:
+        """Write what is queued if the kernel takes it all at once, without yielding:
+        True if nothing is left. On a socket only, and never a half-close (flush's)."""
+        if self._in_flight or self._leftover:
+            return False  # a flush is under way, or has the rest of the last write
+        writes = self._protocol.writes
+        if not writes:
+            return True
+        stream = self._stream
+        if (
+            writes[-1] == b""
+            or type(stream) is not trio.SocketStream
+            or stream.socket.did_shutdown_SHUT_WR
+        ):
+            return False
+        payload = b"".join(self._protocol.data_to_send())
+        try:
+            written = _write_now(stream.socket, payload)
+        except trio.BrokenResourceError as exc:
+            raise TransportBroken(classify_os_error(exc), str(exc)) from exc
+        if written < len(payload):
+            self._leftover = memoryview(payload)[written:]
+            return False
+        if self._room is not None:
+            self._room.set()
+        return True
 
     async def flush(self) -> bool:
         """Write all queued bytes in one write; half-close when websockets says so.
@@ -340,10 +369,11 @@ class WebsocketsTransport:
             True once this side has sent its end of stream.
         """
         chunks = self._protocol.data_to_send()
-        if not chunks:
+        leftover, self._leftover = self._leftover, b""
+        if not chunks and not leftover:
             return self._eof_sent
-        eof = chunks[-1] == b""
-        payload = b"".join(chunks)
+        eof = bool(chunks) and chunks[-1] == b""
+        payload = b"".join([leftover, *chunks]) if leftover else b"".join(chunks)
         stream = self._stream
         try:
             if payload:
