@@ -103,6 +103,8 @@ class _ParkedBroker(MemoryBroker):
         super().__init__()
         self.parked: dict[str, Any] = {}
         self.down = False
+        # A topic's history is read only once its event is set (if it has one).
+        self.gates: dict[str, trio.Event] = {}
 
     async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
         return self.parked.pop(session, None), None
@@ -115,6 +117,8 @@ class _ParkedBroker(MemoryBroker):
     async def history(self, topic: str, since: int | None = None) -> History:
         if self.down:
             raise BrokerUnavailable("Redis is restarting")
+        if topic in self.gates:
+            await self.gates[topic].wait()
         return await super().history(topic, since)
 
 
@@ -229,6 +233,46 @@ async def test_a_topic_kept_unfollowed_answers_the_clients_own_sub_from_its_plac
             await trio.sleep(10)  # nothing follows it again behind the client's back
             assert session.topics == []
             assert "news" not in server.hub.topics
+            await client.close()
+
+
+async def test_what_the_client_does_while_its_topics_are_followed_again_stands(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """While the node reads the history of a kept topic to follow it again: the
+    client's unsub of another kept topic is not undone, and its plain sub of the same
+    topic gets what was missed (the kept place holds until the history has come)."""
+    server = make_server(allow_subscribe=("a", "b"))
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            for seq, topic in ((1, "a"), (2, "b")):
+                await client.send({"type": "sub", "seq": seq, "topic": topic})
+                await client.recv_type("reply")
+        await detached(server)
+        broker, _ = _park_elsewhere(server)
+        await server.gateway.publish("a", "missed")
+        broker.down = True
+        async with open_memory_connection(server, nursery) as client:
+            start = trio.current_time()
+            await client.hello(resume=resume_of(first, 2))
+            (session,) = server.hub.sessions.values()
+            broker.gates["a"] = gate = trio.Event()
+            broker.down = False
+            await trio.sleep(0.6)  # the hub's try at 0.5 s waits for a's history
+            await client.send({"type": "unsub", "seq": 3, "topic": "b"})
+            await client.recv_type("reply")
+            await client.send({"type": "sub", "seq": 4, "topic": "a"})
+            await trio.sleep(0.4)
+            gate.set()
+            missed = await client.recv_type("msg")
+            reply = await client.recv_type("reply")
+            assert (missed["data"], missed["offset"], reply["re"]) == ("missed", 1, 4)
+            assert reply["data"]["offset"] == 1
+            assert trio.current_time() - start == 1.0
+            await trio.sleep(20)
+            assert session.topics == ["a"]
+            assert "b" not in server.hub.topics
             await client.close()
 
 

@@ -360,7 +360,8 @@ class Connection:
         the client's ack, in order, before anything new."""
         session = self.session = opened.session
         self.send_control(opened.welcome)
-        self._queue.extend((item.payload, True) for item in opened.resend)
+        if not self.closing:  # a full queue closed it: the session keeps them
+            self._queue.extend((item.payload, True) for item in opened.resend)
         return session
 
     def welcomed(self, session: Session) -> None:
@@ -491,6 +492,7 @@ class Connection:
                 self._begin_close(code, text, CloseReason.CLEAN, send=False)
             if transport.wants_flush():
                 self._want_flush()
+            self.write_queued()  # what this read was answered with (acks, pongs)
             if incoming.eof:
                 # The peer closed its end; after a close handshake this is the normal end.
                 self._abort(CloseCode.ABNORMAL, CloseReason.EOF)
@@ -611,6 +613,13 @@ class Connection:
 
     # -- writing ----------------------------------------------------------------------
 
+    def write_queued(self) -> None:
+        """Write now what is queued, if a flush is due: at the end of a batch of work
+        (a read, the dispatcher's envelopes), so that its answers leave at once rather
+        than in the timers' next pass."""
+        if self._flush_due:
+            self._flush_now()
+
     def _want_flush(self) -> None:
         """Something is queued: the write loop's, if one runs; else the timers' next
         pass writes it (:meth:`_flush_now`), with whatever else is queued by then."""
@@ -669,9 +678,10 @@ class Connection:
                     return
                 if finished:
                     return  # our end of the stream is closed; the reader sees the peer's
-                if not self._queue and not transport.wants_flush():
-                    return
+                if (not self._queue or self.closing) and not transport.wants_flush():
+                    return  # (what is queued once closing is never framed)
         except Exception:
+            self._writing = False  # so that the close frame is flushed
             self.crashed()
         finally:
             self._writing = False

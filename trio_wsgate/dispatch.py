@@ -103,6 +103,10 @@ class Dispatched(Opener, Protocol):
         """An unexpected error: log it and close with 1011."""
         ...
 
+    def write_queued(self) -> None:
+        """Write what is queued now, rather than in the timers' next pass."""
+        ...
+
 
 class Dispatcher:
     """One connection's dispatcher, and the envelopes waiting for it.
@@ -213,6 +217,7 @@ class Dispatcher:
             # one write.
             for envelope in envelopes:
                 await self._process(connection, session, envelope)
+            connection.write_queued()  # the replies of this batch, at once
 
     async def disconnected(self, session: Session) -> None:
         """Run the disconnect hooks: shielded and bounded, so that they run even when

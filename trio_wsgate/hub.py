@@ -573,13 +573,19 @@ class Hub:
         if session.ended:
             raise SessionClosed(session.close_code, session.close_reason)
         current = session.subscriptions.get(topic)
-        if current is not None and not current.followed:
+        kept = current is not None and not current.followed
+        if current is not None and kept:
             # Not followed here yet (Hub.migrate): from where the session stopped, so
             # that a plain sub leaves no gap.
             since = since or Since(current.offset, current.epoch)
         elif current is not None and since is None and current.pending is None:
             return SubscribeResult(current.offset, current.epoch)
         subscription = Subscription(topic, pending=[])
+        if since is not None and kept:
+            # Until its history has come, it is still to follow from there: for a
+            # sub meanwhile, and for a hand-over to another node.
+            subscription.offset, subscription.epoch = since.offset, since.epoch
+            subscription.followed = False
         session.subscriptions[topic] = subscription
         local = self.topics.setdefault(topic, {})
         local[session.id] = session
@@ -601,8 +607,11 @@ class Hub:
             # not processed, and the client will send it again.
             if session.subscriptions.get(topic) is subscription:
                 self.unsubscribe(session, topic)
-                if current is not None and not current.followed:
-                    session.subscriptions[topic] = current  # still to follow from there
+                if current is not None and kept:  # still to follow from there
+                    session.subscriptions[topic] = Subscription(
+                        topic, current.offset, current.epoch, followed=False
+                    )
+                    self._follow_again(session)
             raise
         if session.subscriptions.get(topic) is not subscription:
             # Replaced or dropped while the history was read: the newer call answers.
@@ -618,6 +627,7 @@ class Hub:
         if history.epoch != subscription.epoch or history.offset > subscription.offset:
             subscription.offset, subscription.epoch = history.offset, history.epoch
         held, subscription.pending = subscription.pending, None
+        subscription.followed = True
         for publication in held or ():
             self._deliver(session, subscription, publication)
         return SubscribeResult(subscription.offset, subscription.epoch, recovered)
@@ -813,14 +823,28 @@ class Hub:
                 for session in list(self._unfollowed):
                     try:
                         for topic, place in list(session.subscriptions.items()):
-                            if not place.followed and not session.ended:
+                            # Skipped if the client unsubscribed meanwhile, or a sub
+                            # of its own is reading the history (it answers).
+                            if (
+                                session.subscriptions.get(topic) is place
+                                and not place.followed
+                                and place.pending is None
+                                and not session.ended
+                            ):
                                 await self.subscribe(session, topic)
                     except BrokerUnavailable:
                         break  # again later, this session first
                     except SessionClosed:
                         pass
+                    except Exception:
+                        # One session's failure, not the hub's: it is tried again.
+                        self.metrics.internal_errors.inc()
+                        logger.exception("following the topics of %s again failed", session.id)
+                    if session.ended or all(p.followed for p in session.subscriptions.values()):
+                        self._unfollowed.pop(session, None)
+                        pause = 0.5
+                for session in [s for s in self._unfollowed if s.ended]:
                     del self._unfollowed[session]
-                    pause = 0.5
         finally:
             self._following_again = False
 
