@@ -9,7 +9,9 @@ because the peer is connected runs in it:
 * the **dispatcher** (:mod:`trio_wsgate.dispatch`), which answers ``hello`` and runs
   the application's handlers one at a time in arrival order. It runs in the
   *application scope*, a cancel scope that also holds the application's
-  per-connection tasks, if it has any;
+  per-connection tasks, if it has any. Without them, the dispatcher's task retires
+  while there is nothing to dispatch (right after ``hello``, or once a heartbeat
+  interval has passed idle), and the next envelope starts it again;
 * **one writer** at a time. Producers append encoded envelopes to a bounded queue and
   ask for a flush; the node's timers' task (:meth:`~trio_wsgate.timers.Timers.call_soon`)
   frames everything queued by its next pass, several envelopes batched into one frame,
@@ -18,9 +20,9 @@ because the peer is connected runs in it:
 
 The **heartbeat** (:mod:`trio_wsgate.heartbeat`), the **ack delay** and the **token's
 expiry** (:mod:`trio_wsgate.tokens`) are entries in the node's timers
-(:mod:`trio_wsgate.timers`), not tasks: an idle connection is two sleeping tasks,
-the reader and the dispatcher, and the dispatcher waits on a
-:class:`~trio_wsgate.wakeup.Wakeup`, not on events made per wait. A ``refresh`` is
+(:mod:`trio_wsgate.timers`), not tasks: an idle connection is one sleeping task, the
+reader; a dispatcher waits on a :class:`~trio_wsgate.wakeup.Wakeup`, not on events
+made per wait. A ``refresh`` is
 checked by a short task with a cancel scope of its own. They belong to the application
 scope all the same: deciding to close cancels them.
 
@@ -139,6 +141,7 @@ class Connection:
         "_config",
         "_detached",
         "_dispatcher",
+        "_dispatching",
         "_done",
         "_flush_due",
         "_heartbeat",
@@ -207,6 +210,8 @@ class Connection:
         self._done: trio.Event | None = None
         self._detached: trio.Event | None = None
         self._let_go = False  # the session is let go of (or there never was one)
+        # A dispatcher task runs, or is about to: none while it has retired (idle).
+        self._dispatching = True
         #: This connection's id, unique within the node (logs, the hub's registry).
         self.id = secrets.token_urlsafe(8)
         #: The session, once ``hello`` was answered.
@@ -329,6 +334,7 @@ class Connection:
                 self.close_code,
                 self.close_reason,
             )
+        self._let_go_of_session()  # if the timers did not run it (they stopped first)
         if self.session is not None:
             await self._dispatcher.disconnected(self.session)
 
@@ -430,6 +436,10 @@ class Connection:
         # Before the application task has entered its scope, it sees ``closing``.
         if self._app_scope is not None:
             self._app_scope.cancel()
+        elif not self._dispatching and not self._let_go:
+            # The dispatcher has retired: no handler runs. Let go of the session in
+            # the timers' next pass, as its task would have on its way out.
+            self._timers.call_soon(self._let_go_of_session)
         self._stop_timers()
 
     def _stop_timers(self) -> None:
@@ -536,7 +546,7 @@ class Connection:
                 self._on_ack(envelope.ack)
             inbox = self._session().inbox
             if inbox.receive(envelope.seq) is Receipt.NEW:
-                self._dispatcher.put(envelope)
+                self._dispatch(envelope)
             elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
@@ -701,34 +711,65 @@ class Connection:
 
     # -- the application scope ------------------------------------------------------
 
-    async def _application(self) -> None:
+    async def _application(self, first: bool = True) -> None:
+        """The dispatcher's task, in the application scope: first ``hello`` and the
+        connect hooks, then the envelopes in order. Without per-connection tasks it
+        retires once a heartbeat interval has passed with nothing to dispatch, and
+        the next envelope starts it again (``first`` False)."""
         dispatcher = self._dispatcher
+        retired = False
         try:
             with trio.CancelScope() as scope:
                 self._app_scope = scope
                 if self.closing:
                     scope.cancel()
-                elif self._heartbeat is not None:
+                elif first and self._heartbeat is not None:
                     self._heartbeat.start()
                 try:
                     # A nursery only for an application with per-connection tasks: an
                     # idle connection of any other keeps none (docs/benchmarks.md).
                     if dispatcher.has_tasks:
                         async with trio.open_nursery() as nursery:
-                            await dispatcher.run(self, nursery)
+                            session = await dispatcher.open(self, nursery)
+                            if session is not None:
+                                await dispatcher.serve(self, session, retirable=False)
                     else:
-                        await dispatcher.run(self, None)
+                        session = await dispatcher.open(self, None) if first else self.session
+                        if session is not None:
+                            await dispatcher.serve(self, session, retirable=True)
+                            retired = True  # serve returns only to retire
                 except Exception:
                     self.crashed()
         finally:
-            self._stop_timers()
-            # Every handler has returned or been cancelled: let go of the session
-            # (docs/protocol.md §5), so that a resume elsewhere can take it.
-            self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
-            self.closing = True
-            session = self.session
-            if session is not None and session.connection is self:
-                self._hub.detach(session)
-            self._let_go = True
-            if self._detached is not None:
-                self._detached.set()
+            self._app_scope = None
+            if retired:
+                self._dispatching = False
+            else:
+                self._let_go_of_session()
+
+    def _dispatch(self, envelope: Envelope) -> None:
+        """Hand ``envelope`` to the dispatcher; start it again if it has retired."""
+        self._dispatcher.put(envelope)
+        if not self._dispatching and not self.closing and self._nursery is not None:
+            self._dispatching = True
+            self._nursery.start_soon(self._application, False, name=_APPLICATION)
+
+    def heartbeat_passed(self) -> None:
+        """At each ping: a dispatcher idle since the last one retires."""
+        if self._app_scope is not None:
+            self._dispatcher.tick()
+
+    def _let_go_of_session(self) -> None:
+        """Every handler has returned or been cancelled (or none runs): let go of the
+        session (docs/protocol.md §5), so that a resume elsewhere can take it."""
+        if self._let_go:
+            return
+        self._stop_timers()
+        self._record_end(CloseCode.GOING_AWAY, CloseReason.DRAIN)
+        self.closing = True
+        session = self.session
+        if session is not None and session.connection is self:
+            self._hub.detach(session)
+        self._let_go = True
+        if self._detached is not None:
+            self._detached.set()

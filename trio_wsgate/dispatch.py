@@ -6,7 +6,11 @@ the connect hooks and starts the application's per-connection tasks, then takes 
 envelope in arrival order: a ``msg`` goes to the handler of its event, a ``sub``,
 ``unsub`` or ``pub`` to the node (:meth:`DispatchHost.topic_operation`), and what they
 answer goes back through the connection as a ``reply``. One envelope at a time: a
-handler that waits holds up the next one, never the reader.
+handler that waits holds up the next one, never the reader. An application without
+per-connection tasks needs no dispatcher task while there is nothing to dispatch:
+:meth:`Dispatcher.serve` returns when told to retire (right after ``hello``, or by
+:meth:`Dispatcher.tick` at a ping), and the connection starts it again for the next
+envelope.
 
 What waits for it is weighed, decoded (:func:`~trio_wsgate.protocol.values.weigh`):
 past :data:`INBOUND_HIGH_WATER` the reader stops reading until the dispatcher has taken
@@ -125,8 +129,10 @@ class Dispatcher:
         "_arrived",
         "_node",
         "_pending",
+        "_retiring",
         "_taken",
         "_verified",
+        "_worked",
         "pending_bytes",
     )
 
@@ -146,6 +152,10 @@ class Dispatcher:
         #: the reader waits on _taken (made then) until the dispatcher takes them.
         self.pending_bytes = 0
         self._taken: Wakeup | None = None
+        # Whether it took anything since the last heartbeat, and whether it was told to
+        # retire (tick): an idle connection keeps no dispatcher task (docs/benchmarks.md).
+        self._worked = False
+        self._retiring = False
 
     @property
     def has_tasks(self) -> bool:
@@ -181,19 +191,20 @@ class Dispatcher:
         if self._taken is not None:
             self._taken.set()
 
-    async def run(self, connection: Dispatched, nursery: trio.Nursery | None) -> None:
-        """Answer ``hello``, then every envelope in order, through ``connection``,
-        until cancelled; the application's per-connection tasks go into ``nursery``."""
+    async def open(self, connection: Dispatched, nursery: trio.Nursery | None) -> Session | None:
+        """Answer ``hello`` through ``connection``, run the connect hooks and start the
+        application's per-connection tasks in ``nursery``; the session, or None if the
+        connection closes instead."""
         timeout = self._node.config.hello_timeout
         with trio.move_on_after(math.inf if timeout is None else timeout) as waiting:
             (hello,) = await self._next()  # the reader waits for welcome
         if waiting.cancelled_caught:
             connection.close(CloseCode.HELLO_TIMEOUT, "no hello in time", CloseReason.HELLO_TIMEOUT)
-            return
+            return None
         assert isinstance(hello, Hello)
         session = await self._open(connection, hello)
         if session is None:
-            return
+            return None
         connection.welcomed(session)
         application = self._application
         for hook in application.connect_hooks:
@@ -201,23 +212,45 @@ class Dispatcher:
         if nursery is not None:  # there are per-connection tasks
             for task in application.session_tasks:
                 nursery.start_soon(self._guard, connection, task, session)
+        # Most connections say nothing for a while after hello: the dispatcher of one
+        # that does not (and can retire) goes at once, not a heartbeat later.
+        self._retiring = True
+        return session
+
+    async def serve(self, connection: Dispatched, session: Session, *, retirable: bool) -> None:
+        """Process every envelope in order, until cancelled; or, if ``retirable``,
+        return when told to retire (right after :meth:`open`, or by :meth:`tick`) with
+        nothing waiting. The connection starts a dispatcher again when an envelope
+        comes."""
         arrived = self._arrived
         while True:
             # _next() inline: an idle connection's dispatcher waits one frame
             # shallower (docs/benchmarks.md, "Idle").
             while not self._pending:
+                if self._retiring:
+                    self._retiring = False
+                    if retirable and not connection.closing:
+                        return
                 await arrived.wait()
+            self._worked = True
             envelopes, self._pending = self._pending, []
             self._took()
             # Settings made while this task was busy are for envelopes taken here:
             # kept, they would wake the next wait for nothing.
             arrived.clear()
             # Everything already read is processed before this task yields, so the
-            # write loop finds all the replies of one read queued, and sends them in
-            # one write.
+            # replies of one read leave in one write.
             for envelope in envelopes:
                 await self._process(connection, session, envelope)
             connection.write_queued()  # the replies of this batch, at once
+
+    def tick(self) -> None:
+        """A heartbeat interval has passed: if nothing was taken since the last one,
+        :meth:`serve` is told to return once nothing waits."""
+        if not self._worked and not self._pending:
+            self._retiring = True
+            self._arrived.set()
+        self._worked = False
 
     async def disconnected(self, session: Session) -> None:
         """Run the disconnect hooks: shielded and bounded, so that they run even when

@@ -66,6 +66,10 @@ class Beating(Protocol):
         """An unexpected error: log it and close with 1011."""
         ...
 
+    def heartbeat_passed(self) -> None:
+        """An interval has passed (at each ping): what idles that long may let go."""
+        ...
+
 
 class Heartbeat:
     """The pings and the liveness deadline of one connection.
@@ -148,6 +152,7 @@ class Heartbeat:
                 self._early(now + self._interval()), self._ping
             )
             self._connection.send_control(Ping(ts))
+            self._connection.heartbeat_passed()
         except Exception:
             self._connection.crashed()
 
