@@ -111,3 +111,31 @@ async def test_an_application_with_per_connection_tasks_keeps_its_dispatcher(
         assert dispatchers() == 1  # its nursery holds the ticker: it stays
         assert ticks == [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0]
         await client.close()
+
+
+async def test_a_connection_cancelled_from_outside_while_its_dispatcher_is_gone_lets_go(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Cancelled from outside (its server's nursery), no close was decided: the
+    connection lets go of its session and stops its timers all the same, so that a
+    resume takes the session and nothing pings a dead connection."""
+    server = make_server(heartbeat_interval=10, heartbeat_timeout=100, resume_ttl=60)
+    async with running(server) as nursery:
+        async with (
+            trio.open_nursery() as serving,
+            open_memory_connection(server, serving) as client,
+        ):
+            first = await client.hello()
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatchers() == 0
+            serving.cancel_scope.cancel()
+        await detached(server)
+        (session,) = server.hub.sessions.values()
+        assert session.connection is None
+        # No ping, no liveness check left (cancelled entries wait to be swept out).
+        assert [e for e in server.hub.timers._heap if e[2].callback is not None] == []
+        async with open_memory_connection(server, nursery) as client:
+            with trio.fail_after(1):
+                welcome = await client.hello(resume=resume_of(first, 0))
+            assert welcome["resumed"] is True
+            await client.close()

@@ -324,6 +324,10 @@ class Connection:
             self._metrics.closes.labels(str(self.close_code), str(self.close_reason)).inc()
             if self._done is not None:
                 self._done.set()
+            # Without a dispatcher task (it had retired), nothing else lets go of the
+            # session when the connection is cancelled from outside: no close was
+            # decided, so the timers were not asked to either.
+            self._let_go_of_session()
             # What calls back into this connection lets go of it: no reference cycle
             # is left for the node's rare cyclic collector (tests/test_leaks.py).
             self._heartbeat = self._tokens = None
@@ -334,7 +338,6 @@ class Connection:
                 self.close_code,
                 self.close_reason,
             )
-        self._let_go_of_session()  # if the timers did not run it (they stopped first)
         if self.session is not None:
             await self._dispatcher.disconnected(self.session)
 
