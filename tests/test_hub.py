@@ -6,7 +6,8 @@ On in-memory streams with a MockClock, over every transport.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -158,6 +159,30 @@ async def test_a_migrated_session_that_ends_while_its_history_comes_is_not_resum
             await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _resumed_while_broker_down(
+    server: Server, nursery: trio.Nursery, topics: tuple[str, ...], *published: tuple[str, str]
+) -> AsyncIterator[tuple[Any, _ParkedBroker, float]]:
+    """A session that follows ``topics`` is parked by another node; ``published`` comes
+    meanwhile; then the broker cannot be asked to follow a topic, and the client resumes
+    here. Yields the client, the broker and the trio time the resume began."""
+    async with open_memory_connection(server, nursery) as client:
+        first = await client.hello()
+        for seq, topic in enumerate(topics, 1):
+            await client.send({"type": "sub", "seq": seq, "topic": topic})
+            await client.recv_type("reply")
+    await detached(server)
+    broker, _ = _park_elsewhere(server)
+    for topic, data in published:
+        await server.gateway.publish(topic, data)
+    broker.down = True
+    async with open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        welcome = await client.hello(resume=resume_of(first, len(topics)))
+        assert welcome["resumed"] is True
+        yield client, broker, start
+
+
 async def test_a_session_that_moves_while_the_broker_cannot_follow_its_topics_misses_nothing(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
@@ -166,37 +191,32 @@ async def test_a_session_that_moves_while_the_broker_cannot_follow_its_topics_mi
     place, and the node follows the topic from there once the broker answers (after
     0.5 s, then 1 s more: the pause doubles), with nothing for the client to do."""
     server = make_server(allow_subscribe=("news",))
-    async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            await client.send({"type": "sub", "seq": 1, "topic": "news"})
-            await client.recv_type("reply")
-        await detached(server)
-        broker, _ = _park_elsewhere(server)
-        await server.gateway.publish("news", "while parked")
-        broker.down = True
-        async with open_memory_connection(server, nursery) as client:
-            start = trio.current_time()
-            welcome = await client.hello(resume=resume_of(first, 1))
-            assert welcome["resumed"] is True
-            (session,) = server.hub.sessions.values()
-            assert session.topics == ["news"]  # its place is kept
-            await server.gateway.publish("news", "while following failed")
-            await trio.sleep(1.2)
-            broker.down = False
-            await server.gateway.publish("news", "once back")
-            got = []
-            for _ in range(3):
-                envelope = await client.recv_type("msg")
-                got.append((envelope["data"], envelope["offset"], trio.current_time() - start))
-            assert got == [
-                ("while parked", 1, 1.5),
-                ("while following failed", 2, 1.5),
-                ("once back", 3, 1.5),
-            ]
-            await client.send(msg(2, "echo", "hi"))  # and the session goes on
-            assert (await client.recv_type("reply"))["data"] == "hi"
-            await client.close()
+    async with (
+        running(server) as nursery,
+        _resumed_while_broker_down(server, nursery, ("news",), ("news", "while parked")) as (
+            client,
+            broker,
+            start,
+        ),
+    ):
+        (session,) = server.hub.sessions.values()
+        assert session.topics == ["news"]  # its place is kept
+        await server.gateway.publish("news", "while following failed")
+        await trio.sleep(1.2)
+        broker.down = False
+        await server.gateway.publish("news", "once back")
+        got = []
+        for _ in range(3):
+            envelope = await client.recv_type("msg")
+            got.append((envelope["data"], envelope["offset"], trio.current_time() - start))
+        assert got == [
+            ("while parked", 1, 1.5),
+            ("while following failed", 2, 1.5),
+            ("once back", 3, 1.5),
+        ]
+        await client.send(msg(2, "echo", "hi"))  # and the session goes on
+        assert (await client.recv_type("reply"))["data"] == "hi"
+        await client.close()
 
 
 async def test_a_topic_kept_unfollowed_answers_the_clients_own_sub_from_its_place(
@@ -206,34 +226,31 @@ async def test_a_topic_kept_unfollowed_answers_the_clients_own_sub_from_its_plac
     while the broker is away (the place is kept), then followed from the place, not
     from now; its ``unsub`` drops it."""
     server = make_server(allow_subscribe=("news",))
-    async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            await client.send({"type": "sub", "seq": 1, "topic": "news"})
-            await client.recv_type("reply")
-        await detached(server)
-        broker, _ = _park_elsewhere(server)
-        await server.gateway.publish("news", "missed")
-        broker.down = True
-        async with open_memory_connection(server, nursery) as client:
-            await client.hello(resume=resume_of(first, 1))
-            (session,) = server.hub.sessions.values()
-            await client.send({"type": "sub", "seq": 2, "topic": "news"})
-            assert (await client.recv_type("reply"))["error"]["code"] == "unavailable"
-            assert session.topics == ["news"]
-            broker.down = False
-            await client.send({"type": "sub", "seq": 3, "topic": "news"})
-            missed = await client.recv_type("msg")
-            reply = await client.recv_type("reply")
-            assert (missed["data"], missed["offset"]) == ("missed", 1)
-            assert reply["data"]["offset"] == 1
-            await client.send({"type": "unsub", "seq": 4, "topic": "news"})
-            await client.recv_type("reply")
-            assert session.topics == []
-            await trio.sleep(10)  # nothing follows it again behind the client's back
-            assert session.topics == []
-            assert "news" not in server.hub.topics
-            await client.close()
+    async with (
+        running(server) as nursery,
+        _resumed_while_broker_down(server, nursery, ("news",), ("news", "missed")) as (
+            client,
+            broker,
+            _,
+        ),
+    ):
+        (session,) = server.hub.sessions.values()
+        await client.send({"type": "sub", "seq": 2, "topic": "news"})
+        assert (await client.recv_type("reply"))["error"]["code"] == "unavailable"
+        assert session.topics == ["news"]
+        broker.down = False
+        await client.send({"type": "sub", "seq": 3, "topic": "news"})
+        missed = await client.recv_type("msg")
+        reply = await client.recv_type("reply")
+        assert (missed["data"], missed["offset"]) == ("missed", 1)
+        assert reply["data"]["offset"] == 1
+        await client.send({"type": "unsub", "seq": 4, "topic": "news"})
+        await client.recv_type("reply")
+        assert session.topics == []
+        await trio.sleep(10)  # nothing follows it again behind the client's back
+        assert session.topics == []
+        assert "news" not in server.hub.topics
+        await client.close()
 
 
 async def test_what_the_client_does_while_its_topics_are_followed_again_stands(
@@ -243,37 +260,32 @@ async def test_what_the_client_does_while_its_topics_are_followed_again_stands(
     client's unsub of another kept topic is not undone, and its plain sub of the same
     topic gets what was missed (the kept place holds until the history has come)."""
     server = make_server(allow_subscribe=("a", "b"))
-    async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            for seq, topic in ((1, "a"), (2, "b")):
-                await client.send({"type": "sub", "seq": seq, "topic": topic})
-                await client.recv_type("reply")
-        await detached(server)
-        broker, _ = _park_elsewhere(server)
-        await server.gateway.publish("a", "missed")
-        broker.down = True
-        async with open_memory_connection(server, nursery) as client:
-            start = trio.current_time()
-            await client.hello(resume=resume_of(first, 2))
-            (session,) = server.hub.sessions.values()
-            broker.gates["a"] = gate = trio.Event()
-            broker.down = False
-            await trio.sleep(0.6)  # the hub's try at 0.5 s waits for a's history
-            await client.send({"type": "unsub", "seq": 3, "topic": "b"})
-            await client.recv_type("reply")
-            await client.send({"type": "sub", "seq": 4, "topic": "a"})
-            await trio.sleep(0.4)
-            gate.set()
-            missed = await client.recv_type("msg")
-            reply = await client.recv_type("reply")
-            assert (missed["data"], missed["offset"], reply["re"]) == ("missed", 1, 4)
-            assert reply["data"]["offset"] == 1
-            assert trio.current_time() - start == 1.0
-            await trio.sleep(20)
-            assert session.topics == ["a"]
-            assert "b" not in server.hub.topics
-            await client.close()
+    async with (
+        running(server) as nursery,
+        _resumed_while_broker_down(server, nursery, ("a", "b"), ("a", "missed")) as (
+            client,
+            broker,
+            start,
+        ),
+    ):
+        (session,) = server.hub.sessions.values()
+        broker.gates["a"] = gate = trio.Event()
+        broker.down = False
+        await trio.sleep(0.6)  # the hub's try at 0.5 s waits for a's history
+        await client.send({"type": "unsub", "seq": 3, "topic": "b"})
+        await client.recv_type("reply")
+        await client.send({"type": "sub", "seq": 4, "topic": "a"})
+        await trio.sleep(0.4)
+        gate.set()
+        missed = await client.recv_type("msg")
+        reply = await client.recv_type("reply")
+        assert (missed["data"], missed["offset"], reply["re"]) == ("missed", 1, 4)
+        assert reply["data"]["offset"] == 1
+        assert trio.current_time() - start == 1.0
+        await trio.sleep(20)
+        assert session.topics == ["a"]
+        assert "b" not in server.hub.topics
+        await client.close()
 
 
 async def test_a_migrated_session_whose_resume_fails_still_expires(
