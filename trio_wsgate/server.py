@@ -275,15 +275,6 @@ class Server:
 
         Releases ``admission`` when done.
         """
-        connection = self._connection_for(transport, admission)
-        try:
-            await connection.run()
-        finally:
-            self._connection_ended(connection, admission)
-
-    def _connection_for(self, transport: Transport, admission: Admission) -> Connection:
-        """A connection for an upgraded WebSocket, counted by the node (and closed at
-        once if the node drains); ``admission`` is released if it cannot be made."""
         try:
             codec = shared_codec(admission.subprotocol or JSON_SUBPROTOCOL)
             connection = Connection(
@@ -295,22 +286,19 @@ class Server:
                 self.hub,
                 admission.identity,
             )
-        except BaseException:
+            self.connections.add(connection)
+            self.hub.connections[connection.id] = connection
+            if self.draining:
+                connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
+            try:
+                await connection.run()
+            finally:
+                self.connections.discard(connection)
+                self.hub.connections.pop(connection.id, None)
+                if self.draining and not self.connections:
+                    self._drained.set()
+        finally:
             self.release(admission)
-            raise
-        self.connections.add(connection)
-        self.hub.connections[connection.id] = connection
-        if self.draining:
-            connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
-        return connection
-
-    def _connection_ended(self, connection: Connection, admission: Admission) -> None:
-        """The connection has ended: the node counts it no more."""
-        self.connections.discard(connection)
-        self.hub.connections.pop(connection.id, None)
-        if self.draining and not self.connections:
-            self._drained.set()
-        self.release(admission)
 
     def count_refusal(self, status: int) -> None:
         """Count an opening request answered with an HTTP error."""
@@ -406,15 +394,9 @@ class Server:
             if kind is TransportKind.WEBSOCKETS:
                 accepted = await self._accept_websocket(stream, remote_address)
                 if accepted is not None:
-                    # run_connection, here rather than in a frame of its own (nor inside
-                    # the handshake's): an open connection keeps two frames fewer
-                    # (docs/benchmarks.md, "Idle").
-                    transport, admission = accepted
-                    connection = self._connection_for(transport, admission)
-                    try:
-                        await connection.run()
-                    finally:
-                        self._connection_ended(connection, admission)
+                    # Awaited here, not inside the handshake's frame: an open connection
+                    # keeps one frame fewer (docs/benchmarks.md, "Idle").
+                    await self.run_connection(*accepted, remote_address)
             elif kind is TransportKind.TRIO_WEBSOCKET:
                 from .transports.trio_websocket import serve_trio_websocket
 
