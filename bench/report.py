@@ -62,7 +62,7 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             if peer:
                 ratio = result["deliveries_per_s"] / peer["deliveries_per_s"]
                 add(
-                    f"fan-out to {subscribers or 1000} ({name[8:]}, {what}) "
+                    f"fan-out to {subscribers or result['subscribers']} ({name[8:]}, {what}) "
                     f">= {factor:g}x websockets broadcast()",
                     f"{result['deliveries_per_s']:,.0f}/s = {ratio:.2f}x",
                     ratio >= factor,

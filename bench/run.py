@@ -136,6 +136,40 @@ def server(name: str, *flags: str, log: Path | None = None) -> Iterator[Server]:
             out.close()  # type: ignore[union-attr]
 
 
+@contextmanager
+def redis_server() -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
+    """A redis-server on a free port of 127.0.0.1 that keeps nothing: (url, port, process)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("needs redis-server (scripts/bench, scripts/bench-scaling install it)")
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="wsgate-bench-redis-")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            scratch,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 30, process)
+        yield f"redis://127.0.0.1:{port}/0", port, process
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def loadgen(scenario: str, target: Server, **options: Any) -> dict[str, Any]:
     command = [
         PYTHON,
@@ -284,80 +318,55 @@ def churn(quick: bool) -> dict[str, Any]:
 def herd(quick: bool) -> dict[str, Any]:
     """Scenario 6: drain a node under clients of the project's client; they resume on a
     second node through Redis. Counted: time until all resumed, peak reconnect rate, lost."""
-    redis = shutil.which("redis-server")
-    if redis is None:
-        raise RuntimeError("the herd needs redis-server (scripts/bench installs it)")
     clients = 100 if quick else 5000
     drain_timeout = 10.0
-    with tempfile.TemporaryDirectory() as workdir:
-        redis_port = free_port()
-        redis_process = subprocess.Popen(
-            [
-                redis,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_port(redis_port, 30, redis_process)
-            secret = os.urandom(16).hex()
-            flags = [
-                "--redis",
-                f"redis://127.0.0.1:{redis_port}/0",
-                "--secret",
-                secret,
+    with tempfile.TemporaryDirectory() as workdir, redis_server() as (redis_url, _, _):
+        secret = os.urandom(16).hex()
+        flags = [
+            "--redis",
+            redis_url,
+            "--secret",
+            secret,
+            "--drain-timeout",
+            str(drain_timeout),
+        ]
+        log = Path(workdir) / "nodes.log"
+        with (
+            server("gateway-json", *flags, "--node-id", "a", log=log) as a,
+            server("gateway-json", *flags, "--node-id", "b", log=log) as b,
+        ):
+            command = [
+                PYTHON,
+                "-m",
+                "bench.herd",
+                "--clients",
+                str(clients),
+                "--node",
+                a.url,
+                "--node",
+                b.url,
+                "--drain-pid",
+                str(a.pid),
+                "--admin",
+                b.admin or "",
+                "--admin",
+                a.admin or "",
                 "--drain-timeout",
                 str(drain_timeout),
             ]
-            log = Path(workdir) / "nodes.log"
-            with (
-                server("gateway-json", *flags, "--node-id", "a", log=log) as a,
-                server("gateway-json", *flags, "--node-id", "b", log=log) as b,
-            ):
-                command = [
-                    PYTHON,
-                    "-m",
-                    "bench.herd",
-                    "--clients",
-                    str(clients),
-                    "--node",
-                    a.url,
-                    "--node",
-                    b.url,
-                    "--drain-pid",
-                    str(a.pid),
-                    "--admin",
-                    b.admin or "",
-                    "--admin",
-                    a.admin or "",
-                    "--drain-timeout",
-                    str(drain_timeout),
-                ]
-                done = subprocess.run(
-                    pinned(GENERATOR_CPU, *command),
-                    cwd=ROOT,
-                    capture_output=True,
-                    timeout=600,
-                    check=False,
-                )
-            if done.returncode != 0:
-                print(log.read_text()[-4000:], file=sys.stderr)
-                raise RuntimeError(f"the herd failed:\n{done.stderr.decode()[-4000:]}")
-            result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
-            # Times a node declared Redis down: under the herd it never should be.
-            result["redis_declared_down"] = log.read_text().count("Redis is unreachable")
-        finally:
-            redis_process.kill()
-            redis_process.wait()
+            done = subprocess.run(
+                pinned(GENERATOR_CPU, *command),
+                cwd=ROOT,
+                capture_output=True,
+                timeout=600,
+                check=False,
+            )
+        if done.returncode != 0:
+            print(log.read_text()[-4000:], file=sys.stderr)
+            raise RuntimeError(f"the herd failed:\n{done.stderr.decode()[-4000:]}")
+        result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        # Times a node declared Redis down: under the herd it never should be.
+        result["redis_declared_down"] = log.read_text().count("Redis is unreachable")
     print(f"  herd     {json.dumps(result)}", flush=True)
     return {"gateway-json": result}
 

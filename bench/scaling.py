@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,46 +46,9 @@ from trio_wsgate.testing import free_port, open_memory_connection, wait_for_port
 
 from . import run
 from .loadgen import server_cpu
-from .run import PYTHON, ROOT, gateway_command, pinned
+from .run import PYTHON, ROOT, gateway_command, pinned, redis_server
 
 SECRET = "a-benchmark-secret-of-32-bytes-at-least"
-
-
-# -- a private redis-server ---------------------------------------------------------------
-
-
-@contextmanager
-def redis_server() -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
-    """A redis-server on a free port of 127.0.0.1 that keeps nothing: (url, port, process)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("needs redis-server (scripts/bench-scaling installs it)")
-    port = free_port()
-    scratch = tempfile.mkdtemp(prefix="wsgate-bench-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            scratch,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, 30, process)
-        yield f"redis://127.0.0.1:{port}/0", port, process
-    finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 async def redis_stats(port: int) -> tuple[dict[str, int], float]:

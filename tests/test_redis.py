@@ -369,6 +369,19 @@ async def park_one(
     return first, seq, sub, before
 
 
+async def resume_parked(
+    b: Server, nursery: trio.Nursery, first: dict[str, Any], before: dict[str, Any]
+) -> None:
+    """Ada's session, parked by :func:`park_one`, resumes on ``b``: the message she
+    never acknowledged comes again, with its number."""
+    async with open_memory_connection(b, nursery) as new:
+        resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
+        welcome = await new.hello(token=token("ada"), resume=resume)
+        assert welcome["resumed"] is True
+        (again,) = await msgs(new, 1)  # never acknowledged: it comes again
+        assert (again["seq"], again["data"]) == (before["seq"], "before")
+
+
 async def test_a_drained_node_parks_its_sessions_for_the_next_node(
     redis_server: RedisServer,
 ) -> None:

@@ -21,12 +21,13 @@ from trio_wsgate import BrokerUnavailable, Server
 from trio_wsgate.brokers.cluster import ClusterBroker, ClusterUrl, _tag
 from trio_wsgate.testing import open_memory_connection
 
-from .redis_server import RedisClusterServers, redis_binary
+from .redis_server import RedisClusterServers, RedisServer, redis_binary
 from .test_auth import token
 from .test_redis import (
     migrate_with_traffic_in_flight,
     node_at,
     park_one,
+    resume_parked,
     user,
     users_span_the_nodes,
 )
@@ -153,12 +154,7 @@ async def test_a_drained_node_parks_its_sessions_in_the_cluster(
         (a, b),
     ):
         first, _, _, before = await park_one(a, nursery)
-        async with open_memory_connection(b, nursery) as new:
-            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
-            welcome = await new.hello(token=token("ada"), resume=resume)
-            assert welcome["resumed"] is True
-            (again,) = await msgs(new, 1)
-            assert (again["seq"], again["data"]) == (before["seq"], "before")
+        await resume_parked(b, nursery, first, before)
 
 
 async def test_a_session_migrates_between_nodes_with_traffic_in_flight(
@@ -339,13 +335,19 @@ async def test_a_primary_killed_and_restarted_loses_nothing_it_accepted(
         traffic.check()
 
 
+async def topic_with_replica(
+    redis_cluster: RedisClusterServers,
+) -> tuple[str, RedisServer, RedisServer]:
+    """A topic whose slot the first primary holds, that primary, and a replica of it."""
+    primary = redis_cluster.nodes[0]
+    topic = topic_on(await slot_owners(redis_cluster), 0)
+    return topic, primary, redis_cluster.add_replica(primary)
+
+
 async def test_a_failover_during_traffic_is_followed_and_starts_a_new_epoch(
     redis_cluster: RedisClusterServers,
 ) -> None:
-    owners = await slot_owners(redis_cluster)
-    topic = topic_on(owners, 0)
-    primary = redis_cluster.nodes[0]
-    replica = redis_cluster.add_replica(primary)
+    topic, _, replica = await topic_with_replica(redis_cluster)
     async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
         for server in (a, b):  # no periodic catching up: the watchdog must follow
             server.hub.broker.sync_interval = 3600  # type: ignore[attr-defined]
@@ -373,10 +375,7 @@ async def test_a_failover_during_traffic_is_followed_and_starts_a_new_epoch(
 async def test_a_primary_killed_is_replaced_by_its_replica_and_the_nodes_follow(
     redis_cluster: RedisClusterServers,
 ) -> None:
-    owners = await slot_owners(redis_cluster)
-    topic = topic_on(owners, 0)
-    primary = redis_cluster.nodes[0]
-    replica = redis_cluster.add_replica(primary)
+    topic, primary, replica = await topic_with_replica(redis_cluster)
     async with nodes(redis_cluster) as (nursery, (a, b)), user(b, nursery, "bob") as bob:
         traffic = await Traffic.start(a, topic, bob, nursery, publications=20)
         await traffic.received_all()

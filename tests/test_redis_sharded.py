@@ -28,6 +28,7 @@ from .test_redis import (
     migrate_with_traffic_in_flight,
     node_at,
     park_one,
+    resume_parked,
     user,
     users_span_the_nodes,
 )
@@ -209,12 +210,7 @@ async def test_a_drained_node_parks_its_sessions_on_their_shards(
 ) -> None:
     async with sharded(shards, heartbeat_interval=None, drain_timeout=30) as (nursery, (a, b)):
         first, _, _, before = await park_one(a, nursery)
-        async with open_memory_connection(b, nursery) as new:
-            resume = {"session": first["session"], "token": first["resume_token"], "ack": 1}
-            welcome = await new.hello(token=token("ada"), resume=resume)
-            assert welcome["resumed"] is True
-            (again,) = await msgs(new, 1)  # never acknowledged: it comes again
-            assert (again["seq"], again["data"]) == (before["seq"], "before")
+        await resume_parked(b, nursery, first, before)
 
 
 async def test_one_shard_down_degrades_only_its_topics(shards: list[RedisServer]) -> None:

@@ -717,8 +717,8 @@ class Connection:
     async def _application(self, first: bool = True) -> None:
         """The dispatcher's task, in the application scope: first ``hello`` and the
         connect hooks, then the envelopes in order. Without per-connection tasks it
-        retires once a heartbeat interval has passed with nothing to dispatch, and
-        the next envelope starts it again (``first`` False)."""
+        retires while there is nothing to dispatch (Dispatcher.serve), and the next
+        envelope starts it again (``first`` False)."""
         dispatcher = self._dispatcher
         retired = False
         try:
