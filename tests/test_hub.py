@@ -351,6 +351,54 @@ async def test_a_churn_of_subscriptions_does_not_pile_up_broker_chores(
         assert hub.broker.statistics()["topics"] == 0
 
 
+class _SlowToLeave(MemoryBroker):
+    """The in-memory broker, where stopping to listen to a topic takes a while (a
+    Redis UNSUBSCRIBE on its way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaving = trio.Event()
+        self.left = trio.Event()
+
+    async def unsubscribe(self, topic: str) -> None:
+        await self.left.wait()
+        await super().unsubscribe(topic)
+        self.leaving.set()
+
+
+async def test_a_topic_followed_again_while_the_node_stops_listening_to_it_is_heard(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by the cluster chaos test: a session that came to a node as the node's
+    last follower of the topic left it was subscribed while the node was still
+    unsubscribing from the broker. The hub took the topic for one it listens to, the
+    unsubscription then went through, and the session heard nothing more of it (74
+    publications lost) until another session subscribed there."""
+    server = make_server(allow_subscribe=("news",))
+    broker = _SlowToLeave()
+    broker.bind(server.hub._receive, server.hub._on_control)
+    server.hub.broker = broker
+    async with running(server) as nursery, open_memory_connection(server, nursery) as leaver:
+        await leaver.hello()
+        await leaver.send({"type": "sub", "seq": 1, "topic": "news"})
+        await leaver.recv_type("reply")
+        await leaver.send({"type": "unsub", "seq": 2, "topic": "news"})
+        await leaver.recv_type("reply")
+        await trio.testing.wait_all_tasks_blocked()  # the node unsubscribes...
+        async with open_memory_connection(server, nursery) as comer:
+            await comer.hello()
+            await comer.send({"type": "sub", "seq": 1, "topic": "news"})
+            await trio.testing.wait_all_tasks_blocked()
+            broker.left.set()  # ... and only then is through with it
+            assert (await comer.recv_type("reply"))["data"]["offset"] == 0
+            await broker.leaving.wait()
+            await server.gateway.publish("news", "heard")
+            with trio.fail_after(1):
+                assert (await comer.recv_type("msg"))["data"] == "heard"
+            await comer.close()
+        await leaver.close()
+
+
 async def test_live_sessions_together_are_held_to_max_live_bytes(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

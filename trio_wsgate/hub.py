@@ -658,8 +658,11 @@ class Hub:
             leaving, self._leaving = self._leaving, set()
             for topic in leaving:
                 if topic in self._broker_topics and topic not in self.topics:
-                    await self.broker.unsubscribe(topic)
+                    # Forgotten before the await: a session subscribing meanwhile
+                    # then waits for the lock and listens again. (Discarded after,
+                    # it took the topic for one still listened to, and went deaf.)
                     self._broker_topics.discard(topic)
+                    await self.broker.unsubscribe(topic)
 
     def _receive(self, publication: Publication) -> None:
         """Fan a publication out to the local subscribers of its topic (the broker's call)."""
