@@ -100,8 +100,8 @@ class _ParkedBroker(MemoryBroker):
     """The in-memory broker, where another node left one session's state; while
     ``down``, it cannot be asked to follow a topic (Redis restarting)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, history_size: int = 100) -> None:
+        super().__init__(history_size)
         self.parked: dict[str, Any] = {}
         self.down = False
         # A topic's history is read only once its event is set (if it has one).
@@ -128,7 +128,7 @@ def _park_elsewhere(server: Server) -> tuple[_ParkedBroker, Session]:
     there, as if another node had held it."""
     hub = server.hub
     (session,) = hub.sessions.values()
-    broker = _ParkedBroker()
+    broker = _ParkedBroker(server.config.history_size)
     broker.bind(hub._receive, hub._on_control)
     broker._topics, broker._subscribed = hub.broker._topics, hub.broker._subscribed  # type: ignore[attr-defined]
     hub.broker = broker
@@ -217,6 +217,51 @@ async def test_a_session_that_moves_while_the_broker_cannot_follow_its_topics_mi
         await client.send(msg(2, "echo", "hi"))  # and the session goes on
         assert (await client.recv_type("reply"))["data"] == "hi"
         await client.close()
+
+
+async def test_a_session_that_moves_past_its_topics_history_is_not_resumed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """A session parked by another node while more was published to its topic than the
+    history holds: resumed, it would have missed the oldest without a word. It is not
+    resumed, and its client's recovery by offset says ``recovered: false``."""
+    server = make_server(allow_subscribe=("news",), history_size=3)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            position = (await client.recv_type("reply"))["data"]
+        await detached(server)
+        _park_elsewhere(server)
+        for number in range(5):
+            await server.gateway.publish("news", number)
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(resume=resume_of(first, 1))
+            assert welcome["resumed"] is False
+            await client.send({"type": "sub", "seq": 1, "topic": "news", "since": position})
+            reply = await client.recv_type("reply")
+            assert reply["data"]["recovered"] is False
+            await client.close()
+        assert sample(server, "wsgate_sessions_ended_total", why="history_lost") == 1
+
+
+async def test_a_topic_followed_again_past_its_history_ends_the_session(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The same when the session was resumed while the broker could not be asked, and
+    more than the history holds came before it could: the session ends (1011), and the
+    client's next resume gets ``resumed: false``."""
+    server = make_server(allow_subscribe=("news",), history_size=3)
+    async with (
+        running(server) as nursery,
+        _resumed_while_broker_down(server, nursery, ("news",)) as (client, broker, _),
+    ):
+        broker.down = False  # it answers again, with more than the history holds
+        for number in range(5):
+            await server.gateway.publish("news", number)
+        code, reason = await client.wait_closed()
+        assert (code, reason, trio.current_time()) == (1011, "topic history lost: resume", 0.5)
+        assert not server.hub.sessions
 
 
 async def test_a_topic_kept_unfollowed_answers_the_clients_own_sub_from_its_place(

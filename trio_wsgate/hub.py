@@ -790,7 +790,14 @@ class Hub:
         self.metrics.sessions_migrated.labels("in").inc()
         for topic, (offset, epoch) in state["subscriptions"].items():
             try:
-                await self.subscribe(session, topic, Since(offset, epoch))
+                result = await self.subscribe(session, topic, Since(offset, epoch))
+                if result.recovered is False:
+                    # The history no longer reaches back to where the session
+                    # stopped (or the topic began again): resumed, it would miss
+                    # publications without a word. It ends, and its client, told
+                    # resumed: false, recovers by offset and learns recovered: false.
+                    self._history_lost(session)
+                    return None
             except BrokerUnavailable:
                 # The session keeps its place, and the hub follows the topic from
                 # there once the broker answers: what was published meanwhile comes
@@ -834,7 +841,10 @@ class Hub:
                                 and place.pending is None
                                 and not session.ended
                             ):
-                                await self.subscribe(session, topic)
+                                result = await self.subscribe(session, topic)
+                                if result.recovered is False:
+                                    self._history_lost(session)
+                                    break
                     except BrokerUnavailable:
                         break  # again later, this session first
                     except SessionClosed:
@@ -850,6 +860,14 @@ class Hub:
                     del self._unfollowed[session]
         finally:
             self._following_again = False
+
+    def _history_lost(self, session: Session) -> None:
+        """End a moved session whose topic history no longer reaches back to its place:
+        the client, told ``resumed: false``, recovers by offset, and the ``sub`` reply
+        says ``recovered: false`` (docs/protocol.md §5.8)."""
+        self.end(session, CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR, why="history_lost")
+        if session.connection is not None:
+            session.connection.close(CloseCode.INTERNAL_ERROR, "topic history lost: resume")
 
     def _import(self, state: dict[str, Any], user: str | None, codec: Codec) -> Session:
         """A session made from the state another node exported (:meth:`Session.export`)."""
