@@ -18,7 +18,7 @@ from trio.testing import MockClock
 
 from trio_wsgate import BrokerUnavailable, Config, JwtAuthenticator, Server
 from trio_wsgate.brokers.base import Publication
-from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker
+from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker, _Position
 from trio_wsgate.testing import RawClient, open_memory_connection
 
 from .conftest import make_gateway
@@ -210,6 +210,65 @@ async def test_lost_pubsub_connections_never_use_up_the_commands_connections(
         with trio.fail_after(10):
             await all_six.wait()
         assert received == list(range(6))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_topic_followed_while_the_pubsub_opens_again_is_heard_live(
+    redis_server: RedisServer,
+) -> None:
+    """A subscription whose pub/sub was replaced while it read the topic's position (Redis
+    came back): the new pub/sub had listed its channels without it, and the topic was
+    heard only from the log, every ``sync_interval``. Here that is an hour. Then the
+    same for a topic followed after a new pub/sub listed its channels, before it was
+    open."""
+    heard: list[str] = []
+    received = trio.Event()
+
+    def receive(publication: Publication) -> None:
+        heard.append(publication.topic)
+        received.set()
+
+    broker = RedisBroker(redis_server.url, health_interval=0.2, sync_interval=3600)
+    broker.bind(receive)
+    history = broker._history
+    async with (
+        trio.open_nursery() as nursery,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+
+        async def history_while_reopened(topic: str, since: int | None, until: int | None = None):  # type: ignore[no-untyped-def]
+            if since is None:
+                old = broker._pubsub
+                assert await redis.client_kill(type_=coredis.PureToken.PUBSUB) == 1
+                with trio.fail_after(10):
+                    while broker._pubsub is None or broker._pubsub is old:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            return await history(topic, since, until)
+
+        await nursery.start(broker.run)
+        broker._history = history_while_reopened  # type: ignore[method-assign]
+        await broker.subscribe("t")
+        broker._history = history  # type: ignore[method-assign]
+        await broker.publish("t", "live")
+        with trio.fail_after(5):
+            await received.wait()
+
+        open_pubsub = broker._open_pubsub
+
+        def open_after_a_follow(listener: Any, channels: list[str]) -> Any:
+            broker._positions.setdefault("late", _Position("", 0))  # as subscribe() does
+            return open_pubsub(listener, channels)
+
+        broker._open_pubsub = open_after_a_follow  # type: ignore[method-assign]
+        old = broker._pubsub
+        assert await redis.client_kill(type_=coredis.PureToken.PUBSUB) == 1
+        with trio.fail_after(10):
+            while broker._pubsub is None or broker._pubsub is old:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await broker.publish("late", "live")
+        with trio.fail_after(5):
+            while heard[-1] != "late":  # noqa: ASYNC110
+                await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
 
 

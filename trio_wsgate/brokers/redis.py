@@ -607,6 +607,11 @@ class RedisBroker:
                         self._open_pubsub(listener, channels) as pubsub,
                     ):
                         self._pubsub, self._listener = pubsub, listener
+                        # Topics followed since the channels were listed, with no
+                        # pub/sub to listen on then: this one listens to them too.
+                        missing = {*map(self._channel, self._positions)} - {*channels}
+                        if missing:
+                            await pubsub.subscribe(*missing)
                         scope.deadline = math.inf
                         refused = 0
                         if not started:
@@ -916,10 +921,17 @@ class RedisBroker:
         pubsub = self._pubsub
         if pubsub is None:
             raise BrokerUnavailable("Redis is unreachable")
-        await self._listen_to(pubsub, self._channel(topic))
+        channel = self._channel(topic)
+        await self._listen_to(pubsub, channel)
         position = await self._history(topic, None)
         async with self._order:
             self._positions.setdefault(topic, _Position(position.epoch, position.offset))
+        current = self._pubsub
+        if current is not None and current is not pubsub:
+            # Redis came back meanwhile, and the new pub/sub subscribed the channels
+            # followed when it opened: perhaps without this one. (It would have been
+            # heard only from the log, every sync_interval, until the next one.)
+            await self._listen_to(current, channel)
 
     async def _listen_to(self, pubsub: Any, channel: str) -> None:
         with self._guarded():
