@@ -75,44 +75,40 @@ class Heartbeat:
     """The pings and the liveness deadline of one connection.
 
     It asks its connection for the settings, the timers and the metrics rather than
-    keeping them: one object per connection, kept small.
+    keeping them: one object per connection, kept small. Pings and liveness checks
+    share one entry in the timers, due at whichever comes first: an idle connection
+    keeps one entry, not two.
 
     Args:
         connection: the connection it keeps alive.
     """
 
-    __slots__ = ("_connection", "_liveness_timer", "_ping_timer", "_pings", "last_seen")
+    __slots__ = ("_connection", "_next_ping", "_pings", "_timer", "last_seen")
 
     def __init__(self, connection: Beating) -> None:
         self._connection = connection
-        self._ping_timer: Timer | None = None
-        self._liveness_timer: Timer | None = None
+        self._timer: Timer | None = None
+        self._next_ping = math.inf  # no pings before the session is open
         self._pings: list[tuple[int, float]] = []  # (ts, sent at), the 4 newest
         #: trio time of the last frame received (the reader sets it).
         self.last_seen = 0.0
 
     def start(self) -> None:
         """Liveness from the start; pings only once the session is open."""
-        interval = self._interval()
-        now = trio.current_time()
-        self.last_seen = now
-        self._liveness_timer = self._connection.timers.call_at(
-            self._late(now + interval + self._connection.config.heartbeat_timeout),
-            self._check_liveness,
-        )
+        self.last_seen = trio.current_time()
+        self._arm()
 
     def start_pings(self) -> None:
         """Pings belong to a session: the first goes an interval after ``welcome``."""
         if not self._connection.closing:
-            when = self._early(trio.current_time() + self._interval())
-            self._ping_timer = self._connection.timers.call_at(when, self._ping)
+            self._next_ping = self._early(trio.current_time() + self._interval())
+            self._arm()
 
     def stop(self) -> None:
         """No more pings or checks (the connection is closing)."""
-        timers = self._connection.timers
-        timers.cancel(self._ping_timer)
-        timers.cancel(self._liveness_timer)
-        self._ping_timer = self._liveness_timer = None
+        self._connection.timers.cancel(self._timer)
+        self._timer = None
+        self._next_ping = math.inf
 
     def pong(self, ts: Any) -> None:
         """The peer answered the ping ``ts``: measure its round trip."""
@@ -128,6 +124,10 @@ class Heartbeat:
         assert interval is not None
         return interval
 
+    def _deadline(self) -> float:
+        """When the peer's silence is too long, from the last frame it sent."""
+        return self.last_seen + self._interval() + self._connection.config.heartbeat_timeout
+
     def _slack(self) -> float:
         return min(self._connection.config.heartbeat_slack, self._interval() / 10)
 
@@ -140,35 +140,41 @@ class Heartbeat:
         # max(): the float product may fall a hair short of ``when``.
         return max(math.ceil(when / slack) * slack, when) if slack else when
 
-    def _ping(self) -> None:
-        """Due every heartbeat interval: queue a ping."""
+    def _arm(self) -> None:
+        """One timer, at the next ping or the next liveness check, whichever is first."""
+        timers = self._connection.timers
+        timers.cancel(self._timer)
+        when = min(self._next_ping, self._late(self._deadline()))
+        self._timer = timers.call_at(when, self._due)
+
+    def _due(self) -> None:
+        """Due at a ping or a liveness check: close if nothing came for interval +
+        timeout (looking again at the deadline the last frame set), queue a ping if
+        one is due, and set the timer again."""
+        connection = self._connection
+        self._timer = None
         try:
             now = trio.current_time()
-            ts = round(now * 1000)
-            self._pings.append((ts, now))
-            if len(self._pings) > 4:  # unanswered pings are forgotten
-                del self._pings[0]
-            self._ping_timer = self._connection.timers.call_at(
-                self._early(now + self._interval()), self._ping
-            )
-            self._connection.send_control(Ping(ts))
-            self._connection.heartbeat_passed()
+            if connection.backlogged:
+                self.last_seen = now  # not silent: not read
+            if now >= self._deadline():
+                connection.close(
+                    CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
+                )
+                return
+            if now >= self._next_ping:
+                self._ping(now)
+            if not connection.closing and self._timer is None:
+                self._arm()
         except Exception:
-            self._connection.crashed()
+            connection.crashed()
 
-    def _check_liveness(self) -> None:
-        """Due when nothing may have come for interval + timeout: close, or look again
-        at the deadline the last frame set."""
-        connection = self._connection
-        if connection.backlogged:
-            self.last_seen = trio.current_time()  # not silent: not read
-        deadline = self.last_seen + self._interval() + self._connection.config.heartbeat_timeout
-        if trio.current_time() >= deadline:
-            self._liveness_timer = None
-            connection.close(
-                CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", CloseReason.HEARTBEAT_TIMEOUT
-            )
-        else:
-            self._liveness_timer = self._connection.timers.call_at(
-                self._late(deadline), self._check_liveness
-            )
+    def _ping(self, now: float) -> None:
+        """Queue a ping; the next is due an interval later."""
+        ts = round(now * 1000)
+        self._pings.append((ts, now))
+        if len(self._pings) > 4:  # unanswered pings are forgotten
+            del self._pings[0]
+        self._next_ping = self._early(now + self._interval())
+        self._connection.send_control(Ping(ts))
+        self._connection.heartbeat_passed()
