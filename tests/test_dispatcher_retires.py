@@ -139,3 +139,25 @@ async def test_a_connection_cancelled_from_outside_while_its_dispatcher_is_gone_
                 welcome = await client.hello(resume=resume_of(first, 0))
             assert welcome["resumed"] is True
             await client.close()
+
+
+async def test_an_idle_connection_keeps_one_entry_in_the_node_timers(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Its pings and its liveness checks share one entry of the timers' heap, and the
+    session's start leaves no cancelled one behind (docs/benchmarks.md, "Idle")."""
+    server = make_server(heartbeat_interval=10.0, heartbeat_timeout=5.0)
+    timers = server.hub.timers
+    async with running(server) as nursery:
+        await trio.testing.wait_all_tasks_blocked()
+        before = len(timers)
+        async with open_memory_connection(server, nursery) as client:
+            await client.hello()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(timers) == before + 1
+            for _ in range(3):  # a ping answered, each interval
+                ping = await client.recv_type("ping")
+                await client.send({"type": "pong", "ts": ping["ts"]})
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(timers) == before + 1
+            await client.close()

@@ -94,15 +94,23 @@ class Heartbeat:
         self.last_seen = 0.0
 
     def start(self) -> None:
-        """Liveness from the start; pings only once the session is open."""
-        self.last_seen = trio.current_time()
-        self._arm()
+        """Liveness from the start; pings only once the session is open.
+
+        The timer is first due an interval from now, no later than the first ping can
+        be: set then, the pings need no entry of their own, and no cancelled one stays
+        in the heap until its time (it looks at liveness, and waits for what is next).
+        """
+        now = self.last_seen = trio.current_time()
+        self._timer = self._connection.timers.call_at(
+            self._early(now + self._interval()), self._due
+        )
 
     def start_pings(self) -> None:
         """Pings belong to a session: the first goes an interval after ``welcome``."""
         if not self._connection.closing:
             self._next_ping = self._early(trio.current_time() + self._interval())
-            self._arm()
+            if self._timer is None or self._timer.when > self._next_ping:
+                self._arm()
 
     def stop(self) -> None:
         """No more pings or checks (the connection is closing)."""
