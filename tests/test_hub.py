@@ -245,6 +245,30 @@ async def test_a_session_that_moves_past_its_topics_history_is_not_resumed(
         assert sample(server, "wsgate_sessions_ended_total", why="history_lost") == 1
 
 
+async def test_a_session_that_moves_during_its_first_read_of_a_topic_is_resumed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """A subscription exported while its first read of the topic was under way has no
+    place yet (offset 0, no epoch): it is no gap, and the session resumes, following
+    the topic from where it stands."""
+    server = make_server(allow_subscribe=("news",))
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "news"})
+            await client.recv_type("reply")
+        await detached(server)
+        broker, session = _park_elsewhere(server)
+        broker.parked[session.id]["subscriptions"]["news"] = [0, ""]
+        await server.gateway.publish("news", "before")
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(resume=resume_of(first, 1))
+            assert welcome["resumed"] is True
+            await server.gateway.publish("news", "after")
+            assert (await client.recv_type("msg"))["data"] == "after"
+            await client.close()
+
+
 async def test_a_topic_followed_again_past_its_history_ends_the_session(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

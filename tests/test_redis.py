@@ -17,7 +17,7 @@ import trio
 from trio.testing import MockClock
 
 from trio_wsgate import BrokerUnavailable, Config, JwtAuthenticator, Server
-from trio_wsgate.brokers.base import Publication
+from trio_wsgate.brokers.base import History, Publication
 from trio_wsgate.brokers.redis import _PUBLISH, RedisBroker, _Position
 from trio_wsgate.testing import RawClient, open_memory_connection
 
@@ -236,7 +236,9 @@ async def test_a_topic_followed_while_the_pubsub_opens_again_is_heard_live(
         coredis.Redis.from_url(redis_server.url) as redis,
     ):
 
-        async def history_while_reopened(topic: str, since: int | None, until: int | None = None):  # type: ignore[no-untyped-def]
+        async def history_while_reopened(
+            topic: str, since: int | None, until: int | None = None
+        ) -> History:
             if since is None:
                 old = broker._pubsub
                 assert await redis.client_kill(type_=coredis.PureToken.PUBSUB) == 1
@@ -268,6 +270,39 @@ async def test_a_topic_followed_while_the_pubsub_opens_again_is_heard_live(
         await broker.publish("late", "live")
         with trio.fail_after(5):
             while heard[-1] != "late":  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        broker._open_pubsub = open_pubsub  # type: ignore[method-assign]
+
+        # Listening on the new pub/sub fails: subscribe() does not (the hub would not
+        # know to unsubscribe), and the next pub/sub lists the topic.
+        listen_to = broker._listen_to
+
+        async def fails_on_a_new_pubsub(pubsub: Any, channel: str) -> None:
+            if pubsub is not first:
+                raise BrokerUnavailable("no answer")
+            await listen_to(pubsub, channel)
+
+        async def history_while_reopened_again(
+            topic: str, since: int | None, until: int | None = None
+        ) -> History:
+            if since is None:
+                assert await redis.client_kill(type_=coredis.PureToken.PUBSUB) == 1
+                with trio.fail_after(10):
+                    while broker._pubsub is None or broker._pubsub is first:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            return await history(topic, since, until)
+
+        first = broker._pubsub
+        broker._listen_to = fails_on_a_new_pubsub  # type: ignore[method-assign]
+        broker._history = history_while_reopened_again  # type: ignore[method-assign]
+        await broker.subscribe("third")
+        broker._listen_to, broker._history = listen_to, history  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            while "third" not in str(await redis.pubsub_channels()):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await broker.publish("third", "live")
+        with trio.fail_after(5):
+            while heard[-1] != "third":  # noqa: ASYNC110
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
 

@@ -576,8 +576,10 @@ class Hub:
         kept = current is not None and not current.followed
         if current is not None and kept:
             # Not followed here yet (Hub.migrate): from where the session stopped, so
-            # that a plain sub leaves no gap.
-            since = since or Since(current.offset, current.epoch)
+            # that a plain sub leaves no gap. (A place without an epoch is none: the
+            # session moved while its first read of the topic was under way.)
+            if since is None and current.epoch:
+                since = Since(current.offset, current.epoch)
         elif current is not None and since is None and current.pending is None:
             return SubscribeResult(current.offset, current.epoch)
         subscription = Subscription(topic, pending=[])
@@ -789,8 +791,11 @@ class Hub:
         await self.claim(session)
         self.metrics.sessions_migrated.labels("in").inc()
         for topic, (offset, epoch) in state["subscriptions"].items():
+            # A place without an epoch is none: the session moved while its first
+            # read of the topic was under way (it had been sent nothing of it).
+            since = Since(offset, epoch) if epoch else None
             try:
-                result = await self.subscribe(session, topic, Since(offset, epoch))
+                result = await self.subscribe(session, topic, since)
                 if result.recovered is False:
                     # The history no longer reaches back to where the session
                     # stopped (or the topic began again): resumed, it would miss

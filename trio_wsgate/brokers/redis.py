@@ -610,8 +610,8 @@ class RedisBroker:
                         # Topics followed since the channels were listed, with no
                         # pub/sub to listen on then: this one listens to them too.
                         missing = {*map(self._channel, self._positions)} - {*channels}
-                        if missing:
-                            await pubsub.subscribe(*missing)
+                        for channel in sorted(missing):
+                            await self._listen_also(pubsub, channel)
                         scope.deadline = math.inf
                         refused = 0
                         if not started:
@@ -931,7 +931,25 @@ class RedisBroker:
             # Redis came back meanwhile, and the new pub/sub subscribed the channels
             # followed when it opened: perhaps without this one. (It would have been
             # heard only from the log, every sync_interval, until the next one.)
-            await self._listen_to(current, channel)
+            await self._listen_also(current, channel)
+
+    async def _listen_also(self, pubsub: Any, channel: str) -> None:
+        """Listen to a channel already followed (in ``_positions``) on ``pubsub`` too.
+
+        It never fails: the topic is followed from here on whatever happens, so that
+        the hub, which unsubscribes only what it saw subscribed, never leaves it behind.
+        Bounded and shielded; if it does not go through, that pub/sub is made anew,
+        and the next one lists the channel with the others.
+        """
+        listened = False
+        with trio.CancelScope(shield=True), trio.move_on_after(2 * self.command_timeout):
+            try:
+                await self._listen_to(pubsub, channel)
+                listened = True
+            except BrokerUnavailable:
+                pass
+        if not listened and self._pubsub is pubsub and self._pubsub_scope is not None:
+            self._pubsub_scope.cancel()
 
     async def _listen_to(self, pubsub: Any, channel: str) -> None:
         with self._guarded():
