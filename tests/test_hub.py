@@ -138,17 +138,26 @@ def _park_elsewhere(server: Server) -> tuple[_ParkedBroker, Session]:
     return broker, session
 
 
+async def _park_a_follower(
+    server: Server, nursery: trio.Nursery
+) -> tuple[dict[str, Any], dict[str, Any], _ParkedBroker, Session]:
+    """A session that follows ``news``, detached, then parked by another node. Returns
+    its welcome, its sub reply's data, the broker and the session."""
+    async with open_memory_connection(server, nursery) as client:
+        first = await client.hello()
+        await client.send({"type": "sub", "seq": 1, "topic": "news"})
+        position = (await client.recv_type("reply"))["data"]
+    await detached(server)
+    broker, session = _park_elsewhere(server)
+    return first, position, broker, session
+
+
 async def test_a_migrated_session_that_ends_while_its_history_comes_is_not_resumed(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
     server = make_server(max_buffered_bytes=10_000, allow_subscribe=("news",))
     async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            await client.send({"type": "sub", "seq": 1, "topic": "news"})
-            await client.recv_type("reply")
-        await detached(server)
-        _park_elsewhere(server)
+        first, _, _, _ = await _park_a_follower(server, nursery)
         for _ in range(20):  # 20 KB of news meanwhile: over max_buffered_bytes on replay
             await server.gateway.publish("news", "n" * 1000)
         async with open_memory_connection(server, nursery) as client:
@@ -227,12 +236,7 @@ async def test_a_session_that_moves_past_its_topics_history_is_not_resumed(
     resumed, and its client's recovery by offset says ``recovered: false``."""
     server = make_server(allow_subscribe=("news",), history_size=3)
     async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            await client.send({"type": "sub", "seq": 1, "topic": "news"})
-            position = (await client.recv_type("reply"))["data"]
-        await detached(server)
-        _park_elsewhere(server)
+        first, position, _, _ = await _park_a_follower(server, nursery)
         for number in range(5):
             await server.gateway.publish("news", number)
         async with open_memory_connection(server, nursery) as client:
@@ -253,12 +257,7 @@ async def test_a_session_that_moves_during_its_first_read_of_a_topic_is_resumed(
     the topic from where it stands."""
     server = make_server(allow_subscribe=("news",))
     async with running(server) as nursery:
-        async with open_memory_connection(server, nursery) as client:
-            first = await client.hello()
-            await client.send({"type": "sub", "seq": 1, "topic": "news"})
-            await client.recv_type("reply")
-        await detached(server)
-        broker, session = _park_elsewhere(server)
+        first, _, broker, session = await _park_a_follower(server, nursery)
         broker.parked[session.id]["subscriptions"]["news"] = [0, ""]
         await server.gateway.publish("news", "before")
         async with open_memory_connection(server, nursery) as client:
