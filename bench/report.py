@@ -306,7 +306,7 @@ def _markdown(results: dict[str, Any]) -> str:
                     "peak reconnects/s",
                     "sessions resumed",
                     "sessions lost (topic recovered)",
-                    "publications",
+                    "publications (refused: 503)",
                     "messages lost",
                 ],
                 [
@@ -318,7 +318,7 @@ def _markdown(results: dict[str, Any]) -> str:
                         f"{herd['peak_reconnects_per_s']:,}",
                         f"{herd['sessions_resumed']}",
                         f"{herd['sessions_lost']}",
-                        f"{herd['publications']}",
+                        f"{herd['publications']} ({herd.get('publications_refused', 0)})",
                         f"{herd['lost']}",
                     ]
                 ],
