@@ -427,6 +427,11 @@ class Connection:
         if welcomed is not None:
             welcomed.set()
 
+    def cut(self) -> None:
+        """End the connection now, without waiting for the peer's close: its session is
+        kept, detached (a draining node that must park it before its time is up)."""
+        self._abort(CloseCode.GOING_AWAY, CloseReason.DRAIN)
+
     def _abort(self, code: int, label: CloseReason) -> None:
         """The transport is gone: nothing more can be sent or received."""
         self._record_end(code, label)

@@ -534,9 +534,11 @@ class Server:
 
         ``/readyz`` turns 503, the listeners close, every connection is closed with
         1001, and the node waits up to ``drain_timeout`` for them before cancelling
-        what is left. Where the broker is shared with other nodes (Redis), it then
-        parks its sessions there (:meth:`Hub.park`), for the nodes their clients
-        resume on to take, and waits, within the same ``drain_timeout``, for the
+        what is left. Where the broker is shared with other nodes (Redis), the last
+        part of that time (half, at most twice ``close_timeout``) is kept: the
+        connections still closing then are cut, and the node parks its sessions
+        there (:meth:`Hub.park`), for the nodes their clients resume on to take,
+        and waits, within the same ``drain_timeout``, for the
         hand-overs already asked for and for any session it could not park: leaving
         sooner would drop those sessions with the process, and their clients would
         resume with ``resumed: false`` (docs/architecture.md, "Session migration").
@@ -544,7 +546,13 @@ class Server:
         if self.draining:
             return
         self.draining = True
-        deadline = trio.current_time() + self.config.drain_timeout
+        config = self.config
+        deadline = trio.current_time() + config.drain_timeout
+        # With a shared broker, the end of the budget is the parking's: taken up by
+        # connections slow to close (a node short of CPU under a herd, peers that do
+        # not answer the close), it left their sessions to end with the process.
+        shared = self.hub.broker.shared
+        parking = min(config.drain_timeout / 2, 2 * config.close_timeout) if shared else 0.0
         logger.warning("draining %d connections", len(self.connections))
         self._accepting.cancel()
         for listener in self._listeners:
@@ -552,6 +560,14 @@ class Server:
         for connection in list(self.connections):
             connection.close(CloseCode.GOING_AWAY, "server draining", CloseReason.DRAIN)
         if self.connections:
+            with trio.move_on_at(deadline - parking):
+                await self._drained.wait()
+        if self.connections and shared:
+            logger.warning(
+                "drain: cutting %d connections to park their sessions", len(self.connections)
+            )
+            for connection in list(self.connections):
+                connection.cut()
             with trio.move_on_at(deadline):
                 await self._drained.wait()
         left = len(self.connections)
