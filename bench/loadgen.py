@@ -117,12 +117,17 @@ class Window:
 class Wire:
     """How one ``--proto`` encodes requests and reads what comes back."""
 
-    def __init__(self, proto: str) -> None:
+    def __init__(self, proto: str, version: int = 1) -> None:
         self.proto = proto
         self.gateway = proto != "echo"
         self.binary = proto == "msgpack"
         self.kind = WSMsgType.BINARY if self.binary else WSMsgType.TEXT
-        self.headers = {"Sec-WebSocket-Protocol": f"wsgate.v1.{proto}"} if self.gateway else {}
+        self.version = version
+        subprotocol = f"wsgate.v{version}.{proto}"
+        self.headers = {"Sec-WebSocket-Protocol": subprotocol} if self.gateway else {}
+        # Version 2's deliveries (docs/protocol.md §14), counted without decoding: the
+        # head of every pub starts with its type.
+        self.pub_mark = b"\xa4type\xa3pub" if self.binary else b'{"type":"pub"'
         if proto == "json":
             self.template = '{"type":"msg","seq":%d,"ack":%d,"event":"%s","data":"' + PAYLOAD + '"}'
             self.decode: Callable[[bytes], Any] = json.loads
@@ -243,7 +248,7 @@ class Generator:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.wire = Wire(args.proto)
+        self.wire = Wire(args.proto, args.protocol_version)
         self.count = 0
         self.latencies: list[float] = []
         self.running = False
@@ -421,6 +426,8 @@ class FanOut(Generator):
         wire = self.wire
         if conn.sampled or not conn.ready.done() or b"ping" in payload:
             self.decode_all(conn, payload)
+        elif wire.version == 2:
+            self.count += payload.count(wire.pub_mark)
         elif wire.gateway:
             seq = wire.last_seq(payload)
             if seq > conn.server_seq:
@@ -445,8 +452,9 @@ class FanOut(Generator):
             return
         for envelope in envelopes(self.wire.decode(payload)):
             kind = envelope["type"]
-            if kind == "msg":
-                conn.server_seq = envelope["seq"]
+            if kind == "msg" or kind == "pub":
+                if kind == "msg":
+                    conn.server_seq = envelope["seq"]
                 self.count += 1
                 if self.running and conn.sampled:
                     self.latencies.append(now - envelope["data"]["t"])
@@ -640,6 +648,9 @@ def main() -> None:
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--url", required=True)
     parser.add_argument("--proto", choices=["json", "msgpack", "echo"], default="json")
+    parser.add_argument(
+        "--protocol-version", type=int, choices=[1, 2], default=1, help="the wsgate version"
+    )
     parser.add_argument("--server-pid", type=int)
     parser.add_argument(
         "--server-tree", action="store_true", help="measure the server pid's descendants too"

@@ -40,8 +40,12 @@ SERVER_CPU, GENERATOR_CPU = "0", "1"
 ECHO_PEERS = ["raw", "websockets-trio", "trio-websocket", "hypercorn-trio", "websockets-asyncio"]
 BROADCAST_PEERS = ["websockets-asyncio", "websockets-trio", "trio-websocket"]
 GATEWAY = ["gateway-json", "gateway-msgpack"]
+# The same gateway to clients of protocol version 2 (docs/protocol.md §14), where a
+# publication is one unsequenced pub for every subscriber: the fan-out scenarios.
+GATEWAY_V2 = ["gateway-json-v2", "gateway-msgpack-v2"]
 # --quick measures the gateway against the peers its targets name, and nothing else.
 QUICK_PEERS = ["trio-websocket", "websockets-asyncio"]
+FANOUT_QUICK = ["gateway-json", "gateway-json-v2", "websockets-asyncio"]
 
 
 def pinned(cpu: str, *command: str) -> list[str]:
@@ -55,6 +59,7 @@ class Server:
     url: str
     proto: str
     admin: str | None = None
+    version: int = 1  # the wsgate protocol version its clients speak
 
     @property
     def pid(self) -> int:
@@ -124,7 +129,8 @@ def server(name: str, *flags: str, log: Path | None = None) -> Iterator[Server]:
     process = subprocess.Popen(pinned(SERVER_CPU, *command), cwd=ROOT, stdout=out, stderr=out)
     try:
         wait_for_port(port, 30, process)
-        yield Server(name, process, url, proto, admin)
+        version = 2 if name.endswith("-v2") else 1
+        yield Server(name, process, url, proto, admin, version)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -180,6 +186,8 @@ def loadgen(scenario: str, target: Server, **options: Any) -> dict[str, Any]:
         target.url,
         "--proto",
         target.proto,
+        "--protocol-version",
+        str(target.version),
         "--server-pid",
         str(target.pid),
     ]
@@ -235,7 +243,8 @@ def fanout(quick: bool) -> dict[str, Any]:
     for subscribers in [1000] if quick else [1000, 10000]:
         options = {"connections": subscribers, "warmup": 0.3 if quick else 1.0}
         options["duration"] = 1.0 if quick else 5.0
-        for name in ["gateway-json", "websockets-asyncio"] if quick else GATEWAY + BROADCAST_PEERS:
+        names = FANOUT_QUICK if quick else GATEWAY + GATEWAY_V2 + BROADCAST_PEERS
+        for name in names:
             key = f"{name}@{subscribers}"
             with server(name) as target:
                 results[key] = loadgen("fanout", target, **options)
@@ -249,7 +258,7 @@ def burst(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     options = {"connections": 1000, "outstanding": 200, "warmup": 0.3 if quick else 1.0}
     options["duration"] = 1.0 if quick else 5.0
-    for name in ["gateway-json", "websockets-asyncio"] if quick else GATEWAY + BROADCAST_PEERS:
+    for name in FANOUT_QUICK if quick else GATEWAY + GATEWAY_V2 + BROADCAST_PEERS:
         with server(name) as target:
             results[name] = loadgen("fanout", target, **options)
         show("burst", name, results[name], "deliveries_per_s", "p99_ms", "generator_busy")

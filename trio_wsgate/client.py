@@ -51,12 +51,15 @@ from websockets.uri import parse_uri
 from .exceptions import ClientClosed, HandlerError, ProtocolError, SessionLost
 from .logs import redact
 from .protocol import (
-    CODECS,
     JSON_SUBPROTOCOL,
+    JSON_V2_SUBPROTOCOL,
     MSGPACK_SUBPROTOCOL,
+    MSGPACK_V2_SUBPROTOCOL,
+    SUBPROTOCOLS,
     Ack,
     Bye,
     CloseCode,
+    Delivery,
     Envelope,
     Hello,
     Msg,
@@ -285,6 +288,11 @@ class Client:
         url: ``ws://host:port/path`` (or ``wss://``).
         token: sent in ``hello`` (a JWT where the server wants one).
         encoding: ``"json"`` or ``"msgpack"``.
+        protocol: the wire protocol version, 1 or 2 (docs/protocol.md, "Version"). In
+            version 2 publications are not numbered by the session: after every
+            reconnection, resumed or not, the client asks each topic's history for
+            what it missed, and a topic's publications are not ordered with the
+            session's other messages.
         backoff: the reconnection schedule.
         max_pending: envelopes of ours kept unacknowledged (in flight or queued);
             past this :meth:`send` and :meth:`request` wait.
@@ -304,6 +312,7 @@ class Client:
         *,
         token: str | None = None,
         encoding: str = "json",
+        protocol: int = 1,
         backoff: Backoff | None = None,
         max_pending: int = 1000,
         buffer: int = 1000,
@@ -313,8 +322,15 @@ class Client:
         connect: StreamFactory | None = None,
         seed: int | None = None,
     ) -> None:
-        subprotocol = {"json": JSON_SUBPROTOCOL, "msgpack": MSGPACK_SUBPROTOCOL}.get(encoding)
+        subprotocol = {
+            ("json", 1): JSON_SUBPROTOCOL,
+            ("msgpack", 1): MSGPACK_SUBPROTOCOL,
+            ("json", 2): JSON_V2_SUBPROTOCOL,
+            ("msgpack", 2): MSGPACK_V2_SUBPROTOCOL,
+        }.get((encoding, protocol))
         if subprotocol is None:
+            if protocol not in (1, 2):
+                raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
             raise ValueError(f"encoding must be 'json' or 'msgpack', not {encoding!r}")
         if max_pending < 1 or buffer < 0:
             raise ValueError("max_pending must be at least 1 and buffer not negative")
@@ -322,7 +338,8 @@ class Client:
         self._uri = parse_uri(url)
         self._token = token
         self._subprotocol = subprotocol
-        self._codec = CODECS[subprotocol]()
+        self._codec = SUBPROTOCOLS[subprotocol]()
+        self._v2 = protocol == 2
         self._backoff = backoff or Backoff()
         self._max_pending = max_pending
         self._buffer_size = buffer
@@ -369,6 +386,15 @@ class Client:
         # topic already (its user topic, or one its on_connect joined), so a live one
         # can come before the gap; they are delivered in offset order at the reply.
         self._recovering: dict[str, list[Message]] = {}
+        # Version 2: topics whose publications were let go while the buffer was full;
+        # each is asked again from its position once the buffer has room.
+        self._behind: set[str] = set()
+        # Version 2: topics unsubscribed whose unsub is not answered yet (what still
+        # comes of them is not followed again).
+        self._leaving: set[str] = set()
+        # Version 2: topics whose sub was on its way when the connection dropped: once
+        # its reply places them, they are asked for what came meanwhile.
+        self._recover_on_reply: set[str] = set()
 
     # -- the application's side -------------------------------------------------------
 
@@ -408,7 +434,12 @@ class Client:
         """Unsubscribe from a topic."""
         self._topics.pop(topic, None)
         self._recovering.pop(topic, None)  # what a recovery held goes with it
-        await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
+        self._behind.discard(topic)
+        self._leaving.add(topic)
+        try:
+            await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
+        finally:
+            self._leaving.discard(topic)
 
     async def publish(self, topic: str, data: Any) -> dict[str, Any]:
         """Publish to a topic where the server allows it; return ``offset`` and ``epoch``.
@@ -441,12 +472,19 @@ class Client:
                 if isinstance(offset, int) and isinstance(epoch, str):
                     self._release(topic, epoch)
                     last = self._topics[topic]
-                    if last is None or last[1] != epoch or last[0] < offset:
+                    if topic in self._behind:
+                        pass  # what came after its position was let go: asked again
+                    elif last is None or last[1] != epoch or last[0] < offset:
                         self._topics[topic] = (offset, epoch)
                 if "recovered" in data:
                     self.recovered[topic] = bool(data["recovered"])
                     if not data["recovered"]:
                         logger.warning("topic %s was not recovered: reload its state", topic)
+            if topic in self._recover_on_reply:
+                self._recover_on_reply.discard(topic)
+                self._behind.add(topic)  # asked from the position the reply gave
+            if self._behind:
+                self._catch_up()
 
         return track
 
@@ -484,6 +522,10 @@ class Client:
                 self._tasks.start_soon(self._subscribe_again, topic)
             else:
                 self._release(topic, None)
+                if self._v2:
+                    # Not ours to follow (any more): a reconnection would ask again.
+                    logger.warning("topic %s is not followed again: %s", topic, error)
+                    self._topics.pop(topic, None)
 
         return retry
 
@@ -556,6 +598,8 @@ class Client:
             await self._changed.wait()
         _, message = self._buffer.popleft()
         self._update_processed()
+        if self._behind and len(self._buffer) <= self._buffer_size // 2:
+            self._catch_up()
         return message
 
     async def wait_state(self, *states: ClientState) -> ClientState:
@@ -853,24 +897,10 @@ class Client:
                 self._update_processed()  # acks the duplicate at once
                 return
             if isinstance(envelope, Msg):
-                topic, offset, epoch = envelope.topic, envelope.offset, envelope.epoch
                 message = Message(
                     envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
                 )
-                if topic in self._topics and offset is not None and epoch is not None:
-                    position = self._topics[topic]
-                    if position is not None and position[1] == epoch and offset <= position[0]:
-                        # Already received: a subscription restarted from an older
-                        # offset sent it again. Offsets exist to drop exactly this.
-                        self._update_processed()
-                        return
-                    held = self._recovering.get(topic)
-                    if held is not None:  # delivered in order at the recovery's reply
-                        held.append(message)
-                        self._update_processed()
-                        return
-                    self._topics[topic] = (offset, epoch)
-                self._buffer.append((envelope.seq, message))
+                self._take(message, envelope.seq)
             else:
                 waiter = self._requests.pop(envelope.re, None)
                 if waiter is not None:  # None: answered before a drop, or cancelled
@@ -884,6 +914,18 @@ class Client:
                             waiter.on_data(envelope.data)
                     waiter.done.set()
             self._update_processed()
+        elif isinstance(envelope, Delivery):
+            if not self._v2:
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "pub from a version-1 server")
+            message = Message(
+                envelope.event, envelope.data, envelope.topic, envelope.offset, envelope.epoch
+            )
+            if envelope.topic not in self._topics and envelope.topic not in self._leaving:
+                # A topic the server subscribed the session to: followed from here, so
+                # that a reconnection asks for what it missed too.
+                self._topics[envelope.topic] = (envelope.offset - 1, envelope.epoch)
+            self._take(message, 0)
+            self._notify()
         elif isinstance(envelope, Ack):
             self._on_ack(link, envelope.ack)
         elif isinstance(envelope, Ping):
@@ -894,6 +936,42 @@ class Client:
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a server"
             )
+
+    def _take(self, message: Message, seq: int) -> None:
+        """A server message: into the buffer, unless a publication already received
+        (dropped), one that a recovery of its topic holds, or (``seq`` 0, version 2)
+        one the full buffer has no room for, which its topic asks again later."""
+        topic, offset, epoch = message.topic, message.offset, message.epoch
+        if topic is not None and topic in self._topics and offset is not None and epoch is not None:
+            position = self._topics[topic]
+            if position is not None and position[1] == epoch and offset <= position[0]:
+                # Already received: a subscription restarted from an older offset sent
+                # it again. Offsets exist to drop exactly this.
+                return
+            held = self._recovering.get(topic)
+            if not seq and (topic in self._behind or self._full(held)):
+                # Nothing waits on our acks in version 2: the buffer's bound holds by
+                # letting the topic fall behind, from an unmoved position.
+                self._behind.add(topic)
+                return
+            if held is not None:  # delivered in order at the recovery's reply
+                held.append(message)
+                return
+            self._topics[topic] = (offset, epoch)
+        self._buffer.append((seq, message))
+
+    def _full(self, held: list[Message] | None) -> bool:
+        return len(self._buffer) + (len(held) if held else 0) >= max(self._buffer_size, 1)
+
+    def _catch_up(self) -> None:
+        """Ask the topics that fell behind for what they let go, from their position."""
+        link = self._live_link()
+        if link is None:
+            return  # the next welcome recovers every topic anyway
+        topics = [t for t in self._behind if t not in self._recovering and t in self._topics]
+        self._behind.difference_update(topics)
+        for item in self._recover(topics):
+            self._write(link, item)
 
     def _on_ack(self, link: _Link, ack: int) -> None:
         for item in self._outbox.receive_ack(ack):
@@ -922,6 +1000,13 @@ class Client:
         self.user = welcome.user
         if state is ClientState.SESSION_LOST:
             resend += self._resubscribe(list(self._topics))
+        elif state is ClientState.RESUMED and self._v2:
+            # Nothing of the topics was kept for us (docs/protocol.md, "Version 2"):
+            # each asks its history for what came after its position.
+            self.recovered = {}
+            self._recovering, self._behind = {}, set()
+            self._recover_on_reply = {t for t, p in self._topics.items() if p is None}
+            resend += self._recover([t for t, p in self._topics.items() if p is not None])
         elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
             # Where the user topic starts, so that a lost session can recover it even if
             # nothing was sent to the user before (docs/protocol.md §6): the welcome
@@ -941,7 +1026,12 @@ class Client:
     def _resubscribe(self, topics: list[str]) -> list[_Pending]:
         """Subscribe the session to the topics, each from where we were (§6)."""
         self.recovered = {}
-        self._recovering = {}
+        self._recovering, self._behind = {}, set()
+        return self._recover(topics)
+
+    def _recover(self, topics: list[str]) -> list[_Pending]:
+        """A ``sub`` with ``since`` for each topic; what of them comes meanwhile is held
+        until its reply. Returns those the window lets out now."""
         written: list[_Pending] = []
         for topic in topics:
             if self._topics.get(topic) is not None:

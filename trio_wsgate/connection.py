@@ -115,8 +115,8 @@ async def _running(timers: Timers) -> AsyncIterator[None]:
         nursery.cancel_scope.cancel()
 
 
-# What waits in the write queue: an encoded envelope and whether it is sequenced
-# (sequenced envelopes are never dropped).
+# What waits in the write queue: an encoded envelope and whether it must never be
+# dropped (sequenced envelopes, and version 2's pubs).
 _Item = tuple[bytes, bool]
 
 
@@ -150,6 +150,7 @@ class Connection:
         "_let_go",
         "_metrics",
         "_nursery",
+        "_pub_bytes",
         "_queue",
         "_timers",
         "_tokens",
@@ -182,6 +183,7 @@ class Connection:
         self._metrics = metrics
         self._hub = hub
         self._queue: list[_Item] = []
+        self._pub_bytes = 0  # of version-2 pubs in the queue (bounded: enqueue_unsequenced)
         # What is queued is written by the node's timers' task (_flush_now), and by a
         # write loop of the connection's own only while the socket does not take it.
         self._flush_due = False
@@ -414,6 +416,7 @@ class Connection:
         self.close_decided_at = trio.current_time()
         self._answered_hello()  # a reader waiting for welcome goes back to reading
         self._queue.clear()  # never framed now: only the close frame goes out
+        self._pub_bytes = 0
         self._dispatcher.release()  # and one waiting for the dispatcher too
         self._cancel_application()
         if self._nursery is not None:
@@ -596,14 +599,34 @@ class Connection:
         if self.queue_depth < self._config.queue_size:
             return
         if self._config.slow_consumer == "drop-oldest":
-            for index, (_, sequenced) in enumerate(self._queue):
-                if not sequenced:
+            for index, (_, kept) in enumerate(self._queue):
+                if not kept:
                     del self._queue[index]
                     return
         self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
 
     def enqueue_sequenced(self, payload: bytes) -> None:
         """Queue an encoded sequenced envelope the session's window let out."""
+        self._queue.append((payload, True))
+        self._want_flush()
+
+    def enqueue_unsequenced(self, payload: bytes) -> None:
+        """Queue a version-2 ``pub`` (docs/protocol.md, "Version 2"), unless closing.
+
+        Never dropped, whatever the slow-consumer policy (its client would miss an
+        offset without knowing); a full queue closes with 4004 instead, and so do more
+        than ``max_buffered_bytes`` of them waiting to be framed: the session is kept,
+        and its client asks the topics' histories for what it missed.
+        """
+        if self.closing:
+            return
+        self.check_room()
+        if self.closing:
+            return
+        self._pub_bytes += len(payload)
+        if self._pub_bytes > self._config.max_buffered_bytes:
+            self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
+            return
         self._queue.append((payload, True))
         self._want_flush()
 
@@ -709,6 +732,7 @@ class Connection:
         queue, codec, transport = self._queue, self._codec, self._transport
         payloads = [payload for payload, _ in queue]
         queue.clear()
+        self._pub_bytes = 0
         envelopes = len(payloads)
         nbytes = 0
         for message in codec.pack(payloads, self._config.max_message_size):

@@ -774,6 +774,8 @@ class Hub:
                 state, _ = await self.broker.find_session(resume.session)
         if state is None or state.get("id") != resume.session or state.get("user") != user:
             return None
+        if state.get("version", 1) != codec.version:
+            return None  # numbered by the other version's rules: a new session
 
         try:
             session = self._import(state, user, codec)
@@ -792,8 +794,9 @@ class Hub:
         self.metrics.sessions_migrated.labels("in").inc()
         for topic, (offset, epoch) in state["subscriptions"].items():
             # A place without an epoch is none: the session moved while its first
-            # read of the topic was under way (it had been sent nothing of it).
-            since = Since(offset, epoch) if epoch else None
+            # read of the topic was under way (it had been sent nothing of it). In
+            # version 2 the client asks the history itself, from its own place.
+            since = Since(offset, epoch) if epoch and codec.version == 1 else None
             try:
                 result = await self.subscribe(session, topic, since)
                 if result.recovered is False:
@@ -847,7 +850,9 @@ class Hub:
                                 and not session.ended
                             ):
                                 result = await self.subscribe(session, topic)
-                                if result.recovered is False:
+                                if result.recovered is False and session.codec.version == 1:
+                                    # (In version 2 the client recovers each topic
+                                    # itself, and learns the gap from its own sub.)
                                     self._history_lost(session)
                                     break
                     except BrokerUnavailable:
@@ -1046,7 +1051,9 @@ class Hub:
             limit = self.config.max_subscriptions
             if topic not in session.subscriptions and len(session.subscriptions) >= limit:
                 return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
-            if not await hub.may_subscribe(session, topic):
+            # A topic the session follows already (the application may have subscribed
+            # it) may be asked again, to recover it: that grants nothing new.
+            if topic not in session.subscriptions and not await hub.may_subscribe(session, topic):
                 return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
             result = await hub.subscribe(session, topic, envelope.since)
             return result.to_data(), None

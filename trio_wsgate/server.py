@@ -30,7 +30,7 @@ from .hub import Hub
 from .limits import ConnectionCounts, TokenBucket
 from .listeners import open_tcp_listeners, open_unix_listener
 from .metrics import Metrics
-from .protocol import CODECS, JSON_SUBPROTOCOL, CloseCode, CloseReason, shared_codec
+from .protocol import JSON_SUBPROTOCOL, SUBPROTOCOLS, CloseCode, CloseReason, shared_codec
 from .transports.base import Accept, Refusal, Transport, UpgradeRequest, remote_ip
 from .transports.websockets import Handshake, accept_websocket
 
@@ -230,9 +230,13 @@ class Server:
         if request.subprotocols:
             # docs/protocol.md §1: no offer means JSON (browsers often offer none); an
             # offer with none of ours is refused. Among ours, the client's order wins.
-            subprotocol = next((name for name in request.subprotocols if name in CODECS), None)
+            subprotocol = next(
+                (name for name in request.subprotocols if name in SUBPROTOCOLS), None
+            )
             if subprotocol is None:
-                return Refusal(400, "no supported subprotocol; offer one of " + ", ".join(CODECS))
+                return Refusal(
+                    400, "no supported subprotocol; offer one of " + ", ".join(SUBPROTOCOLS)
+                )
         refusal = self._over_limit(request)
         if refusal is not None:
             return refusal

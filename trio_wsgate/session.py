@@ -104,6 +104,7 @@ class ResumeResult(enum.StrEnum):
     EXPIRED = "expired"  # found, but its resume_ttl had run out
     BAD_TOKEN = "bad_token"  # the token is not this session's (forged, or another user's)
     UNAVAILABLE = "unavailable"  # the broker could not say where it is: close 1011, retry
+    OTHER_VERSION = "other_version"  # a session of the other protocol version: a new one
 
 
 class SessionLink(Protocol):
@@ -141,6 +142,10 @@ class SessionLink(Protocol):
 
     def enqueue_sequenced(self, payload: bytes) -> None:
         """Queue an encoded sequenced envelope for the write loop."""
+        ...
+
+    def enqueue_unsequenced(self, payload: bytes) -> None:
+        """Queue an encoded version-2 ``pub`` (never dropped, bounded in bytes)."""
         ...
 
     async def wait_detached(self) -> None:
@@ -218,6 +223,14 @@ def _size(item: Outgoing) -> int:
     return len(item.payload)
 
 
+def _fields(pub: Publication, codec: Codec) -> tuple[bytes, int]:
+    """The publication's fields beyond its head in ``codec``'s encoding, made once."""
+    cached = pub.encoded.get(codec.encoding)
+    if cached is None:  # not encoded on this node yet (another node published it)
+        cached = pub.encoded[codec.encoding] = encode_fields(codec, pub.data)
+    return cached
+
+
 @dataclass(slots=True, frozen=True)
 class _Senders:
     """How the sessions of one encoding encode a publication's ``msg``: made once per
@@ -227,9 +240,7 @@ class _Senders:
 
     @classmethod
     def of(cls, pub: Publication, codec: Codec) -> _Senders:
-        cached = pub.encoded.get(codec.subprotocol)
-        if cached is None:  # not encoded on this node yet (another node published it)
-            cached = pub.encoded[codec.subprotocol] = encode_fields(codec, pub.data)
+        cached = _fields(pub, codec)
         fields, count = cached
         splice, event = codec.splice, pub.event
         topic, offset, epoch = pub.topic, pub.offset, pub.epoch
@@ -244,6 +255,19 @@ class _Senders:
             return splice(head, fields, count)
 
         return cls(encode)
+
+
+def _delivery(pub: Publication, codec: Codec) -> bytes:
+    """The version-2 ``pub`` envelope of a publication: the same bytes for every
+    subscriber of the subprotocol (docs/protocol.md, "Version 2")."""
+    fields, count = _fields(pub, codec)
+    head: dict[str, Any] = {"type": "pub", "topic": pub.topic}
+    head["offset"], head["epoch"] = pub.offset, pub.epoch
+    if pub.event is not None:
+        head["event"] = pub.event
+    if not count:  # data is required in a pub, null included
+        head["data"] = None
+    return codec.splice(head, fields, count)
 
 
 class Session:
@@ -382,7 +406,23 @@ class Session:
         return connection
 
     def deliver(self, pub: Publication) -> None:
-        """Queue a publication: its data encoded once for all, its head for this session."""
+        """Queue a publication: its data encoded once for all, its head for this session.
+
+        In protocol version 2 it is the same ``pub`` envelope for every subscriber of
+        the subprotocol, not numbered nor kept: only a live connection gets it, and a
+        client that was away asks its topics' histories (docs/protocol.md, "Version 2").
+        """
+        codec = self.codec
+        if codec.version == 2:
+            if self.ended:
+                raise SessionClosed(self.close_code, self.close_reason)
+            connection = self._live()
+            if connection is not None:
+                payload = pub.senders.get(codec.subprotocol)
+                if payload is None:
+                    payload = pub.senders[codec.subprotocol] = _delivery(pub, codec)
+                connection.enqueue_unsequenced(payload)
+            return
         senders = pub.senders.get(self.codec.subprotocol)
         if senders is None:
             senders = pub.senders[self.codec.subprotocol] = _Senders.of(pub, self.codec)
@@ -501,6 +541,7 @@ class Session:
             app_state = {}
         return {
             "id": self.id,
+            "version": codec.version,
             "user": self.user,
             "state": app_state,
             "outbox": {

@@ -113,6 +113,10 @@ async def open_session(
     start: dict[str, Any] | None = None  # welcome.user_topic of a new session
     if hello.resume is not None:
         session, result = host.find(hello.resume, user)
+        if session is not None and session.codec.version != codec.version:
+            # Another protocol version: what it keeps is numbered by the other's rules
+            # (docs/protocol.md, "Version"). A new session; this one expires.
+            session, result = None, ResumeResult.OTHER_VERSION
         if session is None and result is ResumeResult.UNKNOWN:
             # Perhaps another node holds it (docs/protocol.md §5: sessions may move).
             try:

@@ -110,6 +110,11 @@ export interface ClientOptions {
   getToken?: () => string | Promise<string>;
   /** `"json"` (default) or `"msgpack"`. */
   encoding?: "json" | "msgpack";
+  /** The wire protocol version, 1 (default) or 2 (docs/protocol.md, "Version 2"): in
+   * version 2 publications are not numbered by the session, every topic is recovered
+   * from its history after each reconnection (a "recovered" event per topic), and a
+   * topic's messages are not ordered with the session's other messages. */
+  protocol?: 1 | 2;
   /** Replaces the bundled msgpack codec; only with `encoding: "msgpack"`. */
   codec?: BinaryCodec;
   backoff?: BackoffOptions | Backoff;

@@ -783,6 +783,10 @@ export class Client {
     if (encoding !== "json" && encoding !== "msgpack") {
       throw new TypeError(`encoding must be "json" or "msgpack", not ${JSON.stringify(encoding)}`);
     }
+    const protocol = o.protocol ?? 1;
+    if (protocol !== 1 && protocol !== 2) {
+      throw new TypeError(`protocol must be 1 or 2, not ${JSON.stringify(protocol)}`);
+    }
     if (o.codec != null && encoding !== "msgpack") {
       throw new TypeError('codec replaces the msgpack codec: it needs encoding: "msgpack"');
     }
@@ -800,7 +804,10 @@ export class Client {
     this.url = url;
     this._codec = encoding === "json" ? json : o.codec != null ? customCodec(o.codec) : msgpack;
     this._binary = encoding === "msgpack";
-    this._subprotocol = `wsgate.v1.${encoding}`;
+    this._subprotocol = `wsgate.v${protocol}.${encoding}`;
+    // Version 2 (docs/protocol.md, "Version 2"): publications come as unsequenced `pub`
+    // envelopes, and every topic is recovered from its history after a reconnection.
+    this._v2 = protocol === 2;
     this._WebSocket = WebSocketClass;
     this._backoff = o.backoff instanceof Backoff ? o.backoff : new Backoff(o.backoff ?? {});
     this._connectTimeout = o.connectTimeout ?? 10000;
@@ -868,6 +875,12 @@ export class Client {
     this._recoveries = new Map();
     // Topics a reloaded page found under recovery: asked again after a resumed welcome.
     this._restoredRecoveries = [];
+    // Version 2: topics unsubscribed whose unsub is not answered yet (what still comes
+    // of them is not followed again).
+    this._leaving = new Set();
+    // Version 2: topics whose sub was on its way when the connection dropped: once its
+    // reply places them, they are asked for what came meanwhile.
+    this._recoverOnReply = new Set();
     // welcome.max_message_size: a larger envelope is refused here, not by the server
     // (1009 would end the client). The protocol's default until a welcome says.
     this._maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
@@ -960,7 +973,11 @@ export class Client {
       this._topics.delete(topic);
       this._recoveries.delete(topic);
     }
-    return this._call("unsub", { type: "unsub", topic }).then(() => undefined);
+    this._leaving.add(topic);
+    const left = () => this._leaving.delete(topic);
+    const promise = this._call("unsub", { type: "unsub", topic });
+    promise.then(left, left);
+    return promise.then(() => undefined);
   }
 
   /** Publish to a topic where the server allows it; resolves with `{offset, epoch}`. */
@@ -1343,6 +1360,25 @@ export class Client {
         this._processed(seq);
         return;
       }
+      case "pub": {
+        // Version 2's delivery: not numbered, not acked; its topic's offset is all.
+        if (!this._v2) throw new ProtocolViolation(1002, "pub from a version-1 server");
+        const offset = integer(envelope, "offset");
+        if (typeof envelope.topic !== "string" || typeof envelope.epoch !== "string" || !("data" in envelope)) {
+          throw new ProtocolViolation(1002, "pub: needs a string topic and epoch, and data");
+        }
+        if (envelope.event != null && typeof envelope.event !== "string") {
+          throw new ProtocolViolation(1002, "pub: event must be a string");
+        }
+        if (!this._topics.has(envelope.topic) && !this._leaving.has(envelope.topic)) {
+          // A topic the server subscribed the session to: followed from here, so that
+          // a reconnection asks for what it missed too.
+          this._topics.set(envelope.topic, { offset: offset - 1, epoch: envelope.epoch });
+        }
+        this._onMsg(envelope);
+        this._markDirty();
+        return;
+      }
       case "ack":
         this._onAck(link, integer(envelope, "ack"));
         return;
@@ -1603,7 +1639,10 @@ export class Client {
     this._everWelcomed = true;
     for (const item of resend) this._write(link, item);
     if (state !== "resumed") this._followTopics(welcome, lost, chained);
-    else this._resumeRecoveries();
+    else {
+      if (this._v2) this._recoverAll();
+      this._resumeRecoveries();
+    }
     this._restoredRecoveries = []; // a new session recovers every topic anyway
     this._markDirty();
     this._setState(state);
@@ -1742,6 +1781,20 @@ export class Client {
   }
 
   /**
+   * Version 2, after a resumed welcome: nothing of the topics was kept for this client,
+   * so each asks its history for what came after its position (a topic already under
+   * recovery asks with the sub being resent).
+   */
+  _recoverAll() {
+    this.recovered = {};
+    this._recoverOnReply.clear();
+    for (const [topic, position] of this._topics) {
+      if (!position) this._recoverOnReply.add(topic);
+      else if (!this._recoveries.has(topic)) this._pushAuto(autoSub(topic));
+    }
+  }
+
+  /**
    * After a reload in the middle of a recovery (a `sub` with `since` unanswered): the
    * messages it held died with the old page, and were acked, so the resumed session
    * does not resend them. Ask again from the topic's position, which held messages never
@@ -1772,6 +1825,9 @@ export class Client {
       this.recovered[topic] = recovered;
       this._emit("recovered", topic, recovered);
     }
+    if (this._recoverOnReply.delete(topic) && this._topics.get(topic) && !this._recoveries.has(topic)) {
+      this._pushAuto(autoSub(topic)); // from the position this reply gave
+    }
   }
 
   /** An automatic resubscription failed: retry while the broker is unavailable. */
@@ -1779,6 +1835,8 @@ export class Client {
     const topic = waiter.topic;
     if (error.code !== "unavailable") {
       this._report(new WsgateError(error.code, `topic ${topic} could not be followed again: ${error.reason}`));
+      // Version 2 asks after every reconnection: a topic not ours to follow is let go.
+      if (this._v2) this._topics.delete(topic);
       return;
     }
     const delay = waiter.retryDelay * (0.5 + this._random());

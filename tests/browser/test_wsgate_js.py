@@ -148,6 +148,40 @@ def test_exactly_once_both_ways_through_many_cuts(page: Any, live: LiveNode, enc
     assert "session_lost" not in stats["states"]
 
 
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_version_2_topics_exactly_once_in_order_through_many_cuts(
+    page: Any, live: LiveNode, encoding: str
+) -> None:
+    # Protocol version 2 (docs/protocol.md §14): the publications are not kept for the
+    # session; after each cut the page asks the topics' histories for what it missed.
+    count = 300
+    open_client(page, live.proxy_url, token=token("ada"), encoding=encoding, protocol=2)
+    page.evaluate("() => client.subscribe('room:news')")
+    proxy = live.proxy
+    assert proxy is not None
+
+    async def chaos() -> None:
+        await proxy.chaos(interval=(0.06, 0.18), faults=[Fault.CUT, Fault.CLOSE])
+
+    async def publish() -> None:
+        for i in range(count):
+            await live.gateway.send_to_user("ada", i, event="n")
+            await live.gateway.publish("room:news", i, "news")
+            await trio.sleep(0.004)
+
+    live.start_soon(chaos)
+    live.start_soon(publish)
+    wait_count(page, "n", count)
+    wait_count(page, "news", count)
+    cuts = dict(proxy.stats.faults)
+    stats = page.evaluate("() => ({ ...client.stats, states: states })")
+    assert data_of(page, "n") == list(range(count))
+    assert data_of(page, "news") == list(range(count))
+    assert sum(cuts.values()) >= 5, cuts
+    assert stats["resumes"] >= 3, stats
+    assert stats["sessionsLost"] == 0
+
+
 def test_a_lost_session_is_recovered_by_offset(page: Any, live: LiveNode) -> None:
     open_client(page, live.url, token=token("ada"))
     page.evaluate("() => client.subscribe('room:news')")

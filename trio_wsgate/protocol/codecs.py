@@ -1,4 +1,4 @@
-"""The two encodings of docs/protocol.md §1: ``wsgate.v1.json`` and ``wsgate.v1.msgpack``.
+"""The encodings of docs/protocol.md §1: JSON and msgpack, in protocol versions 1 and 2.
 
 A codec turns one WebSocket message into a list of envelopes (one message may carry a
 single envelope or a batch, an array handled in order) and turns envelopes into
@@ -27,15 +27,24 @@ from .values import value_error, weigh
 __all__ = [
     "CODECS",
     "JSON_SUBPROTOCOL",
+    "JSON_V2_SUBPROTOCOL",
     "MSGPACK_SUBPROTOCOL",
+    "MSGPACK_V2_SUBPROTOCOL",
+    "SUBPROTOCOLS",
     "Codec",
     "JsonCodec",
+    "JsonCodecV2",
     "MsgpackCodec",
+    "MsgpackCodecV2",
     "shared_codec",
 ]
 
 JSON_SUBPROTOCOL = "wsgate.v1.json"
 MSGPACK_SUBPROTOCOL = "wsgate.v1.msgpack"
+# Version 2 (docs/protocol.md, "Version"): the same encodings; publications travel as
+# unsequenced ``pub`` envelopes.
+JSON_V2_SUBPROTOCOL = "wsgate.v2.json"
+MSGPACK_V2_SUBPROTOCOL = "wsgate.v2.msgpack"
 
 
 def _reject_constant(name: str) -> Any:
@@ -103,6 +112,11 @@ class Codec:
     subprotocol: ClassVar[str]
     #: True when messages travel in binary frames, False for text frames.
     binary: ClassVar[bool]
+    #: The protocol version the subprotocol speaks (docs/protocol.md, "Version").
+    version: ClassVar[int] = 1
+    #: The version-1 subprotocol of the same encoding: what a publication's shared
+    #: fields are encoded under, once for both versions (``Publication.encoded``).
+    encoding: ClassVar[str]
 
     def loads(self, payload: bytes) -> Any:
         """Decode one message payload into plain values; raise ProtocolError(1007)."""
@@ -179,6 +193,7 @@ class JsonCodec(Codec):
     """UTF-8 JSON in text frames."""
 
     subprotocol = JSON_SUBPROTOCOL
+    encoding = JSON_SUBPROTOCOL
     binary = False
 
     def __init__(self) -> None:
@@ -237,6 +252,7 @@ class MsgpackCodec(Codec):
     """
 
     subprotocol = MSGPACK_SUBPROTOCOL
+    encoding = MSGPACK_SUBPROTOCOL
     binary = True
 
     def loads(self, payload: bytes) -> Any:
@@ -283,13 +299,34 @@ class _Packers(threading.local):
 _packers = _Packers()
 
 
-#: The codecs by subprotocol name, in the server's order of preference.
+class JsonCodecV2(JsonCodec):
+    """JSON, protocol version 2."""
+
+    subprotocol = JSON_V2_SUBPROTOCOL
+    version = 2
+
+
+class MsgpackCodecV2(MsgpackCodec):
+    """msgpack, protocol version 2."""
+
+    subprotocol = MSGPACK_V2_SUBPROTOCOL
+    version = 2
+
+
+#: The encodings, by their version-1 subprotocol name (:attr:`Codec.encoding`): a
+#: publication's data is encoded once in each, for both versions.
 CODECS: dict[str, type[Codec]] = {
     JSON_SUBPROTOCOL: JsonCodec,
     MSGPACK_SUBPROTOCOL: MsgpackCodec,
 }
+#: Every subprotocol the server speaks, with its codec.
+SUBPROTOCOLS: dict[str, type[Codec]] = {
+    **CODECS,
+    JSON_V2_SUBPROTOCOL: JsonCodecV2,
+    MSGPACK_V2_SUBPROTOCOL: MsgpackCodecV2,
+}
 
-_SHARED: dict[str, Codec] = {name: codec() for name, codec in CODECS.items()}
+_SHARED: dict[str, Codec] = {name: codec() for name, codec in SUBPROTOCOLS.items()}
 
 
 def shared_codec(subprotocol: str) -> Codec:

@@ -20,6 +20,7 @@ __all__ = [
     "SEQUENCED_TYPES",
     "Ack",
     "Bye",
+    "Delivery",
     "Envelope",
     "ErrorInfo",
     "Hello",
@@ -263,6 +264,29 @@ class Pub(Sequenced):
 
 
 @dataclass(slots=True)
+class Delivery(Envelope):
+    """A publication delivered to a subscriber in protocol version 2 (S→C ``pub``).
+
+    Not sequenced: carried by its topic's ``offset`` and ``epoch`` alone, never
+    acknowledged nor kept for a resume (docs/protocol.md, "Version 2").
+    """
+
+    type: ClassVar[str] = "pub"
+    topic: str
+    offset: int
+    epoch: str
+    data: Any = None
+    event: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"type": "pub", "topic": self.topic}
+        wire["offset"], wire["epoch"] = self.offset, self.epoch
+        _put(wire, "event", self.event)
+        wire["data"] = self.data
+        return wire
+
+
+@dataclass(slots=True)
 class Ack(Envelope):
     type: ClassVar[str] = "ack"
     ack: int
@@ -398,9 +422,17 @@ def _unsub(o: dict[str, Any]) -> Unsub:
     )
 
 
-def _pub(o: dict[str, Any]) -> Pub:
+def _pub(o: dict[str, Any]) -> Pub | Delivery:
     if "data" not in o:
         raise _fail("pub: missing field 'data'")
+    if "seq" not in o:  # a server's delivery (version 2), not a client's publish
+        return Delivery(
+            topic=_str(o, "topic"),  # type: ignore[arg-type]
+            offset=_int(o, "offset"),  # type: ignore[arg-type]
+            epoch=_str(o, "epoch"),  # type: ignore[arg-type]
+            data=o["data"],
+            event=_str(o, "event", required=False),
+        )
     return Pub(
         seq=_int(o, "seq"),  # type: ignore[arg-type]
         topic=_str(o, "topic"),  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from ..protocol.codecs import CODECS, JSON_SUBPROTOCOL, Codec
+from ..protocol.codecs import JSON_SUBPROTOCOL, SUBPROTOCOLS, Codec
 from ..transports.websockets import HandshakeRefused, client_handshake
 
 __all__ = ["Closed", "RawClient", "Refused"]
@@ -83,7 +83,7 @@ class RawClient:
         except HandshakeRefused as exc:
             raise Refused(exc.response) from None
         chosen = response.headers.get("Sec-WebSocket-Protocol") or JSON_SUBPROTOCOL
-        client = cls(stream, protocol, CODECS[chosen]())
+        client = cls(stream, protocol, SUBPROTOCOLS[chosen]())
         client._handle(pending)
         return client
 

@@ -1,0 +1,158 @@
+// Protocol version 2 (docs/protocol.md, "Version 2"): publications as unsequenced `pub`
+// envelopes, and every topic recovered from its history after a reconnection.
+
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { sequenced, settle, setup } from "./fake.js";
+
+const pub = (topic, offset, data, epoch = "e1") => ({ type: "pub", topic, offset, epoch, data });
+
+async function cutAndReconnect(server, clock) {
+  server.socket.serverClose(1006);
+  await settle();
+  await clock.advance(clock.pending()[0]);
+  await settle();
+}
+
+test("v2: offers wsgate.v2.*, delivers pubs once each, in offset order, without acking them", async () => {
+  const { client, server, messages } = setup({ protocol: 2, encoding: "msgpack" });
+  await settle();
+  assert.deepEqual(server.socket.protocols, ["wsgate.v2.msgpack"]);
+  await client.subscribe("room");
+  await settle();
+  server.socket.take();
+  server.socket.deliver([pub("room", 1, "a"), pub("room", 2, "b"), pub("room", 2, "b"), pub("room", 1, "a")]);
+  await settle();
+  assert.deepEqual(messages.map((m) => [m.topic, m.offset, m.data]), [["room", 1, "a"], ["room", 2, "b"]]);
+  // Nothing to acknowledge: a pub has no seq.
+  assert.deepEqual(server.socket.take(), []);
+});
+
+test("v2: a resumed welcome asks every topic from its position, the server's own included", async () => {
+  const { client, server, clock, messages } = setup({ protocol: 2 });
+  const recovered = [];
+  client.on("recovered", (topic, ok) => recovered.push([topic, ok]));
+  await settle();
+  await client.subscribe("room");
+  await settle();
+  // "news": a topic the server subscribed the session to; the client follows it from
+  // its first pub.
+  server.socket.deliver([pub("room", 1, "r1"), pub("news", 7, "n7")]);
+  await settle();
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  assert.equal(client.state, "resumed");
+  const subs = sequenced(second.take()).filter((e) => e.type === "sub");
+  assert.deepEqual(
+    subs.map((e) => [e.topic, e.since]),
+    [
+      ["room", { offset: 1, epoch: "e1" }],
+      ["news", { offset: 7, epoch: "e1" }],
+    ],
+  );
+  assert.deepEqual(recovered, [
+    ["room", true],
+    ["news", true],
+  ]);
+});
+
+test("v2: what comes before a recovery's reply is held, then delivered in order, each once", async () => {
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room");
+  await settle();
+  const first = sequenced(server.socket.take()).find((e) => e.type === "sub");
+  server.socket.session.processed = first.seq;
+  server.reply(server.socket, first.seq, { data: { offset: 0, epoch: "e1" } });
+  await subscribed;
+  server.socket.deliver(pub("room", 1, 1));
+  await settle();
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  const sub = sequenced(second.take()).find((e) => e.type === "sub");
+  assert.deepEqual(sub.since, { offset: 1, epoch: "e1" });
+  // A live one (4) first, then the history from 2, then the reply.
+  second.deliver([pub("room", 4, 4), pub("room", 2, 2), pub("room", 3, 3), pub("room", 4, 4)]);
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [1]);
+  second.session.received = second.session.processed = sub.seq;
+  server.reply(second, sub.seq, { data: { offset: 4, epoch: "e1", recovered: true } });
+  second.deliver(pub("room", 5, 5));
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [1, 2, 3, 4, 5]);
+  assert.equal(client.recovered.room, true);
+});
+
+test("v2: a pub of a topic being unsubscribed does not follow it again", async () => {
+  const { client, server, clock } = setup({ protocol: 2 });
+  await settle();
+  await client.subscribe("room");
+  await settle();
+  server.autoReply = false;
+  const left = client.unsubscribe("room");
+  await settle();
+  server.socket.deliver(pub("room", 1, "late"));
+  await settle();
+  const unsub = sequenced(server.socket.take()).find((e) => e.type === "unsub");
+  server.socket.session.received = server.socket.session.processed = unsub.seq;
+  server.reply(server.socket, unsub.seq, {});
+  await left;
+  server.autoReply = true;
+  await cutAndReconnect(server, clock);
+  assert.deepEqual(sequenced(server.socket.take()).filter((e) => e.type === "sub"), []);
+});
+
+test("v2: a topic the server refuses to follow again is let go", async () => {
+  const { client, server, clock, errors } = setup({
+    protocol: 2,
+    server: { topics: { room: () => ({ offset: 0, epoch: "e1" }) } },
+  });
+  await settle();
+  await client.subscribe("room");
+  await settle();
+  server.topics.room = () => {
+    throw Object.assign(new Error("no"), { code: "forbidden", reason: "not any more" });
+  };
+  await cutAndReconnect(server, clock);
+  assert.equal(errors.at(-1).code, "forbidden");
+  await cutAndReconnect(server, clock);
+  assert.deepEqual(sequenced(server.socket.take()).filter((e) => e.type === "sub"), []);
+});
+
+test("v1: a pub from the server is a protocol error", async () => {
+  const { client, server, errors } = setup();
+  await settle();
+  server.socket.deliver(pub("room", 1, "x"));
+  await settle();
+  assert.equal(errors.at(-1).code, 1002);
+  assert.equal(client.state, "closed");
+});
+
+test("protocol must be 1 or 2", () => {
+  assert.throws(() => setup({ protocol: 3 }), /protocol must be 1 or 2/);
+});
+
+test("v2: a sub answered only after a drop asks for what came meanwhile, from the reply's offset", async () => {
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room");
+  await settle();
+  const first = server.socket;
+  const sub = sequenced(first.take()).find((e) => e.type === "sub");
+  // Processed, but its reply never reached the client before the drop.
+  first.session.received = first.session.processed = sub.seq;
+  server.number(first, { type: "reply", re: sub.seq, data: { offset: 0, epoch: "e1" } });
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  assert.equal(client.state, "resumed");
+  assert.deepEqual(await subscribed, { offset: 0, epoch: "e1" });
+  await settle();
+  const again = sequenced(second.take()).filter((e) => e.type === "sub");
+  assert.deepEqual(again.map((e) => [e.topic, e.since]), [["room", { offset: 0, epoch: "e1" }]]);
+  second.deliver(pub("room", 1, "away"));
+  second.session.received = second.session.processed = again[0].seq;
+  server.reply(second, again[0].seq, { data: { offset: 1, epoch: "e1", recovered: true } });
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), ["away"]);
+});
