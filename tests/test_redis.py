@@ -307,6 +307,47 @@ async def test_a_topic_followed_while_the_pubsub_opens_again_is_heard_live(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_herd_of_resumes_takes_the_states_a_few_at_a_time(
+    redis_server: RedisServer,
+) -> None:
+    # 300 resumes at once: as many takes under way as the broker has connections, the
+    # rest waiting their turn (not on the clock: command_timeout counts from the send),
+    # and every state taken exactly once.
+    broker = RedisBroker(redis_server.url, health_interval=0.2, max_connections=4)
+    broker.bind(lambda publication: None)
+    under_way = most = 0
+    take_now = broker._take_now
+
+    async def counted(script: str, keys: list[str], put_back: str) -> Any:
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        try:
+            return await take_now(script, keys, put_back)
+        finally:
+            under_way -= 1
+
+    broker._take_now = counted  # type: ignore[method-assign]
+    states = [{"id": f"s{i}", "user": None, "outbox": {}, "subscriptions": {}} for i in range(300)]
+    found: list[dict[str, Any] | None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.run)
+        await broker.park_sessions([(state, 60.0) for state in states], "a")
+
+        async def resume(session: str) -> None:
+            state, _ = await broker.find_session(session)
+            found.append(state)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as herd:
+                for state in states:
+                    herd.start_soon(resume, state["id"])
+        assert 1 < most <= 4
+        assert sorted(state["id"] for state in found if state) == sorted(s["id"] for s in states)
+        assert await broker.find_session("s0") == (None, None)  # taken: gone from Redis
+        nursery.cancel_scope.cancel()
+
+
 def test_redis_settings_stay_out_of_reprs() -> None:
     config = Config(redis_url="redis://:hunter2@127.0.0.1:6379/0")
     assert "hunter2" not in repr(config)
