@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from trio.testing import MockClock
 
@@ -232,7 +233,7 @@ async def test_a_full_buffer_lets_a_topic_fall_behind_and_catch_up_in_order(
         nursery.cancel_scope.cancel()
 
 
-async def test_sub_of_a_topic_the_session_follows_needs_no_permission(
+async def test_a_recovery_sub_needs_the_topic_followed_and_reads_nothing_from_before(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
     server = open_server(make_server, allow_subscribe=())
@@ -242,15 +243,24 @@ async def test_sub_of_a_topic_the_session_follows_needs_no_permission(
     ):
         await client.hello()
         seq = Seq()
-        refused = await request(client, seq, "sub", topic="room:1")
-        assert refused["error"]["code"] == "forbidden"
+        before = await server.gateway.publish("room:1", "before")
+        since = {"offset": 0, "epoch": before.epoch}
+        refused = await request(client, seq, "sub", topic="room:1", since=since)
+        assert refused["error"]["code"] == "forbidden"  # a plain sub: the rules of §6.2
+        refused = await request(client, seq, "sub", topic="room:1", since=since, recover=True)
+        assert refused["error"]["code"] == "not_subscribed"  # and it subscribed nothing
         (session,) = server.hub.sessions.values()
-        await session.subscribe("room:1")
-        await server.gateway.publish("room:1", "a")
-        answered = await request(
-            client, seq, "sub", topic="room:1", since={"offset": 0, "epoch": ""}
-        )
-        assert "error" not in answered
+        assert "room:1" not in session.subscriptions
+        await session.subscribe("room:1")  # the application's subscription, from offset 1
+        await server.gateway.publish("room:1", "after")
+        with trio.fail_after(5):
+            live = await client.recv_type("pub")
+        assert live["data"] == "after"
+        answered = await request(client, seq, "sub", topic="room:1", since=since, recover=True)
+        assert answered["data"] == {"offset": 2, "epoch": before.epoch, "recovered": True}
+        # Recovered from where the application subscribed it, not from offset 0.
+        kept = [e for e in client.received if e["type"] == "pub"]
+        assert [e["data"] for e in kept] == ["after"]
         nursery.cancel_scope.cancel()
 
 
@@ -335,4 +345,273 @@ async def test_a_sub_answered_after_a_drop_asks_for_what_came_meanwhile(
             )
             assert subscribed
             assert subscribed[0]["offset"] == 0
+        nursery.cancel_scope.cancel()
+
+
+class _Peer:
+    """A scripted version-2 server's side of one connection."""
+
+    codec = JsonCodecV2()
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.pending: list[dict[str, Any]] = []
+
+    async def recv_type(self, kind: str) -> dict[str, Any]:
+        while True:
+            while not self.pending:
+                incoming = await self.transport.receive()
+                for payload, _ in incoming.messages:
+                    value = self.codec.loads(payload)
+                    self.pending.extend(value if isinstance(value, list) else [value])
+            envelope = self.pending.pop(0)
+            if envelope["type"] == kind:
+                return envelope
+
+    async def send(self, *envelopes: dict[str, Any]) -> None:
+        for envelope in envelopes:
+            self.transport.send_message(self.codec.dumps(envelope), False)
+        await self.transport.flush()
+
+
+def _pub(offset: int) -> dict[str, Any]:
+    return {"type": "pub", "topic": "t", "offset": offset, "epoch": "E", "data": offset}
+
+
+async def test_a_recovery_answered_on_a_later_connection_moves_nothing(
+    autojump_clock: MockClock,
+) -> None:
+    # The server processed a recovery (sub since 1) and sent 2 and 3, which died with
+    # that connection; its reply comes on the next one. The client must not take that
+    # reply's offset (3) as its place: its recovery of this connection asks from 1.
+    from trio_wsgate.protocol import Welcome
+    from trio_wsgate.transports import Accept, UpgradeRequest
+    from trio_wsgate.transports.websockets import Handshake, accept_websocket
+
+    async def accept(request: UpgradeRequest) -> Accept:
+        return Accept(JSON_V2_SUBPROTOCOL)
+
+    asked: list[dict[str, Any]] = []
+    connections = 0
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        nonlocal connections
+        result = await accept_websocket(stream, decide=accept, max_message_size=65536)
+        assert isinstance(result, Handshake)
+        peer, connections = _Peer(result.transport), connections + 1
+        await peer.recv_type("hello")
+        if connections == 1:
+            await peer.send(Welcome("s1", "rt", False, 0, 0, 0, 16, 65536).to_wire())
+            sub = await peer.recv_type("sub")
+            reply = {"type": "reply", "seq": 1, "re": sub["seq"], "ack": sub["seq"]}
+            await peer.send(reply | {"data": {"offset": 0, "epoch": "E"}}, _pub(1))
+        elif connections == 2:
+            await peer.send(Welcome("s1", "rt", True, 1, 0, 0, 16, 65536).to_wire())
+            asked.append(await peer.recv_type("sub"))
+            await peer.send(_pub(2), _pub(3))  # processed; the reply never leaves
+        else:
+            await peer.send(Welcome("s1", "rt", True, 2, 0, 0, 16, 65536).to_wire())
+            await peer.send(
+                {"type": "reply", "seq": 2, "re": 2}
+                | {"data": {"offset": 3, "epoch": "E", "recovered": True}}
+            )
+            sub = await peer.recv_type("sub")
+            asked.append(sub)
+            await peer.send(_pub(2), _pub(3), _pub(4))
+            await peer.send(
+                {"type": "reply", "seq": 3, "re": sub["seq"]}
+                | {"data": {"offset": 4, "epoch": "E", "recovered": True}}
+            )
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = serve
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            await client.wait_connected()
+            await client.subscribe("t")
+            got = []
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append(message.offset)
+                    if len(got) == 1:
+                        for _ in range(2):
+                            await trio.testing.wait_all_tasks_blocked()
+                            await wire.cut()
+                            await client.wait_state(ClientState.CONNECTING)
+                            await client.wait_connected()
+                    if len(got) == 4:
+                        break
+        assert got == [1, 2, 3, 4]
+        assert [(s["since"], s.get("recover")) for s in asked] == [
+            ({"offset": 1, "epoch": "E"}, True),
+            ({"offset": 1, "epoch": "E"}, True),
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_buffer_asks_again_only_once_there_is_room(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = open_server(make_server)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2, buffer=4) as client:
+            await client.wait_connected()
+            await client.subscribe("room:1")
+            for _ in range(30):
+                await server.gateway.publish("room:1", "x" * 100)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.subscribe("room:2")  # a sub's reply, while the buffer is full
+            for _ in range(2000):
+                await trio.lowlevel.checkpoint()
+            asked = server.metrics.registry.get_sample_value(
+                "wsgate_recoveries_total", {"result": "recovered"}
+            )
+            assert not asked  # nothing asked again while the application reads nothing
+        nursery.cancel_scope.cancel()
+
+
+async def test_publications_let_go_before_the_sub_reply_are_asked_again(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # The sub's reply waits for the window (the client's buffer is full of msgs it
+    # does not ack), live pubs overtake it and find the buffer full.
+    server = open_server(make_server, window=1)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2, buffer=1) as client:
+            await client.wait_connected()
+            await client.send("push", 2)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(client.subscribe, "room:1")
+            await trio.testing.wait_all_tasks_blocked()
+            await server.gateway.publish("room:1", "a")
+            await server.gateway.publish("room:1", "b")
+            await trio.testing.wait_all_tasks_blocked()
+            got = []
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append((message.topic, message.offset, message.data))
+                    if len(got) == 4:
+                        break
+        assert got == [(None, None, 0), (None, None, 1), ("room:1", 1, "a"), ("room:1", 2, "b")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_recovery_larger_than_the_queued_bytes_bound_completes(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # 30 KB to recover against a 20 KB bound on what may wait to be written: a
+    # recovery is bounded by the history and paced by the client, not closed 4004.
+    server = open_server(make_server, max_buffered_bytes=20_000)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2) as client:
+            await client.wait_connected()
+            await client.subscribe("room:1")
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            for n in range(30):
+                await server.gateway.publish("room:1", f"{n:03}" + "x" * 1000)
+            got = []
+            with trio.fail_after(60):
+                async for message in client.messages():
+                    got.append(message.offset)
+                    if len(got) == 30:
+                        break
+            assert got == list(range(1, 31))
+            assert client.statistics().connects == 2
+            assert client.recovered == {"room:1": True}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_topic_the_application_left_is_not_followed_again(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    gateway = make_gateway()
+
+    @gateway.on("move")
+    async def move(session: Session, data: object) -> None:
+        session.unsubscribe("room:1")
+        await session.subscribe("room:2")
+
+    @gateway.on_connect
+    async def join(session: Session) -> None:
+        if not session.resumed:
+            await session.subscribe("room:1")
+
+    server = open_server(make_server, gateway=gateway)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2) as client:
+            await client.wait_connected()
+            await server.gateway.publish("room:1", "a")
+            async for _ in client.messages():
+                break
+            await client.request("move")
+            (session,) = server.hub.sessions.values()
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            await client.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            # The recovery of room:1 is answered not_subscribed: it subscribed nothing,
+            # and the client lets the topic go.
+            assert set(session.subscriptions) == {"room:2"}
+            await wire.cut()
+            await client.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            assert set(session.subscriptions) == {"room:2"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_session_starts_its_user_topic_before_what_it_was_not_sent(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # Published to the user after the new session's subscription read where the topic
+    # stood, before that answer came back (a Redis round trip): held, then given to a
+    # session with no connection yet, which in version 2 keeps nothing. So
+    # welcome.user_topic starts before it, and the client asks for it.
+    from trio_wsgate import MemoryBroker
+    from trio_wsgate.brokers import History
+
+    class SlowAnswers(MemoryBroker):
+        gate: trio.Event | None = None
+
+        async def history(self, topic: str, since: int | None = None) -> History:
+            answer = await super().history(topic, since)
+            if self.gate is not None:
+                await self.gate.wait()
+            return answer
+
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = open_server(make_server, gateway=gateway)
+    hub = server.hub
+    broker = SlowAnswers(server.config.history_size)
+    broker.bind(hub._receive, hub._on_control)
+    hub.broker = broker
+    gate = broker.gate = trio.Event()
+    async with (
+        running(server) as nursery,
+        open_memory_connection(server, nursery, subprotocols=[JSON_V2_SUBPROTOCOL]) as client,
+    ):
+        welcomed: list[dict[str, Any]] = []
+
+        async def hello() -> None:
+            welcomed.append(await client.hello(token=token("ada")))
+
+        nursery.start_soon(hello)
+        await trio.testing.wait_all_tasks_blocked()
+        sent = await gateway.send_to_user("ada", "meanwhile")
+        gate.set()
+        broker.gate = None
+        await trio.testing.wait_all_tasks_blocked()
+        (welcome,) = welcomed
+        assert welcome["user_topic"] == {"topic": "user:ada", "offset": 0, "epoch": sent.epoch}
+        since = {"offset": 0, "epoch": sent.epoch}
+        answered = await request(client, Seq(), "sub", topic="user:ada", since=since, recover=True)
+        assert answered["data"]["recovered"] is True
+        got = [e for e in client.received if e["type"] == "pub"]
+        assert [(e["offset"], e["data"]) for e in got] == [(1, "meanwhile")]
         nursery.cancel_scope.cancel()

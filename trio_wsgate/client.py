@@ -130,6 +130,11 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+# Version 2: recoveries (sub with since) under way at once. Each sends what its topic's
+# history holds after the position (--history-size, 100 by default); four of them stay
+# well inside the server's queue (--queue-size, 1000).
+_RECOVERIES_AT_ONCE = 4
+
 _CONNECTED = frozenset({ClientState.CONNECTED, ClientState.RESUMED, ClientState.SESSION_LOST})
 
 
@@ -290,7 +295,7 @@ class Client:
         encoding: ``"json"`` or ``"msgpack"``.
         protocol: the wire protocol version, 1 or 2 (docs/protocol.md, "Version"). In
             version 2 publications are not numbered by the session: after every
-            reconnection, resumed or not, the client asks each topic's history for
+            resumed reconnection, the client asks each topic's history for
             what it missed, and a topic's publications are not ordered with the
             session's other messages.
         backoff: the reconnection schedule.
@@ -392,9 +397,17 @@ class Client:
         # Version 2: topics unsubscribed whose unsub is not answered yet (what still
         # comes of them is not followed again).
         self._leaving: set[str] = set()
-        # Version 2: topics whose sub was on its way when the connection dropped: once
-        # its reply places them, they are asked for what came meanwhile.
-        self._recover_on_reply: set[str] = set()
+        # Version 2: topics followed because the server sent them (the application
+        # subscribed the session): recovered only while the session still follows them.
+        self._server_topics: set[str] = set()
+        # Version 2: recoveries waiting to be sent, and how many are under way (at most
+        # _RECOVERIES_AT_ONCE: what each sends counts against the server's queue).
+        self._to_recover: deque[tuple[str, bool]] = deque()
+        self._recoveries = 0
+        # Welcomes so far: a sub's reply says where its publications went only if it
+        # comes on the connection the sub was sent on (in version 2, those sent on a
+        # connection that died are not sent again).
+        self._welcomes = 0
 
     # -- the application's side -------------------------------------------------------
 
@@ -424,6 +437,7 @@ class Client:
             HandlerError: ``forbidden`` or ``bad_topic``.
         """
         self._topics.setdefault(topic, None)
+        self._server_topics.discard(topic)
         try:
             return await self._call(self._sub_builder(topic), self._tracker(topic))  # type: ignore[no-any-return]
         except HandlerError:
@@ -435,6 +449,7 @@ class Client:
         self._topics.pop(topic, None)
         self._recovering.pop(topic, None)  # what a recovery held goes with it
         self._behind.discard(topic)
+        self._server_topics.discard(topic)
         self._leaving.add(topic)
         try:
             await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
@@ -460,13 +475,34 @@ class Client:
         if link is not None:
             link.enqueue(self._codec.encode(Refresh(token)))
 
-    def _sub_builder(self, topic: str) -> Callable[[int, int | None], Sequenced]:
+    def _sub_builder(
+        self, topic: str, recover: bool = False
+    ) -> Callable[[int, int | None], Sequenced]:
         position = self._topics.get(topic)
         since = None if position is None else Since(*position)
-        return lambda seq, ack: Sub(seq=seq, topic=topic, since=since, ack=ack)
+        flag = True if recover else None
+        return lambda seq, ack: Sub(seq=seq, topic=topic, since=since, ack=ack, recover=flag)
 
-    def _tracker(self, topic: str) -> Callable[[Any], None]:
+    def _tracker(
+        self, topic: str, counted: bool = False, recovery: bool = False
+    ) -> Callable[[Any], None]:
+        """What a ``sub``'s reply does: place the topic, deliver what its recovery
+        held. ``counted``: a recovery of _send_recoveries's (the next one goes when
+        it is answered); ``recovery``: a recovery retried by _subscribe_again."""
+        welcomes = self._welcomes
+        # The recovery this sub is (what it holds), if it is one.
+        held = self._recovering.get(topic) if counted or recovery else None
+
         def track(data: Any) -> None:
+            if counted:
+                self._recovery_done(welcomes)
+            if self._v2 and welcomes != self._welcomes:
+                # Sent on a connection that died: what it sent may have died with it,
+                # and a recovery of this connection asks from our own position.
+                self._stale_reply(topic, data)
+                return
+            if self._v2 and topic in self._recovering and self._recovering[topic] is not held:
+                return  # another recovery of the topic holds what is below: it places it
             if isinstance(data, dict) and topic in self._topics:
                 offset, epoch = data.get("offset"), data.get("epoch")
                 if isinstance(offset, int) and isinstance(epoch, str):
@@ -480,13 +516,33 @@ class Client:
                     self.recovered[topic] = bool(data["recovered"])
                     if not data["recovered"]:
                         logger.warning("topic %s was not recovered: reload its state", topic)
-            if topic in self._recover_on_reply:
-                self._recover_on_reply.discard(topic)
-                self._behind.add(topic)  # asked from the position the reply gave
-            if self._behind:
+            if self._behind and len(self._buffer) <= self._buffer_size // 2:
                 self._catch_up()
 
         return track
+
+    def _stale_reply(self, topic: str, data: Any) -> None:
+        """A version-2 sub reply that comes on a later connection than its sub went on:
+        it places a topic that had no position yet (then asked from there), and is
+        otherwise left to the recoveries of this connection."""
+        if not isinstance(data, dict) or self._topics.get(topic, ()) is not None:
+            return
+        offset, epoch = data.get("offset"), data.get("epoch")
+        if isinstance(offset, int) and isinstance(epoch, str):
+            self._topics[topic] = (offset, epoch)
+            self._behind.add(topic)
+            if len(self._buffer) <= self._buffer_size // 2:
+                self._catch_up()
+
+    def _recovery_done(self, welcomes: int) -> None:
+        """A version-2 recovery of this connection was answered: send the next ones."""
+        if welcomes != self._welcomes:
+            return  # of an earlier connection: its count was reset
+        self._recoveries -= 1
+        link = self._live_link()
+        if link is not None:
+            for item in self._send_recoveries():
+                self._write(link, item)
 
     def _release(self, topic: str, epoch: str | None) -> None:
         """Deliver what came during ``topic``'s recovery: once each, in offset order.
@@ -513,30 +569,38 @@ class Client:
                 if group is not None:
                     self._topics[topic] = position = (offset, group)
 
-    def _retrier(self, topic: str) -> Callable[[HandlerError], None]:
+    def _retrier(
+        self, topic: str, counted: bool = False, recover: bool = False
+    ) -> Callable[[HandlerError], None]:
         """Try an automatic resubscription again while the server says ``unavailable``."""
+        welcomes = self._welcomes
 
         def retry(error: HandlerError) -> None:
+            if counted:
+                self._recovery_done(welcomes)
             if error.code == "unavailable" and topic in self._topics and self._tasks:
                 # What the recovery holds waits for the next attempt's reply.
-                self._tasks.start_soon(self._subscribe_again, topic)
+                self._tasks.start_soon(self._subscribe_again, topic, recover)
             else:
                 self._release(topic, None)
                 if self._v2:
                     # Not ours to follow (any more): a reconnection would ask again.
+                    # (not_subscribed: the server unsubscribed the session from it.)
                     logger.warning("topic %s is not followed again: %s", topic, error)
                     self._topics.pop(topic, None)
+                    self._server_topics.discard(topic)
 
         return retry
 
-    async def _subscribe_again(self, topic: str) -> None:
+    async def _subscribe_again(self, topic: str, recover: bool = False) -> None:
         delay = 0.5
         while topic in self._topics and not self._stopping:
             await trio.sleep(delay * (0.5 + self._rng.random()))
             if topic not in self._recovering and self._topics.get(topic) is not None:
                 self._recovering[topic] = []  # a recovery again: hold until its reply
             try:
-                await self._call(self._sub_builder(topic), self._tracker(topic))
+                tracker = self._tracker(topic, recovery=True)
+                await self._call(self._sub_builder(topic, recover), tracker)
                 return
             except HandlerError as exc:
                 if exc.code != "unavailable":
@@ -924,6 +988,7 @@ class Client:
                 # A topic the server subscribed the session to: followed from here, so
                 # that a reconnection asks for what it missed too.
                 self._topics[envelope.topic] = (envelope.offset - 1, envelope.epoch)
+                self._server_topics.add(envelope.topic)
             self._take(message, 0)
             self._notify()
         elif isinstance(envelope, Ack):
@@ -949,19 +1014,26 @@ class Client:
                 # it again. Offsets exist to drop exactly this.
                 return
             held = self._recovering.get(topic)
-            if not seq and (topic in self._behind or self._full(held)):
+            if not seq and (topic in self._behind or self._full()):
                 # Nothing waits on our acks in version 2: the buffer's bound holds by
-                # letting the topic fall behind, from an unmoved position.
+                # letting the topic fall behind, from an unmoved position (or, before
+                # its sub's reply placed it, from just before this one).
+                if position is None:
+                    self._topics[topic] = (offset - 1, epoch)
                 self._behind.add(topic)
                 return
             if held is not None:  # delivered in order at the recovery's reply
                 held.append(message)
                 return
             self._topics[topic] = (offset, epoch)
+        elif not seq and self._full():
+            return  # a topic being left: nothing to recover it for
         self._buffer.append((seq, message))
 
-    def _full(self, held: list[Message] | None) -> bool:
-        return len(self._buffer) + (len(held) if held else 0) >= max(self._buffer_size, 1)
+    def _full(self) -> bool:
+        """The buffer, with what every recovery holds, is at ``buffer`` messages."""
+        held = sum(map(len, self._recovering.values())) if self._recovering else 0
+        return len(self._buffer) + held >= max(self._buffer_size, 1)
 
     def _catch_up(self) -> None:
         """Ask the topics that fell behind for what they let go, from their position."""
@@ -970,7 +1042,7 @@ class Client:
             return  # the next welcome recovers every topic anyway
         topics = [t for t in self._behind if t not in self._recovering and t in self._topics]
         self._behind.difference_update(topics)
-        for item in self._recover(topics):
+        for item in self._recover(topics, recover=True):
             self._write(link, item)
 
     def _on_ack(self, link: _Link, ack: int) -> None:
@@ -980,6 +1052,9 @@ class Client:
 
     def _on_welcome(self, link: _Link, welcome: Welcome) -> None:
         link.welcomed_at = trio.current_time()
+        self._welcomes += 1
+        self._to_recover.clear()  # those of the last connection: asked again below
+        self._recoveries = 0
         link.max_message_size = self._max_message_size = welcome.max_message_size
         interval = welcome.heartbeat_interval
         link.silence = interval + welcome.heartbeat_timeout if interval else math.inf
@@ -1001,12 +1076,14 @@ class Client:
         if state is ClientState.SESSION_LOST:
             resend += self._resubscribe(list(self._topics))
         elif state is ClientState.RESUMED and self._v2:
-            # Nothing of the topics was kept for us (docs/protocol.md, "Version 2"):
-            # each asks its history for what came after its position.
+            # Nothing of the topics was kept for us (docs/protocol.md §14): each asks
+            # its history for what came after its position, if the session still
+            # follows it (recover). A topic without a position yet is placed by its
+            # sub's reply, and asked from there.
             self.recovered = {}
             self._recovering, self._behind = {}, set()
-            self._recover_on_reply = {t for t, p in self._topics.items() if p is None}
-            resend += self._recover([t for t, p in self._topics.items() if p is not None])
+            positioned = [t for t, p in self._topics.items() if p is not None]
+            resend += self._recover(positioned, recover=True)
         elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
             # Where the user topic starts, so that a lost session can recover it even if
             # nothing was sent to the user before (docs/protocol.md §6): the welcome
@@ -1027,11 +1104,25 @@ class Client:
         """Subscribe the session to the topics, each from where we were (§6)."""
         self.recovered = {}
         self._recovering, self._behind = {}, set()
+        if self._v2:  # the application's own topics again; the server's if still followed
+            own = [t for t in topics if t not in self._server_topics]
+            return self._recover(own) + self._recover(
+                [t for t in topics if t in self._server_topics], recover=True
+            )
         return self._recover(topics)
 
-    def _recover(self, topics: list[str]) -> list[_Pending]:
+    def _recover(self, topics: list[str], *, recover: bool = False) -> list[_Pending]:
         """A ``sub`` with ``since`` for each topic; what of them comes meanwhile is held
-        until its reply. Returns those the window lets out now."""
+        until its reply. Returns those the window lets out now.
+
+        In version 2 at most _RECOVERIES_AT_ONCE are under way: each sends up to what
+        the topic's history holds, and together they must fit the server's queue."""
+        if self._v2:
+            for topic in topics:
+                if self._topics.get(topic) is not None:
+                    self._recovering[topic] = []
+                self._to_recover.append((topic, recover))
+            return self._send_recoveries()
         written: list[_Pending] = []
         for topic in topics:
             if self._topics.get(topic) is not None:
@@ -1040,6 +1131,27 @@ class Client:
                 trio.Event(), on_data=self._tracker(topic), on_error=self._retrier(topic)
             )
             build = self._sub_builder(topic)
+            envelope = build(self._outbox.next_seq, None)
+            item = _Pending(envelope, self._codec.encode(envelope), waiter)
+            self._requests[envelope.seq] = waiter
+            if self._outbox.push(item):
+                written.append(item)
+        return written
+
+    def _send_recoveries(self) -> list[_Pending]:
+        """Version 2: the recoveries waiting, as far as _RECOVERIES_AT_ONCE allows."""
+        written: list[_Pending] = []
+        while self._to_recover and self._recoveries < _RECOVERIES_AT_ONCE:
+            topic, recover = self._to_recover.popleft()
+            if topic not in self._topics:
+                continue  # unsubscribed meanwhile
+            self._recoveries += 1
+            waiter = _Request(
+                trio.Event(),
+                on_data=self._tracker(topic, counted=True),
+                on_error=self._retrier(topic, counted=True, recover=recover),
+            )
+            build = self._sub_builder(topic, recover)
             envelope = build(self._outbox.next_seq, None)
             item = _Pending(envelope, self._codec.encode(envelope), waiter)
             self._requests[envelope.seq] = waiter

@@ -157,6 +157,7 @@ class Connection:
         "_transport",
         "_welcomed",
         "_writing",
+        "_written",
         "close_code",
         "close_decided_at",
         "close_reason",
@@ -188,6 +189,7 @@ class Connection:
         # write loop of the connection's own only while the socket does not take it.
         self._flush_due = False
         self._writing = False  # a write loop runs
+        self._written: trio.Event | None = None  # made by wait_written, set when it is
         self._dispatcher = Dispatcher(hub, gateway, identity)
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome (an idle
@@ -417,6 +419,7 @@ class Connection:
         self._answered_hello()  # a reader waiting for welcome goes back to reading
         self._queue.clear()  # never framed now: only the close frame goes out
         self._pub_bytes = 0
+        self._note_written()
         self._dispatcher.release()  # and one waiting for the dispatcher too
         self._cancel_application()
         if self._nursery is not None:
@@ -610,15 +613,22 @@ class Connection:
         self._queue.append((payload, True))
         self._want_flush()
 
-    def enqueue_unsequenced(self, payload: bytes) -> None:
-        """Queue a version-2 ``pub`` (docs/protocol.md, "Version 2"), unless closing.
+    def enqueue_unsequenced(self, payload: bytes, replay: bool = False) -> None:
+        """Queue a version-2 ``pub`` (docs/protocol.md §14), unless closing.
 
         Never dropped, whatever the slow-consumer policy (its client would miss an
         offset without knowing); a full queue closes with 4004 instead, and so do more
         than ``max_buffered_bytes`` of them waiting to be framed: the session is kept,
-        and its client asks the topics' histories for what it missed.
+        and its client asks the topics' histories for what it missed. A ``replay``
+        (what a client's ``sub`` asked of the history) is neither: it is bounded by the
+        history, and the dispatcher takes the next envelope only once it is written
+        (:meth:`wait_written`), so that a recovery larger than those bounds completes.
         """
         if self.closing:
+            return
+        if replay:
+            self._queue.append((payload, True))
+            self._want_flush()
             return
         self.check_room()
         if self.closing:
@@ -629,6 +639,20 @@ class Connection:
             return
         self._queue.append((payload, True))
         self._want_flush()
+
+    async def wait_written(self) -> None:
+        """Until everything queued has been handed to the socket (or the connection
+        closes): a version-2 recovery's pubs are paced by the client's reading."""
+        while (self._queue or self._writing or self._flush_due) and not self.closing:
+            if self._written is None:
+                self._written = trio.Event()
+            await self._written.wait()
+
+    def _note_written(self) -> None:
+        written = self._written
+        if written is not None and (self.closing or not (self._queue or self._writing)):
+            self._written = None
+            written.set()
 
     def send_control(self, envelope: Envelope) -> None:
         """Queue a control envelope (``welcome``, ``ack``, ``ping``, ``pong``), unless
@@ -680,6 +704,7 @@ class Connection:
             if self._queue and not self.closing:
                 self._frame_queue()
             if self._transport.flush_now():
+                self._note_written()
                 return
         except TransportBroken as exc:
             self._abort(CloseCode.ABNORMAL, exc.reason)
@@ -726,6 +751,7 @@ class Connection:
             self.crashed()
         finally:
             self._writing = False
+            self._note_written()
 
     def _frame_queue(self) -> None:
         """Move everything queued into frames: one envelope, or a batch per frame."""

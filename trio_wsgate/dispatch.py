@@ -30,7 +30,7 @@ import trio
 from .auth import Authenticator
 from .exceptions import BrokerUnavailable, HandlerError, SessionClosed, Unauthorized
 from .identity import Identity
-from .protocol import CloseCode, CloseReason, Envelope, ErrorInfo, Hello, Msg, Sequenced
+from .protocol import CloseCode, CloseReason, Envelope, ErrorInfo, Hello, Msg, Sequenced, Sub
 from .protocol.values import value_error
 from .session import Session
 from .tokens import authenticate
@@ -102,6 +102,9 @@ class Dispatched(Opener, Protocol):
     def answer(self, session: Session, seq: int, data: Any, error: ErrorInfo | None) -> None:
         """Queue the reply to the client's ``seq`` and acknowledge it."""
         ...
+
+    async def wait_written(self) -> None:
+        """Until what is queued has been handed to the socket."""
 
     def crashed(self) -> None:
         """An unexpected error: log it and close with 1011."""
@@ -341,3 +344,8 @@ class Dispatcher:
                 connection.internal_error(f"{envelope.type} failed")
                 error = ErrorInfo("internal", "internal error")
         connection.answer(session, envelope.seq, data, error)
+        if isinstance(envelope, Sub) and envelope.since is not None and session.codec.version == 2:
+            # A version-2 recovery sent what the history holds, past the bounds of what
+            # may wait to be written (docs/protocol.md §14): the next envelope waits
+            # until the client has read it, so that recoveries go one at a time.
+            await connection.wait_written()

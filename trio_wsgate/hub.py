@@ -583,6 +583,8 @@ class Hub:
         elif current is not None and since is None and current.pending is None:
             return SubscribeResult(current.offset, current.epoch)
         subscription = Subscription(topic, pending=[])
+        if current is not None:
+            subscription.floor, subscription.floor_epoch = current.floor, current.floor_epoch
         if since is not None and kept:
             # Until its history has come, it is still to follow from there: for a
             # sub meanwhile, and for a hand-over to another node.
@@ -625,14 +627,21 @@ class Hub:
             if since.epoch == history.epoch:
                 # What the history still holds after since, even with a gap before it.
                 for publication in history.publications:
-                    self._deliver(session, subscription, publication)
+                    self._deliver(session, subscription, publication, replay=True)
         if history.epoch != subscription.epoch or history.offset > subscription.offset:
             subscription.offset, subscription.epoch = history.offset, history.epoch
+        if current is None and since is None:
+            subscription.floor, subscription.floor_epoch = history.offset, history.epoch
+        answer = subscription.offset, subscription.epoch
         held, subscription.pending = subscription.pending, None
         subscription.followed = True
         for publication in held or ():
             self._deliver(session, subscription, publication)
-        return SubscribeResult(subscription.offset, subscription.epoch, recovered)
+        if session.codec.version == 1 or session.live:
+            answer = subscription.offset, subscription.epoch
+        # (A version-2 session without a live connection was sent none of those held:
+        # its client asks from the answer's offset, and gets them from the history.)
+        return SubscribeResult(*answer, recovered)
 
     def unsubscribe(self, session: Session, topic: str) -> bool:
         """Unsubscribe a session from a topic. Returns False if it was not subscribed."""
@@ -681,12 +690,17 @@ class Hub:
             else:
                 self._deliver(session, subscription, publication)
 
-    def _deliver(self, session: Session, subscription: Subscription, pub: Publication) -> None:
+    def _deliver(
+        self, session: Session, subscription: Subscription, pub: Publication, replay: bool = False
+    ) -> None:
         if pub.epoch == subscription.epoch and pub.offset <= subscription.offset:
             return  # already sent (a live one that the history also held)
         subscription.offset, subscription.epoch = pub.offset, pub.epoch
         try:
-            session.deliver(pub)
+            if replay:
+                session.deliver(pub, True)
+            else:
+                session.deliver(pub)
         except SessionClosed:
             pass  # it ended (or overflowed max_buffered): only its own loss
         except Exception:
@@ -820,6 +834,10 @@ class Hub:
                 break
         if session.ended:  # it overflowed, or was evicted, while its history came
             return None
+        for topic, (floor, floor_epoch) in (state.get("floors") or {}).items():
+            place = session.subscriptions.get(topic)
+            if place is not None:
+                place.floor, place.floor_epoch = floor, floor_epoch
         return session
 
     def _follow_again(self, session: Session) -> None:
@@ -1051,11 +1069,26 @@ class Hub:
             limit = self.config.max_subscriptions
             if topic not in session.subscriptions and len(session.subscriptions) >= limit:
                 return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
-            # A topic the session follows already (the application may have subscribed
-            # it) may be asked again, to recover it: that grants nothing new.
-            if topic not in session.subscriptions and not await hub.may_subscribe(session, topic):
+            since = envelope.since
+            if envelope.recover:
+                # A client's recovery of a topic the session follows (docs/protocol.md
+                # §14): it grants nothing new, and never subscribes the session again.
+                current = session.subscriptions.get(topic)
+                if current is None:
+                    return None, ErrorInfo(
+                        "not_subscribed", f"the session does not follow {topic!r}"
+                    )
+                if (
+                    since is not None
+                    and current.floor_epoch == since.epoch
+                    and since.offset < current.floor
+                    and not await hub.may_subscribe(session, topic)
+                ):
+                    # The application subscribed it from there: nothing from before.
+                    since = Since(current.floor, since.epoch)
+            elif not await hub.may_subscribe(session, topic):
                 return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
-            result = await hub.subscribe(session, topic, envelope.since)
+            result = await hub.subscribe(session, topic, since)
             return result.to_data(), None
         if isinstance(envelope, Unsub):
             if session.user is not None and topic == user_topic(session.user):

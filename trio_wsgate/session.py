@@ -70,6 +70,11 @@ class Subscription:
     #: here while the broker could not be asked. ``offset`` and ``epoch`` are then
     #: where it stopped, and the hub follows it again from there (Hub.migrate).
     followed: bool = True
+    #: Where a subscription made without ``since`` began (its epoch "" when there is
+    #: no such bound): a client's recovery of a topic it may not subscribe to itself
+    #: reads no history from before (docs/protocol.md §14).
+    floor: int = 0
+    floor_epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +149,9 @@ class SessionLink(Protocol):
         """Queue an encoded sequenced envelope for the write loop."""
         ...
 
-    def enqueue_unsequenced(self, payload: bytes) -> None:
-        """Queue an encoded version-2 ``pub`` (never dropped, bounded in bytes)."""
+    def enqueue_unsequenced(self, payload: bytes, replay: bool = False) -> None:
+        """Queue an encoded version-2 ``pub`` (never dropped; bounded in bytes, or for
+        a ``replay`` from the history, by the history and the dispatcher's pace)."""
         ...
 
     async def wait_detached(self) -> None:
@@ -399,18 +405,24 @@ class Session:
         elif not self.ended and ends_session(label):
             self._hub.end(self, code, label, why=str(label))
 
+    @property
+    def live(self) -> bool:
+        """True while the session has a connection that is not closing."""
+        return self._live() is not None
+
     def _live(self) -> SessionLink | None:
         connection = self.connection
         if connection is None or connection.closing:
             return None
         return connection
 
-    def deliver(self, pub: Publication) -> None:
+    def deliver(self, pub: Publication, replay: bool = False) -> None:
         """Queue a publication: its data encoded once for all, its head for this session.
 
         In protocol version 2 it is the same ``pub`` envelope for every subscriber of
         the subprotocol, not numbered nor kept: only a live connection gets it, and a
-        client that was away asks its topics' histories (docs/protocol.md, "Version 2").
+        client that was away asks its topics' histories (docs/protocol.md §14); a
+        ``replay`` (what a ``sub`` sends from the history) is bounded by the history.
         """
         codec = self.codec
         if codec.version == 2:
@@ -421,7 +433,7 @@ class Session:
                 payload = pub.senders.get(codec.subprotocol)
                 if payload is None:
                     payload = pub.senders[codec.subprotocol] = _delivery(pub, codec)
-                connection.enqueue_unsequenced(payload)
+                connection.enqueue_unsequenced(payload, replay)
             return
         senders = pub.senders.get(self.codec.subprotocol)
         if senders is None:
@@ -558,6 +570,11 @@ class Session:
             },
             "subscriptions": {
                 topic: [sub.offset, sub.epoch] for topic, sub in self.subscriptions.items()
+            },
+            "floors": {
+                topic: [sub.floor, sub.floor_epoch]
+                for topic, sub in self.subscriptions.items()
+                if sub.floor_epoch
             },
         }
 

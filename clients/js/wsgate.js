@@ -881,6 +881,9 @@ export class Client {
     // Version 2: topics whose sub was on its way when the connection dropped: once its
     // reply places them, they are asked for what came meanwhile.
     this._recoverOnReply = new Set();
+    // Version 2: topics followed because the server sent them (the application
+    // subscribed the session): recovered only while the session still follows them.
+    this._serverTopics = new Set();
     // welcome.max_message_size: a larger envelope is refused here, not by the server
     // (1009 would end the client). The protocol's default until a welcome says.
     this._maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
@@ -961,6 +964,7 @@ export class Client {
     if (typeof topic !== "string") return Promise.reject(new TypeError("a topic is a string"));
     const known = this._topics.has(topic);
     if (!this._closing && !known) this._topics.set(topic, null);
+    this._serverTopics.delete(topic);
     const promise = this._call("sub", this._subEnvelope(topic), { topic, known });
     return promise;
   }
@@ -973,6 +977,7 @@ export class Client {
       this._topics.delete(topic);
       this._recoveries.delete(topic);
     }
+    this._serverTopics.delete(topic);
     this._leaving.add(topic);
     const left = () => this._leaving.delete(topic);
     const promise = this._call("unsub", { type: "unsub", topic });
@@ -1071,7 +1076,7 @@ export class Client {
     const inbox = this._inbox;
     const seq = outbox.nextSeq;
     // A sub asks from the position when it is numbered, not when it was called.
-    if (envelope.type === "sub") envelope = this._subEnvelope(envelope.topic);
+    if (envelope.type === "sub") envelope = this._subEnvelope(envelope.topic, waiter?.recover);
     const numbered = { type: envelope.type, seq, ...envelope };
     // Piggyback a pending ack on what leaves now (docs/protocol.md §4), unless that is
     // what makes the envelope too large (the ack then goes on its own).
@@ -1140,9 +1145,13 @@ export class Client {
     }
   }
 
-  _subEnvelope(topic) {
+  /** A sub from the topic's position; `recover` (version 2): only if the session still
+   * follows the topic (docs/protocol.md §14). */
+  _subEnvelope(topic, recover = false) {
     const position = this._topics.get(topic);
-    return position ? { type: "sub", topic, since: { offset: position.offset, epoch: position.epoch } } : { type: "sub", topic };
+    const envelope = position ? { type: "sub", topic, since: { offset: position.offset, epoch: position.epoch } } : { type: "sub", topic };
+    if (recover && this._v2) envelope.recover = true;
+    return envelope;
   }
 
   // -- the connection attempt -------------------------------------------------------------
@@ -1374,6 +1383,7 @@ export class Client {
           // A topic the server subscribed the session to: followed from here, so that
           // a reconnection asks for what it missed too.
           this._topics.set(envelope.topic, { offset: offset - 1, epoch: envelope.epoch });
+          this._serverTopics.add(envelope.topic);
         }
         this._onMsg(envelope);
         this._markDirty();
@@ -1675,7 +1685,10 @@ export class Client {
       }
       const seq = this._outbox.nextSeq;
       const type = item.envelope.type;
-      const body = type === "sub" ? this._subEnvelope(item.envelope.topic) : item.envelope;
+      // A new session follows only what is subscribed again: a recovery of one of the
+      // application's topics subscribes it (the server's own, only if followed).
+      if (type === "sub" && item.waiter) item.waiter.recover = Boolean(item.waiter.recover) && this._serverTopics.has(item.envelope.topic);
+      const body = type === "sub" ? this._subEnvelope(item.envelope.topic, item.waiter?.recover) : item.envelope;
       const envelope = { ...body, seq };
       const payload = this._encode(envelope);
       if (payload.size > this._maxMessageSize) {
@@ -1766,7 +1779,7 @@ export class Client {
     for (const topic of topics) {
       const waiter = carried.get(topic);
       if (waiter) waiter.chained.push(...(chained.get(topic) ?? []));
-      else this._pushAuto(autoSub(topic, chained.get(topic)));
+      else this._pushAuto(autoSub(topic, chained.get(topic), this._serverTopics.has(topic)));
     }
     // The subscribe() calls lost with the old session and not answered above: a topic
     // left meanwhile, or the user topic, which the new session follows from the start.
@@ -1788,9 +1801,12 @@ export class Client {
   _recoverAll() {
     this.recovered = {};
     this._recoverOnReply.clear();
+    // Recoveries of the last connection: what they sent may have died with it, and
+    // what they held was neither delivered nor placed. Each topic is asked again.
+    this._recoveries.clear();
     for (const [topic, position] of this._topics) {
       if (!position) this._recoverOnReply.add(topic);
-      else if (!this._recoveries.has(topic)) this._pushAuto(autoSub(topic));
+      else this._pushAuto(autoSub(topic, [], true));
     }
   }
 
@@ -1817,8 +1833,12 @@ export class Client {
   _subscribed(topic, data) {
     if (!this._topics.has(topic) || data === null || typeof data !== "object") return;
     if (Number.isInteger(data.offset) && typeof data.epoch === "string" && !this._recoveries.has(topic)) {
-      this._topics.set(topic, { offset: data.offset, epoch: data.epoch });
-      this._markDirty();
+      // Forward only: a live one may have come before this reply (version 2).
+      const position = this._topics.get(topic);
+      if (!position || position.epoch !== data.epoch || position.offset < data.offset) {
+        this._topics.set(topic, { offset: data.offset, epoch: data.epoch });
+        this._markDirty();
+      }
     }
     if ("recovered" in data) {
       const recovered = Boolean(data.recovered);
@@ -1826,7 +1846,7 @@ export class Client {
       this._emit("recovered", topic, recovered);
     }
     if (this._recoverOnReply.delete(topic) && this._topics.get(topic) && !this._recoveries.has(topic)) {
-      this._pushAuto(autoSub(topic)); // from the position this reply gave
+      this._pushAuto(autoSub(topic, [], true)); // from the position this reply gave
     }
   }
 
@@ -1834,16 +1854,22 @@ export class Client {
   _resubscribeFailed(waiter, error) {
     const topic = waiter.topic;
     if (error.code !== "unavailable") {
-      this._report(new WsgateError(error.code, `topic ${topic} could not be followed again: ${error.reason}`));
+      // not_subscribed: the application unsubscribed the session from it (version 2).
+      if (error.code !== "not_subscribed") {
+        this._report(new WsgateError(error.code, `topic ${topic} could not be followed again: ${error.reason}`));
+      }
       // Version 2 asks after every reconnection: a topic not ours to follow is let go.
-      if (this._v2) this._topics.delete(topic);
+      if (this._v2) {
+        this._topics.delete(topic);
+        this._serverTopics.delete(topic);
+      }
       return;
     }
     const delay = waiter.retryDelay * (0.5 + this._random());
     const timer = this._setTimeout(() => {
       this._retryTimers.delete(timer);
       if (this._finished || !this._topics.has(topic)) return;
-      const again = autoSub(topic);
+      const again = autoSub(topic, [], waiter.recover);
       again.retryDelay = Math.min(waiter.retryDelay * 2, 10000);
       this._pushAuto(again);
     }, delay);
@@ -2232,8 +2258,8 @@ function integer(envelope, key) {
 
 /** The waiter of a sub the client sends by itself: its reply places the topic, and
  * resolves the application's subscribe() calls it stands in for (`chained`). */
-function autoSub(topic, chained = []) {
-  return { kind: "sub", auto: true, topic, settled: false, chained, retryDelay: 500, resolve() {}, reject() {} };
+function autoSub(topic, chained = [], recover = false) {
+  return { kind: "sub", auto: true, topic, settled: false, chained, recover, retryDelay: 500, resolve() {}, reject() {} };
 }
 
 /** Close a socket from our side; browsers only allow 1000 and 3000-4999, reasons up to

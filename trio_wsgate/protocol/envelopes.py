@@ -226,12 +226,17 @@ class Sub(Sequenced):
     topic: str
     since: Since | None = None
     ack: int | None = None
+    #: Only a topic the session follows already: a client's recovery of it
+    #: (docs/protocol.md §14), which must not subscribe the session again.
+    recover: bool | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"type": "sub", "seq": self.seq, "topic": self.topic}
         if self.since is not None:
             wire["since"] = {"offset": self.since.offset, "epoch": self.since.epoch}
         _put(wire, "ack", self.ack)
+        if self.recover:
+            wire["recover"] = True
         return wire
 
 
@@ -406,11 +411,15 @@ def _sub(o: dict[str, Any]) -> Sub:
     if since is not None:
         since.setdefault("type", "sub.since")
         parsed = Since(_int(since, "offset"), _str(since, "epoch"))  # type: ignore[arg-type]
+    recover = o.get("recover")
+    if recover is not None and not isinstance(recover, bool):
+        raise _fail("sub: field 'recover' must be a boolean")
     return Sub(
         seq=_int(o, "seq"),  # type: ignore[arg-type]
         topic=_str(o, "topic"),  # type: ignore[arg-type]
         since=parsed,
         ack=_int(o, "ack", required=False),
+        recover=recover or None,
     )
 
 

@@ -156,3 +156,73 @@ test("v2: a sub answered only after a drop asks for what came meanwhile, from th
   await settle();
   assert.deepEqual(messages.map((m) => m.data), ["away"]);
 });
+
+test("v2: a recovery answered only on a later connection moves nothing; this one's asks again", async () => {
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room");
+  await settle();
+  const first = sequenced(server.socket.take()).find((e) => e.type === "sub");
+  server.socket.session.received = server.socket.session.processed = first.seq;
+  server.reply(server.socket, first.seq, { data: { offset: 0, epoch: "e1" } });
+  await subscribed;
+  server.socket.deliver(pub("room", 1, 1));
+  await settle();
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  const sub = sequenced(second.take()).find((e) => e.type === "sub");
+  assert.deepEqual([sub.since, sub.recover], [{ offset: 1, epoch: "e1" }, true]);
+  // Processed: 2 and 3 sent, 2 arrives, then the drop; the reply never left.
+  second.session.received = second.session.processed = sub.seq;
+  second.deliver(pub("room", 2, 2));
+  await settle();
+  server.number(second, { type: "reply", re: sub.seq, data: { offset: 3, epoch: "e1", recovered: true } });
+  await cutAndReconnect(server, clock); // 4 was published meanwhile
+  const third = server.socket;
+  // The old reply came first (resent by the session): asked again from 1 all the same.
+  const again = sequenced(third.take()).filter((e) => e.type === "sub");
+  assert.deepEqual(again.map((e) => [e.since, e.recover]), [[{ offset: 1, epoch: "e1" }, true]]);
+  third.deliver([pub("room", 5, 5), pub("room", 2, 2), pub("room", 3, 3), pub("room", 4, 4), pub("room", 5, 5)]);
+  third.session.received = third.session.processed = again[0].seq;
+  server.reply(third, again[0].seq, { data: { offset: 5, epoch: "e1", recovered: true } });
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [1, 2, 3, 4, 5]);
+});
+
+test("v2: a sub reply overtaken by a live pub does not move the position back", async () => {
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room");
+  await settle();
+  const first = sequenced(server.socket.take()).find((e) => e.type === "sub");
+  server.socket.session.received = server.socket.session.processed = first.seq;
+  server.socket.deliver(pub("room", 6, 6)); // live: the reply waited for the window
+  await settle();
+  server.reply(server.socket, first.seq, { data: { offset: 5, epoch: "e1" } });
+  await subscribed;
+  await cutAndReconnect(server, clock);
+  const sub = sequenced(server.socket.take()).find((e) => e.type === "sub");
+  assert.deepEqual(sub.since, { offset: 6, epoch: "e1" });
+  assert.deepEqual(messages.map((m) => m.data), [6]);
+});
+
+test("v2: after a lost session, the server's topics are asked only if still followed", async () => {
+  const { client, server, clock, errors } = setup({ protocol: 2 });
+  await settle();
+  await client.subscribe("room");
+  await settle();
+  server.socket.deliver([pub("room", 1, "r"), pub("news", 3, "n")]);
+  await settle();
+  server.socket.session.ended = true;
+  await cutAndReconnect(server, clock);
+  assert.equal(client.state, "session_lost");
+  const subs = sequenced(server.socket.take()).filter((e) => e.type === "sub");
+  assert.deepEqual(
+    subs.map((e) => [e.topic, e.since, e.recover]),
+    [
+      ["room", { offset: 1, epoch: "e1" }, undefined],
+      ["news", { offset: 3, epoch: "e1" }, true],
+    ],
+  );
+  assert.deepEqual(errors, []);
+});
