@@ -12,7 +12,8 @@ import trio.lowlevel
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import ClientState, JwtAuthenticator, Server, Session, open_client
+from trio_wsgate import ClientState, JwtAuthenticator, MemoryBroker, Server, Session, open_client
+from trio_wsgate.brokers import History
 from trio_wsgate.protocol import (
     JSON_V2_SUBPROTOCOL,
     MSGPACK_V2_SUBPROTOCOL,
@@ -33,6 +34,28 @@ def open_server(make_server: Callable[..., Server], **settings: Any) -> Server:
     settings.setdefault("allow_subscribe", ("room:*",))
     settings.setdefault("allow_publish", ("room:*",))
     return make_server(**settings)
+
+
+class _SlowAnswers(MemoryBroker):
+    """The in-memory broker, whose history answers, once read, wait for ``gate``: what
+    is published meanwhile comes live before the answer (a Redis round trip)."""
+
+    gate: trio.Event | None = None
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        answer = await super().history(topic, since)
+        if self.gate is not None:
+            await self.gate.wait()
+        return answer
+
+
+def slow_answers(server: Server) -> _SlowAnswers:
+    """Give ``server``'s hub a :class:`_SlowAnswers` broker."""
+    hub = server.hub
+    broker = _SlowAnswers(server.config.history_size)
+    broker.bind(hub._receive, hub._on_control)
+    hub.broker = broker
+    return broker
 
 
 def test_a_delivery_is_a_pub_without_seq_and_round_trips() -> None:
@@ -257,8 +280,9 @@ async def test_a_recovery_sub_needs_the_topic_followed_and_reads_nothing_from_be
             live = await client.recv_type("pub")
         assert live["data"] == "after"
         answered = await request(client, seq, "sub", topic="room:1", since=since, recover=True)
-        assert answered["data"] == {"offset": 2, "epoch": before.epoch, "recovered": True}
-        # Recovered from where the application subscribed it, not from offset 0.
+        assert answered["data"] == {"offset": 2, "epoch": before.epoch, "recovered": False}
+        # From where the application subscribed it, not from offset 0: what came
+        # before is missed (recovered: false), and not sent.
         kept = [e for e in client.received if e["type"] == "pub"]
         assert [e["data"] for e in kept] == ["after"]
         nursery.cancel_scope.cancel()
@@ -364,6 +388,9 @@ class _Peer:
                 for payload, _ in incoming.messages:
                     value = self.codec.loads(payload)
                     self.pending.extend(value if isinstance(value, list) else [value])
+                ended = incoming.eof or incoming.peer_close or incoming.failed
+                if not self.pending and ended:
+                    raise EOFError
             envelope = self.pending.pop(0)
             if envelope["type"] == kind:
                 return envelope
@@ -572,25 +599,10 @@ async def test_a_new_session_starts_its_user_topic_before_what_it_was_not_sent(
     # stood, before that answer came back (a Redis round trip): held, then given to a
     # session with no connection yet, which in version 2 keeps nothing. So
     # welcome.user_topic starts before it, and the client asks for it.
-    from trio_wsgate import MemoryBroker
-    from trio_wsgate.brokers import History
-
-    class SlowAnswers(MemoryBroker):
-        gate: trio.Event | None = None
-
-        async def history(self, topic: str, since: int | None = None) -> History:
-            answer = await super().history(topic, since)
-            if self.gate is not None:
-                await self.gate.wait()
-            return answer
-
     gateway = make_gateway()
     gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
     server = open_server(make_server, gateway=gateway)
-    hub = server.hub
-    broker = SlowAnswers(server.config.history_size)
-    broker.bind(hub._receive, hub._on_control)
-    hub.broker = broker
+    broker = slow_answers(server)
     gate = broker.gate = trio.Event()
     async with (
         running(server) as nursery,

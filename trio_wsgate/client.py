@@ -149,6 +149,31 @@ class Message:
     epoch: str | None = None
 
 
+class _Held(list[Message]):
+    """What a recovery of a topic holds until its reply; ``top`` is its highest offset."""
+
+    __slots__ = ("top",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top = -1
+
+    def hold(self, message: Message) -> None:
+        self.append(message)
+        self.top = max(self.top, message.offset or 0)
+
+    def swap_top(self, message: Message) -> None:
+        """Hold ``message`` instead of the highest held one, if it is lower and of the
+        same epoch (the buffer is full: one of them is let go, and asked again)."""
+        offset = message.offset or 0
+        if offset >= self.top:
+            return
+        index = max(range(len(self)), key=lambda i: self[i].offset or 0)
+        if self[index].epoch == message.epoch:
+            self[index] = message
+            self.top = max(m.offset or 0 for m in self)
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential backoff with full jitter between connection attempts.
@@ -390,7 +415,7 @@ class Client:
         # their publications that came before its reply: the new session may follow a
         # topic already (its user topic, or one its on_connect joined), so a live one
         # can come before the gap; they are delivered in offset order at the reply.
-        self._recovering: dict[str, list[Message]] = {}
+        self._recovering: dict[str, _Held] = {}
         # Version 2: topics whose publications were let go while the buffer was full;
         # each is asked again from its position once the buffer has room.
         self._behind: set[str] = set()
@@ -400,6 +425,10 @@ class Client:
         # Version 2: topics followed because the server sent them (the application
         # subscribed the session): recovered only while the session still follows them.
         self._server_topics: set[str] = set()
+        # Version 2: the application's topics this session has not subscribed yet (after
+        # a lost session, until their sub is answered): a resume must subscribe them,
+        # not only recover them.
+        self._unfollowed: set[str] = set()
         # Version 2: recoveries waiting to be sent, and how many are under way (at most
         # _RECOVERIES_AT_ONCE: what each sends counts against the server's queue).
         self._to_recover: deque[tuple[str, bool]] = deque()
@@ -450,6 +479,7 @@ class Client:
         self._recovering.pop(topic, None)  # what a recovery held goes with it
         self._behind.discard(topic)
         self._server_topics.discard(topic)
+        self._unfollowed.discard(topic)
         self._leaving.add(topic)
         try:
             await self._call(lambda seq, ack: Unsub(seq=seq, topic=topic, ack=ack))
@@ -496,6 +526,7 @@ class Client:
         def track(data: Any) -> None:
             if counted:
                 self._recovery_done(welcomes)
+            self._unfollowed.discard(topic)  # answered: the session follows it
             if self._v2 and welcomes != self._welcomes:
                 # Sent on a connection that died: what it sent may have died with it,
                 # and a recovery of this connection asks from our own position.
@@ -597,7 +628,7 @@ class Client:
         while topic in self._topics and not self._stopping:
             await trio.sleep(delay * (0.5 + self._rng.random()))
             if topic not in self._recovering and self._topics.get(topic) is not None:
-                self._recovering[topic] = []  # a recovery again: hold until its reply
+                self._recovering[topic] = _Held()  # a recovery again: hold until its reply
             try:
                 tracker = self._tracker(topic, recovery=True)
                 await self._call(self._sub_builder(topic, recover), tracker)
@@ -903,8 +934,11 @@ class Client:
         """The connection is gone: what was received and not processed comes again."""
         inbox = self._inbox
         inbox.detach()
-        while self._buffer and self._buffer[-1][0] > inbox.processed:
-            self._buffer.pop()
+        processed = inbox.processed
+        if any(seq > processed for seq, _ in self._buffer):
+            # (Not only from the end: a recovery's publications, seq 0, may sit after
+            # unprocessed msgs.)
+            self._buffer = deque(item for item in self._buffer if item[0] <= processed)
         if self.state is not ClientState.CLOSED:
             self._set_state(ClientState.CONNECTING)
         self._notify()
@@ -1020,10 +1054,14 @@ class Client:
                 # its sub's reply placed it, from just before this one).
                 if position is None:
                     self._topics[topic] = (offset - 1, epoch)
+                if held:
+                    # What the recovery holds is what it delivers next: the lowest
+                    # offsets, not live ones that came before the history's older ones.
+                    held.swap_top(message)
                 self._behind.add(topic)
                 return
             if held is not None:  # delivered in order at the recovery's reply
-                held.append(message)
+                held.hold(message)
                 return
             self._topics[topic] = (offset, epoch)
         elif not seq and self._full():
@@ -1082,8 +1120,11 @@ class Client:
             # sub's reply, and asked from there.
             self.recovered = {}
             self._recovering, self._behind = {}, set()
-            positioned = [t for t, p in self._topics.items() if p is not None]
-            resend += self._recover(positioned, recover=True)
+            unfollowed = [t for t in self._topics if t in self._unfollowed]
+            positioned = [
+                t for t, p in self._topics.items() if p is not None and t not in self._unfollowed
+            ]
+            resend += self._recover(unfollowed) + self._recover(positioned, recover=True)
         elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
             # Where the user topic starts, so that a lost session can recover it even if
             # nothing was sent to the user before (docs/protocol.md §6): the welcome
@@ -1106,6 +1147,7 @@ class Client:
         self._recovering, self._behind = {}, set()
         if self._v2:  # the application's own topics again; the server's if still followed
             own = [t for t in topics if t not in self._server_topics]
+            self._unfollowed = set(own)
             return self._recover(own) + self._recover(
                 [t for t in topics if t in self._server_topics], recover=True
             )
@@ -1120,13 +1162,13 @@ class Client:
         if self._v2:
             for topic in topics:
                 if self._topics.get(topic) is not None:
-                    self._recovering[topic] = []
+                    self._recovering[topic] = _Held()
                 self._to_recover.append((topic, recover))
             return self._send_recoveries()
         written: list[_Pending] = []
         for topic in topics:
             if self._topics.get(topic) is not None:
-                self._recovering[topic] = []
+                self._recovering[topic] = _Held()
             waiter = _Request(
                 trio.Event(), on_data=self._tracker(topic), on_error=self._retrier(topic)
             )

@@ -144,6 +144,8 @@ class Connection:
         "_dispatching",
         "_done",
         "_flush_due",
+        "_flushed",
+        "_framed",
         "_heartbeat",
         "_hello_seen",
         "_hub",
@@ -190,6 +192,8 @@ class Connection:
         self._flush_due = False
         self._writing = False  # a write loop runs
         self._written: trio.Event | None = None  # made by wait_written, set when it is
+        # Envelopes framed so far, and how many of them a completed flush has written.
+        self._framed = self._flushed = 0
         self._dispatcher = Dispatcher(hub, gateway, identity)
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome (an idle
@@ -641,16 +645,19 @@ class Connection:
         self._want_flush()
 
     async def wait_written(self) -> None:
-        """Until everything queued has been handed to the socket (or the connection
-        closes): a version-2 recovery's pubs are paced by the client's reading."""
-        while (self._queue or self._writing or self._flush_due) and not self.closing:
+        """Until what is queued now has been handed to the socket (or the connection
+        closes): a version-2 recovery's pubs are paced by the client's reading, and
+        what is queued after them does not make the wait longer."""
+        mark = self._framed + len(self._queue)
+        while self._flushed < mark and not self.closing:
             if self._written is None:
                 self._written = trio.Event()
             await self._written.wait()
 
     def _note_written(self) -> None:
+        """A flush completed (or the connection is closing): wake a wait_written."""
         written = self._written
-        if written is not None and (self.closing or not (self._queue or self._writing)):
+        if written is not None:
             self._written = None
             written.set()
 
@@ -704,6 +711,7 @@ class Connection:
             if self._queue and not self.closing:
                 self._frame_queue()
             if self._transport.flush_now():
+                self._flushed = self._framed
                 self._note_written()
                 return
         except TransportBroken as exc:
@@ -735,6 +743,7 @@ class Connection:
             while True:
                 if self._queue and not self.closing:
                     self._frame_queue()
+                framed = self._framed
                 try:
                     finished = await transport.flush()
                 except TransportBroken as exc:
@@ -742,6 +751,8 @@ class Connection:
                     return
                 except trio.ClosedResourceError:
                     return
+                self._flushed = framed  # all framed before the flush is written
+                self._note_written()
                 if finished:
                     return  # our end of the stream is closed; the reader sees the peer's
                 if (not self._queue or self.closing) and not transport.wants_flush():
@@ -764,6 +775,7 @@ class Connection:
         for message in codec.pack(payloads, self._config.max_message_size):
             transport.send_message(message, codec.binary)
             nbytes += len(message)
+        self._framed += envelopes
         self._metrics.messages_out.inc(envelopes)
         self._metrics.bytes_out.inc(nbytes)
 

@@ -637,10 +637,11 @@ class Hub:
         subscription.followed = True
         for publication in held or ():
             self._deliver(session, subscription, publication)
-        if session.codec.version == 1 or session.live:
+        if session.codec.version == 1:
             answer = subscription.offset, subscription.epoch
-        # (A version-2 session without a live connection was sent none of those held:
-        # its client asks from the answer's offset, and gets them from the history.)
+        # In version 2, where the history stood, before those held: they may die with
+        # the connection (or never leave, without one), and a client places the topic
+        # at the answer, then asks from there (its position only moves forward).
         return SubscribeResult(*answer, recovered)
 
     def unsubscribe(self, session: Session, topic: str) -> bool:
@@ -834,10 +835,11 @@ class Hub:
                 break
         if session.ended:  # it overflowed, or was evicted, while its history came
             return None
-        for topic, (floor, floor_epoch) in (state.get("floors") or {}).items():
-            place = session.subscriptions.get(topic)
-            if place is not None:
-                place.floor, place.floor_epoch = floor, floor_epoch
+        floors = state.get("floors") or {}
+        for topic, place in session.subscriptions.items():
+            # Only the floors the state has: one set here, at the hand-over, would hide
+            # from its client what was published while it was away.
+            place.floor, place.floor_epoch = floors.get(topic) or (0, "")
         return session
 
     def _follow_again(self, session: Session) -> None:
@@ -1069,8 +1071,8 @@ class Hub:
             limit = self.config.max_subscriptions
             if topic not in session.subscriptions and len(session.subscriptions) >= limit:
                 return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
-            since = envelope.since
-            if envelope.recover:
+            since, raised = envelope.since, False
+            if envelope.recover and session.codec.version == 2:
                 # A client's recovery of a topic the session follows (docs/protocol.md
                 # §14): it grants nothing new, and never subscribes the session again.
                 current = session.subscriptions.get(topic)
@@ -1084,11 +1086,14 @@ class Hub:
                     and since.offset < current.floor
                     and not await hub.may_subscribe(session, topic)
                 ):
-                    # The application subscribed it from there: nothing from before.
-                    since = Since(current.floor, since.epoch)
+                    # The application subscribed it from there: nothing from before,
+                    # and what came between is missed (recovered: false).
+                    since, raised = Since(current.floor, since.epoch), True
             elif not await hub.may_subscribe(session, topic):
                 return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
             result = await hub.subscribe(session, topic, since)
+            if raised:
+                result = SubscribeResult(result.offset, result.epoch, False)
             return result.to_data(), None
         if isinstance(envelope, Unsub):
             if session.user is not None and topic == user_topic(session.user):

@@ -884,6 +884,10 @@ export class Client {
     // Version 2: topics followed because the server sent them (the application
     // subscribed the session): recovered only while the session still follows them.
     this._serverTopics = new Set();
+    // Version 2: the application's topics this session has not subscribed yet (after a
+    // lost session, until their sub is answered): a resume must subscribe them, not
+    // only recover them.
+    this._unfollowed = new Set();
     // welcome.max_message_size: a larger envelope is refused here, not by the server
     // (1009 would end the client). The protocol's default until a welcome says.
     this._maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
@@ -978,6 +982,7 @@ export class Client {
       this._recoveries.delete(topic);
     }
     this._serverTopics.delete(topic);
+    this._unfollowed.delete(topic);
     this._leaving.add(topic);
     const left = () => this._leaving.delete(topic);
     const promise = this._call("unsub", { type: "unsub", topic });
@@ -1775,6 +1780,7 @@ export class Client {
       }
     }
     if (lost) this.recovered = {};
+    if (this._v2) this._unfollowed = new Set(topics.filter((topic) => !this._serverTopics.has(topic)));
     const carried = this._carriedSubs();
     for (const topic of topics) {
       const waiter = carried.get(topic);
@@ -1805,7 +1811,8 @@ export class Client {
     // what they held was neither delivered nor placed. Each topic is asked again.
     this._recoveries.clear();
     for (const [topic, position] of this._topics) {
-      if (!position) this._recoverOnReply.add(topic);
+      if (this._unfollowed.has(topic)) this._pushAuto(autoSub(topic)); // subscribed again
+      else if (!position) this._recoverOnReply.add(topic);
       else this._pushAuto(autoSub(topic, [], true));
     }
   }
@@ -1831,6 +1838,7 @@ export class Client {
    * it is: what the recovery holds is below this reply's offset and not yet delivered
    * (the last reply moves it, after delivering them). */
   _subscribed(topic, data) {
+    this._unfollowed.delete(topic); // answered: the session follows it
     if (!this._topics.has(topic) || data === null || typeof data !== "object") return;
     if (Number.isInteger(data.offset) && typeof data.epoch === "string" && !this._recoveries.has(topic)) {
       // Forward only: a live one may have come before this reply (version 2).

@@ -411,9 +411,8 @@ def _sub(o: dict[str, Any]) -> Sub:
     if since is not None:
         since.setdefault("type", "sub.since")
         parsed = Since(_int(since, "offset"), _str(since, "epoch"))  # type: ignore[arg-type]
-    recover = o.get("recover")
-    if recover is not None and not isinstance(recover, bool):
-        raise _fail("sub: field 'recover' must be a boolean")
+    # Only true counts (version 2, docs/protocol.md §14); version 1 ignores the field.
+    recover = o.get("recover") is True
     return Sub(
         seq=_int(o, "seq"),  # type: ignore[arg-type]
         topic=_str(o, "topic"),  # type: ignore[arg-type]

@@ -226,3 +226,22 @@ test("v2: after a lost session, the server's topics are asked only if still foll
   );
   assert.deepEqual(errors, []);
 });
+
+test("v2: after a lost session, a topic not yet subscribed again is subscribed, not only recovered, on a resume", async () => {
+  const { client, server, clock } = setup({ protocol: 2 });
+  await settle();
+  await client.subscribe("room");
+  await settle();
+  server.socket.deliver(pub("room", 1, "r"));
+  await settle();
+  server.socket.session.ended = true;
+  server.autoReply = false;
+  await cutAndReconnect(server, clock); // a new session: room is asked again, unanswered
+  assert.equal(client.state, "session_lost");
+  const lost = sequenced(server.socket.take()).filter((e) => e.type === "sub");
+  assert.deepEqual(lost.map((e) => [e.topic, e.recover]), [["room", undefined]]);
+  await cutAndReconnect(server, clock); // resumed before the answer
+  assert.equal(client.state, "resumed");
+  const again = sequenced(server.socket.take()).filter((e) => e.type === "sub" && e.seq > lost[0].seq);
+  assert.deepEqual(again.map((e) => [e.topic, e.since, e.recover]), [["room", { offset: 1, epoch: "e1" }, undefined]]);
+});
