@@ -12,7 +12,15 @@ import trio.lowlevel
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import ClientState, JwtAuthenticator, MemoryBroker, Server, Session, open_client
+from trio_wsgate import (
+    ClientState,
+    HandlerError,
+    JwtAuthenticator,
+    MemoryBroker,
+    Server,
+    Session,
+    open_client,
+)
 from trio_wsgate.brokers import History
 from trio_wsgate.protocol import (
     JSON_V2_SUBPROTOCOL,
@@ -626,4 +634,41 @@ async def test_a_new_session_starts_its_user_topic_before_what_it_was_not_sent(
         assert answered["data"]["recovered"] is True
         got = [e for e in client.received if e["type"] == "pub"]
         assert [(e["offset"], e["data"]) for e in got] == [(1, "meanwhile")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_subscribe_of_a_followed_topic_keeps_it_followed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    # The application subscribed the session to "news", which its client may not
+    # subscribe to itself: the client's own subscribe() is forbidden, and the topic is
+    # still recovered after a cut.
+    gateway = make_gateway()
+
+    @gateway.on_connect
+    async def join(session: Session) -> None:
+        if not session.resumed:
+            await session.subscribe("news")
+
+    server = open_server(make_server, gateway=gateway)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2) as client:
+            await client.wait_connected()
+            await server.gateway.publish("news", 1)
+            got = []
+            async for message in client.messages():
+                got.append(message.data)
+                break
+            with pytest.raises(HandlerError, match="forbidden"):
+                await client.subscribe("news")
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            await server.gateway.publish("news", 2)
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append(message.data)
+                    break
+            assert got == [1, 2]
+            assert client.recovered == {"news": True}
         nursery.cancel_scope.cancel()

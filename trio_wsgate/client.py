@@ -465,12 +465,17 @@ class Client:
         Raises:
             HandlerError: ``forbidden`` or ``bad_topic``.
         """
+        known = topic in self._topics
         self._topics.setdefault(topic, None)
+        server_topic = topic in self._server_topics
         self._server_topics.discard(topic)
         try:
             return await self._call(self._sub_builder(topic), self._tracker(topic))  # type: ignore[no-any-return]
         except HandlerError:
-            self._topics.pop(topic, None)
+            if not known:  # a topic followed already stays followed (forbidden, unavailable)
+                self._topics.pop(topic, None)
+            elif server_topic:
+                self._server_topics.add(topic)
             raise
 
     async def unsubscribe(self, topic: str) -> None:
