@@ -337,3 +337,127 @@ async def test_a_recovery_raised_to_the_floor_does_not_say_recovered(
     # The client asked since 1 and the server answered from the new session's floor (2):
     # n2 was skipped, yet the reply says recovered: true, so the application never reloads.
     assert "n2" in got or recovered.get("news") is False, (got, recovered)
+
+
+# Version 1 too: topic msgs past the buffer cap were taken (their position moved), the
+# drop let them go, and the resume resent them as "already received".
+async def test_v1_topic_msgs_past_the_buffer_survive_a_drop(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = open_server(make_server)
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=1, buffer=2, seed=1) as client:
+            await client.wait_connected()
+            await client.subscribe("room:1")
+            for n in range(1, 6):
+                await server.gateway.publish("room:1", n)
+            await trio.testing.wait_all_tasks_blocked()
+            await wire.cut()
+            assert await client.wait_state(ClientState.RESUMED) is ClientState.RESUMED
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(10):
+                async for message in client.messages():
+                    got.append(message.offset)
+        nursery.cancel_scope.cancel()
+    assert got == [1, 2, 3, 4, 5], got
+
+
+# a recover sub that was never written is carried into a new session with
+#    recover: true (JS strips it); it goes before the plain resubscription and is answered
+#    not_subscribed: the client forgets its own topic.
+async def test_v2_carried_recover_sub_of_an_own_topic(autojump_clock: MockClock) -> None:
+    connections = 0
+    seen: list[dict[str, Any]] = []
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            peer = await _open_peer(stream)
+            await peer.recv_type("hello")
+            if number == 1:
+                await peer.send(_welcome("s1", False, 0))
+                sub = await peer.recv_type("sub")
+                await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}), _pub(1))
+            elif number == 2:
+                await peer.send(_welcome("s1", True, 1))
+            else:
+                await peer.send(_welcome("s2", False, 0))
+                followed: set[str] = set()
+                seq = 0
+                while True:
+                    sub = await peer.recv_type("sub")
+                    seen.append(sub)
+                    seq += 1
+                    if sub.get("recover") and sub["topic"] not in followed:
+                        await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
+                    else:
+                        followed.add(sub["topic"])
+                        await peer.send(
+                            _reply(seq, sub["seq"], {"offset": 1, "epoch": "E", "recovered": True})
+                        )
+            await trio.sleep_forever()
+        except Exception:
+            return
+
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = serve
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            await client.wait_connected()
+            await client.subscribe("t")
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(16):  # the window (16): never acked
+                await client.send("x", i)
+            await trio.testing.wait_all_tasks_blocked()
+            await wire.cut()
+            await _connects(client, 2)  # resumed: the recovery of t waits behind the window
+            await wire.cut()
+            assert await client.wait_state(ClientState.SESSION_LOST) is ClientState.SESSION_LOST
+            await trio.testing.wait_all_tasks_blocked()
+            topics = dict(client._topics)
+            server_topics = set(client._server_topics)
+        nursery.cancel_scope.cancel()
+    assert "t" in topics, seen
+    assert "t" not in server_topics
+
+
+# Server: a replay (recovery) is queued without check_room, but it counts in
+#    queue_depth: a pub held during the history read (delivered right after, live) then
+#    finds the queue "full" and closes with 4004, although §14 says a recovery does not
+#    count against --queue-size (and enqueue_unsequenced: "so that a recovery larger
+#    than those bounds completes").
+async def test_v2_replay_larger_than_queue_size(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = open_server(make_server, queue_size=10, history_size=50)
+    broker = slow_answers(server)
+    codes: list[Any] = []
+    async with (
+        running(server) as nursery,
+        open_memory_connection(server, nursery, subprotocols=[JSON_V2_SUBPROTOCOL]) as client,
+    ):
+        await client.hello()
+        last = None
+        for n in range(20):
+            last = await server.gateway.publish("room:1", n)
+        seq = Seq()
+        broker.gate = trio.Event()
+        await client.send(seq("sub", topic="room:1", since={"offset": 0, "epoch": last.epoch}))
+        await trio.testing.wait_all_tasks_blocked()
+        await server.gateway.publish("room:1", "live")  # during the history read
+        broker.gate.set()
+        broker.gate = None
+        with trio.move_on_after(5):
+            while True:
+                try:
+                    await client.recv()
+                except Exception as exc:
+                    codes.append(repr(exc))
+                    break
+        codes.append(client.close_code)
+        nursery.cancel_scope.cancel()
+    assert 4004 not in codes, codes

@@ -942,8 +942,23 @@ class Client:
         processed = inbox.processed
         if any(seq > processed for seq, _ in self._buffer):
             # (Not only from the end: a recovery's publications, seq 0, may sit after
-            # unprocessed msgs.)
-            self._buffer = deque(item for item in self._buffer if item[0] <= processed)
+            # unprocessed msgs.) A publication let go here comes again: its topic's
+            # position goes back to just before it, or it would be taken for a
+            # duplicate when it does.
+            kept: deque[tuple[int, Message]] = deque()
+            back: set[str] = set()
+            for item in self._buffer:
+                seq, message = item
+                if seq <= processed:
+                    kept.append(item)
+                    continue
+                topic, offset, epoch = message.topic, message.offset, message.epoch
+                if topic is not None and offset is not None and topic not in back:
+                    back.add(topic)
+                    position = self._topics.get(topic)
+                    if position is not None and position[1] == epoch and position[0] >= offset:
+                        self._topics[topic] = (offset - 1, epoch)
+            self._buffer = kept
         if self.state is not ClientState.CLOSED:
             self._set_state(ClientState.CONNECTING)
         self._notify()
@@ -1219,6 +1234,8 @@ class Client:
                 continue
             seq = self._outbox.next_seq
             envelope = replace(item.envelope, seq=seq, ack=None)  # type: ignore[type-var]
+            if isinstance(envelope, Sub) and envelope.topic not in self._server_topics:
+                envelope = replace(envelope, recover=None)  # the new session subscribes it
             renumbered = _Pending(envelope, self._codec.encode(envelope), item.waiter)
             if item.waiter is not None:
                 self._requests[seq] = item.waiter

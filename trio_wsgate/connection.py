@@ -154,6 +154,7 @@ class Connection:
         "_nursery",
         "_pub_bytes",
         "_queue",
+        "_replayed",
         "_timers",
         "_tokens",
         "_transport",
@@ -187,6 +188,7 @@ class Connection:
         self._hub = hub
         self._queue: list[_Item] = []
         self._pub_bytes = 0  # of version-2 pubs in the queue (bounded: enqueue_unsequenced)
+        self._replayed = 0  # of replays in the queue (not counted by queue_depth)
         # What is queued is written by the node's timers' task (_flush_now), and by a
         # write loop of the connection's own only while the socket does not take it.
         self._flush_due = False
@@ -280,7 +282,7 @@ class Connection:
         """Envelopes waiting: in the write queue plus those the window holds back."""
         session = self.session
         held = len(session.outbox.waiting) if session and session.connection is self else 0
-        return len(self._queue) + held
+        return len(self._queue) - self._replayed + held
 
     def close(self, code: int, reason: str = "", label: CloseReason | None = None) -> None:
         """Decide to close with ``code``; return at once (docs/architecture.md, "Bounded close")."""
@@ -422,7 +424,7 @@ class Connection:
         self.close_decided_at = trio.current_time()
         self._answered_hello()  # a reader waiting for welcome goes back to reading
         self._queue.clear()  # never framed now: only the close frame goes out
-        self._pub_bytes = 0
+        self._pub_bytes = self._replayed = 0
         self._note_written()
         self._dispatcher.release()  # and one waiting for the dispatcher too
         self._cancel_application()
@@ -632,6 +634,7 @@ class Connection:
             return
         if replay:
             self._queue.append((payload, True))
+            self._replayed += 1
             self._want_flush()
             return
         self.check_room()
@@ -769,7 +772,7 @@ class Connection:
         queue, codec, transport = self._queue, self._codec, self._transport
         payloads = [payload for payload, _ in queue]
         queue.clear()
-        self._pub_bytes = 0
+        self._pub_bytes = self._replayed = 0
         envelopes = len(payloads)
         nbytes = 0
         for message in codec.pack(payloads, self._config.max_message_size):
