@@ -3,7 +3,7 @@ recovery and the server's answers, each a test that failed before its fix."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -34,6 +34,28 @@ async def _open_peer(stream: trio.abc.Stream) -> Peer:
     result = await accept_websocket(stream, decide=_accept, max_message_size=65536)
     assert isinstance(result, Handshake)
     return Peer(result.transport)
+
+
+def _scripted(
+    script: Callable[[int, Peer, dict[str, Any]], Awaitable[None]],
+) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+    """A scripted server: ``script(number, peer, hello)`` plays its ``number``-th
+    connection (from 1) once ``hello`` came; a connection the client drops ends it."""
+    count = 0
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        nonlocal count
+        count += 1
+        number = count
+        try:
+            peer = await _open_peer(stream)
+            hello = await peer.recv_type("hello")
+            await script(number, peer, hello)
+            await trio.sleep_forever()
+        except Exception:
+            return
+
+    return serve
 
 
 def _welcome(session: str, resumed: bool, ack: int) -> dict[str, Any]:
@@ -125,54 +147,43 @@ async def test_own_topics_not_yet_resubscribed_survive_a_resume(
     # is resumed: _on_welcome clears _to_recover and asks every topic with recover: true.
     # s2 never subscribed t5: not_subscribed, and the client forgets t5 for good.
     topics = [f"t{n}" for n in range(1, 6)]
-    connections = 0
     lost_subs: list[dict[str, Any]] = []
     later_subs: list[dict[str, Any]] = []
     second = trio.Event()
 
-    async def serve(stream: trio.abc.Stream) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
-        try:
-            peer = await _open_peer(stream)
-            await peer.recv_type("hello")
-            if number == 1:
-                await peer.send(_welcome("s1", False, 0))
-                for seq in range(1, 6):
-                    sub = await peer.recv_type("sub")
-                    await peer.send(_reply(seq, sub["seq"], {"offset": 0, "epoch": "E"}))
-            elif number == 2:
-                await peer.send(_welcome("s2", False, 0))  # s1 is gone
-                for _ in range(4):
-                    lost_subs.append(await peer.recv_type("sub"))
-                second.set()  # processed (s2 follows t1..t4); the replies never leave
-            else:
-                await peer.send(_welcome("s2", True, len(lost_subs)))
-                resent = [
-                    _reply(i, s["seq"], {"offset": 0, "epoch": "E"})
-                    for i, s in enumerate(lost_subs, 1)
-                ]
-                await peer.send(*resent)
-                followed = {s["topic"] for s in lost_subs}
-                seq = len(lost_subs)
-                while True:
-                    sub = await peer.recv_type("sub")
-                    later_subs.append(sub)
-                    seq += 1
-                    if sub.get("recover") and sub["topic"] not in followed:
-                        await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
-                    else:
-                        followed.add(sub["topic"])
-                        data = {"offset": 0, "epoch": "E", "recovered": True}
-                        await peer.send(_reply(seq, sub["seq"], data))
-            await trio.sleep_forever()
-        except Exception:
-            return
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        if number == 1:
+            await peer.send(_welcome("s1", False, 0))
+            for seq in range(1, 6):
+                sub = await peer.recv_type("sub")
+                await peer.send(_reply(seq, sub["seq"], {"offset": 0, "epoch": "E"}))
+        elif number == 2:
+            await peer.send(_welcome("s2", False, 0))  # s1 is gone
+            for _ in range(4):
+                lost_subs.append(await peer.recv_type("sub"))
+            second.set()  # processed (s2 follows t1..t4); the replies never leave
+        else:
+            await peer.send(_welcome("s2", True, len(lost_subs)))
+            resent = [
+                _reply(i, s["seq"], {"offset": 0, "epoch": "E"}) for i, s in enumerate(lost_subs, 1)
+            ]
+            await peer.send(*resent)
+            followed = {s["topic"] for s in lost_subs}
+            seq = len(lost_subs)
+            while True:
+                sub = await peer.recv_type("sub")
+                later_subs.append(sub)
+                seq += 1
+                if sub.get("recover") and sub["topic"] not in followed:
+                    await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
+                else:
+                    followed.add(sub["topic"])
+                    data = {"offset": 0, "epoch": "E", "recovered": True}
+                    await peer.send(_reply(seq, sub["seq"], data))
 
     async with trio.open_nursery() as nursery:
         wire = Wire(None, nursery)
-        wire.serve = serve
+        wire.serve = _scripted(script)
         async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
             await client.wait_connected()
             for topic in topics:
@@ -205,49 +216,37 @@ async def test_a_direct_message_past_the_buffer_is_not_delivered_twice(
     # which appends pub 1 (seq 0) after msg 6. A drop: _detach pops from the end only
     # while seq > processed, stops at the seq-0 pub, and keeps msg 6; the resume resends
     # seq 6 (resume.ack 5) and the inbox takes it again.
-    connections = 0
     done = trio.Event()
 
-    async def serve(stream: trio.abc.Stream) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
-        try:
-            peer = await _open_peer(stream)
-            hello = await peer.recv_type("hello")
-            if number == 1:
-                await peer.send(_welcome("s1", False, 0))
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        if number == 1:
+            await peer.send(_welcome("s1", False, 0))
+            sub = await peer.recv_type("sub")
+            await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}))
+        elif number == 2:
+            await peer.send(_welcome("s1", True, 1))
+            sub = await peer.recv_type("sub")  # the recovery of t (client seq 2)
+            data = {"offset": 1, "epoch": "E", "recovered": True}
+            await peer.send(_pub(1), *[_msg(k) for k in range(2, 7)], _reply(7, sub["seq"], data))
+            done.set()
+        else:
+            await peer.send(_welcome("s1", True, 2))
+            above = hello["resume"]["ack"]
+            resend = [_msg(k) for k in range(above + 1, 7)]
+            if above < 7:
+                resend.append(_reply(7, 2, {"offset": 1, "epoch": "E", "recovered": True}))
+            await peer.send(*resend)
+            seq = 7
+            while True:
                 sub = await peer.recv_type("sub")
-                await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}))
-            elif number == 2:
-                await peer.send(_welcome("s1", True, 1))
-                sub = await peer.recv_type("sub")  # the recovery of t (client seq 2)
+                seq += 1
                 data = {"offset": 1, "epoch": "E", "recovered": True}
-                await peer.send(
-                    _pub(1), *[_msg(k) for k in range(2, 7)], _reply(7, sub["seq"], data)
-                )
-                done.set()
-            else:
-                await peer.send(_welcome("s1", True, 2))
-                above = hello["resume"]["ack"]
-                resend = [_msg(k) for k in range(above + 1, 7)]
-                if above < 7:
-                    resend.append(_reply(7, 2, {"offset": 1, "epoch": "E", "recovered": True}))
-                await peer.send(*resend)
-                seq = 7
-                while True:
-                    sub = await peer.recv_type("sub")
-                    seq += 1
-                    data = {"offset": 1, "epoch": "E", "recovered": True}
-                    await peer.send(_reply(seq, sub["seq"], data))
-            await trio.sleep_forever()
-        except Exception:
-            return
+                await peer.send(_reply(seq, sub["seq"], data))
 
     got: list[tuple[str | None, int | None, Any]] = []
     async with trio.open_nursery() as nursery:
         wire = Wire(None, nursery)
-        wire.serve = serve
+        wire.serve = _scripted(script)
         async with open_client(URL, connect=wire.connect, protocol=2, buffer=4, seed=1) as client:
             await client.wait_connected()
             await client.subscribe("t")
@@ -368,44 +367,34 @@ async def test_v1_topic_msgs_past_the_buffer_survive_a_drop(
 #    recover: true (JS strips it); it goes before the plain resubscription and is answered
 #    not_subscribed: the client forgets its own topic.
 async def test_v2_carried_recover_sub_of_an_own_topic(autojump_clock: MockClock) -> None:
-    connections = 0
     seen: list[dict[str, Any]] = []
 
-    async def serve(stream: trio.abc.Stream) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
-        try:
-            peer = await _open_peer(stream)
-            await peer.recv_type("hello")
-            if number == 1:
-                await peer.send(_welcome("s1", False, 0))
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        if number == 1:
+            await peer.send(_welcome("s1", False, 0))
+            sub = await peer.recv_type("sub")
+            await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}), _pub(1))
+        elif number == 2:
+            await peer.send(_welcome("s1", True, 1))
+        else:
+            await peer.send(_welcome("s2", False, 0))
+            followed: set[str] = set()
+            seq = 0
+            while True:
                 sub = await peer.recv_type("sub")
-                await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}), _pub(1))
-            elif number == 2:
-                await peer.send(_welcome("s1", True, 1))
-            else:
-                await peer.send(_welcome("s2", False, 0))
-                followed: set[str] = set()
-                seq = 0
-                while True:
-                    sub = await peer.recv_type("sub")
-                    seen.append(sub)
-                    seq += 1
-                    if sub.get("recover") and sub["topic"] not in followed:
-                        await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
-                    else:
-                        followed.add(sub["topic"])
-                        await peer.send(
-                            _reply(seq, sub["seq"], {"offset": 1, "epoch": "E", "recovered": True})
-                        )
-            await trio.sleep_forever()
-        except Exception:
-            return
+                seen.append(sub)
+                seq += 1
+                if sub.get("recover") and sub["topic"] not in followed:
+                    await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
+                else:
+                    followed.add(sub["topic"])
+                    await peer.send(
+                        _reply(seq, sub["seq"], {"offset": 1, "epoch": "E", "recovered": True})
+                    )
 
     async with trio.open_nursery() as nursery:
         wire = Wire(None, nursery)
-        wire.serve = serve
+        wire.serve = _scripted(script)
         async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
             await client.wait_connected()
             await client.subscribe("t")
