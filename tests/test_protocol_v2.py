@@ -66,6 +66,17 @@ def slow_answers(server: Server) -> _SlowAnswers:
     return broker
 
 
+def jwt_node(make_server: Callable[..., Server], **settings: Any) -> tuple[Server, _SlowAnswers]:
+    """A node of JWT users whose broker's history answers wait for ``broker.gate``
+    (set to a new event here)."""
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = open_server(make_server, gateway=gateway, **settings)
+    broker = slow_answers(server)
+    broker.gate = trio.Event()
+    return server, broker
+
+
 def test_a_delivery_is_a_pub_without_seq_and_round_trips() -> None:
     codec = JsonCodecV2()
     wire = {"type": "pub", "topic": "t", "offset": 3, "epoch": "e", "event": "x", "data": None}
@@ -600,18 +611,15 @@ async def test_a_topic_the_application_left_is_not_followed_again(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_new_session_starts_its_user_topic_before_what_it_was_not_sent(
+async def test_a_new_session_gets_what_its_user_topic_gave_it_after_its_welcome(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
     # Published to the user after the new session's subscription read where the topic
-    # stood, before that answer came back (a Redis round trip): held, then given to a
-    # session with no connection yet, which in version 2 keeps nothing. So
-    # welcome.user_topic starts before it, and the client asks for it.
-    gateway = make_gateway()
-    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
-    server = open_server(make_server, gateway=gateway)
-    broker = slow_answers(server)
-    gate = broker.gate = trio.Event()
+    # stood, before that answer came back (a Redis round trip): held, then given to the
+    # session before it has a connection. welcome.user_topic starts before it, and it
+    # follows the welcome.
+    server, broker = jwt_node(make_server)
+    gateway, gate = server.gateway, broker.gate
     async with (
         running(server) as nursery,
         open_memory_connection(server, nursery, subprotocols=[JSON_V2_SUBPROTOCOL]) as client,
@@ -629,11 +637,9 @@ async def test_a_new_session_starts_its_user_topic_before_what_it_was_not_sent(
         await trio.testing.wait_all_tasks_blocked()
         (welcome,) = welcomed
         assert welcome["user_topic"] == {"topic": "user:ada", "offset": 0, "epoch": sent.epoch}
-        since = {"offset": 0, "epoch": sent.epoch}
-        answered = await request(client, Seq(), "sub", topic="user:ada", since=since, recover=True)
-        assert answered["data"]["recovered"] is True
-        got = [e for e in client.received if e["type"] == "pub"]
-        assert [(e["offset"], e["data"]) for e in got] == [(1, "meanwhile")]
+        with trio.fail_after(5):
+            early = await client.recv_type("pub")  # right after the welcome
+        assert (early["offset"], early["data"]) == (1, "meanwhile")
         nursery.cancel_scope.cancel()
 
 
@@ -671,4 +677,26 @@ async def test_a_refused_subscribe_of_a_followed_topic_keeps_it_followed(
                     break
             assert got == [1, 2]
             assert client.recovered == {"news": True}
+        nursery.cancel_scope.cancel()
+
+
+async def test_more_than_a_window_before_its_welcome_ends_a_new_session_1013(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server, broker = jwt_node(make_server, window=2)
+    gateway, gate = server.gateway, broker.gate
+    async with (
+        running(server) as nursery,
+        open_memory_connection(server, nursery, subprotocols=[JSON_V2_SUBPROTOCOL]) as client,
+    ):
+        await client.send({"type": "hello", "token": token("ada")})
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(3):
+            await gateway.send_to_user("ada", n)
+        gate.set()
+        broker.gate = None
+        with trio.fail_after(10):
+            code, reason = await client.wait_closed()
+        assert (code, reason) == (1013, "try again later")
+        assert not server.hub.sessions
         nursery.cancel_scope.cancel()

@@ -10,16 +10,19 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from trio_wsgate import ClientState, Server, Session, open_client
+from trio_wsgate import ClientState, MemoryBroker, Server, Session, open_client
+from trio_wsgate.brokers import History
+from trio_wsgate.exceptions import BrokerUnavailable
 from trio_wsgate.protocol import JSON_V2_SUBPROTOCOL, Welcome
 from trio_wsgate.testing import open_memory_connection
 from trio_wsgate.transports import Accept, UpgradeRequest
 from trio_wsgate.transports.websockets import Handshake, accept_websocket
 
 from .conftest import make_gateway
+from .test_auth import token
 from .test_client import URL, Wire
 from .test_protocol_v2 import _Peer as Peer
-from .test_protocol_v2 import _pub, open_server, slow_answers
+from .test_protocol_v2 import _pub, jwt_node, open_server, slow_answers
 from .test_resume import running
 from .test_topics import Seq, request
 
@@ -450,3 +453,118 @@ async def test_v2_replay_larger_than_queue_size(
         codes.append(client.close_code)
         nursery.cancel_scope.cancel()
     assert 4004 not in codes, codes
+
+
+# A first version-2 session: what its user topic was given during the history read of
+# its subscription, before its welcome, comes right after the welcome.
+async def test_a_first_session_gets_what_its_user_topic_gave_it_before_its_welcome(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server, broker = jwt_node(make_server)
+    gateway, gate = server.gateway, broker.gate
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2, token=token("ada")) as client:
+            await trio.testing.wait_all_tasks_blocked()
+            await gateway.send_to_user("ada", "meanwhile")  # during the history read
+            gate.set()
+            broker.gate = None
+            await client.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            await gateway.send_to_user("ada", "after")
+            got = []
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append((message.offset, message.data))
+                    if len(got) == 2:
+                        break
+            assert got == [(1, "meanwhile"), (2, "after")], got
+        nursery.cancel_scope.cancel()
+
+
+async def _following(client: Any, server: Server) -> list[Any]:
+    """Once connected, subscribe to room:1 and take its first publication, "one"."""
+    await client.wait_connected()
+    await client.subscribe("room:1")
+    await server.gateway.publish("room:1", "one")
+    async for message in client.messages():
+        return [message.data]
+    raise AssertionError("no message")
+
+
+# A version-2 recovery whose history read fails or is cut short leaves the topic
+# followed (its client asks again with recover, which needs the session to follow it).
+class _Flaky(MemoryBroker):
+    """The in-memory broker, whose next ``fail`` history reads with ``since`` fail."""
+
+    fail = 0
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        if since is not None and self.fail:
+            self.fail -= 1
+            raise BrokerUnavailable("redis hiccup")
+        return await super().history(topic, since)
+
+
+async def test_a_recovery_answered_unavailable_keeps_the_topic_followed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = open_server(make_server)
+    hub = server.hub
+    broker = _Flaky(server.config.history_size)
+    broker.bind(hub._receive, hub._on_control)
+    hub.broker = broker
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            got = await _following(client, server)
+            broker.fail = 1  # the next recovery's history read fails once
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            await server.gateway.publish("room:1", "away")
+            assert await client.wait_connected() is ClientState.RESUMED
+            with trio.fail_after(30):  # the recovery answered unavailable is asked again
+                async for message in client.messages():
+                    got.append(message.data)
+                    break
+            (session,) = server.hub.sessions.values()
+            assert list(session.subscriptions) == ["room:1"]
+            await server.gateway.publish("room:1", "later")
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append(message.data)
+                    break
+            assert got == ["one", "away", "later"], got
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_recovery_cut_short_keeps_the_topic_followed(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    server = open_server(make_server)
+    broker = slow_answers(server)
+    async with trio.open_nursery() as nursery:
+        wire = Wire(server, nursery)
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            got = await _following(client, server)
+            await wire.cut()
+            await client.wait_state(ClientState.CONNECTING)
+            broker.gate = trio.Event()  # the recovery's history read hangs...
+            await client.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            await wire.cut()  # ...and the connection drops under it
+            await client.wait_state(ClientState.CONNECTING)
+            broker.gate.set()
+            broker.gate = None
+            assert await client.wait_connected() is ClientState.RESUMED
+            await trio.testing.wait_all_tasks_blocked()
+            (session,) = server.hub.sessions.values()
+            assert list(session.subscriptions) == ["room:1"]
+            await server.gateway.publish("room:1", "later")
+            with trio.fail_after(30):
+                async for message in client.messages():
+                    got.append(message.data)
+                    if len(got) == 2:
+                        break
+            assert got == ["one", "later"], got
+        nursery.cancel_scope.cancel()

@@ -381,6 +381,9 @@ class Connection:
         self.send_control(opened.welcome)
         if not self.closing:  # a full queue closed it: the session keeps them
             self._queue.extend((item.payload, True) for item in opened.resend)
+        early, session.early = session.early, None
+        if early and not self.closing:  # version 2: after welcome, before anything live
+            self._queue.extend((payload, True) for payload in early)
         return session
 
     def welcomed(self, session: Session) -> None:

@@ -610,11 +610,18 @@ class Hub:
             # Cancelled (the connection dropped) or the broker failed: the envelope is
             # not processed, and the client will send it again.
             if session.subscriptions.get(topic) is subscription:
+                if current is not None and current.followed and session.codec.version == 2:
+                    # A version-2 recovery of a topic the session follows: it still
+                    # does (its client asks again with recover), with what came meanwhile.
+                    session.subscriptions[topic] = current
+                    for publication in subscription.pending or ():
+                        self._deliver(session, current, publication)
+                    raise
                 self.unsubscribe(session, topic)
                 if current is not None and kept:  # still to follow from there
-                    session.subscriptions[topic] = Subscription(
-                        topic, current.offset, current.epoch, followed=False
-                    )
+                    place = Subscription(topic, current.offset, current.epoch, followed=False)
+                    place.floor, place.floor_epoch = current.floor, current.floor_epoch
+                    session.subscriptions[topic] = place
                     self._follow_again(session)
             raise
         if session.subscriptions.get(topic) is not subscription:

@@ -296,6 +296,7 @@ class Session:
         "codec",
         "connection",
         "detached_at",
+        "early",
         "ended",
         "held_bytes",
         "id",
@@ -345,6 +346,9 @@ class Session:
         self.claimant: SessionLink | None = None
         # Never logged nor shown in repr (a bearer secret for resuming).
         self.resume_token = ""
+        #: Version 2, a new session before its welcome: the pubs its subscriptions
+        #: (its user topic) gave it meanwhile, queued after the welcome (None after).
+        self.early: list[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "attached" if self.connection else "detached"
@@ -429,11 +433,22 @@ class Session:
             if self.ended:
                 raise SessionClosed(self.close_code, self.close_reason)
             connection = self._live()
+            early = self.early
+            if connection is None and early is None:
+                return  # detached: its client asks the history
+            payload = pub.senders.get(codec.subprotocol)
+            if payload is None:
+                payload = pub.senders[codec.subprotocol] = _delivery(pub, codec)
             if connection is not None:
-                payload = pub.senders.get(codec.subprotocol)
-                if payload is None:
-                    payload = pub.senders[codec.subprotocol] = _delivery(pub, codec)
                 connection.enqueue_unsequenced(payload, replay)
+            elif early is not None and self.connection is None:
+                if len(early) >= self.outbox.window:
+                    # More than a window of them before its welcome: it starts again.
+                    self._hub.end(
+                        self, CloseCode.TRY_AGAIN_LATER, CloseReason.SLOW_CONSUMER, why="overflow"
+                    )
+                    raise SlowConsumer(CloseCode.SLOW_CONSUMER, CloseReason.SLOW_CONSUMER)
+                early.append(payload)
             return
         senders = pub.senders.get(self.codec.subprotocol)
         if senders is None:

@@ -247,6 +247,8 @@ async def _new_session(
     user = identity.user
     session = host.create(user, connection.codec)
     session.identity = identity
+    if connection.codec.version == 2:
+        session.early = []  # what its user topic gives it before its welcome
     start: dict[str, Any] | None = None
     try:
         await host.claim(session)

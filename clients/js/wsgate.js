@@ -1999,6 +1999,9 @@ export class Client {
       // What a recovery holds is acked and only in memory: a reloaded page asks again
       // (and so does the page after it, if it reloads before its welcome).
       recovering: [...new Set([...this._recoveries.keys(), ...this._restoredRecoveries])].filter((topic) => this._topics.get(topic)),
+      // Version 2: the topics the application subscribed the session to (recovered
+      // with recover, never subscribed by this client).
+      serverTopics: [...this._serverTopics].filter((topic) => this._topics.has(topic)),
       maxMessageSize: this._maxMessageSize,
     };
     try {
@@ -2049,6 +2052,7 @@ export class Client {
       this.user = state.user ?? null;
       this._userTopic = state.userTopic ?? null;
       this._restoredRecoveries = state.recovering ?? [];
+      this._serverTopics = new Set(state.serverTopics ?? []);
       this._maxMessageSize = state.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE;
     } catch (error) {
       try {
@@ -2243,6 +2247,12 @@ function checkSaved(state, why) {
     if (!Array.isArray(state.recovering)) fail("recovering is not an array");
     for (const topic of state.recovering) {
       if (positions.get(topic) == null) fail("a topic under recovery has no position");
+    }
+  }
+  if (state.serverTopics !== undefined) {
+    if (!Array.isArray(state.serverTopics)) fail("serverTopics is not an array");
+    for (const topic of state.serverTopics) {
+      if (!positions.has(topic)) fail("a topic of the server's is not followed");
     }
   }
   if (state.maxMessageSize !== undefined && !(Number.isSafeInteger(state.maxMessageSize) && state.maxMessageSize > 0)) {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { sequenced, settle, setup } from "./fake.js";
+import { FakeServer, FakeStorage, sequenced, settle, setup } from "./fake.js";
 
 const pub = (topic, offset, data, epoch = "e1") => ({ type: "pub", topic, offset, epoch, data });
 
@@ -244,4 +244,22 @@ test("v2: after a lost session, a topic not yet subscribed again is subscribed, 
   assert.equal(client.state, "resumed");
   const again = sequenced(server.socket.take()).filter((e) => e.type === "sub" && e.seq > lost[0].seq);
   assert.deepEqual(again.map((e) => [e.topic, e.since, e.recover]), [["room", { offset: 1, epoch: "e1" }, undefined]]);
+});
+
+test("v2 + storage: a server topic is recovered with recover: true after a reload and a lost session", async () => {
+  const storage = new FakeStorage([]);
+  const server = new FakeServer({});
+  const page = setup({ server, storage, protocol: 2 });
+  await settle();
+  // "news": a topic the application subscribed the session to.
+  server.socket.deliver({ type: "pub", topic: "news", offset: 7, epoch: "e1", data: "n7" });
+  await settle();
+  server.socket.serverClose(1006); // the page goes away
+  await settle();
+  for (const s of server.sessions.values()) s.ended = true; // and its session expires
+  const reloaded = setup({ server, storage, protocol: 2 });
+  await settle();
+  assert.equal(reloaded.client.state, "connected");
+  const subs = sequenced(server.socket.received).filter((e) => e.type === "sub");
+  assert.deepEqual(subs.map((e) => [e.topic, e.recover]), [["news", true]]);
 });
