@@ -1192,13 +1192,16 @@ class Client:
             waiter = _Request(
                 trio.Event(), on_data=self._tracker(topic), on_error=self._retrier(topic)
             )
-            build = self._sub_builder(topic)
-            envelope = build(self._outbox.next_seq, None)
-            item = _Pending(envelope, self._codec.encode(envelope), waiter)
-            self._requests[envelope.seq] = waiter
-            if self._outbox.push(item):
-                written.append(item)
+            written += self._push_sub(topic, waiter)
         return written
+
+    def _push_sub(self, topic: str, waiter: _Request, recover: bool = False) -> list[_Pending]:
+        """Number a client-made ``sub`` of ``topic`` from its position; ``[item]`` if the
+        window lets it out now, else ``[]``."""
+        envelope = self._sub_builder(topic, recover)(self._outbox.next_seq, None)
+        item = _Pending(envelope, self._codec.encode(envelope), waiter)
+        self._requests[envelope.seq] = waiter
+        return [item] if self._outbox.push(item) else []
 
     def _send_recoveries(self) -> list[_Pending]:
         """Version 2: the recoveries waiting, as far as _RECOVERIES_AT_ONCE allows."""
@@ -1213,12 +1216,7 @@ class Client:
                 on_data=self._tracker(topic, counted=True),
                 on_error=self._retrier(topic, counted=True, recover=recover),
             )
-            build = self._sub_builder(topic, recover)
-            envelope = build(self._outbox.next_seq, None)
-            item = _Pending(envelope, self._codec.encode(envelope), waiter)
-            self._requests[envelope.seq] = waiter
-            if self._outbox.push(item):
-                written.append(item)
+            written += self._push_sub(topic, waiter, recover)
         return written
 
     def _new_session(self, window: int) -> list[_Pending]:
