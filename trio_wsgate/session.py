@@ -409,11 +409,6 @@ class Session:
         elif not self.ended and ends_session(label):
             self._hub.end(self, code, label, why=str(label))
 
-    @property
-    def live(self) -> bool:
-        """True while the session has a connection that is not closing."""
-        return self._live() is not None
-
     def _live(self) -> SessionLink | None:
         connection = self.connection
         if connection is None or connection.closing:
