@@ -233,3 +233,67 @@ async def test_a_write_the_socket_takes_only_part_of_goes_out_whole(
         assert all(0 <= written < total for written, total in partial)
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.transports("websockets")
+async def test_idle_readers_wait_through_the_readiness_watcher(node: Server) -> None:
+    # One task and one epoll set wake the node's quiet sockets (readiness.py); each
+    # reader parks with one frame. After the handshake, websockets' request parser has
+    # made way for its frame parser (the request is not kept).
+    from websockets.protocol import Protocol
+
+    from trio_wsgate import readiness
+
+    clients = [await _open_raw(node) for _ in range(3)]
+    await _wait_until(lambda: len(node.connections) == 3)
+    await trio.testing.wait_all_tasks_blocked()
+    watcher = readiness._WATCHER.get()
+    assert watcher is not None
+    served = {connection._transport._stream.socket.fileno() for connection in node.connections}
+    assert served <= set(watcher._waiting)
+    for connection in node.connections:
+        parser = connection._transport._protocol.parser
+        assert parser.gi_code is Protocol.parse.__code__
+    # Frames still parse, and each reader wakes for its own.
+    for client, _ in clients:
+        await client.send({"type": "msg", "seq": 1, "event": "echo", "data": "hi"})
+        with trio.fail_after(5):
+            reply = await client.recv_type("reply")
+        assert reply["data"] == "hi"
+    for _, stream in clients:
+        await stream.aclose()
+    await _wait_until(lambda: not node.connections)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not served & set(watcher._waiting)
+
+
+@pytest.mark.transports("websockets")
+async def test_frames_sent_with_the_upgrade_request_are_read(node: Server) -> None:
+    # A client that sends its first frames in the same packet as the upgrade request:
+    # they are parsed with the request, and the request's parser stays on.
+    from websockets.frames import Frame, Opcode
+
+    host, port = node.listen_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wsgate.v1.json\r\n\r\n"
+    ).encode()
+    frames = b"".join(
+        Frame(Opcode.TEXT, json.dumps(envelope).encode()).serialize(mask=True, extensions=[])
+        for envelope in (
+            {"type": "hello"},
+            {"type": "msg", "seq": 1, "event": "echo", "data": "early"},
+        )
+    )
+    await stream.send_all(request + frames)
+    received = b""
+    with trio.fail_after(5):
+        while b'"early"' not in received:
+            chunk = await stream.receive_some(65536)
+            assert chunk
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 101")
+    assert b'"welcome"' in received
+    await stream.aclose()

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from . import readiness
 from .admin import AdminApp, probe
 from .auth import Authenticator, Identity, authenticator_from_settings, identify, token_from_request
 from .brokers import Broker
@@ -498,6 +499,7 @@ class Server:
             (str(name[0]), int(name[1]))
             for name in (listener.socket.getsockname() for listener in self._listeners)
         ]
+        readiness.start()  # the task that wakes the readers of every socket of the run
         async with trio.open_nursery() as root:
             self._root = root
             handler_nursery: trio.Nursery = await root.start(_open_connections_nursery)

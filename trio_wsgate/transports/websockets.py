@@ -37,6 +37,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
+from .. import readiness
 from ..protocol.closecodes import CloseCode, CloseReason
 from ..wakeup import Wakeup
 from .base import (
@@ -222,7 +223,9 @@ class WebsocketsTransport:
                 # wait yields to the other tasks, so a client that floods never starves
                 # the others; after a read that filled the buffer, trio's order finds
                 # what is left without a trip through epoll.
-                await trio.lowlevel.wait_readable(stream.socket)
+                # Through the node's readiness watcher, which keeps far less per
+                # waiting socket than trio's own wait (readiness.py).
+                await readiness.wait_readable(stream.socket)
                 data = _read_now(stream.socket)
             if data is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
@@ -409,6 +412,8 @@ class WebsocketsTransport:
         # (cli.tune_gc). Closing the generator frees the connection's protocol, frames
         # and buffers as soon as the connection is gone.
         protocol.parser.close()
+        if type(self._stream) is trio.SocketStream:
+            readiness.notify_closing(self._stream.socket)
         await trio.aclose_forcefully(self._stream)
 
 
@@ -524,6 +529,13 @@ async def accept_websocket(
     await _write_all(stream, protocol)
     if response.status_code != 101:
         return response.status_code, request
+    if not protocol.reader.buffer:
+        # websockets' server parser is a generator that read the request and then
+        # parses frames for the connection's life, keeping the request and its own
+        # frame (about 0.5 KiB). With nothing of a frame read yet, the frame parser
+        # alone takes over, as websockets itself swaps parsers (discard()).
+        protocol.parser = Protocol.parse(protocol)
+        next(protocol.parser)
     transport = WebsocketsTransport(
         stream,
         protocol,
