@@ -125,6 +125,10 @@ class ASGITransport:
         """Bytes of the messages queued or being handed to the ASGI server."""
         return self._unsent
 
+    def wait_readable(self) -> Awaitable[None] | None:
+        """None: :meth:`receive` waits itself."""
+        return None
+
     async def receive(self) -> Incoming:
         """The next message, or how the WebSocket ended.
 

@@ -153,6 +153,12 @@ class Transport(Protocol):
         """The peer's address, for logs."""
         ...
 
+    def wait_readable(self) -> Awaitable[None] | None:
+        """What to await before :meth:`receive` while the peer has most likely sent
+        nothing yet, or None (receive waits itself). A plain method: the reader waits
+        one frame shallower, for an idle connection's whole life."""
+        ...
+
     async def receive(self) -> Incoming:
         """Wait for data and return what it completed.
 

@@ -86,6 +86,10 @@ class TrioWebsocketTransport:
         """Bytes of the messages queued or being handed to trio-websocket."""
         return self._unsent
 
+    def wait_readable(self) -> Awaitable[None] | None:
+        """None: :meth:`receive` waits itself."""
+        return None
+
     async def receive(self) -> Incoming:
         """The next message, or how the WebSocket ended.
 

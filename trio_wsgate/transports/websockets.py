@@ -20,7 +20,7 @@ import codecs
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +148,25 @@ class WebsocketsTransport:
             (:func:`~trio_wsgate.transports.base.output_high_water`).
     """
 
+    __slots__ = (
+        "_backlog",
+        "_eof_sent",
+        "_failure_reported",
+        "_fragment_binary",
+        "_fragments",
+        "_high_water",
+        "_in_flight",
+        "_leftover",
+        "_max_fragments",
+        "_pending",
+        "_protocol",
+        "_room",
+        "_stream",
+        "_utf8",
+        "_waited",
+        "remote_address",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -170,6 +189,8 @@ class WebsocketsTransport:
         self.remote_address = remote_address
         # The last read filled the buffer, so more may be waiting (see receive).
         self._backlog = False
+        # The reader waited for readability before calling receive (wait_readable).
+        self._waited = False
         self._high_water = high_water
         # Bytes handed to send_all that it has not finished writing.
         self._in_flight = 0
@@ -198,6 +219,25 @@ class WebsocketsTransport:
         finally:
             self._room = None
 
+    def wait_readable(self) -> Awaitable[None] | None:
+        """Wait for readability here, before :meth:`receive`, when the last read took
+        all there was (the socket is most likely empty: an idle connection between
+        heartbeats, or a client waiting for its replies); None otherwise.
+
+        receive_some would first try a recv that fails with EAGAIN (an exception, in
+        Python) before waiting, and yield once more after reading: the reader waits
+        first, through the node's readiness watcher (readiness.py), and receive then
+        reads at once. The wait yields to the other tasks, so a client that floods
+        never starves the others; after a read that filled the buffer, trio's order
+        finds what is left without a trip through epoll.
+        """
+        if self._pending or self._backlog or type(self._stream) is not trio.SocketStream:
+            return None
+        if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
+            return None  # receive waits for room first
+        self._waited = True
+        return readiness.wait_readable(self._stream.socket)
+
     async def receive(self) -> Incoming:
         """Wait for data; return the messages and signals it completed.
 
@@ -214,19 +254,13 @@ class WebsocketsTransport:
         stream = self._stream
         try:
             data: bytes | bytearray | None = None
-            if not self._backlog and type(stream) is trio.SocketStream:
-                # The last read took all there was, so the socket is most likely empty
-                # now: an idle connection between heartbeats, or a client waiting for
-                # its replies. receive_some would first try a recv that fails with
-                # EAGAIN (an exception, in Python) before waiting for readability, and
-                # yield once more after reading: wait first, then read at once. The
-                # wait yields to the other tasks, so a client that floods never starves
-                # the others; after a read that filled the buffer, trio's order finds
-                # what is left without a trip through epoll.
-                # Through the node's readiness watcher, which keeps far less per
-                # waiting socket than trio's own wait (readiness.py).
-                await readiness.wait_readable(stream.socket)
-                data = _read_now(stream.socket)
+            if type(stream) is trio.SocketStream:
+                if self._waited:  # the reader waited for readability (wait_readable)
+                    self._waited = False
+                    data = _read_now(stream.socket)
+                elif not self._backlog:  # as in wait_readable
+                    await readiness.wait_readable(stream.socket)
+                    data = _read_now(stream.socket)
             if data is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
