@@ -236,7 +236,7 @@ async def test_a_write_the_socket_takes_only_part_of_goes_out_whole(
 
 
 @pytest.mark.transports("websockets")
-async def test_idle_readers_wait_through_the_readiness_watcher(node: Server) -> None:
+async def test_quiet_readers_wait_through_the_readiness_watcher(node: Server) -> None:
     # One task and one epoll set wake the node's quiet sockets (readiness.py); each
     # reader parks with one frame. After the handshake, websockets' request parser has
     # made way for its frame parser (the request is not kept).
@@ -260,6 +260,10 @@ async def test_idle_readers_wait_through_the_readiness_watcher(node: Server) -> 
         with trio.fail_after(5):
             reply = await client.recv_type("reply")
         assert reply["data"] == "hi"
+    # A connection with something to dispatch is busy: its reader waits through
+    # trio, one task step sooner, until its dispatcher retires again.
+    await trio.testing.wait_all_tasks_blocked()
+    assert not served & set(watcher._waiting)
     for _, stream in clients:
         await stream.aclose()
     await _wait_until(lambda: not node.connections)

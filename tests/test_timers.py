@@ -38,6 +38,39 @@ async def test_timers_are_called_at_their_time_in_order(autojump_clock: MockCloc
         nursery.cancel_scope.cancel()
 
 
+async def test_what_is_asked_for_soon_runs_at_once_and_leaves_the_timers_on_time(
+    autojump_clock: MockClock,
+) -> None:
+    # Most passes are for what is asked for soon (a connection's writes): they run in
+    # the next pass, at the time they were asked for, and the timers stay on time.
+    timers = Timers()
+    called: list[tuple[str, float]] = []
+
+    def record(name: str) -> None:
+        called.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        start = trio.current_time()
+        timers.call_at(start + 3, lambda: record("timer"))
+        for step in range(5):
+            await trio.sleep(1)
+            timers.call_soon(lambda step=step: record(f"soon {step}"))  # type: ignore[misc]
+            if step == 1:
+                timers.call_at(start + 2.5, lambda: record("earlier"))
+        await trio.sleep(1)
+        assert called == [
+            ("soon 0", start + 1),
+            ("soon 1", start + 2),
+            ("earlier", start + 2.5),
+            ("timer", start + 3),
+            ("soon 2", start + 3),
+            ("soon 3", start + 4),
+            ("soon 4", start + 5),
+        ]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_callback_may_set_the_next_timer(autojump_clock: MockClock) -> None:
     timers = Timers()
     ticks: list[float] = []

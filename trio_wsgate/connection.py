@@ -484,8 +484,10 @@ class Connection:
         while True:
             try:
                 # Awaited here rather than inside receive: an idle connection's reader
-                # waits one frame shallower (docs/benchmarks.md, "Idle").
-                readable = transport.wait_readable()
+                # waits one frame shallower (docs/benchmarks.md, "Idle"). Quiet before
+                # hello and while its dispatcher has retired (nothing to do since
+                # hello, or for a heartbeat interval).
+                readable = transport.wait_readable(not (self._dispatching and self._hello_seen))
                 if readable is not None:
                     await readable
                 incoming = await transport.receive()

@@ -10,9 +10,10 @@ Here the quiet sockets are registered in an epoll set of the node's own, which o
 system task waits on through trio (an epoll descriptor is readable while one of its
 sockets is); that task wakes each reader whose socket is ready. A reader parks with
 :func:`trio.lowlevel.wait_task_rescheduled` directly: one frame, and an entry in a
-dict. Registration is one-shot, re-armed at each wait, as trio's own is, so a busy
-socket costs the watcher nothing. Where there is no epoll (not Linux), or the watcher
-has failed, :func:`wait_readable` is trio's.
+dict. Registration is one-shot, re-armed at each wait, as trio's own is. The watcher
+is one more task step between readability and the read, so a busy connection's reader
+waits through trio instead (``Transport.wait_readable``). Where there is no epoll (not
+Linux), or the watcher has failed, :func:`wait_readable` is trio's.
 """
 
 from __future__ import annotations

@@ -113,24 +113,34 @@ class Timers:
             self._soon.clear()
 
     async def _run(self, heap: list[tuple[float, int, Timer]]) -> None:
+        # One cancel scope per due time reached, not per wait: most wakes are for
+        # what was asked for soon (a connection's writes, per request under load),
+        # and entering and leaving a cancel scope cost more than the rest of a pass.
+        # The scope's deadline follows the earliest timer; reaching it ends the scope,
+        # and the next pass runs what is due.
         while True:
-            # Timers set by the callbacks below are seen by this pass or by the next
-            # computation of _next: they need no wake-up.
-            self._next = -math.inf
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                timer = heapq.heappop(heap)[2]
-                callback, timer.callback = timer.callback, None
-                if callback is None:
-                    self._cancelled -= 1
-                else:
-                    try:
-                        callback()
-                    except Exception:
-                        logger.exception("a timer's callback failed")
-            callback = None  # not kept alive, with what it refers to, while asleep
-            if self._soon:
-                self._call_soon_ones()
-            self._next = heap[0][0] if heap else math.inf
-            with trio.move_on_at(self._next):
-                await self._wake.wait()
+            with trio.CancelScope() as scope:
+                while True:
+                    self._pass(heap)
+                    if scope.deadline != self._next:
+                        scope.deadline = self._next
+                    await self._wake.wait()
+
+    def _pass(self, heap: list[tuple[float, int, Timer]]) -> None:
+        # Timers set by the callbacks below are seen by this pass or by the next
+        # computation of _next: they need no wake-up.
+        self._next = -math.inf
+        now = trio.current_time()
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            callback, timer.callback = timer.callback, None
+            if callback is None:
+                self._cancelled -= 1
+            else:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("a timer's callback failed")
+        if self._soon:
+            self._call_soon_ones()
+        self._next = heap[0][0] if heap else math.inf

@@ -125,7 +125,7 @@ class ASGITransport:
         """Bytes of the messages queued or being handed to the ASGI server."""
         return self._unsent
 
-    def wait_readable(self) -> Awaitable[None] | None:
+    def wait_readable(self, quiet: bool) -> Awaitable[None] | None:
         """None: :meth:`receive` waits itself."""
         return None
 

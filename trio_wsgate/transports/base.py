@@ -153,10 +153,12 @@ class Transport(Protocol):
         """The peer's address, for logs."""
         ...
 
-    def wait_readable(self) -> Awaitable[None] | None:
+    def wait_readable(self, quiet: bool) -> Awaitable[None] | None:
         """What to await before :meth:`receive` while the peer has most likely sent
         nothing yet, or None (receive waits itself). A plain method: the reader waits
-        one frame shallower, for an idle connection's whole life."""
+        one frame shallower, for an idle connection's whole life. ``quiet``: the
+        connection has had nothing to dispatch for a while (it will most likely wait
+        long; where a waiting socket costs least is best)."""
         ...
 
     async def receive(self) -> Incoming:

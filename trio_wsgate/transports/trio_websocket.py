@@ -86,7 +86,7 @@ class TrioWebsocketTransport:
         """Bytes of the messages queued or being handed to trio-websocket."""
         return self._unsent
 
-    def wait_readable(self) -> Awaitable[None] | None:
+    def wait_readable(self, quiet: bool) -> Awaitable[None] | None:
         """None: :meth:`receive` waits itself."""
         return None
 

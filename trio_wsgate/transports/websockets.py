@@ -219,24 +219,29 @@ class WebsocketsTransport:
         finally:
             self._room = None
 
-    def wait_readable(self) -> Awaitable[None] | None:
+    def wait_readable(self, quiet: bool) -> Awaitable[None] | None:
         """Wait for readability here, before :meth:`receive`, when the last read took
         all there was (the socket is most likely empty: an idle connection between
         heartbeats, or a client waiting for its replies); None otherwise.
 
         receive_some would first try a recv that fails with EAGAIN (an exception, in
         Python) before waiting, and yield once more after reading: the reader waits
-        first, through the node's readiness watcher (readiness.py), and receive then
-        reads at once. The wait yields to the other tasks, so a client that floods
-        never starves the others; after a read that filled the buffer, trio's order
-        finds what is left without a trip through epoll.
+        first, and receive then reads at once. The wait yields to the other tasks, so
+        a client that floods never starves the others; after a read that filled the
+        buffer, trio's order finds what is left without a trip through epoll.
+
+        A ``quiet`` connection waits through the node's readiness watcher, where a
+        waiting socket keeps far less (readiness.py); a busy one through trio, one
+        task step sooner.
         """
         if self._pending or self._backlog or type(self._stream) is not trio.SocketStream:
             return None
         if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
             return None  # receive waits for room first
         self._waited = True
-        return readiness.wait_readable(self._stream.socket)
+        if quiet:
+            return readiness.wait_readable(self._stream.socket)
+        return trio.lowlevel.wait_readable(self._stream.socket)  # noqa: ASYNC105 - awaited by the caller
 
     async def receive(self) -> Incoming:
         """Wait for data; return the messages and signals it completed.
@@ -259,7 +264,7 @@ class WebsocketsTransport:
                     self._waited = False
                     data = _read_now(stream.socket)
                 elif not self._backlog:  # as in wait_readable
-                    await readiness.wait_readable(stream.socket)
+                    await trio.lowlevel.wait_readable(stream.socket)
                     data = _read_now(stream.socket)
             if data is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
