@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -11,8 +13,12 @@ from trio.testing import MockClock
 
 from trio_wsgate.timers import Timers
 
+Recorder = Callable[[str], None]
 
-async def test_timers_are_called_at_their_time_in_order(autojump_clock: MockClock) -> None:
+
+@asynccontextmanager
+async def _running() -> AsyncIterator[tuple[Timers, list[tuple[str, float]], Recorder]]:
+    """A running Timers, the calls recorded (name and time), and the recorder."""
     timers = Timers()
     called: list[tuple[str, float]] = []
 
@@ -21,6 +27,12 @@ async def test_timers_are_called_at_their_time_in_order(autojump_clock: MockCloc
 
     async with trio.open_nursery() as nursery:
         await nursery.start(timers.run)
+        yield timers, called, record
+        nursery.cancel_scope.cancel()
+
+
+async def test_timers_are_called_at_their_time_in_order(autojump_clock: MockClock) -> None:
+    async with _running() as (timers, called, record):
         start = trio.current_time()
         timers.call_at(start + 5, lambda: record("b"))
         timers.call_at(start + 2, lambda: record("a"))
@@ -35,7 +47,6 @@ async def test_timers_are_called_at_their_time_in_order(autojump_clock: MockCloc
             ("b", start + 5),
             ("c", start + 5),
         ]
-        nursery.cancel_scope.cancel()
 
 
 async def test_what_is_asked_for_soon_runs_at_once_and_leaves_the_timers_on_time(
@@ -43,14 +54,7 @@ async def test_what_is_asked_for_soon_runs_at_once_and_leaves_the_timers_on_time
 ) -> None:
     # Most passes are for what is asked for soon (a connection's writes): they run in
     # the next pass, at the time they were asked for, and the timers stay on time.
-    timers = Timers()
-    called: list[tuple[str, float]] = []
-
-    def record(name: str) -> None:
-        called.append((name, trio.current_time()))
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(timers.run)
+    async with _running() as (timers, called, record):
         start = trio.current_time()
         timers.call_at(start + 3, lambda: record("timer"))
         for step in range(5):
@@ -68,7 +72,6 @@ async def test_what_is_asked_for_soon_runs_at_once_and_leaves_the_timers_on_time
             ("soon 3", start + 4),
             ("soon 4", start + 5),
         ]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_callback_may_set_the_next_timer(autojump_clock: MockClock) -> None:

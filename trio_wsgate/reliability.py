@@ -117,19 +117,29 @@ class Outbox(Generic[T]):
         Raises:
             ProtocolError: 1002 if ``ack`` is above what was written (docs/protocol.md §4).
         """
-        if ack > self.last_sent:
+        if ack <= self.acked:
+            return []  # stale or repeated: acks are cumulative
+        in_flight = self.in_flight
+        if not in_flight or ack > in_flight[-1][0]:
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
             )
-        if ack <= self.acked:
-            return []  # stale or repeated: acks are cumulative
         self.acked = ack
-        cut = bisect.bisect_right(self.in_flight, ack, key=_seq)
+        # Usually everything written so far (a client acks what it has processed):
+        # no search. Else the few acknowledged ones at the front.
+        cut = (
+            len(in_flight)
+            if ack == in_flight[-1][0]
+            else bisect.bisect_right(in_flight, ack, key=_seq)
+        )
         measure = self.measure
         if measure is not None:
-            self.nbytes -= sum(measure(item) for _, item in self.in_flight[:cut])
-        del self.in_flight[:cut]
-        return self._refill()
+            released = 0
+            for index in range(cut):
+                released += measure(in_flight[index][1])
+            self.nbytes -= released
+        del in_flight[:cut]
+        return self._refill() if self.waiting else []
 
     def _refill(self) -> list[T]:
         room = self.window - len(self.in_flight)
