@@ -187,3 +187,33 @@ async def test_a_failed_watcher_wakes_its_readers_and_trio_waits_after_it(
         with trio.fail_after(5):
             await readiness.wait_readable(a)
         assert await a.recv(10) == b"y"
+
+
+async def test_a_second_reader_of_the_same_socket_is_refused() -> None:
+    a, b = trio.socket.socketpair()
+
+    async def reader() -> None:
+        await readiness.wait_readable(a)
+
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await readiness.wait_readable(a)
+            await b.send(b"x")  # the first reader is still woken
+
+
+async def test_without_a_system_task_the_waits_are_trios(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A watcher that could not be started (the run is ending) must not park readers
+    # that nothing would wake.
+    def refuse(*_: object, **__: object) -> None:
+        raise RuntimeError("the system nursery is closed")
+
+    monkeypatch.setattr(trio.lowlevel, "spawn_system_task", refuse)
+    a, b = trio.socket.socketpair()
+    with a, b:
+        await b.send(b"x")
+        with trio.fail_after(5):
+            await readiness.wait_readable(a)
+        assert _waiting() == 0

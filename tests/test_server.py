@@ -301,3 +301,85 @@ async def test_frames_sent_with_the_upgrade_request_are_read(node: Server) -> No
     assert received.startswith(b"HTTP/1.1 101")
     assert b'"welcome"' in received
     await stream.aclose()
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wsgate.v1.json\r\n\r\n"
+)
+
+
+async def _accept_after(sent: bytes) -> tuple[websockets_transport.Handshake, trio.SocketStream]:
+    """accept_websocket over a socket pair, the client having sent ``sent`` at once."""
+    from trio_wsgate.transports.base import Accept
+
+    ours, theirs = trio.socket.socketpair()
+    server, client = trio.SocketStream(ours), trio.SocketStream(theirs)
+
+    async def decide(_: object) -> Accept:
+        return Accept("wsgate.v1.json")
+
+    await client.send_all(sent)
+    result = await websockets_transport.accept_websocket(
+        server, decide=decide, max_message_size=2**20, watched=True
+    )
+    assert isinstance(result, websockets_transport.Handshake)
+    return result, client
+
+
+@pytest.mark.parametrize("split", [2, 6])
+async def test_part_of_a_frame_sent_with_the_upgrade_request_is_kept(split: int) -> None:
+    # websockets' parser has taken the frame's header (and mask) from its buffer: the
+    # buffer is empty, but the request parser must not make way for a fresh one.
+    from websockets.frames import Frame, Opcode
+
+    frame = Frame(Opcode.TEXT, b'{"type":"hello"}').serialize(mask=True, extensions=[])
+    handshake, client = await _accept_after(_UPGRADE + frame[:split])
+    async with client:
+        await client.send_all(frame[split:])
+        with trio.fail_after(5):
+            incoming = await handshake.transport.receive()
+        assert incoming.failed is None
+        assert incoming.messages == [(b'{"type":"hello"}', False)]
+        await handshake.transport.aclose()
+
+
+async def test_after_a_close_frame_sent_with_the_upgrade_request_the_rest_is_discarded() -> None:
+    from websockets.frames import Frame, Opcode
+
+    close = Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True, extensions=[])
+    text = Frame(Opcode.TEXT, b'{"type":"hello"}').serialize(mask=True, extensions=[])
+    handshake, client = await _accept_after(_UPGRADE + close)
+    async with client:
+        first = await handshake.transport.receive()
+        assert first.peer_close == (1000, "")
+        await client.send_all(text)
+        with trio.fail_after(5):
+            after = await handshake.transport.receive()
+        assert after.messages == []  # RFC 6455 §5.5.1: nothing after a close
+        await handshake.transport.aclose()
+
+
+async def test_an_embedder_closing_its_stream_ends_serve_stream() -> None:
+    # A stream handed to serve_stream may be closed by its owner, which the readiness
+    # watcher would not hear of: its quiet reader waits through trio, which does.
+    from trio_wsgate import Config, Gateway
+
+    server = Server(Gateway(), Config(admin_port=None, hello_timeout=None, heartbeat_interval=None))
+    ours, theirs = trio.socket.socketpair()
+    stream, client = trio.SocketStream(ours), trio.SocketStream(theirs)
+    done = trio.Event()
+
+    async def serve() -> None:
+        await server.serve_stream(stream, "peer")
+        done.set()
+
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(_UPGRADE)
+        assert (await client.receive_some(4096)).startswith(b"HTTP/1.1 101")
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+        with trio.fail_after(5):
+            await done.wait()

@@ -14,6 +14,12 @@ dict. Registration is one-shot, re-armed at each wait, as trio's own is. The wat
 is one more task step between readability and the read, so a busy connection's reader
 waits through trio instead (``Transport.wait_readable``). Where there is no epoll (not
 Linux), or the watcher has failed, :func:`wait_readable` is trio's.
+
+trio wakes a task waiting through it when trio closes its socket; the watcher hears
+of a close only through :func:`notify_closing`. Closing a socket whose reader waits
+here any other way leaves that reader parked until the descriptor's number is used
+again, so a socket waits here only if whoever can close it says so first: the node
+does this for the sockets of its own listeners, not for streams handed to it.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ class _Wait:
     """One reader's wait: what the watcher wakes, and the abort trio calls to cancel it
     (the object itself, so that a wait allocates nothing else)."""
 
-    __slots__ = ("fd", "task", "waiting")
+    __slots__ = ("fd", "sock", "task", "waiting")
 
-    def __init__(self, fd: int, waiting: dict[int, _Wait]) -> None:
+    def __init__(self, sock: trio.socket.SocketType, fd: int, waiting: dict[int, _Wait]) -> None:
+        self.sock = sock
         self.fd = fd
         self.task = trio.lowlevel.current_task()
         self.waiting = waiting
@@ -64,9 +71,12 @@ class _Watcher:
         self._waiting: dict[int, _Wait] = {}
         self.failed = False
 
-    def wait(self, fd: int) -> Awaitable[None]:
+    def wait(self, sock: trio.socket.SocketType, fd: int) -> Awaitable[None]:
         waiting = self._waiting
-        if fd in waiting:
+        previous = waiting.get(fd)
+        if previous is not None:
+            if previous.sock is sock:
+                raise trio.BusyResourceError("another task is already reading this socket")
             # Its socket was closed under it and the number given to another: it will
             # never be ready (trio's own wait would have been woken the same way).
             self.closing(fd)
@@ -77,8 +87,8 @@ class _Watcher:
             except FileNotFoundError:  # the first wait on this socket
                 epoll.register(fd, _ONE_SHOT)
         except OSError:  # not a descriptor epoll takes: trio's wait says what is wrong
-            return trio.lowlevel.wait_readable(fd)  # noqa: ASYNC105 - awaited by the caller
-        waiting[fd] = wait = _Wait(fd, waiting)
+            return trio.lowlevel.wait_readable(sock)  # noqa: ASYNC105 - awaited by the caller
+        waiting[fd] = wait = _Wait(sock, fd, waiting)
         return trio.lowlevel.wait_task_rescheduled(wait)  # noqa: ASYNC105 - as above
 
     def closing(self, fd: int) -> None:
@@ -109,10 +119,17 @@ class _Watcher:
             for wait in waiting.values():
                 trio.lowlevel.reschedule(wait.task)
             waiting.clear()
-            epoll.close()
+            self.close()
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
-_WATCHER: trio.lowlevel.RunVar[_Watcher | None] = trio.lowlevel.RunVar(
+class _NoWatcher:
+    """What a run has where no watcher could be made: every wait is trio's."""
+
+
+_WATCHER: trio.lowlevel.RunVar[_Watcher | _NoWatcher | None] = trio.lowlevel.RunVar(
     "trio_wsgate_readiness", default=None
 )
 
@@ -129,10 +146,21 @@ def _running() -> _Watcher | None:
     if watcher is None:
         if _EPOLL is None:
             return None
-        watcher = _Watcher()
+        try:
+            watcher = _Watcher()
+        except OSError:  # out of descriptors, say: trio's wait, for the rest of the run
+            logger.warning("no epoll set for the readiness watcher; readers wait through trio")
+            _WATCHER.set(_NoWatcher())
+            return None
+        try:
+            trio.lowlevel.spawn_system_task(watcher.run, name="trio_wsgate.readiness")
+        except RuntimeError:  # the run is ending: nothing would wake its readers
+            watcher.failed = True
+            watcher.close()
         _WATCHER.set(watcher)
-        trio.lowlevel.spawn_system_task(watcher.run, name="trio_wsgate.readiness")
-    return None if watcher.failed else watcher
+    if isinstance(watcher, _NoWatcher) or watcher.failed:
+        return None
+    return watcher
 
 
 def wait_readable(sock: trio.socket.SocketType) -> Awaitable[None]:
@@ -148,7 +176,7 @@ def wait_readable(sock: trio.socket.SocketType) -> Awaitable[None]:
     fd = sock.fileno()
     if fd == -1:
         raise trio.ClosedResourceError("socket was already closed")
-    return watcher.wait(fd)
+    return watcher.wait(sock, fd)
 
 
 def notify_closing(sock: trio.socket.SocketType) -> None:
@@ -159,5 +187,5 @@ def notify_closing(sock: trio.socket.SocketType) -> None:
     if fd == -1:
         return
     watcher = _WATCHER.get()
-    if watcher is not None:
+    if isinstance(watcher, _Watcher):
         watcher.closing(fd)

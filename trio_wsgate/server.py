@@ -392,12 +392,17 @@ class Server:
         ``handshake_timeout``, and counted from here by :meth:`handshake_started`
         (each transport takes its slot before it reads anything; a stream over the
         handshake limits is closed at once). Returns once everything the stream
-        started is released.
+        started is released; closing ``stream`` from outside ends the connection.
         """
+        await self._serve_stream(stream, remote_address, own=False)
+
+    async def _serve_stream(self, stream: trio.abc.Stream, remote_address: str, own: bool) -> None:
+        # ``own``: a socket of the node's own listeners, closed only by its connection,
+        # whose quiet reader may wait through the readiness watcher (readiness.py).
         kind = self.config.transport
         try:
             if kind is TransportKind.WEBSOCKETS:
-                accepted = await self._accept_websocket(stream, remote_address)
+                accepted = await self._accept_websocket(stream, remote_address, own)
                 if accepted is not None:
                     # Awaited here, not inside the handshake's frame: an open connection
                     # keeps one frame fewer (docs/benchmarks.md, "Idle").
@@ -422,7 +427,7 @@ class Server:
             await trio.aclose_forcefully(stream)
 
     async def _accept_websocket(
-        self, stream: trio.abc.Stream, remote_address: str
+        self, stream: trio.abc.Stream, remote_address: str, own: bool
     ) -> tuple[Transport, Admission] | None:
         """The opening handshake on the websockets transport: the upgraded transport and
         its admission, or None if it was refused (answered) or failed."""
@@ -450,6 +455,7 @@ class Server:
                         max_headers=config.max_headers,
                         compression=config.compression,
                         remote_address=remote_address,
+                        watched=own,
                     )
         except BaseException:
             for admission in admitted:
@@ -476,7 +482,7 @@ class Server:
             peer = stream.socket.getpeername()
         except OSError:  # the peer left before we looked
             return trio.aclose_forcefully(stream)  # noqa: ASYNC105 - awaited by the caller
-        return self.serve_stream(stream, f"{peer[0]}:{peer[1]}")
+        return self._serve_stream(stream, f"{peer[0]}:{peer[1]}", own=True)
 
     # -- the node -------------------------------------------------------------------
 

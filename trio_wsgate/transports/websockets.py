@@ -34,6 +34,7 @@ from websockets.headers import parse_subprotocol
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
@@ -146,6 +147,8 @@ class WebsocketsTransport:
             connection with 1009 (websockets caps the size, not the count).
         high_water: the unsent bytes over which :meth:`receive` stops reading
             (:func:`~trio_wsgate.transports.base.output_high_water`).
+        watched: the stream is closed only through :meth:`aclose`, so a quiet reader
+            may wait through the node's readiness watcher (:meth:`wait_readable`).
     """
 
     __slots__ = (
@@ -164,6 +167,7 @@ class WebsocketsTransport:
         "_stream",
         "_utf8",
         "_waited",
+        "_watched",
         "remote_address",
     )
 
@@ -176,8 +180,10 @@ class WebsocketsTransport:
         *,
         max_fragments: int = 1024,
         high_water: int = output_high_water(65536),
+        watched: bool = False,
     ) -> None:
         self._stream = stream
+        self._watched = watched
         self._protocol = protocol
         self._pending = list(pending)
         self._fragments: list[bytes] = []
@@ -231,15 +237,16 @@ class WebsocketsTransport:
         buffer, trio's order finds what is left without a trip through epoll.
 
         A ``quiet`` connection waits through the node's readiness watcher, where a
-        waiting socket keeps far less (readiness.py); a busy one through trio, one
-        task step sooner.
+        waiting socket keeps far less (readiness.py), if its socket is closed only
+        through this transport (``watched``: the watcher would not hear of another
+        close); a busy one through trio, one task step sooner.
         """
         if self._pending or self._backlog or type(self._stream) is not trio.SocketStream:
             return None
         if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
             return None  # receive waits for room first
         self._waited = True
-        if quiet:
+        if quiet and self._watched:
             return readiness.wait_readable(self._stream.socket)
         return trio.lowlevel.wait_readable(self._stream.socket)  # noqa: ASYNC105 - awaited by the caller
 
@@ -451,7 +458,7 @@ class WebsocketsTransport:
         # (cli.tune_gc). Closing the generator frees the connection's protocol, frames
         # and buffers as soon as the connection is gone.
         protocol.parser.close()
-        if type(self._stream) is trio.SocketStream:
+        if self._watched and type(self._stream) is trio.SocketStream:
             readiness.notify_closing(self._stream.socket)
         await trio.aclose_forcefully(self._stream)
 
@@ -479,6 +486,23 @@ def _offered_subprotocols(request: Request) -> tuple[str, ...]:
     return tuple(offered)
 
 
+def _at_a_frame_start(protocol: ServerProtocol) -> bool:
+    """True if websockets' server parser is waiting for the first byte of a frame:
+    inside its frame parser (not a discard() after a close or an error), inside
+    ``at_eof``, with nothing buffered. Anything else (a part of a frame already taken
+    from the buffer, or other internals than these) is left alone."""
+    outer = protocol.parser
+    inner = getattr(outer, "gi_yieldfrom", None)
+    waiting = getattr(inner, "gi_yieldfrom", None)
+    return (
+        protocol.state is State.OPEN
+        and not protocol.reader.buffer
+        and getattr(outer, "gi_code", None) is ServerProtocol.parse.__code__
+        and getattr(inner, "gi_code", None) is Protocol.parse.__code__
+        and getattr(waiting, "gi_code", None) is StreamReader.at_eof.__code__
+    )
+
+
 async def accept_websocket(
     stream: trio.abc.Stream,
     *,
@@ -489,6 +513,7 @@ async def accept_websocket(
     max_headers: int = 64,
     compression: bool = False,
     remote_address: str = "",
+    watched: bool = False,
 ) -> Handshake | tuple[int, UpgradeRequest | None]:
     """Read the opening request and answer it.
 
@@ -497,6 +522,10 @@ async def accept_websocket(
     401 for a bad token...); an :class:`Accept` goes on to the WebSocket handshake,
     which websockets validates (a malformed upgrade is answered 400). The caller
     bounds the time this takes.
+
+    ``watched``: the stream is closed only through the transport (a socket of the
+    node's own listeners), so that a quiet reader may wait through the node's readiness
+    watcher (:meth:`WebsocketsTransport.wait_readable`).
 
     Returns:
         A :class:`Handshake` when the connection was upgraded, else the HTTP status
@@ -568,11 +597,12 @@ async def accept_websocket(
     await _write_all(stream, protocol)
     if response.status_code != 101:
         return response.status_code, request
-    if not protocol.reader.buffer:
+    if _at_a_frame_start(protocol):
         # websockets' server parser is a generator that read the request and then
         # parses frames for the connection's life, keeping the request and its own
-        # frame (about 0.5 KiB). With nothing of a frame read yet, the frame parser
-        # alone takes over, as websockets itself swaps parsers (discard()).
+        # frame (about 0.25 KiB). Waiting at the start of a frame, with nothing of one
+        # read, it gives way to the frame parser alone, as websockets itself swaps
+        # parsers (discard()).
         protocol.parser = Protocol.parse(protocol)
         next(protocol.parser)
     transport = WebsocketsTransport(
@@ -582,6 +612,7 @@ async def accept_websocket(
         remote_address,
         max_fragments=max_fragments,
         high_water=output_high_water(max_message_size),
+        watched=watched,
     )
     handshake = Handshake(transport, answer, request)
     # websockets' parser keeps the request for the connection's life (a local of its
