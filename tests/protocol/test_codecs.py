@@ -125,6 +125,8 @@ def test_unknown_fields_are_ignored() -> None:
         {"type": "sub", "seq": 1},
         {"type": "sub", "seq": 1, "topic": "t", "since": {"offset": 1}},
         {"type": "sub", "seq": 1, "topic": "t", "since": 5},
+        {"type": "sub", "seq": 1, "topic": "t", "recover": "yes"},
+        {"type": "sub", "seq": 1, "topic": "t", "recover": 1},
         {"type": "pub", "seq": 1, "topic": "t"},
         {"type": "hello", "resume": {"session": "s", "token": "t"}},
         {"type": "hello", "token": 5},

@@ -411,8 +411,12 @@ def _sub(o: dict[str, Any]) -> Sub:
     if since is not None:
         since.setdefault("type", "sub.since")
         parsed = Since(_int(since, "offset"), _str(since, "epoch"))  # type: ignore[arg-type]
-    # Only true counts (version 2, docs/protocol.md §14); version 1 ignores the field.
-    recover = o.get("recover") is True
+    # Version 2 (docs/protocol.md §14); version 1 ignores the value. Not a boolean is
+    # 1002 in both, as any field of the wrong type: taken as false, it would subscribe
+    # again a topic the application unsubscribed the session from.
+    recover = o.get("recover")
+    if recover is not None and not isinstance(recover, bool):
+        raise _fail("sub: field 'recover' must be a boolean")
     return Sub(
         seq=_int(o, "seq"),  # type: ignore[arg-type]
         topic=_str(o, "topic"),  # type: ignore[arg-type]
