@@ -85,14 +85,15 @@ class Timings:
 
 
 class _Family(Collector):
-    """Tallies, or Timings by one label, exposed as one counter or histogram."""
+    """Tallies, or Timings by one label (None: one child, keyed "", and no label),
+    exposed as one counter or histogram."""
 
     def __init__(
         self,
         name: str,
         documentation: str,
         tally: Tally | None = None,
-        timings: tuple[str, Sequence[float], dict[str, Timings]] | None = None,
+        timings: tuple[str | None, Sequence[float], dict[str, Timings]] | None = None,
     ) -> None:
         self._name, self._documentation = name, documentation
         self._tally, self._timings = tally, timings
@@ -102,14 +103,15 @@ class _Family(Collector):
             yield CounterMetricFamily(self._name, self._documentation, value=self._tally.value)
         if self._timings is not None:
             label, bounds, children = self._timings
-            family = HistogramMetricFamily(self._name, self._documentation, labels=[label])
+            labels = [] if label is None else [label]
+            family = HistogramMetricFamily(self._name, self._documentation, labels=labels)
             for value, child in children.items():
                 cumulative, buckets = 0, []
                 for bound, count in zip([*bounds, float("inf")], child.counts, strict=True):
                     cumulative += count
                     le = floatToGoString(bound)  # type: ignore[no-untyped-call]
                     buckets.append((le, cumulative))
-                family.add_metric([value], buckets, child.sum)
+                family.add_metric([value] if labels else [], buckets, child.sum)
             yield family
 
 
@@ -195,11 +197,15 @@ class Metrics:
             "wsgate_queue_depth", "Envelopes queued for writing, all connections.", registry=r
         )
         self.queue_depth.set_function(lambda: float(queue_depth()))
-        self.heartbeat_rtt = Histogram(
-            "wsgate_heartbeat_rtt_seconds",
-            "Round trip of heartbeat pings.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=r,
+        # Observed at every pong: plain numbers, as the request path's (see above).
+        rtt_bounds = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+        self.heartbeat_rtt = Timings(rtt_bounds)
+        r.register(
+            _Family(
+                "wsgate_heartbeat_rtt_seconds",
+                "Round trip of heartbeat pings.",
+                timings=(None, rtt_bounds, {"": self.heartbeat_rtt}),
+            )
         )
         bounds = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
         #: ``wsgate_handler_seconds``'s child per outcome.
