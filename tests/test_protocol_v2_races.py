@@ -78,6 +78,24 @@ def _msg(seq: int) -> dict[str, Any]:
     return {"type": "msg", "seq": seq, "event": "x", "data": seq}
 
 
+async def _answer_subs(
+    peer: Peer, seq: int, followed: set[str], offset: int, seen: list[dict[str, Any]]
+) -> None:
+    """Answer every ``sub`` as a server that follows ``followed`` would: a ``recover`` of
+    another topic is ``not_subscribed``; any other follows its topic, from ``offset``.
+    Replies are numbered after ``seq``; every sub is appended to ``seen``."""
+    while True:
+        sub = await peer.recv_type("sub")
+        seen.append(sub)
+        seq += 1
+        if sub.get("recover") and sub["topic"] not in followed:
+            await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
+        else:
+            followed.add(sub["topic"])
+            data = {"offset": offset, "epoch": "E", "recovered": True}
+            await peer.send(_reply(seq, sub["seq"], data))
+
+
 async def _connects(client: Any, count: int) -> None:
     with trio.fail_after(60):
         if client.statistics().connects < count:
@@ -172,17 +190,7 @@ async def test_own_topics_not_yet_resubscribed_survive_a_resume(
             ]
             await peer.send(*resent)
             followed = {s["topic"] for s in lost_subs}
-            seq = len(lost_subs)
-            while True:
-                sub = await peer.recv_type("sub")
-                later_subs.append(sub)
-                seq += 1
-                if sub.get("recover") and sub["topic"] not in followed:
-                    await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
-                else:
-                    followed.add(sub["topic"])
-                    data = {"offset": 0, "epoch": "E", "recovered": True}
-                    await peer.send(_reply(seq, sub["seq"], data))
+            await _answer_subs(peer, len(lost_subs), followed, 0, later_subs)
 
     async with trio.open_nursery() as nursery:
         wire = Wire(None, nursery)
@@ -381,19 +389,7 @@ async def test_v2_carried_recover_sub_of_an_own_topic(autojump_clock: MockClock)
             await peer.send(_welcome("s1", True, 1))
         else:
             await peer.send(_welcome("s2", False, 0))
-            followed: set[str] = set()
-            seq = 0
-            while True:
-                sub = await peer.recv_type("sub")
-                seen.append(sub)
-                seq += 1
-                if sub.get("recover") and sub["topic"] not in followed:
-                    await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
-                else:
-                    followed.add(sub["topic"])
-                    await peer.send(
-                        _reply(seq, sub["seq"], {"offset": 1, "epoch": "E", "recovered": True})
-                    )
+            await _answer_subs(peer, 0, set(), 1, seen)
 
     async with trio.open_nursery() as nursery:
         wire = Wire(None, nursery)

@@ -72,14 +72,25 @@ async def test_a_socket_that_has_data_already_wakes_its_reader_at_once() -> None
 
 async def test_a_cancelled_wait_leaves_nothing_behind_and_the_next_wait_works() -> None:
     a, b = trio.socket.socketpair()
-    with a, b:
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + 0.05
+    cancelled = []
+
+    async def reader() -> None:
+        try:
             await readiness.wait_readable(a)
-        assert scope.cancelled_caught
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
+
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert _waiting() == 1
+            nursery.cancel_scope.cancel()
+        assert cancelled == [True]
         assert _waiting() == 0
         await b.send(b"x")  # fires the registration left armed: nobody is woken for it
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the watcher has seen it
         assert _waiting() == 0
         with trio.fail_after(5):
             await readiness.wait_readable(a)  # re-armed: the data is still there

@@ -216,6 +216,11 @@ class WebsocketsTransport:
         handed to the stream but not yet taken by it."""
         return self._in_flight + len(self._leftover) + sum(map(len, self._protocol.writes))
 
+    def _over_high_water(self) -> bool:
+        """More than the high-water mark waits to be written (nothing is read then)."""
+        pending = self._in_flight or self._protocol.writes
+        return bool(pending) and self.unsent_bytes > self._high_water
+
     async def _wait_for_room(self) -> None:
         """Wait until a flush has brought what is unsent down to the high-water mark."""
         self._room = room = Wakeup()
@@ -243,7 +248,7 @@ class WebsocketsTransport:
         """
         if self._pending or self._backlog or type(self._stream) is not trio.SocketStream:
             return None
-        if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
+        if self._over_high_water():
             return None  # receive waits for room first
         self._waited = True
         if quiet and self._watched:
@@ -261,7 +266,7 @@ class WebsocketsTransport:
             incoming = Incoming()
             self._handle_events(events, incoming)
             return incoming
-        if (self._in_flight or self._protocol.writes) and self.unsent_bytes > self._high_water:
+        if self._over_high_water():
             await self._wait_for_room()
         stream = self._stream
         try:
@@ -615,8 +620,9 @@ async def accept_websocket(
         watched=watched,
     )
     handshake = Handshake(transport, answer, request)
-    # websockets' parser keeps the request for the connection's life (a local of its
-    # generator); its headers are let go of here, once answered (about 2 KiB each).
+    # Where websockets' request parser stays on (frames came with the request), it
+    # keeps the request for the connection's life (a local of its generator); its
+    # headers are let go of here, once answered (about 2 KiB each).
     # Nothing reads them again: every such request shares one empty set.
     raw.headers = _NO_HEADERS
     return handshake
