@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_wsgate.exceptions import ProtocolError
@@ -167,3 +167,72 @@ def test_a_ping_ts_or_a_token_outside_the_domain_is_1007() -> None:
         with pytest.raises(ProtocolError) as info:
             codec.decode(raw)
         assert info.value.code == 1007
+
+
+# Maps shaped like a client's msg to a handler, and near misses: each field present or
+# not, most of the time of the right type, else of another (booleans for integers,
+# integers for strings, past the bounds, a non-ASCII event), or a field no handler's msg
+# has.
+_integers = st.sampled_from([0, 1, 7, MAX_SAFE_INTEGER])
+_misfits = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([-1, MAX_SAFE_INTEGER + 1, 2**64, 1.5, "é", "\ud800", "1", [1], {"a": 1}]),
+)
+
+
+@st.composite
+def msg_like(draw: st.DrawFn) -> dict[str, Any]:
+    value: dict[str, Any] = {"type": "msg", "seq": draw(_integers)}
+    for key, good in (("ack", _integers), ("event", st.sampled_from(["echo", "a.b", ""]))):
+        if draw(st.booleans()):
+            value[key] = draw(good)
+    if draw(st.booleans()):
+        value["data"] = draw(values)
+    # One misfit, sometimes: a field of another type or value, or one more field.
+    misfit = draw(st.sampled_from([None, None, None, "type", "seq", "ack", "event", "+"]))
+    if misfit == "type":
+        value["type"] = draw(st.sampled_from(["reply", "Msg", 1]))
+    elif misfit == "+":
+        value[draw(st.sampled_from(["topic", "offset", "x"]))] = 1
+    elif misfit is not None:
+        value[misfit] = draw(_misfits)
+    return value
+
+
+def _general(value: Any) -> tuple[Any, ...]:
+    """What the general way makes of one decoded envelope: the checks and walk that the
+    codecs' shortcut for requests must agree with."""
+    from trio_wsgate.protocol import parse_envelope
+    from trio_wsgate.protocol.values import weigh
+
+    weight = weigh(value)
+    if weight < 0:
+        return ("error", 1007)
+    try:
+        return (parse_envelope(value), weight)
+    except ProtocolError as exc:
+        return ("error", exc.code)
+
+
+@settings(max_examples=500)
+@given(msg_like())
+def test_a_request_is_checked_and_weighed_as_any_envelope(value: dict[str, Any]) -> None:
+    """The codecs check and weigh the usual msg to a handler in one look (codecs.py,
+    ``_decoded``): the envelope, its weight and every refusal are the general way's."""
+    for codec, raw in ((CODECS[0], _raw_json(value)), (CODECS[1], _raw_msgpack(value))):
+        if raw is None:
+            continue
+        try:
+            decoded = codec.loads(raw)
+        except ProtocolError:
+            continue  # not even decoded: nothing to weigh
+        assert _general(decoded) == _decoded_by(codec, raw)
+
+
+def _decoded_by(codec: Any, raw: bytes) -> tuple[Any, ...]:
+    try:
+        envelopes, weight = codec.decode_weighed(raw)
+    except ProtocolError as exc:
+        return ("error", exc.code)
+    return (envelopes[0], weight)

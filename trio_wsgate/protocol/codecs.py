@@ -21,8 +21,8 @@ import orjson
 
 from ..exceptions import ProtocolError
 from .closecodes import CloseCode
-from .envelopes import Envelope, parse_envelope
-from .values import value_error, weigh
+from .envelopes import Envelope, Msg, parse_envelope
+from .values import MAX_SAFE_INTEGER, value_error, weigh, weigh_request
 
 __all__ = [
     "CODECS",
@@ -106,6 +106,30 @@ def _weighed(value: Any) -> int:
     return weight
 
 
+# The fields of what clients send most, a msg to a handler (docs/protocol.md §2).
+_HANDLER_MSG = frozenset(("type", "seq", "ack", "event", "data"))
+
+
+def _decoded(value: Any) -> tuple[Envelope, int]:
+    """One decoded envelope, checked (:func:`parse_envelope`), and what it weighs
+    (:func:`weigh`). A msg with only the fields of a request to a handler, each of the
+    usual type, is checked and weighed here at once, to the same weight; anything else,
+    valid or not, goes the general way, which says what is wrong with it."""
+    if type(value) is dict and value.get("type") == "msg" and value.keys() <= _HANDLER_MSG:
+        seq, ack, event = value.get("seq"), value.get("ack"), value.get("event")
+        if (
+            type(seq) is int
+            and 0 <= seq <= MAX_SAFE_INTEGER
+            and (ack is None or (type(ack) is int and 0 <= ack <= MAX_SAFE_INTEGER))
+            and (event is None or (type(event) is str and event.isascii()))
+        ):
+            weight = weigh_request(value, ack, event, value.get("data"))
+            if weight >= 0:
+                return Msg(seq, event, None, None, None, value.get("data"), ack), weight
+    weight = _weighed(value)
+    return parse_envelope(value), weight
+
+
 class Codec:
     """One wire encoding. Subclasses set :attr:`subprotocol` and :attr:`binary`."""
 
@@ -178,11 +202,12 @@ class Codec:
             weight = len(value) * 16
             envelopes = []
             for item in value:
-                weight += _weighed(item)
-                envelopes.append(parse_envelope(item))
+                envelope, item_weight = _decoded(item)
+                weight += item_weight
+                envelopes.append(envelope)
             return envelopes, weight
-        weight = _weighed(value)
-        return [parse_envelope(value)], weight
+        envelope, weight = _decoded(value)
+        return [envelope], weight
 
     def encode(self, envelope: Envelope) -> bytes:
         """Encode one envelope into a message payload."""

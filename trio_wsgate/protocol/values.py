@@ -30,7 +30,14 @@ import math
 import uuid
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "check_value", "value_error", "weigh"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_SAFE_INTEGER",
+    "check_value",
+    "value_error",
+    "weigh",
+    "weigh_request",
+]
 
 #: The largest integer a JavaScript number holds exactly (``Number.MAX_SAFE_INTEGER``).
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -178,6 +185,29 @@ def weigh(value: Any, depth: int = MAX_DEPTH) -> int:
         return _SCALAR if math.isfinite(value) else -1
     # Not what a decoder makes (the application's types): ask value_error.
     return -1 if value_error(value, depth) is not None else _SCALAR
+
+
+def weigh_request(envelope: dict[str, Any], ack: Any, event: Any, data: Any) -> int:
+    """:func:`weigh` of ``envelope``, a msg whose fields the caller has checked are
+    among type ("msg"), seq, ack and event (integers of the domain, an ASCII string, or
+    null: ``ack`` and ``event`` are their values) and data (``data``, any value):
+    the same weight, with one look at each field instead of a walk; -1 if ``data``
+    is outside the domain."""
+    if type(data) is str and data.isascii():
+        weight = _TEXT + len(data)
+    else:
+        weight = weigh(data, MAX_DEPTH - 1)
+        if weight < 0:
+            return -1
+    # The map, a slot and a key per field; "type" and "msg", "seq" and its integer.
+    weight += _CONTAINER + (_SLOT + _TEXT) * len(envelope) + 4 + _TEXT + 3 + 3 + _SCALAR
+    if "ack" in envelope:
+        weight += 3 if ack is None else 3 + _SCALAR
+    if "event" in envelope:
+        weight += 5 if event is None else 5 + _TEXT + len(event)
+    if "data" in envelope:
+        weight += 4
+    return weight
 
 
 def check_value(value: Any, depth: int = MAX_DEPTH) -> Any:
