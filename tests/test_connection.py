@@ -364,6 +364,60 @@ async def test_the_window_holds_back_and_acks_release(
         await client.close()
 
 
+async def test_the_acks_of_one_read_release_as_their_last_does(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Acks are cumulative: those of one read are checked one by one and applied once,
+    as the highest of them (connection.py, ``_apply_ack``)."""
+    server = make_server(window=4)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 10})
+        assert [(await client.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
+        # One message of three acks, and a msg acking in between, out of order.
+        await client.send(
+            {"type": "ack", "ack": 1},
+            {"type": "msg", "seq": 2, "event": "echo", "data": "x", "ack": 3},
+            {"type": "ack", "ack": 2},
+        )
+        sequenced = []
+        while len(sequenced) < 3:
+            envelope = await client.recv()
+            if "seq" in envelope:
+                sequenced.append(envelope["seq"])
+        assert sequenced == [5, 6, 7]  # ack 3 let three more out, not ack 2 after it
+        await trio.testing.wait_all_tasks_blocked()
+        assert not [e for e in client.received if "seq" in e]
+        (connection,) = server.connections
+        assert connection.session is not None
+        assert connection.session.outbox.acked == 3
+        await client.close()
+
+
+async def test_an_ack_above_what_was_sent_stops_its_read_there(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """An ack is refused where it comes, though acks are applied at the end of a read:
+    what came before it in the message is processed, nothing after it."""
+    gateway = make_gateway()
+    seen: list[int] = []
+
+    @gateway.on("note")
+    async def note(session: Session, data: Any) -> Any:
+        seen.append(data)
+
+    server = make_server(gateway)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send(
+            {"type": "msg", "seq": 1, "event": "note", "data": 1},
+            {"type": "msg", "seq": 2, "event": "note", "data": 2, "ack": 5},
+            {"type": "msg", "seq": 3, "event": "note", "data": 3},
+        )
+        assert (await client.wait_closed())[0] == 1002
+    assert seen == [1]
+
+
 @TIMERS
 async def test_an_ack_held_by_the_window_goes_alone_within_100ms(
     autojump_clock: MockClock,

@@ -152,6 +152,7 @@ class Connection:
         "_let_go",
         "_metrics",
         "_nursery",
+        "_peer_ack",
         "_pub_bytes",
         "_queue",
         "_replayed",
@@ -197,6 +198,9 @@ class Connection:
         # Envelopes framed so far, and how many of them a completed flush has written.
         self._framed = self._flushed = 0
         self._dispatcher = Dispatcher(hub, gateway, identity)
+        # The highest ack the peer sent in the read being processed, checked but not
+        # applied yet (acks are cumulative: one apply per read, _apply_ack); 0: none.
+        self._peer_ack = 0
         self._hello_seen = False
         # Made when the reader hands hello over and waits for welcome (an idle
         # connection holds no event).
@@ -522,6 +526,8 @@ class Connection:
                     dispatcher.weigh(weight)  # kept, decoded, until the dispatcher takes it
                 except ProtocolError as exc:
                     self.close(exc.code, exc.reason)
+            if self._peer_ack:
+                self._apply_ack()
             if incoming.failed is not None:
                 code, text = incoming.failed
                 self._begin_close(
@@ -572,15 +578,16 @@ class Connection:
         if isinstance(envelope, Sequenced):
             if isinstance(envelope, Reply):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
-            if envelope.ack is not None:
-                self._on_ack(envelope.ack)
+            if envelope.ack is not None and envelope.ack > self._peer_ack:
+                self._note_ack(envelope.ack)
             inbox = self._session().inbox
             if inbox.receive(envelope.seq) is Receipt.NEW:
                 self._dispatch(envelope)
             elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
-            self._on_ack(envelope.ack)
+            if envelope.ack > self._peer_ack:
+                self._note_ack(envelope.ack)
         elif isinstance(envelope, Ping):
             self.send_control(Pong(envelope.ts))
         elif isinstance(envelope, Pong):
@@ -602,7 +609,16 @@ class Connection:
         assert self.session is not None
         return self.session
 
-    def _on_ack(self, ack: int) -> None:
+    def _note_ack(self, ack: int) -> None:
+        """The peer acknowledged ``ack``: refused now if it is above what was sent,
+        applied at the end of the read (:meth:`_apply_ack`) with the others it sent."""
+        self._session().outbox.check_ack(ack)
+        self._peer_ack = ack
+
+    def _apply_ack(self) -> None:
+        """Apply the last ack of the read: release what it acknowledges, and write what
+        the window lets through now."""
+        ack, self._peer_ack = self._peer_ack, 0
         released = self._session().outbox.receive_ack(ack)
         if released:
             self._queue.extend((item.payload, True) for item in released)

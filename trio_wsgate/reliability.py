@@ -121,17 +121,13 @@ class Outbox(Generic[T]):
             return []  # stale or repeated: acks are cumulative
         in_flight = self.in_flight
         if not in_flight or ack > in_flight[-1][0]:
-            raise ProtocolError(
-                CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
-            )
+            self.check_ack(ack)
         self.acked = ack
-        # Usually everything written so far (a client acks what it has processed):
-        # no search. Else the few acknowledged ones at the front.
-        cut = (
-            len(in_flight)
-            if ack == in_flight[-1][0]
-            else bisect.bisect_right(in_flight, ack, key=_seq)
-        )
+        # Usually everything written so far (a client acks what it has processed).
+        # Else the acknowledged ones at the front: their seqs follow one another.
+        cut = len(in_flight) if ack == in_flight[-1][0] else ack - in_flight[0][0] + 1
+        if not 0 < cut <= len(in_flight) or in_flight[cut - 1][0] != ack:
+            cut = bisect.bisect_right(in_flight, ack, key=_seq)  # (never, but cheap to be sure)
         measure = self.measure
         if measure is not None:
             released = 0
@@ -140,6 +136,13 @@ class Outbox(Generic[T]):
             self.nbytes -= released
         del in_flight[:cut]
         return self._refill() if self.waiting else []
+
+    def check_ack(self, ack: int) -> None:
+        """Raise ProtocolError 1002 if ``ack`` is above what was written."""
+        if ack > self.last_sent:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
+            )
 
     def _refill(self) -> list[T]:
         room = self.window - len(self.in_flight)
