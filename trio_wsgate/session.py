@@ -31,12 +31,12 @@ from .protocol import (
     Codec,
     ErrorInfo,
     Msg,
-    Reply,
     Sequenced,
     Since,
     parse_envelope,
 )
 from .protocol.closecodes import ends_session, reason_for
+from .protocol.envelopes import reply_wire
 from .protocol.topics import encode_fields
 from .protocol.values import MAX_DEPTH, check_value
 from .reliability import Inbox, Outbox
@@ -510,13 +510,14 @@ class Session:
         # A reply to a processed envelope is kept by the session even if this
         # connection is closing: the client gets it when it resumes.
         try:
+            dumps = self.codec.dumps
             try:
                 check_value(data, MAX_DEPTH - 1)  # every encoding, every node can carry it
-                self._push(lambda seq, ack: Reply(seq=seq, re=re, data=data, error=error, ack=ack))
+                self._push(None, lambda seq, ack: dumps(reply_wire(seq, re, data, error, ack)))
             except (TypeError, ValueError, OverflowError):
                 logger.exception("reply to seq %d could not be encoded", re)
                 failure = ErrorInfo("internal", "the reply could not be encoded")
-                self._push(lambda seq, ack: Reply(seq=seq, re=re, error=failure, ack=ack))
+                self._push(None, lambda seq, ack: dumps(reply_wire(seq, re, None, failure, ack)))
         except SessionClosed:
             pass  # the session ended: there is no one to reply to
 

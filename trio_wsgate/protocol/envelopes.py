@@ -37,6 +37,7 @@ __all__ = [
     "Unsub",
     "Welcome",
     "parse_envelope",
+    "reply_wire",
 ]
 
 # Every integer of the protocol is a JavaScript safe integer (protocol/values.py).
@@ -210,13 +211,22 @@ class Reply(Sequenced):
     ack: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"type": "reply", "seq": self.seq, "re": self.re}
-        if self.error is not None:
-            wire["error"] = {"code": self.error.code, "reason": self.error.reason}
-        else:
-            _put(wire, "data", self.data)
-        _put(wire, "ack", self.ack)
-        return wire
+        return reply_wire(self.seq, self.re, self.data, self.error, self.ack)
+
+
+def reply_wire(
+    seq: int, re: int, data: Any, error: ErrorInfo | None, ack: int | None
+) -> dict[str, Any]:
+    """:meth:`Reply.to_wire` without the :class:`Reply`: what a session's replies are
+    encoded from (one per request: no object made only to be encoded)."""
+    wire: dict[str, Any] = {"type": "reply", "seq": seq, "re": re}
+    if error is not None:
+        wire["error"] = {"code": error.code, "reason": error.reason}
+    elif data is not None:
+        wire["data"] = data
+    if ack is not None:
+        wire["ack"] = ack
+    return wire
 
 
 @dataclass(slots=True)

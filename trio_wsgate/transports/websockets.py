@@ -358,7 +358,8 @@ class WebsocketsTransport:
     def _valid_utf8(self, data: bytes, final: bool) -> bool:
         try:
             if self._utf8 is None:
-                data.decode()
+                if not data.isascii():  # ASCII is UTF-8: no need to decode it
+                    data.decode()
             else:
                 self._utf8.decode(data, final)
         except UnicodeDecodeError:
