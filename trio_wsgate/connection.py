@@ -405,6 +405,8 @@ class Connection:
         inbox = session.inbox
         inbox.mark_processed(seq)
         session.reply(seq, data, error)
+        if inbox.acked == inbox.processed and not inbox.reack:
+            return  # the reply took the ack (the usual case: no ack pending)
         if inbox.ack_urgent:
             self._send_ack()
         elif inbox.ack_pending and self._ack_timer is None and not self.closing:
@@ -506,20 +508,19 @@ class Connection:
                 heartbeat.last_seen = trio.current_time()
             if incoming.nbytes:
                 metrics.bytes_in.inc(incoming.nbytes)
-            if incoming.pings and not self._within_rate(incoming.pings):
+            if incoming.pings and self._bucket and not self._within_rate(incoming.pings):
                 continue
             for payload, binary in incoming.messages:
                 if self.closing:
                     break
                 try:
                     envelopes, weight = self._decode(payload, binary)
-                    if not self._within_rate(len(envelopes)):
+                    if self._bucket and not self._within_rate(len(envelopes)):
                         break
                     for envelope in envelopes:
                         if self.closing:
                             break
-                        self._on_envelope(envelope)
-                        if isinstance(envelope, Hello):
+                        if self._on_envelope(envelope):
                             # welcome answers hello before anything else is answered.
                             self._welcomed = trio.Event()
                             await self._welcomed.wait()
@@ -568,13 +569,14 @@ class Connection:
         self._metrics.messages_in.inc(len(envelopes))
         return envelopes, weight
 
-    def _on_envelope(self, envelope: Envelope) -> None:
+    def _on_envelope(self, envelope: Envelope) -> bool:
+        """Act on one envelope the client sent; True for the hello to answer first."""
         if not self._hello_seen:
             if not isinstance(envelope, Hello):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "the first envelope must be hello")
             self._hello_seen = True
             self._dispatcher.put(envelope)
-            return
+            return True
         if isinstance(envelope, Sequenced):
             if isinstance(envelope, Reply):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
@@ -603,6 +605,7 @@ class Connection:
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"unexpected {envelope.type} from a client"
             )
+        return False
 
     def _session(self) -> Session:
         # Envelopes after hello are read only once welcome is out, so there is one.
@@ -631,7 +634,12 @@ class Connection:
 
         Either a queued control envelope is dropped, or the connection closes with 4004.
         """
-        if self.queue_depth < self._config.queue_size:
+        # queue_depth, inline: once per envelope queued.
+        depth = len(self._queue) - self._replayed
+        session = self.session
+        if session is not None and session.outbox.waiting and session.connection is self:
+            depth += len(session.outbox.waiting)
+        if depth < self._config.queue_size:
             return
         if self._config.slow_consumer == "drop-oldest":
             for index, (_, kept) in enumerate(self._queue):

@@ -172,8 +172,10 @@ class Dispatcher:
 
     def put(self, envelope: Envelope) -> None:
         """The reader hands over ``hello`` or a new sequenced envelope."""
-        self._pending.append(envelope)
-        self._arrived.set()
+        pending = self._pending
+        pending.append(envelope)
+        if len(pending) == 1:  # else it was woken for the first, and takes them all
+            self._arrived.set()
 
     def weigh(self, weight: int) -> None:
         """A message is read: what it decoded to is counted while any of it waits."""

@@ -102,7 +102,7 @@ class Outbox(Generic[T]):
         self.next_seq += 1
         if self.measure is not None:
             self.nbytes += self.measure(item)
-        if self.open:
+        if not self.waiting and len(self.in_flight) < self.window:  # open, inline
             self.in_flight.append((seq, item))
             return True
         self.waiting.append((seq, item))

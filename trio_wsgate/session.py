@@ -512,7 +512,8 @@ class Session:
         try:
             dumps = self.codec.dumps
             try:
-                check_value(data, MAX_DEPTH - 1)  # every encoding, every node can carry it
+                if not (data is None or (type(data) is str and data.isascii())):
+                    check_value(data, MAX_DEPTH - 1)  # every encoding, every node carries it
                 self._push(None, lambda seq, ack: dumps(reply_wire(seq, re, data, error, ack)))
             except (TypeError, ValueError, OverflowError):
                 logger.exception("reply to seq %d could not be encoded", re)

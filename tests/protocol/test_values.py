@@ -187,8 +187,8 @@ def msg_like(draw: st.DrawFn) -> dict[str, Any]:
     for key, good in (("ack", _integers), ("event", st.sampled_from(["echo", "a.b", ""]))):
         if draw(st.booleans()):
             value[key] = draw(good)
-    if draw(st.booleans()):
-        value["data"] = draw(values)
+    if draw(st.booleans()):  # long runs of digits: in a string, exact either way
+        value["data"] = draw(values | st.sampled_from(["1" * 20, "-" + "9" * 25]))
     # One misfit, sometimes: a field of another type or value, or one more field.
     misfit = draw(st.sampled_from([None, None, None, "type", "seq", "ack", "event", "+"]))
     if misfit == "type":

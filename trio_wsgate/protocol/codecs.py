@@ -110,11 +110,10 @@ def _weighed(value: Any) -> int:
 _HANDLER_MSG = frozenset(("type", "seq", "ack", "event", "data"))
 
 
-def _decoded(value: Any) -> tuple[Envelope, int]:
-    """One decoded envelope, checked (:func:`parse_envelope`), and what it weighs
-    (:func:`weigh`). A msg with only the fields of a request to a handler, each of the
-    usual type, is checked and weighed here at once, to the same weight; anything else,
-    valid or not, goes the general way, which says what is wrong with it."""
+def _request(value: Any) -> tuple[Msg, int] | None:
+    """``value`` checked and weighed at once if it is what clients send most: a msg with
+    only the fields of a request to a handler, each of the usual type (the same
+    envelope and weight as :func:`_decoded`'s general way); else None."""
     if type(value) is dict and value.get("type") == "msg" and value.keys() <= _HANDLER_MSG:
         seq, ack, event = value.get("seq"), value.get("ack"), value.get("event")
         if (
@@ -126,6 +125,16 @@ def _decoded(value: Any) -> tuple[Envelope, int]:
             weight = weigh_request(value, ack, event, value.get("data"))
             if weight >= 0:
                 return Msg(seq, event, None, None, None, value.get("data"), ack), weight
+    return None
+
+
+def _decoded(value: Any) -> tuple[Envelope, int]:
+    """One decoded envelope, checked (:func:`parse_envelope`), and what it weighs
+    (:func:`weigh`): a request at once (:func:`_request`); anything else, valid or not,
+    the general way, which says what is wrong with it."""
+    request = _request(value)
+    if request is not None:
+        return request
     weight = _weighed(value)
     return parse_envelope(value), weight
 
@@ -197,7 +206,9 @@ class Codec:
         """:meth:`decode`, and the bytes the decoded values hold in this process
         (roughly: :func:`~.values.weigh`), for the bounds on what waits to be processed.
         """
-        value = self.loads(payload)
+        return self._weighed_envelopes(self.loads(payload))
+
+    def _weighed_envelopes(self, value: Any) -> tuple[list[Envelope], int]:
         if isinstance(value, list):
             weight = len(value) * 16
             envelopes = []
@@ -226,6 +237,24 @@ class JsonCodec(Codec):
         self._encoder = json.JSONEncoder(
             separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_extended
         )
+
+    def decode_weighed(self, payload: bytes) -> tuple[list[Envelope], int]:
+        # A request whose data is a string or null holds no number orjson could have
+        # made a float of (its other fields are checked to be integers and strings):
+        # it needs no look for long numbers first (loads).
+        try:
+            value = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return self._weighed_envelopes(self.loads(payload))
+        if type(value) is dict:
+            data = value.get("data")
+            if data is None or type(data) is str:
+                request = _request(value)
+                if request is not None:
+                    return [request[0]], request[1]
+        if _LONG_NUMBER in payload.translate(_DIGITS_AS_ZERO):
+            value = self.loads(payload)  # exactly, by the standard library
+        return self._weighed_envelopes(value)
 
     def loads(self, payload: bytes) -> Any:
         if _LONG_NUMBER not in payload.translate(_DIGITS_AS_ZERO):
