@@ -139,7 +139,8 @@ class Outbox(Generic[T]):
 
     def check_ack(self, ack: int) -> None:
         """Raise ProtocolError 1002 if ``ack`` is above what was written."""
-        if ack > self.last_sent:
+        in_flight = self.in_flight
+        if ack > (in_flight[-1][0] if in_flight else self.acked):  # last_sent, inline
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
             )
