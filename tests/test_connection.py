@@ -398,7 +398,7 @@ async def test_an_ack_above_what_was_sent_stops_its_read_there(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:
     """An ack is refused where it comes, though acks are applied at the end of a read:
-    what came before it in the message is processed, nothing after it."""
+    what came before it in the message is handed to the dispatcher, nothing after it."""
     gateway = make_gateway()
     seen: list[int] = []
 
@@ -416,6 +416,21 @@ async def test_an_ack_above_what_was_sent_stops_its_read_there(
         )
         assert (await client.wait_closed())[0] == 1002
     assert seen == [1]
+
+
+async def test_an_ack_of_what_the_same_read_let_out_is_above_what_was_sent(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The acks of one read are checked against what was written before the read: an
+    ack of what an earlier ack of the same read lets out (not yet written, so never
+    seen by the client) is 1002."""
+    server = make_server(window=4)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 10})
+        assert [(await client.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
+        await client.send({"type": "ack", "ack": 4}, {"type": "ack", "ack": 6})
+        assert (await client.wait_closed())[0] == 1002
 
 
 @TIMERS

@@ -508,14 +508,18 @@ class Connection:
                 heartbeat.last_seen = trio.current_time()
             if incoming.nbytes:
                 metrics.bytes_in.inc(incoming.nbytes)
-            if incoming.pings and self._bucket and not self._within_rate(incoming.pings):
+            if (
+                incoming.pings
+                and self._bucket is not None
+                and not self._within_rate(incoming.pings)
+            ):
                 continue
             for payload, binary in incoming.messages:
                 if self.closing:
                     break
                 try:
                     envelopes, weight = self._decode(payload, binary)
-                    if self._bucket and not self._within_rate(len(envelopes)):
+                    if self._bucket is not None and not self._within_rate(len(envelopes)):
                         break
                     for envelope in envelopes:
                         if self.closing:
@@ -623,7 +627,7 @@ class Connection:
         the window lets through now."""
         ack, self._peer_ack = self._peer_ack, 0
         released = self._session().outbox.receive_ack(ack)
-        if released:
+        if released and not self.closing:  # (closing: kept for a resume, never framed)
             self._queue.extend((item.payload, True) for item in released)
             self._want_flush()
 

@@ -56,7 +56,7 @@ def _has_bytes(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_bytes(item) for item in value)
     if isinstance(value, dict):
-        return any(_has_bytes(item) for item in value.values())
+        return any(_has_bytes(item) for item in [*value, *value.values()])
     return False
 
 
@@ -187,52 +187,65 @@ def msg_like(draw: st.DrawFn) -> dict[str, Any]:
     for key, good in (("ack", _integers), ("event", st.sampled_from(["echo", "a.b", ""]))):
         if draw(st.booleans()):
             value[key] = draw(good)
-    if draw(st.booleans()):  # long runs of digits: in a string, exact either way
-        value["data"] = draw(values | st.sampled_from(["1" * 20, "-" + "9" * 25]))
+    if draw(st.booleans()):  # long runs of digits: exact in a string, 1007 as a number
+        value["data"] = draw(
+            values | st.sampled_from(["1" * 20, "-" + "9" * 25, {"n": 2**64}, [-(2**70)]])
+        )
     # One misfit, sometimes: a field of another type or value, or one more field.
     misfit = draw(st.sampled_from([None, None, None, "type", "seq", "ack", "event", "+"]))
     if misfit == "type":
         value["type"] = draw(st.sampled_from(["reply", "Msg", 1]))
     elif misfit == "+":
-        value[draw(st.sampled_from(["topic", "offset", "x"]))] = 1
+        value[draw(st.sampled_from(["topic", "offset", "x", b"seq"]))] = 1
     elif misfit is not None:
         value[misfit] = draw(_misfits)
     return value
 
 
-def _general(value: Any) -> tuple[Any, ...]:
-    """What the general way makes of one decoded envelope: the checks and walk that the
-    codecs' shortcut for requests must agree with."""
+def _general(value: Any) -> str:
+    """What the general way makes of one decoded message (an envelope or a batch): the
+    checks and walk that the codecs' shortcut for requests must agree with, as a
+    ``repr``, so that ``True`` and ``1`` differ."""
     from trio_wsgate.protocol import parse_envelope
     from trio_wsgate.protocol.values import weigh
 
-    weight = weigh(value)
-    if weight < 0:
-        return ("error", 1007)
+    items = value if isinstance(value, list) else [value]
+    weight = 16 * len(items) if isinstance(value, list) else 0
+    envelopes = []
+    for item in items:
+        item_weight = weigh(item)
+        if item_weight < 0:
+            return repr(("error", 1007))
+        try:
+            envelopes.append(parse_envelope(item))
+        except ProtocolError as exc:
+            return repr(("error", int(exc.code)))
+        weight += item_weight
+    return repr((envelopes, weight))
+
+
+def _decoded_by(codec: Any, raw: bytes) -> str:
     try:
-        return (parse_envelope(value), weight)
+        envelopes, weight = codec.decode_weighed(raw)
     except ProtocolError as exc:
-        return ("error", exc.code)
+        return repr(("error", int(exc.code)))
+    return repr((envelopes, weight))
 
 
 @settings(max_examples=500)
-@given(msg_like())
-def test_a_request_is_checked_and_weighed_as_any_envelope(value: dict[str, Any]) -> None:
+@given(msg_like(), st.integers(min_value=0, max_value=2))
+def test_a_request_is_checked_and_weighed_as_any_envelope(
+    value: dict[str, Any], batch: int
+) -> None:
     """The codecs check and weigh the usual msg to a handler in one look (codecs.py,
-    ``_decoded``): the envelope, its weight and every refusal are the general way's."""
-    for codec, raw in ((CODECS[0], _raw_json(value)), (CODECS[1], _raw_msgpack(value))):
+    ``_request``): the envelopes, their weight and every refusal are the general
+    way's, alone or in a batch."""
+    message: Any = [value] * batch if batch else value
+    for codec, raw in ((CODECS[0], _raw_json(message)), (CODECS[1], _raw_msgpack(message))):
         if raw is None:
             continue
         try:
             decoded = codec.loads(raw)
         except ProtocolError:
             continue  # not even decoded: nothing to weigh
-        assert _general(decoded) == _decoded_by(codec, raw)
-
-
-def _decoded_by(codec: Any, raw: bytes) -> tuple[Any, ...]:
-    try:
-        envelopes, weight = codec.decode_weighed(raw)
-    except ProtocolError as exc:
-        return ("error", exc.code)
-    return (envelopes[0], weight)
+        assert _decoded_by(codec, raw) == _general(decoded)

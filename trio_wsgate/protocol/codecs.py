@@ -245,7 +245,7 @@ class JsonCodec(Codec):
         try:
             value = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return self._weighed_envelopes(self.loads(payload))
+            return self._weighed_envelopes(self._exactly(payload))
         if type(value) is dict:
             data = value.get("data")
             if data is None or type(data) is str:
@@ -253,7 +253,7 @@ class JsonCodec(Codec):
                 if request is not None:
                     return [request[0]], request[1]
         if _LONG_NUMBER in payload.translate(_DIGITS_AS_ZERO):
-            value = self.loads(payload)  # exactly, by the standard library
+            value = self._exactly(payload)
         return self._weighed_envelopes(value)
 
     def loads(self, payload: bytes) -> Any:
@@ -262,6 +262,10 @@ class JsonCodec(Codec):
                 return orjson.loads(payload)
             except orjson.JSONDecodeError:
                 pass  # the standard library decodes it, or says why not
+        return self._exactly(payload)
+
+    def _exactly(self, payload: bytes) -> Any:
+        """Decode by the standard library: long numbers exactly; or say why not."""
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
