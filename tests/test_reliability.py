@@ -105,6 +105,35 @@ def test_any_ack_sequence_keeps_the_window_and_the_order(
     assert outbox.next_seq == count + 1
 
 
+@given(
+    window=st.integers(1, 4),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.integers(1, 300)),
+            st.tuples(st.just("ack"), st.integers(0, 3)),
+            st.tuples(st.just("rewind"), st.integers(1, 4)),
+        ),
+        min_size=3,
+        max_size=40,
+    ),
+)
+def test_the_bytes_kept_are_those_of_what_is_unacknowledged(
+    window: int, steps: list[tuple[str, int]]
+) -> None:
+    """``nbytes`` is what ``measure`` counts of every item not yet acknowledged, through
+    pushes, partial and whole acks (with items held back or not) and rewinds."""
+    outbox: Outbox[bytes] = Outbox(window, measure=len)
+    for kind, value in steps:
+        if kind == "push":  # a few at a time, past the window as often as not
+            for _ in range(1 + value % 6):
+                outbox.push(b"x" * value)
+        elif kind == "ack":  # value steps back from the last seq written
+            outbox.receive_ack(max(outbox.acked, outbox.last_sent - value))
+        else:
+            outbox.rewind(outbox.acked, value)
+        assert outbox.nbytes == sum(len(item) for _, item in outbox.unacknowledged())
+
+
 # -- both directions across drops and resumes (docs/protocol.md §4, §5) ---------------------
 
 

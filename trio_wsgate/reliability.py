@@ -129,7 +129,9 @@ class Outbox(Generic[T]):
         if not 0 < cut <= len(in_flight) or in_flight[cut - 1][0] != ack:
             cut = bisect.bisect_right(in_flight, ack, key=_seq)  # (never, but cheap to be sure)
         measure = self.measure
-        if measure is not None:
+        if cut == len(in_flight) and not self.waiting:
+            self.nbytes = 0  # everything is acknowledged (nbytes counts what is not)
+        elif measure is not None:
             released = 0
             for index in range(cut):
                 released += measure(in_flight[index][1])
