@@ -638,12 +638,7 @@ class Connection:
 
         Either a queued control envelope is dropped, or the connection closes with 4004.
         """
-        # queue_depth, inline: once per envelope queued.
-        depth = len(self._queue) - self._replayed
-        session = self.session
-        if session is not None and session.outbox.waiting and session.connection is self:
-            depth += len(session.outbox.waiting)
-        if depth < self._config.queue_size:
+        if self.queue_depth < self._config.queue_size:
             return
         if self._config.slow_consumer == "drop-oldest":
             for index, (_, kept) in enumerate(self._queue):

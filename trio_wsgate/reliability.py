@@ -119,9 +119,8 @@ class Outbox(Generic[T]):
         """
         if ack <= self.acked:
             return []  # stale or repeated: acks are cumulative
+        self.check_ack(ack)
         in_flight = self.in_flight
-        if not in_flight or ack > in_flight[-1][0]:
-            self.check_ack(ack)
         self.acked = ack
         # Usually everything written so far (a client acks what it has processed).
         # Else the acknowledged ones at the front: their seqs follow one another.

@@ -122,9 +122,10 @@ def _request(value: Any) -> tuple[Msg, int] | None:
             and (ack is None or (type(ack) is int and 0 <= ack <= MAX_SAFE_INTEGER))
             and (event is None or (type(event) is str and event.isascii()))
         ):
-            weight = weigh_request(value, ack, event, value.get("data"))
+            data = value.get("data")
+            weight = weigh_request(value, ack, event, data)
             if weight >= 0:
-                return Msg(seq, event, None, None, None, value.get("data"), ack), weight
+                return Msg(seq, event, None, None, None, data, ack), weight
     return None
 
 
