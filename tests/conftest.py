@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from trio_wsgate import Config, Gateway, HandlerError, Server, Session
+from trio_wsgate.gateway import Handler
 from trio_wsgate.metrics import count_tasks
 
 from .redis_server import RedisServer, redis_binary
@@ -41,7 +42,28 @@ def make_gateway() -> Gateway:
             session.send("pushed", i)
         return int(data)
 
+    # Each of the above but "sleep" has no await: it runs in the reader's step
+    # (dispatch.never_waits). Its "-waiting" twin awaits first, so it runs in the
+    # dispatcher's task: tests of what a handler does take both ways.
+    for event, handler in list(gateway.handlers.items()):
+        if event != "sleep":
+            gateway.on(f"{event}-waiting")(_waiting(handler))
     return gateway
+
+
+def _waiting(handler: Handler) -> Handler:
+    async def waiting(session: Session, data: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return await handler(session, data)
+
+    return waiting
+
+
+#: The two ways a handler runs: in the reader's step (it never waits), or in the
+#: dispatcher's task (it does): the suffix of make_gateway's handler names.
+HANDLER_WAYS = pytest.mark.parametrize(
+    "way", ["", "-waiting"], ids=["in-the-reader", "in-the-dispatcher"]
+)
 
 
 #: Every transport (docs/architecture.md, "Layers"); the behaviour suite runs over each.

@@ -1,6 +1,9 @@
-"""Helpers for tests over real sockets on 127.0.0.1."""
+"""Helpers for tests over real sockets on 127.0.0.1, and a count of task steps."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -48,3 +51,25 @@ async def http_request(
         key, _, value = line.partition(":")
         parsed[key.strip().lower()] = value.strip()
     return int(status_line.split()[1]), parsed, rest
+
+
+class _Scheduled(trio.abc.Instrument):
+    """Counts the times tasks whose name ends with ``suffix`` are scheduled to run."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.count = 0
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.count += 1
+
+
+@asynccontextmanager
+async def scheduled(suffix: str) -> AsyncIterator[_Scheduled]:
+    counter = _Scheduled(suffix)
+    trio.lowlevel.add_instrument(counter)
+    try:
+        yield counter
+    finally:
+        trio.lowlevel.remove_instrument(counter)

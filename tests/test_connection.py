@@ -7,6 +7,7 @@ deadline whenever all tasks are blocked, so a 35 s heartbeat runs in millisecond
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +21,8 @@ from trio_wsgate import Gateway, Server, Session, SessionClosed, SlowConsumer
 from trio_wsgate.protocol import MSGPACK_SUBPROTOCOL
 from trio_wsgate.testing import Closed, RawClient, open_memory_connection
 
-from .conftest import ALL_TRANSPORTS, make_gateway
+from .conftest import ALL_TRANSPORTS, HANDLER_WAYS, make_gateway
+from .helpers import scheduled
 
 pytestmark = pytest.mark.transports(*ALL_TRANSPORTS)
 
@@ -113,15 +115,16 @@ async def test_traffic_and_handler_times_are_counted(
     assert sample("wsgate_handler_seconds_count", {"outcome": "exception"}) == 1
 
 
+@HANDLER_WAYS
 async def test_handler_errors_become_error_replies(
-    autojump_clock: MockClock, make_server: Callable[..., Server]
+    autojump_clock: MockClock, make_server: Callable[..., Server], way: str
 ) -> None:
     server = make_server()
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
         await client.hello()
-        failed = await call(client, 1, "fail")
+        failed = await call(client, 1, "fail" + way)
         assert failed["error"] == {"code": "internal", "reason": "internal error"}
-        refused = await call(client, 2, "refuse")
+        refused = await call(client, 2, "refuse" + way)
         assert refused["error"] == {"code": "not_allowed", "reason": "no, thanks"}
         unknown = await call(client, 3, "nope")
         assert unknown["error"]["code"] == "unknown_event"
@@ -602,14 +605,18 @@ async def test_a_closed_client_is_refused_as_closed(
             await client.recv()
 
 
+@HANDLER_WAYS
 async def test_a_handler_whose_session_overflows_is_not_answered_nor_logged_as_a_crash(
-    autojump_clock: MockClock, make_server: Callable[..., Server], caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    caplog: pytest.LogCaptureFixture,
+    way: str,
 ) -> None:
     # The queue overflows at 6 envelopes (4004), the session's buffer at 20: it ends.
     server = make_server(window=2, queue_size=5, max_buffered=20)
     async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
         await client.hello()
-        await client.send({"type": "msg", "seq": 1, "event": "push", "data": 100})
+        await client.send({"type": "msg", "seq": 1, "event": "push" + way, "data": 100})
         assert await client.wait_closed() == (4004, "slow consumer")
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert (
@@ -641,3 +648,170 @@ async def test_one_slow_member_does_not_fail_a_chat_broadcast(
                 assert "error" not in reply
             await talker.close()
         assert slow_connection.close_code == 4004
+
+
+async def test_the_last_reply_of_a_batch_is_written_without_waking_the_timers(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """The dispatcher writes the replies of its batch right after the last one: that
+    one asks nothing of the node's timers' task, so a request that arrives alone is
+    answered in two task steps (the reader's, the dispatcher's), not three. An earlier
+    reply of a batch does ask the timers, since the handler after it may wait."""
+    server = make_server()
+    async with timed_connection(server, node_timers=True) as client:
+        await client.hello()
+        assert (await call(client, 1, "echo-waiting", 1))["data"] == 1
+        async with scheduled("Timers.run") as timers:
+            assert (await call(client, 2, "echo-waiting", 2))["data"] == 2
+        assert timers.count == 0
+        async with scheduled("Timers.run") as timers:
+            await client.send(
+                {"type": "msg", "seq": 3, "event": "echo-waiting", "data": 3},
+                {"type": "msg", "seq": 4, "event": "echo-waiting", "data": 4},
+            )
+            replies = [await client.recv_type("reply") for _ in range(2)]
+        assert [reply["data"] for reply in replies] == [3, 4]
+        assert timers.count == 1
+
+
+@pytest.mark.transports("websockets")  # the others cannot tell a read held one message
+async def test_a_handler_that_never_waits_runs_in_the_readers_step(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """A request alone in its read, whose handler has no await, is run by the reader,
+    and its reply written with the read's other answers: neither the dispatcher's
+    task nor the timers' is woken for it. One whose handler awaits wakes the
+    dispatcher, and so does a message of several envelopes (a sign of load)."""
+    server = make_server()
+    async with timed_connection(server, node_timers=True) as client:
+        await client.hello()
+        assert (await call(client, 1, "echo-waiting", 1))["data"] == 1
+        async with (
+            scheduled("Connection._application") as dispatcher,
+            scheduled("Timers.run") as timers,
+        ):
+            assert (await call(client, 2, "echo", 2))["data"] == 2
+            assert (await call(client, 3, "echo", 3))["data"] == 3
+        assert (dispatcher.count, timers.count) == (0, 0)
+        async with scheduled("Connection._application") as dispatcher:
+            assert (await call(client, 4, "echo-waiting", 4))["data"] == 4
+        assert dispatcher.count >= 1
+        async with scheduled("Connection._application") as dispatcher:
+            await client.send(
+                {"type": "msg", "seq": 5, "event": "echo", "data": 5},
+                {"type": "msg", "seq": 6, "event": "echo", "data": 6},
+            )
+            replies = [await client.recv_type("reply") for _ in range(2)]
+        assert [(reply["re"], reply["data"]) for reply in replies] == [(5, 5), (6, 6)]
+        assert dispatcher.count >= 1
+
+
+@HANDLER_WAYS
+async def test_the_ack_a_request_carries_is_applied_before_its_handler_runs(
+    autojump_clock: MockClock, make_server: Callable[..., Server], way: str
+) -> None:
+    """What the request acknowledges no longer counts against ``max_buffered_bytes``
+    when its handler queues more: 50 pushes answered by 50 more, each batch under the
+    bound, the two together over it."""
+    server = make_server(max_buffered_bytes=4000)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await client.send({"type": "msg", "seq": 1, "event": "push" + way, "data": 50})
+        last = (await client.recv_type("reply"))["seq"]
+        await client.send({"type": "msg", "seq": 2, "event": "push" + way, "data": 50, "ack": last})
+        reply = await client.recv_type("reply")
+        assert (reply["re"], reply["data"]) == (2, 50)
+        assert client.close_code is None
+        await client.close()
+
+
+_SEEN: contextvars.ContextVar[Any] = contextvars.ContextVar("_SEEN", default=None)
+
+
+@HANDLER_WAYS
+async def test_what_a_handler_sets_in_its_context_stays_there(
+    autojump_clock: MockClock, make_server: Callable[..., Server], way: str
+) -> None:
+    """A context variable a handler sets is not seen by the connection's other tasks,
+    whichever task ran it: not by the dispatcher restarted after it retired."""
+    gateway = make_gateway()
+
+    @gateway.on("set")
+    async def set_it(session: Session, data: Any) -> Any:
+        _SEEN.set(data)
+
+    gateway.on("set-waiting")(_awaiting(set_it))
+
+    @gateway.on("get")
+    async def get(session: Session, data: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return _SEEN.get()
+
+    server = make_server(gateway, heartbeat_interval=10, heartbeat_timeout=100)
+    async with timed_connection(server, node_timers=True) as client:
+        await client.hello()
+        await call(client, 1, "set" + way, "set")
+        await trio.sleep(35)  # idle for heartbeat intervals: the dispatcher retires
+        got = await call(client, 2, "get")
+        assert "error" not in got
+        assert got.get("data") is None  # (a reply with data None leaves it out)
+        await client.close()
+
+
+def _awaiting(handler: Any) -> Any:
+    async def awaiting(session: Session, data: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return await handler(session, data)
+
+    return awaiting
+
+
+async def test_a_handler_that_never_waits_waits_its_turn(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Run by the reader only when nothing is ahead of it: behind a handler that is
+    waiting, in the same message or a later one, it runs after it, in order."""
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        start = trio.current_time()
+        await client.send(
+            {"type": "msg", "seq": 1, "event": "sleep", "data": 3},
+            {"type": "msg", "seq": 2, "event": "echo", "data": "b"},
+        )
+        await client.send({"type": "msg", "seq": 3, "event": "echo", "data": "c"})
+        replies = [await client.recv_type("reply") for _ in range(3)]
+        assert [(reply["re"], reply["data"]) for reply in replies] == [(1, 3), (2, "b"), (3, "c")]
+        assert trio.current_time() - start == 3
+        # Once the dispatcher is idle again, the reader runs it at once.
+        assert (await call(client, 4, "echo", "d"))["data"] == "d"
+        assert trio.current_time() - start == 3
+        await client.close()
+
+
+async def test_connect_hooks_run_before_a_handler_that_never_waits(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """A request read while the connect hooks still run waits for them, even if its
+    handler could run in the reader's step."""
+    gateway = make_gateway()
+    ran: list[str] = []
+
+    @gateway.on_connect
+    async def slow_hook(session: Session) -> None:
+        await trio.sleep(2)
+        ran.append("hook")
+
+    @gateway.on("note")
+    async def note(session: Session, data: Any) -> Any:
+        ran.append("handler")
+        return trio.current_time()
+
+    server = make_server(gateway)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        start = trio.current_time()
+        await client.hello()
+        reply = await call(client, 1, "note")
+        assert ran == ["hook", "handler"]
+        assert reply["data"] - start == 2
+        await client.close()

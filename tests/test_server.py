@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from trio_wsgate.testing import RawClient
 from trio_wsgate.transports import websockets as websockets_transport
 
 from .conftest import ALL_TRANSPORTS
-from .helpers import http_get, metric
+from .helpers import http_get, metric, scheduled
 
 pytestmark = pytest.mark.transports(*ALL_TRANSPORTS)
 
@@ -124,6 +125,37 @@ async def _wait_until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(10):
         while not predicate():  # noqa: ASYNC110 - the server's state, seen over real sockets
             await trio.sleep(0.01)
+
+
+@pytest.mark.transports("websockets")
+async def test_one_message_read_alone_is_answered_in_the_readers_step(node: Server) -> None:
+    """A read that holds one message, whose handler never waits, is answered by the
+    reader at once. Several messages in one read are a sign of load: they go to the
+    dispatcher, whose step lets the replies of more requests leave together
+    (docs/architecture.md, "A request that comes alone takes one task step")."""
+    client, stream = await _open_raw(node)
+    assert (await _call(client, 1, "echo", 1))["data"] == 1
+    await trio.testing.wait_all_tasks_blocked()
+    async with scheduled("Connection._application") as dispatcher:
+        assert (await _call(client, 2, "echo", 2))["data"] == 2
+    assert dispatcher.count == 0
+    for seq in (3, 4):  # two messages, one write: one read
+        client.protocol.send_text(
+            client.codec.dumps({"type": "msg", "seq": seq, "event": "echo", "data": seq})
+        )
+    async with scheduled("Connection._application") as dispatcher:
+        await stream.send_all(b"".join(client.protocol.data_to_send()))
+        with trio.fail_after(5):
+            replies = [await client.recv_type("reply") for _ in range(2)]
+    assert [reply["data"] for reply in replies] == [3, 4]
+    assert dispatcher.count >= 1
+    await stream.aclose()
+
+
+async def _call(client: RawClient, seq: int, event: str, data: Any) -> dict[str, Any]:
+    await client.send({"type": "msg", "seq": seq, "event": event, "data": data})
+    with trio.fail_after(5):
+        return await client.recv_type("reply")
 
 
 async def test_a_reset_is_classified_and_leaves_no_task(

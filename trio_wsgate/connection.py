@@ -11,7 +11,10 @@ because the peer is connected runs in it:
   *application scope*, a cancel scope that also holds the application's
   per-connection tasks, if it has any. Without them, the dispatcher's task retires
   while there is nothing to dispatch (right after ``hello``, or once a heartbeat
-  interval has passed idle), and the next envelope starts it again;
+  interval has passed idle), and the next envelope starts it again. A request that
+  was all its read held, whose handler never waits, is run by the reader itself when
+  nothing is ahead of it (:meth:`Connection._dispatch`): it cannot be cancelled nor
+  hold the reader up, and it saves a task step;
 * **one writer** at a time. Producers append encoded envelopes to a bounded queue and
   ask for a flush; the node's timers' task (:meth:`~trio_wsgate.timers.Timers.call_soon`)
   frames everything queued by its next pass, several envelopes batched into one frame,
@@ -399,9 +402,33 @@ class Connection:
             self._heartbeat.start_pings()
         self._answered_hello()
 
-    def answer(self, session: Session, seq: int, data: Any, error: ErrorInfo | None) -> None:
+    def answer(
+        self,
+        session: Session,
+        seq: int,
+        data: Any,
+        error: ErrorInfo | None,
+        written_next: bool = False,
+    ) -> None:
         """Queue the reply to the client's ``seq``; acknowledge it now if the inbox
-        says so, else within ``ack_delay`` unless an ack goes out first."""
+        says so, else within ``ack_delay`` unless an ack goes out first.
+
+        ``written_next``: the caller calls :meth:`write_queued` right after, without
+        yielding (the dispatcher for the last envelope of its batch; the reader, at
+        the end of its read, for what it ran itself), so the timers' task is not woken
+        to write what this queues: one task step fewer per request that comes alone.
+        """
+        if written_next and not self._flush_due and not self._writing:
+            self._flush_due = True  # asked for already: _want_flush asks no one
+            try:
+                self._answer(session, seq, data, error)
+            except BaseException:
+                self._timers.call_soon(self._flush_now)  # the flush asked for above
+                raise
+        else:
+            self._answer(session, seq, data, error)
+
+    def _answer(self, session: Session, seq: int, data: Any, error: ErrorInfo | None) -> None:
         inbox = session.inbox
         inbox.mark_processed(seq)
         session.reply(seq, data, error)
@@ -514,23 +541,30 @@ class Connection:
                 and not self._within_rate(incoming.pings)
             ):
                 continue
-            for payload, binary in incoming.messages:
-                if self.closing:
-                    break
-                try:
-                    envelopes, weight = self._decode(payload, binary)
-                    if self._bucket is not None and not self._within_rate(len(envelopes)):
+            alone = incoming.alone  # answered here if it can be (_dispatch)
+            try:
+                for payload, binary in incoming.messages:
+                    if self.closing:
                         break
-                    for envelope in envelopes:
-                        if self.closing:
+                    try:
+                        envelopes, weight = self._decode(payload, binary)
+                        if self._bucket is not None and not self._within_rate(len(envelopes)):
                             break
-                        if self._on_envelope(envelope):
-                            # welcome answers hello before anything else is answered.
-                            self._welcomed = trio.Event()
-                            await self._welcomed.wait()
-                    dispatcher.weigh(weight)  # kept, decoded, until the dispatcher takes it
-                except ProtocolError as exc:
-                    self.close(exc.code, exc.reason)
+                        if len(envelopes) != 1:
+                            alone = False
+                        for envelope in envelopes:
+                            if self.closing:
+                                break
+                            if self._on_envelope(envelope, alone):
+                                # welcome answers hello before anything else is answered.
+                                self._welcomed = trio.Event()
+                                await self._welcomed.wait()
+                        dispatcher.weigh(weight)  # kept, decoded, until dispatched
+                    except ProtocolError as exc:
+                        self.close(exc.code, exc.reason)
+            except BaseException:
+                self.write_queued()  # what was answered here (run_now) is not held back
+                raise
             if self._peer_ack:
                 self._apply_ack()
             if incoming.failed is not None:
@@ -573,8 +607,9 @@ class Connection:
         self._metrics.messages_in.inc(len(envelopes))
         return envelopes, weight
 
-    def _on_envelope(self, envelope: Envelope) -> bool:
-        """Act on one envelope the client sent; True for the hello to answer first."""
+    def _on_envelope(self, envelope: Envelope, alone: bool) -> bool:
+        """Act on one envelope the client sent; True for the hello to answer first.
+        ``alone``: it was all its read held (:meth:`_dispatch`)."""
         if not self._hello_seen:
             if not isinstance(envelope, Hello):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "the first envelope must be hello")
@@ -588,7 +623,7 @@ class Connection:
                 self._note_ack(envelope.ack)
             inbox = self._session().inbox
             if inbox.receive(envelope.seq) is Receipt.NEW:
-                self._dispatch(envelope)
+                self._dispatch(envelope, alone)
             elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
@@ -853,9 +888,26 @@ class Connection:
             else:
                 self._let_go_of_session()
 
-    def _dispatch(self, envelope: Envelope) -> None:
-        """Hand ``envelope`` to the dispatcher; start it again if it has retired."""
-        self._dispatcher.put(envelope)
+    def _dispatch(self, envelope: Envelope, alone: bool) -> None:
+        """Hand ``envelope`` to the dispatcher, or, if it was ``alone`` in its read
+        (one message of one envelope), run it here and now if it can be
+        (Dispatcher.run_now: its handler never waits, nothing is ahead of it); its
+        reply is written at the end of the read. Several messages in one read are a
+        sign of load: through the dispatcher's step, the replies of more requests
+        leave together (docs/benchmarks.md). Start the dispatcher again if it has
+        retired."""
+        dispatcher = self._dispatcher
+        if alone:
+            # Its piggybacked ack first, as the dispatcher's step would find it: what
+            # it acknowledges no longer counts against max_buffered_bytes when the
+            # reply is kept. Nothing else in this read can ack what it lets out.
+            if self._peer_ack:
+                self._apply_ack()
+            ran = dispatcher.run_now(self, self._session(), envelope)
+        else:
+            ran = False
+        if not ran:
+            dispatcher.put(envelope)
         if not self._dispatching and not self.closing and self._nursery is not None:
             self._dispatching = True
             self._nursery.start_soon(self._application, False, name=_APPLICATION)

@@ -12,6 +12,13 @@ per-connection tasks needs no dispatcher task while there is nothing to dispatch
 :meth:`Dispatcher.tick` at a ping), and the connection starts it again for the next
 envelope.
 
+A handler that cannot wait, a coroutine function whose own code has no ``await``,
+``async for`` or ``async with`` (:func:`never_waits`), runs in the reader's own step
+when nothing is ahead of it (:meth:`Dispatcher.run_now`): it runs to its end at its
+first step, so there is nothing for a cancel scope to cancel and nothing to hold up
+the reader for, and its reply leaves with the read's other answers, one task step
+sooner than through the dispatcher task.
+
 What waits for it is weighed, decoded (:func:`~trio_wsgate.protocol.values.weigh`):
 past :data:`INBOUND_HIGH_WATER` the reader stops reading until the dispatcher has taken
 it, so a peer that sends faster than its handlers run is held back by TCP, not by this
@@ -20,10 +27,15 @@ process's memory. A message heavier than that is taken alone.
 
 from __future__ import annotations
 
+import contextvars
+import dis
+import functools
+import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import trio
 
@@ -37,7 +49,14 @@ from .tokens import authenticate
 from .wakeup import Wakeup
 from .welcome import Opened, Opener, WelcomeHost, follow_user_topic, open_session
 
-__all__ = ["INBOUND_HIGH_WATER", "Application", "DispatchHost", "Dispatched", "Dispatcher"]
+__all__ = [
+    "INBOUND_HIGH_WATER",
+    "Application",
+    "DispatchHost",
+    "Dispatched",
+    "Dispatcher",
+    "never_waits",
+]
 
 logger = logging.getLogger("trio_wsgate.connection")
 
@@ -48,6 +67,45 @@ INBOUND_HIGH_WATER = 1 << 20
 #: What a handler, a hook and a per-connection task are (the application's).
 _Handler = Callable[[Session, Any], Awaitable[Any]]
 _Hook = Callable[[Session], Awaitable[None]]
+
+# The instructions through which a coroutine's own code can yield to trio: an await
+# (GET_AWAITABLE, SEND, YIELD_VALUE), async for and async with.
+_WAITING = frozenset(
+    (
+        "ASYNC_GEN_WRAP",
+        "BEFORE_ASYNC_WITH",
+        "END_ASYNC_FOR",
+        "GET_AITER",
+        "GET_ANEXT",
+        "GET_AWAITABLE",
+        "SEND",
+        "YIELD_FROM",
+        "YIELD_VALUE",
+    )
+)
+
+
+def never_waits(handler: Callable[..., Any]) -> bool:
+    """True if ``handler`` is a coroutine function (or a method of one) whose own code
+    has no ``await``, ``async for`` or ``async with``: each coroutine it makes runs to
+    its end at its first step, without ever yielding to trio. Anything else (a
+    wrapper, a ``functools.partial``, an object with ``__call__``) is taken to wait."""
+    function = handler.__func__ if isinstance(handler, types.MethodType) else handler
+    return type(function) is types.FunctionType and _function_never_waits(function)
+
+
+# Keyed by the function (hashed by identity, at C speed: asked per request), whose
+# code is read once; bounded, so that handlers made at run time are not all kept.
+@functools.lru_cache(maxsize=1024)
+def _function_never_waits(function: types.FunctionType) -> bool:
+    code = function.__code__
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return not any(instruction.opname in _WAITING for instruction in dis.get_instructions(code))
+
+
+class _Waited(RuntimeError):
+    """A handler taken by :func:`never_waits` not to wait yielded all the same."""
 
 
 class Application(Protocol):
@@ -99,8 +157,16 @@ class Dispatched(Opener, Protocol):
         """``hello`` is answered: the session's timers start, the reader reads on."""
         ...
 
-    def answer(self, session: Session, seq: int, data: Any, error: ErrorInfo | None) -> None:
-        """Queue the reply to the client's ``seq`` and acknowledge it."""
+    def answer(
+        self,
+        session: Session,
+        seq: int,
+        data: Any,
+        error: ErrorInfo | None,
+        written_next: bool = False,
+    ) -> None:
+        """Queue the reply to the client's ``seq`` and acknowledge it; with
+        ``written_next``, :meth:`write_queued` is called right after."""
         ...
 
     async def wait_written(self) -> None:
@@ -130,6 +196,7 @@ class Dispatcher:
     __slots__ = (
         "_application",
         "_arrived",
+        "_busy",
         "_node",
         "_pending",
         "_retiring",
@@ -151,6 +218,9 @@ class Dispatcher:
         # Envelopes for the dispatcher, in order, and the wakeup it waits on for more.
         self._pending: list[Envelope] = []
         self._arrived = Wakeup()
+        # True from the start (hello, the connect hooks) and while a batch is taken:
+        # what is read meanwhile waits its turn (run_now).
+        self._busy = True
         #: What the messages those came in weigh, decoded; past INBOUND_HIGH_WATER
         #: the reader waits on _taken (made then) until the dispatcher takes them.
         self.pending_bytes = 0
@@ -231,12 +301,15 @@ class Dispatcher:
         while True:
             # _next() inline: an idle connection's dispatcher waits one frame
             # shallower (docs/benchmarks.md, "Idle").
-            while not self._pending:
-                if self._retiring:
-                    self._retiring = False
-                    if retirable and not connection.closing:
-                        return
-                await arrived.wait()
+            if not self._pending:
+                self._busy = False
+                while not self._pending:
+                    if self._retiring:
+                        self._retiring = False
+                        if retirable and not connection.closing:
+                            return
+                    await arrived.wait()
+            self._busy = True
             self._worked = True
             envelopes, self._pending = self._pending, []
             self._took()
@@ -245,8 +318,9 @@ class Dispatcher:
             arrived.clear()
             # Everything already read is processed before this task yields, so the
             # replies of one read leave in one write.
+            last = envelopes[-1]
             for envelope in envelopes:
-                await self._process(connection, session, envelope)
+                await self._process(connection, session, envelope, envelope is last)
             connection.write_queued()  # the replies of this batch, at once
 
     def tick(self) -> None:
@@ -305,7 +379,49 @@ class Dispatcher:
         await follow_user_topic(session)
         return session
 
-    async def _process(self, connection: Dispatched, session: Session, envelope: Envelope) -> None:
+    def run_now(self, connection: Dispatched, session: Session, envelope: Envelope) -> bool:
+        """Run ``envelope`` here and now if it is a ``msg`` whose handler never waits
+        (:func:`never_waits`) and nothing is ahead of it (nothing waits, no batch is
+        under way, ``hello`` and the connect hooks are done): True if it did, and its
+        answer is queued for the caller to write before it yields
+        (:meth:`Dispatched.answer`'s ``written_next``). Else False: hand it over
+        (:meth:`put`)."""
+        if self._busy or self._pending or type(envelope) is not Msg:
+            return False
+        handler = self._application.handlers.get(envelope.event or "")
+        if handler is None or not never_waits(handler):
+            return False
+        self._worked = True
+        data: Any = None
+        error: ErrorInfo | None = None
+        outcome = "ok"
+        metrics = self._node.metrics
+        started = trio.current_time()
+        try:
+            coroutine = cast(Coroutine[Any, Any, Any], handler(session, envelope.data))
+            try:
+                # In a context of its own, as a handler in the dispatcher's task has:
+                # what it sets is not left in the reader's, nor in what that starts.
+                contextvars.copy_context().run(coroutine.send, None)
+            except StopIteration as done:
+                data = done.value
+            else:  # never_waits read its code: it cannot get here
+                coroutine.close()
+                raise _Waited(f"the handler for {envelope.event!r} waited")
+        except SessionClosed:
+            metrics.handler_outcome["closed"].observe(trio.current_time() - started)
+            return True  # as in _process: not processed, no one to reply to
+        except Exception as exc:
+            error, outcome = _failed(connection, envelope, exc)
+        metrics.handler_outcome[outcome].observe(trio.current_time() - started)
+        connection.answer(session, envelope.seq, data, error, True)
+        return True
+
+    async def _process(
+        self, connection: Dispatched, session: Session, envelope: Envelope, last: bool
+    ) -> None:
+        """Run one envelope and answer it; ``last`` of its batch, the answer is written
+        by :meth:`serve` right after (:meth:`Dispatched.answer`'s ``written_next``)."""
         assert isinstance(envelope, Sequenced)
         data: Any = None
         error: ErrorInfo | None = None
@@ -324,16 +440,8 @@ class Dispatcher:
                     # envelope is not processed and there is no one to reply to.
                     metrics.handler_outcome["closed"].observe(trio.current_time() - started)
                     return
-                except HandlerError as exc:
-                    error, outcome = ErrorInfo(exc.code, exc.reason), "error"
-                    if value_error([exc.code, exc.reason]) is not None or not (
-                        isinstance(exc.code, str) and isinstance(exc.reason, str)
-                    ):
-                        logger.error("a HandlerError's code and reason are strings: %r", exc)
-                        error, outcome = ErrorInfo("internal", "internal error"), "exception"
-                except Exception:
-                    connection.internal_error(f"handler for {envelope.event!r} failed")
-                    error, outcome = ErrorInfo("internal", "internal error"), "exception"
+                except Exception as exc:
+                    error, outcome = _failed(connection, envelope, exc)
                 metrics.handler_outcome[outcome].observe(trio.current_time() - started)
         else:
             try:
@@ -345,9 +453,27 @@ class Dispatcher:
             except Exception:
                 connection.internal_error(f"{envelope.type} failed")
                 error = ErrorInfo("internal", "internal error")
-        connection.answer(session, envelope.seq, data, error)
-        if isinstance(envelope, Sub) and envelope.since is not None and session.codec.version == 2:
+        recovery = (
+            isinstance(envelope, Sub) and envelope.since is not None and session.codec.version == 2
+        )
+        connection.answer(session, envelope.seq, data, error, last and not recovery)
+        if recovery:
             # A version-2 recovery sent what the history holds, past the bounds of what
             # may wait to be written (docs/protocol.md §14): the next envelope waits
             # until the client has read it, so that recoveries go one at a time.
             await connection.wait_written()
+
+
+def _failed(connection: Dispatched, envelope: Msg, exc: Exception) -> tuple[ErrorInfo, str]:
+    """The error a handler's exception answers with, and its outcome for the metrics:
+    a :class:`HandlerError`'s own code and reason if they are strings of the value
+    domain; else ``internal``, logged (called where ``exc`` is being handled)."""
+    if isinstance(exc, HandlerError):
+        if value_error([exc.code, exc.reason]) is None and (
+            isinstance(exc.code, str) and isinstance(exc.reason, str)
+        ):
+            return ErrorInfo(exc.code, exc.reason), "error"
+        logger.error("a HandlerError's code and reason are strings: %r", exc)
+    else:
+        connection.internal_error(f"handler for {envelope.event!r} failed")
+    return ErrorInfo("internal", "internal error"), "exception"

@@ -291,6 +291,12 @@ class WebsocketsTransport:
         incoming.nbytes = len(data)
         self._protocol.receive_data(data)
         self._handle_events(self._protocol.events_received(), incoming)
+        incoming.alone = (
+            len(incoming.messages) == 1
+            and not self._backlog  # a full buffer: more is queued in the socket
+            and incoming.peer_close is None
+            and incoming.failed is None
+        )
         return incoming
 
     def _fail(self, incoming: Incoming, code: CloseCode, reason: str) -> None:
