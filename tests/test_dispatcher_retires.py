@@ -66,6 +66,29 @@ async def test_the_dispatcher_goes_while_idle_and_comes_back_for_the_next_envelo
         await client.close()
 
 
+@pytest.mark.transports("websockets")  # the one that tells a read held one message
+async def test_requests_the_reader_runs_itself_start_no_dispatcher(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """A request whose handler never waits, alone in its read, is run by the reader
+    (dispatch.py, ``run_now``): a connection served only such requests stays one
+    task. One whose handler waits starts the dispatcher again."""
+    server = make_server(heartbeat_interval=10, heartbeat_timeout=100)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        await trio.testing.wait_all_tasks_blocked()
+        assert dispatchers() == 0
+        for seq in range(1, 4):
+            await client.send(msg(seq, "echo", seq))
+            assert (await client.recv_type("reply"))["data"] == seq
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatchers() == 0
+        await client.send(msg(4, "echo-waiting", 4))
+        assert (await client.recv_type("reply"))["data"] == 4
+        assert dispatchers() == 1
+        await client.close()
+
+
 async def test_a_connection_closed_while_its_dispatcher_is_gone_lets_go_of_its_session(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

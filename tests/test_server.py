@@ -292,10 +292,19 @@ async def test_quiet_readers_wait_through_the_readiness_watcher(node: Server) ->
         with trio.fail_after(5):
             reply = await client.recv_type("reply")
         assert reply["data"] == "hi"
-    # A connection with something to dispatch is busy: its reader waits through
-    # trio, one task step sooner, until its dispatcher retires again.
+    # A connection that was sent requests is busy (the reader ran them itself, the
+    # echo never waits): its reader waits through trio, one task step sooner, until a
+    # heartbeat interval passes with no request.
     await trio.testing.wait_all_tasks_blocked()
     assert not served & set(watcher._waiting)
+    for connection in node.connections:
+        connection.heartbeat_passed()  # (what the heartbeat calls at each ping)
+    for client, _ in clients:  # a read of no request: the reader waits quietly again
+        await client.send({"type": "ping", "ts": 1})
+        with trio.fail_after(5):
+            assert (await client.recv_type("pong"))["ts"] == 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert served <= set(watcher._waiting)
     for _, stream in clients:
         await stream.aclose()
     await _wait_until(lambda: not node.connections)

@@ -14,7 +14,7 @@ because the peer is connected runs in it:
   interval has passed idle), and the next envelope starts it again. A request that
   was all its read held, whose handler never waits, is run by the reader itself when
   nothing is ahead of it (:meth:`Connection._dispatch`): it cannot be cancelled nor
-  hold the reader up, and it saves a task step;
+  hold the reader up, it saves a task step, and it starts no dispatcher task;
 * **one writer** at a time. Producers append encoded envelopes to a bounded queue and
   ask for a flush; the node's timers' task (:meth:`~trio_wsgate.timers.Timers.call_soon`)
   frames everything queued by its next pass, several envelopes batched into one frame,
@@ -518,9 +518,12 @@ class Connection:
             try:
                 # Awaited here rather than inside receive: an idle connection's reader
                 # waits one frame shallower (docs/benchmarks.md, "Idle"). Quiet before
-                # hello and while its dispatcher has retired (nothing to do since
-                # hello, or for a heartbeat interval).
-                readable = transport.wait_readable(not (self._dispatching and self._hello_seen))
+                # hello and while nothing is dispatched: its dispatcher has retired
+                # (nothing to do since hello, or for a heartbeat interval) and the
+                # reader ran no request itself since the last heartbeat.
+                readable = transport.wait_readable(
+                    not (self._hello_seen and (self._dispatching or dispatcher.ran_now))
+                )
                 if readable is not None:
                     await readable
                 incoming = await transport.receive()
@@ -894,8 +897,8 @@ class Connection:
         (Dispatcher.run_now: its handler never waits, nothing is ahead of it); its
         reply is written at the end of the read. Several messages in one read are a
         sign of load: through the dispatcher's step, the replies of more requests
-        leave together (docs/benchmarks.md). Start the dispatcher again if it has
-        retired."""
+        leave together (docs/benchmarks.md). What the reader ran starts no task; what
+        goes to a dispatcher that has retired starts it again."""
         dispatcher = self._dispatcher
         if alone:
             # Its piggybacked ack first, as the dispatcher's step would find it: what
@@ -906,16 +909,17 @@ class Connection:
             ran = dispatcher.run_now(self, self._session(), envelope)
         else:
             ran = False
-        if not ran:
-            dispatcher.put(envelope)
+        if ran:
+            return
+        dispatcher.put(envelope)
         if not self._dispatching and not self.closing and self._nursery is not None:
             self._dispatching = True
             self._nursery.start_soon(self._application, False, name=_APPLICATION)
 
     def heartbeat_passed(self) -> None:
-        """At each ping: a dispatcher idle since the last one retires."""
-        if self._app_scope is not None:
-            self._dispatcher.tick()
+        """At each ping: a dispatcher idle since the last one retires, and a reader
+        that ran nothing itself since then waits quietly again."""
+        self._dispatcher.tick(self._app_scope is not None)
 
     def _let_go_of_session(self) -> None:
         """Every handler has returned or been cancelled (or none runs): let go of the

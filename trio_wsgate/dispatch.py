@@ -199,6 +199,7 @@ class Dispatcher:
         "_busy",
         "_node",
         "_pending",
+        "_ran_now",
         "_retiring",
         "_taken",
         "_verified",
@@ -228,6 +229,7 @@ class Dispatcher:
         # Whether it took anything since the last heartbeat, and whether it was told to
         # retire (tick): an idle connection keeps no dispatcher task (docs/benchmarks.md).
         self._worked = False
+        self._ran_now = False  # run_now ran something since the last heartbeat
         self._retiring = False
 
     @property
@@ -323,13 +325,23 @@ class Dispatcher:
                 await self._process(connection, session, envelope, envelope is last)
             connection.write_queued()  # the replies of this batch, at once
 
-    def tick(self) -> None:
-        """A heartbeat interval has passed: if nothing was taken since the last one,
-        :meth:`serve` is told to return once nothing waits."""
-        if not self._worked and not self._pending:
-            self._retiring = True
-            self._arrived.set()
-        self._worked = False
+    @property
+    def ran_now(self) -> bool:
+        """True if :meth:`run_now` ran a request since the last heartbeat (the
+        connection's reader then waits through trio, a task step sooner, as while a
+        dispatcher runs)."""
+        return self._ran_now
+
+    def tick(self, running: bool) -> None:
+        """A heartbeat interval has passed: if the dispatcher is ``running`` and took
+        nothing since the last one, :meth:`serve` is told to return once nothing waits
+        (what :meth:`run_now` ran keeps no task)."""
+        if running:
+            if not self._worked and not self._pending:
+                self._retiring = True
+                self._arrived.set()
+            self._worked = False
+        self._ran_now = False
 
     async def disconnected(self, session: Session) -> None:
         """Run the disconnect hooks: shielded and bounded, so that they run even when
@@ -391,7 +403,7 @@ class Dispatcher:
         handler = self._application.handlers.get(envelope.event or "")
         if handler is None or not never_waits(handler):
             return False
-        self._worked = True
+        self._ran_now = True
         data: Any = None
         error: ErrorInfo | None = None
         outcome = "ok"
