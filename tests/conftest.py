@@ -60,7 +60,9 @@ def _waiting(handler: Handler) -> Handler:
 
 
 #: The two ways a handler runs: in the reader's step (it never waits), or in the
-#: dispatcher's task (it does): the suffix of make_gateway's handler names.
+#: dispatcher's task (it does): the suffix of make_gateway's handler names. Over the
+#: transports that cannot tell a read held one message (trio-websocket, ASGI), both
+#: run in the dispatcher's task.
 HANDLER_WAYS = pytest.mark.parametrize(
     "way", ["", "-waiting"], ids=["in-the-reader", "in-the-dispatcher"]
 )

@@ -751,7 +751,9 @@ async def test_what_a_handler_sets_in_its_context_stays_there(
     async with timed_connection(server, node_timers=True) as client:
         await client.hello()
         await call(client, 1, "set" + way, "set")
-        await trio.sleep(35)  # idle for heartbeat intervals: the dispatcher retires
+        # Idle for heartbeat intervals: a dispatcher that ran it retires, and "get"
+        # starts one from the reader's context, which "set" must not have changed.
+        await trio.sleep(35)
         got = await call(client, 2, "get")
         assert "error" not in got
         assert got.get("data") is None  # (a reply with data None leaves it out)
@@ -767,7 +769,7 @@ def _awaiting(handler: Any) -> Any:
 
 
 async def test_a_handler_that_never_waits_waits_its_turn(
-    autojump_clock: MockClock, make_server: Callable[..., Server]
+    autojump_clock: MockClock, make_server: Callable[..., Server], transport: str
 ) -> None:
     """Run by the reader only when nothing is ahead of it: behind a handler that is
     waiting, in the same message or a later one, it runs after it, in order."""
@@ -783,9 +785,12 @@ async def test_a_handler_that_never_waits_waits_its_turn(
         replies = [await client.recv_type("reply") for _ in range(3)]
         assert [(reply["re"], reply["data"]) for reply in replies] == [(1, 3), (2, "b"), (3, "c")]
         assert trio.current_time() - start == 3
-        # Once the dispatcher is idle again, the reader runs it at once.
-        assert (await call(client, 4, "echo", "d"))["data"] == "d"
-        assert trio.current_time() - start == 3
+        # Once the dispatcher is idle again, the reader runs it at once (with the
+        # transport that can tell a read held one message).
+        await trio.testing.wait_all_tasks_blocked()
+        async with scheduled("Connection._application") as dispatcher:
+            assert (await call(client, 4, "echo", "d"))["data"] == "d"
+        assert (dispatcher.count == 0) is (transport == "websockets")
         await client.close()
 
 
@@ -815,3 +820,31 @@ async def test_connect_hooks_run_before_a_handler_that_never_waits(
         assert ran == ["hook", "handler"]
         assert reply["data"] - start == 2
         await client.close()
+
+
+@pytest.mark.transports("websockets")  # the one whose reader runs requests itself
+async def test_a_bug_in_what_the_reader_runs_closes_1011_and_the_close_completes(
+    autojump_clock: MockClock,
+    make_server: Callable[..., Server],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not a handler's exception (that is an error reply) but the node's own, where
+    the reader runs a request: 1011, logged, as in the dispatcher's task, and the
+    reader reads on to the end of the close handshake."""
+    from trio_wsgate.dispatch import Dispatcher
+
+    def broken(*args: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    server = make_server(close_timeout=30)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        monkeypatch.setattr(Dispatcher, "run_now", broken)
+        start = trio.current_time()
+        await client.send({"type": "msg", "seq": 1, "event": "echo", "data": 1})
+        assert await client.wait_closed() == (1011, "internal error")
+        (connection,) = server.connections
+        await connection.wait_released()
+        assert trio.current_time() == start  # answered, not timed out after 30 s
+    assert any("a bug" in str(r.exc_info) for r in caplog.records if r.exc_info)

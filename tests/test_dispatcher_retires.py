@@ -60,9 +60,10 @@ async def test_the_dispatcher_goes_while_idle_and_comes_back_for_the_next_envelo
         assert dispatchers() == 1
         await trio.sleep_until(20.1)
         assert dispatchers() == 0
-        await client.send(msg(3, "echo", "again"))
+        await client.send(msg(3, "echo-waiting", "again"))  # (a handler that waits)
         reply = await client.recv_type("reply")
         assert (reply["re"], reply["data"], reply["ack"]) == (3, "again", 3)
+        assert dispatchers() == 1  # it came back, and stays until a ping finds it idle
         await client.close()
 
 

@@ -493,8 +493,9 @@ class Connection:
         if self._app_scope is not None:
             self._app_scope.cancel()
         elif not self._dispatching and not self._let_go:
-            # The dispatcher has retired: no handler runs. Let go of the session in
-            # the timers' next pass, as its task would have on its way out.
+            # The dispatcher has retired: no handler runs (one the reader runs ends
+            # before the timers' next pass). Let go of the session in that pass, as
+            # the dispatcher's task would have on its way out.
             self._timers.call_soon(self._let_go_of_session)
         self._stop_timers()
 
@@ -906,7 +907,14 @@ class Connection:
             # reply is kept. Nothing else in this read can ack what it lets out.
             if self._peer_ack:
                 self._apply_ack()
-            ran = dispatcher.run_now(self, self._session(), envelope)
+            try:
+                ran = dispatcher.run_now(self, self._session(), envelope)
+            except Exception:
+                # (A bug of the node's, not the handler's: run_now answers those.) As
+                # in the dispatcher's task: 1011, and the reader reads on to the
+                # close handshake.
+                self.crashed()
+                return
         else:
             ran = False
         if ran:
@@ -918,7 +926,9 @@ class Connection:
 
     def heartbeat_passed(self) -> None:
         """At each ping: a dispatcher idle since the last one retires, and a reader
-        that ran nothing itself since then waits quietly again."""
+        that ran nothing itself since then waits quietly again. (Without heartbeats,
+        neither: a reader that ran a request waits through trio from then on, as a
+        dispatcher started again never retires.)"""
         self._dispatcher.tick(self._app_scope is not None)
 
     def _let_go_of_session(self) -> None:

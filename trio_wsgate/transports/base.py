@@ -143,10 +143,10 @@ class Incoming:
     failed: tuple[int, str] | None = None
     #: The peer closed its end of the stream; nothing more will arrive.
     eof: bool = False
-    #: One message, and nothing else known to be waiting (no more bytes read than
-    #: it, no close, no failure): the connection may answer it at once rather than
-    #: through its dispatcher's step (connection.py, ``_dispatch``). A transport
-    #: that cannot tell leaves it False.
+    #: One message, and nothing more known to be waiting (the read did not fill the
+    #: buffer; no close, no failure; a partial next frame may follow it): the
+    #: connection may answer it at once rather than through its dispatcher's step
+    #: (connection.py, ``_dispatch``). A transport that cannot tell leaves it False.
     alone: bool = False
 
 
