@@ -908,17 +908,14 @@ class Connection:
             if self._peer_ack:
                 self._apply_ack()
             try:
-                ran = dispatcher.run_now(self, self._session(), envelope)
+                if dispatcher.run_now(self, self._session(), envelope):
+                    return
             except Exception:
                 # (A bug of the node's, not the handler's: run_now answers those.) As
                 # in the dispatcher's task: 1011, and the reader reads on to the
                 # close handshake.
                 self.crashed()
                 return
-        else:
-            ran = False
-        if ran:
-            return
         dispatcher.put(envelope)
         if not self._dispatching and not self.closing and self._nursery is not None:
             self._dispatching = True
