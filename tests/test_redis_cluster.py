@@ -18,7 +18,9 @@ import trio
 from coredis._utils import hash_slot
 
 from trio_wsgate import BrokerUnavailable, Server
+from trio_wsgate.brokers import cluster
 from trio_wsgate.brokers.cluster import ClusterBroker, ClusterUrl, _tag
+from trio_wsgate.brokers.redis import _Position
 from trio_wsgate.testing import open_memory_connection
 
 from .redis_server import RedisClusterServers, RedisServer, redis_binary
@@ -61,6 +63,37 @@ def test_every_key_of_a_name_shares_one_slot_whatever_the_name_holds() -> None:
         assert len({hash_slot(key.encode()) for key in session}) == 1, name
     # Names spread over the slots (a tag is a hash, not the name).
     assert len({hash_slot(_tag(f"room:{n}").encode()) for n in range(100)}) > 90
+
+
+def test_the_watchdog_wants_the_channels_of_the_topics_followed_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = ClusterBroker("redis+cluster://a:7000")
+    positions = broker._positions
+
+    def wanted() -> set[bytes]:
+        return {broker._control_channel.encode()} | {
+            broker._channel(topic).encode() for topic in positions
+        }
+
+    for n in range(50):
+        positions[f"user:{n}"] = _Position("e", n)
+    assert broker._wanted_channels() == wanted()
+    # Each topic's name is hashed once, not at every check.
+    expected = wanted()
+    hashed: list[str] = []
+    monkeypatch.setattr(cluster, "_tag", lambda name: hashed.append(name) or _tag(name))
+    assert broker._wanted_channels() == expected
+    assert hashed == []
+    # Topics no longer followed are forgotten; a new one is hashed once.
+    for n in range(10):
+        del positions[f"user:{n}"]
+    positions["room:new"] = _Position("e", 0)
+    got = broker._wanted_channels()
+    assert hashed == ["room:new"]
+    monkeypatch.undo()
+    assert got == wanted()
+    assert set(broker._channel_names) == set(positions)
 
 
 @pytest.fixture

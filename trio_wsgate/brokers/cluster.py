@@ -118,6 +118,9 @@ class ClusterBroker(RedisBroker):
             raise ValueError("in a Redis Cluster the key prefix may not hold { or }")
         self._where = where
         self.watch_interval = watch_interval
+        # The channel of each topic followed, as the watchdog last saw them: a channel's
+        # name holds a hash of the topic's (_tag), made once rather than every check.
+        self._channel_names: dict[str, bytes] = {}
 
     # After a failed ping, a new health client: the old one's layout may still hold a
     # primary that is gone (coredis refreshes it only after many errors), and its
@@ -172,9 +175,8 @@ class ClusterBroker(RedisBroker):
         """Subscribe again to what a moved slot took away (see the module's docstring)."""
         while True:
             await trio.sleep(self.watch_interval)
-            wanted = {self._control_channel, *map(self._channel, self._positions)}
-            held = {c.decode() if isinstance(c, bytes) else c for c in pubsub.channels}
-            missing = sorted(wanted - held)
+            held = {c if isinstance(c, bytes) else c.encode() for c in pubsub.channels}
+            missing = sorted(channel.decode() for channel in self._wanted_channels() - held)
             if not missing:
                 continue
             logger.warning(
@@ -199,8 +201,8 @@ class ClusterBroker(RedisBroker):
                     self._pubsub_scope.cancel()
                 return
             # A topic unsubscribed from meanwhile is not held on for nothing.
-            wanted = {self._control_channel, *map(self._channel, self._positions)}
-            unwanted = [channel for channel in missing if channel not in wanted]
+            wanted = self._wanted_channels()
+            unwanted = [channel for channel in missing if channel.encode() not in wanted]
             if unwanted:
                 with contextlib.suppress(trio.TooSlowError, coredis.exceptions.RedisError):
                     with trio.fail_after(self.command_timeout):
@@ -211,6 +213,23 @@ class ClusterBroker(RedisBroker):
                 if topic is not None:
                     with contextlib.suppress(BrokerUnavailable):
                         await self._catch_up(topic)
+
+    def _wanted_channels(self) -> set[bytes]:
+        """The channels this node must hold: control messages', and each followed
+        topic's. Every ``watch_interval``, for as many topics as the node follows (each
+        user's own topic among them): the names are kept from one check to the next, so
+        that a check costs a lookup per topic, not a hash."""
+        names, positions = self._channel_names, self._positions
+        wanted = {self._control_channel.encode()}
+        for topic in positions:
+            channel = names.get(topic)
+            if channel is None:
+                channel = names[topic] = self._channel(topic).encode()
+            wanted.add(channel)
+        if len(names) > len(positions):  # every followed topic is in names: the rest go
+            for topic in [topic for topic in names if topic not in positions]:
+                del names[topic]
+        return wanted
 
     async def _follow_slots(self, channels: list[str]) -> None:
         """Tell the pub/sub's client where the channels' slots are now: a keyed command
