@@ -140,6 +140,7 @@ class Connection:
         "_ack_timer",
         "_app_scope",
         "_bucket",
+        "_clock",
         "_codec",
         "_config",
         "_detached",
@@ -200,7 +201,10 @@ class Connection:
         self._written: trio.Event | None = None  # made by wait_written, set when it is
         # Envelopes framed so far, and how many of them a completed flush has written.
         self._framed = self._flushed = 0
-        self._dispatcher = Dispatcher(hub, gateway, identity)
+        # The run's clock, read directly where time is taken per read or per request
+        # (trio.current_time() is three calls to it).
+        self._clock = trio.lowlevel.current_clock()
+        self._dispatcher = Dispatcher(hub, gateway, identity, self._clock)
         # The highest ack the peer sent in the read being processed, checked but not
         # applied yet (acks are cumulative: one apply per read, _apply_ack); 0: none.
         self._peer_ack = 0
@@ -536,7 +540,7 @@ class Connection:
                 self._abort(CloseCode.ABNORMAL, CloseReason.RESET)
                 return
             if incoming.frames and heartbeat is not None:
-                heartbeat.last_seen = trio.current_time()
+                heartbeat.last_seen = self._clock.current_time()
             if incoming.nbytes:
                 metrics.bytes_in.inc(incoming.nbytes)
             if (
@@ -623,16 +627,18 @@ class Connection:
         if isinstance(envelope, Sequenced):
             if isinstance(envelope, Reply):
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reply is sent by the server only")
+            session = self.session
+            assert session is not None  # read only once welcome is out (_session)
             if envelope.ack is not None and envelope.ack > self._peer_ack:
-                self._note_ack(envelope.ack)
-            inbox = self._session().inbox
+                self._note_ack(session, envelope.ack)
+            inbox = session.inbox
             if inbox.receive(envelope.seq) is Receipt.NEW:
-                self._dispatch(envelope, alone)
+                self._dispatch(envelope, session, alone)
             elif inbox.ack_urgent:
                 self._send_ack()
         elif isinstance(envelope, Ack):
             if envelope.ack > self._peer_ack:
-                self._note_ack(envelope.ack)
+                self._note_ack(self._session(), envelope.ack)
         elif isinstance(envelope, Ping):
             self.send_control(Pong(envelope.ts))
         elif isinstance(envelope, Pong):
@@ -655,17 +661,19 @@ class Connection:
         assert self.session is not None
         return self.session
 
-    def _note_ack(self, ack: int) -> None:
+    def _note_ack(self, session: Session, ack: int) -> None:
         """The peer acknowledged ``ack``: refused now if it is above what was sent,
         applied at the end of the read (:meth:`_apply_ack`) with the others it sent."""
-        self._session().outbox.check_ack(ack)
+        session.outbox.check_ack(ack)
         self._peer_ack = ack
 
     def _apply_ack(self) -> None:
         """Apply the last ack of the read: release what it acknowledges, and write what
         the window lets through now."""
         ack, self._peer_ack = self._peer_ack, 0
-        released = self._session().outbox.receive_ack(ack)
+        session = self.session
+        assert session is not None  # an ack was noted: there is one (_session)
+        released = session.outbox.receive_ack(ack)
         if released and not self.closing:  # (closing: kept for a resume, never framed)
             self._queue.extend((item.payload, True) for item in released)
             self._want_flush()
@@ -892,7 +900,7 @@ class Connection:
             else:
                 self._let_go_of_session()
 
-    def _dispatch(self, envelope: Envelope, alone: bool) -> None:
+    def _dispatch(self, envelope: Envelope, session: Session, alone: bool) -> None:
         """Hand ``envelope`` to the dispatcher, or, if it was ``alone`` in its read
         (one message of one envelope), run it here and now if it can be
         (Dispatcher.run_now: its handler never waits, nothing is ahead of it); its
@@ -908,7 +916,7 @@ class Connection:
             if self._peer_ack:
                 self._apply_ack()
             try:
-                if dispatcher.run_now(self, self._session(), envelope):
+                if dispatcher.run_now(self, session, envelope):
                     return
             except Exception:
                 # (A bug of the node's, not the handler's: run_now answers those.) As

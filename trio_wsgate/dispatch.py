@@ -35,7 +35,7 @@ import logging
 import math
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import trio
 
@@ -197,6 +197,7 @@ class Dispatcher:
         "_application",
         "_arrived",
         "_busy",
+        "_clock",
         "_node",
         "_pending",
         "_ran_now",
@@ -212,8 +213,10 @@ class Dispatcher:
         node: DispatchHost,
         application: Application,
         verified: Identity | None,
+        clock: trio.abc.Clock,
     ) -> None:
         self._node = node
+        self._clock = clock  # the run's: handlers are timed by it
         self._application = application
         self._verified = verified
         # Envelopes for the dispatcher, in order, and the wakeup it waits on for more.
@@ -408,9 +411,10 @@ class Dispatcher:
         error: ErrorInfo | None = None
         outcome = "ok"
         metrics = self._node.metrics
-        started = trio.current_time()
+        clock = self._clock
+        started = clock.current_time()
         try:
-            coroutine = cast(Coroutine[Any, Any, Any], handler(session, envelope.data))
+            coroutine: Coroutine[Any, Any, Any] = handler(session, envelope.data)  # type: ignore[assignment]
             try:
                 # In a context of its own, as a handler in the dispatcher's task has:
                 # what it sets is not left in the reader's, nor in what that starts.
@@ -421,11 +425,11 @@ class Dispatcher:
                 coroutine.close()
                 raise _Waited(f"the handler for {envelope.event!r} waited")
         except SessionClosed:
-            metrics.handler_outcome["closed"].observe(trio.current_time() - started)
+            metrics.handler_outcome["closed"].observe(clock.current_time() - started)
             return True  # as in _process: not processed, no one to reply to
         except Exception as exc:
             error, outcome = _failed(connection, envelope, exc)
-        metrics.handler_outcome[outcome].observe(trio.current_time() - started)
+        metrics.handler_outcome[outcome].observe(clock.current_time() - started)
         connection.answer(session, envelope.seq, data, error, True)
         return True
 
@@ -443,18 +447,19 @@ class Dispatcher:
             if handler is None:
                 error = ErrorInfo("unknown_event", f"no handler for event {envelope.event!r}")
             else:
-                started = trio.current_time()
+                clock = self._clock
+                started = clock.current_time()
                 outcome = "ok"
                 try:
                     data = await handler(session, envelope.data)
                 except SessionClosed:
                     # The handler's own session closed under it (4004, kick...): the
                     # envelope is not processed and there is no one to reply to.
-                    metrics.handler_outcome["closed"].observe(trio.current_time() - started)
+                    metrics.handler_outcome["closed"].observe(clock.current_time() - started)
                     return
                 except Exception as exc:
                     error, outcome = _failed(connection, envelope, exc)
-                metrics.handler_outcome[outcome].observe(trio.current_time() - started)
+                metrics.handler_outcome[outcome].observe(clock.current_time() - started)
         else:
             try:
                 data, error = await self._node.topic_operation(session, envelope)

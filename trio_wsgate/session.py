@@ -467,7 +467,8 @@ class Session:
         connection = self._live()
         if connection is not None:
             connection.check_room()  # a full queue closes the connection with 4004
-            connection = self._live()
+            if connection.closing:
+                connection = None  # (what _live says now)
         outbox, inbox = self.outbox, self.inbox
         ack = (
             inbox.processed
