@@ -139,6 +139,14 @@ def test_bad_envelopes_are_protocol_errors(value: Any) -> None:
     assert info.value.code == 1002
 
 
+def test_a_publish_without_seq_is_told_so() -> None:
+    # (Not taken for a server's version-2 delivery, which carries an offset instead.)
+    with pytest.raises(ProtocolError, match="pub: missing integer field 'seq'"):
+        parse_envelope({"type": "pub", "topic": "t", "data": 1})
+    with pytest.raises(ProtocolError, match="pub: missing integer field 'offset'"):
+        parse_envelope({"type": "pub", "topic": "t", "data": 1, "epoch": "e", "offset": None})
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"{", b"\xff\xfe", b'{"type": "ack", "ack": NaN}', b"[" * 100_000 + b"]" * 100_000, b""],

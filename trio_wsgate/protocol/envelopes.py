@@ -447,7 +447,7 @@ def _unsub(o: dict[str, Any]) -> Unsub:
 def _pub(o: dict[str, Any]) -> Pub | Delivery:
     if "data" not in o:
         raise _fail("pub: missing field 'data'")
-    if "seq" not in o:  # a server's delivery (version 2), not a client's publish
+    if "seq" not in o and ("offset" in o or "epoch" in o):  # a server's delivery (v2)
         return Delivery(
             topic=_str(o, "topic"),  # type: ignore[arg-type]
             offset=_int(o, "offset"),  # type: ignore[arg-type]
