@@ -40,8 +40,9 @@ _DATA = json.dumps("x" * 64).encode()  # the 64-byte payload of bench/loadgen.py
 
 def _frame(payload: bytes) -> bytes:
     """A client's text frame, masked with a zero key (the payload is unchanged)."""
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload
+    if len(payload) < 126:
+        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload
+    return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + bytes(4) + payload
 
 
 async def _client(port: int, path: str, answer: bytes, requests: int, inflight: int) -> None:
