@@ -356,6 +356,94 @@ async def test_what_the_client_does_while_its_topics_are_followed_again_stands(
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _migrating(
+    server: Server, nursery: trio.Nursery
+) -> AsyncIterator[tuple[dict[str, Any], Any, trio.Event]]:
+    """A session that follows a, b and c is parked by another node, and its client
+    resumes here: the node follows a, then waits for b's history until the event is
+    set. Yields the first welcome, the resuming client (its welcome not come) and
+    the event."""
+    for topic in "abc":  # (so that each topic is known to the broker of the other node)
+        await server.gateway.publish(topic, "before")
+    async with open_memory_connection(server, nursery) as client:
+        first = await client.hello()
+        for seq, topic in enumerate("abc", 1):
+            await client.send({"type": "sub", "seq": seq, "topic": topic})
+            await client.recv_type("reply")
+    await detached(server)
+    broker, _ = _park_elsewhere(server)
+    broker.gates["b"] = gate = trio.Event()
+    async with open_memory_connection(server, nursery) as migrating:
+        await migrating.send({"type": "hello", "resume": resume_of(first, 3)})
+        await trio.testing.wait_all_tasks_blocked()
+        (session,) = server.hub.sessions.values()
+        assert [(t, p.followed) for t, p in session.subscriptions.items()] == [
+            ("a", True),
+            ("b", False),
+            ("c", False),
+        ]
+        yield first, migrating, gate
+
+
+async def test_a_migration_cut_short_keeps_every_topic_for_the_next_resume(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: the connection of a resume that was taking a session
+    over from another node closed (the node drained, a heartbeat missed) while the
+    session's topics were being followed again. The topic under way was dropped and
+    those after it never added, and the next resume said resumed: true, deaf to them."""
+    server = make_server(allow_subscribe=("a", "b", "c"), heartbeat_interval=None)
+    async with (
+        running(server) as nursery,
+        _migrating(server, nursery) as (first, migrating, gate),
+    ):
+        (connection,) = server.connections
+        connection.close(1001, "going away")
+        assert (await migrating.wait_closed())[0] == 1001
+        await detached(server)
+        (session,) = server.hub.sessions.values()
+        assert sorted(session.subscriptions) == ["a", "b", "c"]  # b and c kept as places
+        gate.set()
+        await trio.sleep(1)  # the hub follows them again (_refollow, after 0.5 s)
+        assert all(place.followed for place in session.subscriptions.values())
+        async with open_memory_connection(server, nursery) as client:
+            assert (await client.hello(resume=resume_of(first, 3)))["resumed"] is True
+            for topic in "abc":
+                await server.gateway.publish(topic, f"to {topic}")
+            got = [(m["topic"], m["data"]) for m in [await client.recv_type("msg") for _ in "abc"]]
+            assert got == [("a", "to a"), ("b", "to b"), ("c", "to c")]
+            await client.close()
+
+
+async def test_a_resume_during_a_migration_takes_the_session_from_the_older_one(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: a second resume found the session while the first
+    was still following its topics, and got it; then the first, done, took it back
+    and closed the newer connection with 4006, which a client takes as final. The
+    newest claim wins: the older one is closed with 4006 instead."""
+    server = make_server(allow_subscribe=("a", "b", "c"), heartbeat_interval=None)
+    async with (
+        running(server) as nursery,
+        _migrating(server, nursery) as (first, migrating, gate),
+        open_memory_connection(server, nursery) as client,
+    ):
+        if True:
+            assert (await client.hello(resume=resume_of(first, 3)))["resumed"] is True
+            gate.set()
+            assert (await migrating.wait_closed())[0] == 4006
+            (session,) = server.hub.sessions.values()
+            assert all(place.followed for place in session.subscriptions.values())
+            for topic in "abc":
+                await server.gateway.publish(topic, f"to {topic}")
+            got = [(m["topic"], m["data"]) for m in [await client.recv_type("msg") for _ in "abc"]]
+            assert got == [("a", "to a"), ("b", "to b"), ("c", "to c")]
+            await client.send(msg(4, "echo", "still here"))
+            assert (await client.recv_type("reply"))["data"] == "still here"
+            await client.close()
+
+
 async def test_a_migrated_session_whose_resume_fails_still_expires(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

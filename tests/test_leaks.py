@@ -273,21 +273,22 @@ async def _connect(server: Server, nursery: trio.Nursery) -> trio.abc.Stream:
     return client_stream
 
 
-@pytest.mark.parametrize("parts", ["bare", "heartbeat-and-token"])
+@pytest.mark.parametrize("parts", ["bare", "heartbeat-and-token", "resumed"])
 async def test_an_ended_connection_is_freed_without_the_cyclic_collector(
     make_server: Callable[..., Server], parts: str
 ) -> None:
     # The node runs the cyclic GC rarely (cli.tune_gc): a connection's objects caught
     # in a reference cycle would stay until it does, and churn would grow the process.
     # websockets' protocol had two (its bound select_subprotocol, its parser); the
-    # heartbeat and the token's watch call back into their connection.
+    # heartbeat and the token's watch call back into their connection; a resumed
+    # session kept the connection that claimed it.
     import gc
     import weakref
 
     from trio_wsgate import Identity
     from trio_wsgate.testing import open_memory_connection
 
-    if parts == "bare":
+    if parts != "heartbeat-and-token":
         server = make_server(heartbeat_interval=None)
     else:
         gateway = make_gateway()
@@ -303,9 +304,16 @@ async def test_an_ended_connection_is_freed_without_the_cyclic_collector(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.hub.run)
+            resume = None
+            if parts == "resumed":
+                async with open_memory_connection(server, nursery) as client:
+                    first = await client.hello()
+                await trio.testing.wait_all_tasks_blocked()
+                resume = {"session": first["session"], "token": first["resume_token"], "ack": 0}
             async with open_memory_connection(server, nursery) as client:
-                await client.hello()
-                if parts != "bare":
+                welcome = await client.hello(**({} if resume is None else {"resume": resume}))
+                assert welcome["resumed"] is (resume is not None)
+                if parts == "heartbeat-and-token":
                     await client.send({"type": "refresh", "token": "again"})
                     await trio.testing.wait_all_tasks_blocked()
                 (connection,) = server.connections

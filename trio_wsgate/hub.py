@@ -807,46 +807,59 @@ class Hub:
             self.metrics.internal_errors.inc()
             logger.exception("the state of session %s could not be taken over", resume.session)
             return None
+        floors = state.get("floors") or {}
+        for topic, (offset, epoch) in state["subscriptions"].items():
+            # Each topic a place to follow from until it is followed here, so that a
+            # hand-over, a park or a resume meanwhile finds them all, and those left
+            # when this is cut short are followed later (_refollow). A place without
+            # an epoch is none: the session moved while its first read of the topic
+            # was under way (it had been sent nothing of it); in version 2 the
+            # client asks the history itself, from its own place. Only the floors
+            # the state has: one set here, at the hand-over, would hide from its
+            # client what was published while it was away.
+            place = Subscription(topic, offset, epoch if codec.version == 1 else "", followed=False)
+            place.floor, place.floor_epoch = floors.get(topic) or (0, "")
+            session.subscriptions[topic] = place
         session.detached_at = trio.current_time()
         self._register(session)
         if not self.hold(session, self._weight(session)):
             return None  # more than a session may keep here
         self._expire_later(session)  # if the resume fails from here on, it still expires
-        await self.claim(session)
-        self.metrics.sessions_migrated.labels("in").inc()
-        for topic, (offset, epoch) in state["subscriptions"].items():
-            # A place without an epoch is none: the session moved while its first
-            # read of the topic was under way (it had been sent nothing of it). In
-            # version 2 the client asks the history itself, from its own place.
-            since = Since(offset, epoch) if epoch and codec.version == 1 else None
-            try:
-                result = await self.subscribe(session, topic, since)
+        try:
+            await self.claim(session)
+            self.metrics.sessions_migrated.labels("in").inc()
+            for topic, place in list(session.subscriptions.items()):
+                if session.subscriptions.get(topic) is not place or place.followed:
+                    continue  # a sub of a resume meanwhile has answered for it
+                since = Since(place.offset, place.epoch) if place.epoch else None
+                try:
+                    result = await self.subscribe(session, topic, since)
+                except BrokerUnavailable:
+                    # It keeps its place, and the hub follows the topic from there
+                    # once the broker answers (Hub.subscribe): what was published
+                    # meanwhile comes from the history, in order. (Dropped, the
+                    # session would have been resumed deaf to the topic.)
+                    logger.warning(
+                        "migrated session %s follows %s once the broker answers", session.id, topic
+                    )
+                    continue
                 if result.recovered is False:
-                    # The history no longer reaches back to where the session
-                    # stopped (or the topic began again): resumed, it would miss
-                    # publications without a word. It ends, and its client, told
-                    # resumed: false, recovers by offset and learns recovered: false.
+                    # The history no longer reaches back to where the session stopped
+                    # (or the topic began again): resumed, it would miss publications
+                    # without a word. It ends, and its client, told resumed: false,
+                    # recovers by offset and learns recovered: false.
                     self._history_lost(session)
                     return None
-            except BrokerUnavailable:
-                # The session keeps its place, and the hub follows the topic from
-                # there once the broker answers: what was published meanwhile comes
-                # from the history, in order. (Dropped, the session would have been
-                # resumed deaf to the topic, its client none the wiser.)
-                logger.warning(
-                    "migrated session %s follows %s once the broker answers", session.id, topic
-                )
-                session.subscriptions[topic] = Subscription(topic, offset, epoch, followed=False)
+        except SessionClosed:
+            pass  # it overflowed, or was evicted, while its history came
+        except BaseException:
+            # Cut short (its connection closed, the node drains): the topics not
+            # followed yet keep their places, and are followed once this has gone.
+            if not session.ended:
                 self._follow_again(session)
-            except SessionClosed:
-                break
-        if session.ended:  # it overflowed, or was evicted, while its history came
+            raise
+        if session.ended:
             return None
-        floors = state.get("floors") or {}
-        for topic, place in session.subscriptions.items():
-            # Only the floors the state has: one set here, at the hand-over, would hide
-            # from its client what was published while it was away.
-            place.floor, place.floor_epoch = floors.get(topic) or (0, "")
         return session
 
     def _follow_again(self, session: Session) -> None:

@@ -132,43 +132,63 @@ async def open_session(
                 )
                 return None
             if session is not None:
+                if session.claimant is not None or session.connection is not None:
+                    # A newer resume found it while its topics were followed here,
+                    # and has it: the newest claim wins.
+                    connection.close(
+                        CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER
+                    )
+                    return None
                 result = ResumeResult.MIGRATED
         if session is not None:
             # The newest claim wins: an earlier connection still waiting for the
             # session to be let go loses it to this one.
             session.claimant = connection
-        if session is not None and session.connection is not None:
-            # Take-over: the old connection still looks open. It is closed with
-            # 4006, and lets go of the session once its handlers have stopped.
-            old = session.connection
-            old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
-            await old.wait_detached()
-            if session.claimant is not connection:  # a newer connection claimed it since
-                connection.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
-                return None
-            result = ResumeResult.TAKEN_OVER
-            if session.ended:  # it overflowed max_buffered as it let go
-                session, result = None, ResumeResult.UNKNOWN
-        metrics.resumes.labels(str(result)).inc()
-        if session is not None:
-            try:
-                resend = session.outbox.rewind(hello.resume.ack)
-            except ProtocolError as exc:
-                connection.close(exc.code, exc.reason)
-                return None
-            if not _within_user_limit(host, connection, session):
-                return None  # the session stays detached, for a resume within the limit
-            try:
-                session.attach(connection, codec, resumed=True)
-            except Exception:
-                # What it kept cannot go out in this encoding (the value domain
-                # rules it out): that session ends, and the client gets a new one
-                # (resumed: false) rather than a session stuck to this connection.
-                connection.internal_error(f"session {session.id} could not be resumed here")
-                host.end(
-                    session, CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR, why="internal"
-                )
-                session = None
+        claimed = session
+        try:
+            if session is not None and session.connection is not None:
+                # Take-over: the old connection still looks open. It is closed with
+                # 4006, and lets go of the session once its handlers have stopped.
+                old = session.connection
+                old.close(CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER)
+                await old.wait_detached()
+                if session.claimant is not connection:  # a newer connection claimed it since
+                    connection.close(
+                        CloseCode.TAKEN_OVER, "session taken over", CloseReason.TAKE_OVER
+                    )
+                    return None
+                result = ResumeResult.TAKEN_OVER
+                if session.ended:  # it overflowed max_buffered as it let go
+                    session, result = None, ResumeResult.UNKNOWN
+            metrics.resumes.labels(str(result)).inc()
+            if session is not None:
+                try:
+                    resend = session.outbox.rewind(hello.resume.ack)
+                except ProtocolError as exc:
+                    connection.close(exc.code, exc.reason)
+                    return None
+                if not _within_user_limit(host, connection, session):
+                    return None  # the session stays detached, for a resume within the limit
+                try:
+                    session.attach(connection, codec, resumed=True)
+                except Exception:
+                    # What it kept cannot go out in this encoding (the value domain
+                    # rules it out): that session ends, and the client gets a new one
+                    # (resumed: false) rather than a session stuck to this connection.
+                    connection.internal_error(f"session {session.id} could not be resumed here")
+                    host.end(
+                        session,
+                        CloseCode.INTERNAL_ERROR,
+                        CloseReason.INTERNAL_ERROR,
+                        why="internal",
+                    )
+                    session = None
+        finally:
+            if claimed is not None and claimed.claimant is connection:
+                # Decided: the session no longer keeps this connection (closed, it
+                # would hold its transport for as long as the session waits).
+                claimed.claimant = None
+
     if session is None:
         new = await _new_session(host, connection, identity)
         if new is None:
