@@ -28,13 +28,15 @@ async def http_request(
     method: str,
     path: str,
     body: bytes | str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
     host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], bytes]:
-    """One plain HTTP/1.1 request: ``(status, headers, body)``."""
+    """One plain HTTP/1.1 request: ``(status, headers, body)``; ``headers`` as pairs
+    may repeat a name."""
     payload = body.encode() if isinstance(body, str) else (body or b"")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
-    lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+    pairs = headers.items() if isinstance(headers, dict) else headers or []
+    lines += [f"{key}: {value}" for key, value in pairs]
     if body is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
     stream = await trio.open_tcp_stream(host, port)

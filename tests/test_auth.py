@@ -18,7 +18,7 @@ from trio_wsgate import Config, Identity, JwtAuthenticator, Server
 from trio_wsgate.testing import Refused, open_memory_connection
 
 from .conftest import make_gateway
-from .test_resume import resume_of, running
+from .test_resume import resume_of, running, sample
 
 SECRET = "a-test-secret-that-is-32-bytes-long!"
 # The wall clock of these tests: Unix time BASE at trio time 0, moving with trio's clock.
@@ -369,6 +369,44 @@ async def test_a_refresh_still_being_checked_is_cancelled_at_the_decision_to_clo
         assert checked == []
 
 
+async def test_a_flood_of_refreshes_keeps_one_check_in_flight(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: each refresh started a check, and none was cancelled
+    by a later one, although only the latest decides. 30,000 refreshes in a second were
+    30,000 calls in flight to an authenticator that asks an identity provider. The
+    latest now cancels the check of an earlier one, and the refreshes of one read
+    start one task."""
+    gateway, calls = make_gateway(), {"started": 0, "in flight": 0, "most": 0}
+
+    async def provider(token: str | None) -> Identity:
+        calls["started"] += 1
+        calls["in flight"] += 1
+        calls["most"] = max(calls["most"], calls["in flight"])
+        try:
+            await trio.sleep(0.1)  # a round trip to the identity provider
+        finally:
+            calls["in flight"] -= 1
+        return Identity("ada", deadline=trio.current_time() + int(token or "10"))
+
+    gateway.authenticate(provider)
+    server = make_server(gateway, heartbeat_interval=None)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello(token="10")
+        for _burst in range(20):
+            for _ in range(500):
+                await client.send({"type": "refresh", "token": "60"})
+            await trio.sleep(0.05)
+        await client.send({"type": "refresh", "token": "3600"})  # the latest decides
+        sent = trio.current_time()
+        await trio.sleep(1)
+        # (One cancelled check may still be unwinding as the next starts.)
+        assert calls["most"] <= 2
+        (session,) = server.hub.sessions.values()
+        assert session.identity.deadline == sent + 0.1 + 3600
+        await client.close()
+
+
 # Issue 18, case 3: time claims that are not times. Python's JSON reads NaN, Infinity
 # and 1e400 (as inf); NaN reached the node's timer heap and trio refused it as a
 # deadline ("deadline must not be NaN"), which ended the process.
@@ -528,3 +566,56 @@ async def test_an_authenticators_own_deadline_never_reaches_trio_unless_finite(
                 assert (await client.recv_type("reply"))["data"] == 1
         await expires_on_time(server, nursery)
     assert server.metrics.registry.get_sample_value("wsgate_internal_errors_total") == 0
+
+
+def _crit(extension: str) -> str:
+    """An unsigned token whose header names a critical extension PyJWT does not know
+    (PyJWT's message names it, before any signature is checked)."""
+    import base64
+    import json
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    header = part({"alg": "HS256", "typ": "JWT", "crit": [extension]})
+    return f"{header}.{part({'sub': 'ada'})}.c2ln"
+
+
+async def test_a_token_cannot_choose_what_its_refusal_says(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: PyJWT names an unknown ``crit`` entry in its message,
+    which was the 401's body and the 4001's reason. A lone surrogate there could not be
+    encoded: the handshake was dropped as a bug of the node's (ASGI: 500) and a hello
+    closed 1011; CR and LF went into the body as they came."""
+    server = jwt_server(make_server)
+    async with running(server) as nursery:
+        for extension in ("\ud800", "a\r\nSet-Cookie: x=1", "x" * 500):
+            forged = _crit(extension)
+            with pytest.raises(Refused) as refused:
+                async with open_memory_connection(
+                    server, nursery, headers={"Authorization": f"Bearer {forged}"}
+                ):
+                    pass
+            assert refused.value.status == 401
+            body = refused.value.response.body or b""
+            assert body.startswith(b"unauthorized: invalid token: Unsupported critical")
+            assert b"\r" not in body.rstrip(b"\n")
+            assert len(body) <= 130
+            code, reason = await closed_after_hello(server, nursery, token=forged)
+            assert code == 4001
+            assert reason.startswith("unauthorized: invalid token")
+            assert reason.isascii()
+            assert reason.isprintable()
+    assert sample(server, "wsgate_internal_errors_total") == 0
+
+
+def test_a_repeated_request_header_is_read_by_its_first_value() -> None:
+    from websockets.datastructures import Headers
+
+    from trio_wsgate.transports.base import FirstValues
+
+    headers = FirstValues(Headers([("Authorization", "Bearer a"), ("authorization", "Bearer b")]))
+    assert headers["AUTHORIZATION"] == headers.get("Authorization") == "Bearer a"
+    assert headers.get("Origin") is None
+    assert len(headers) == 1

@@ -41,7 +41,7 @@ from .transports.asgi import (
     serve_hypercorn_stream,
     upgrade_request,
 )
-from .transports.base import Acceptor, Refusal, output_high_water
+from .transports.base import Acceptor, FirstValues, Refusal, output_high_water
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -117,9 +117,11 @@ class GatewayApp:
             answer = Refusal(405, "Method Not Allowed\n", {"Allow": "GET, HEAD"})
         else:
             answer = file.answer(
-                Headers(
-                    (name.decode("latin-1"), value.decode("latin-1"))
-                    for name, value in scope.get("headers") or ()
+                FirstValues(
+                    Headers(
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in scope.get("headers") or ()
+                    )
                 )
             )
         full = answer.body.encode()

@@ -37,6 +37,15 @@ __all__ = ["Authenticator", "Identity", "JwtAuthenticator", "token_from_request"
 Authenticator = Callable[[str | None], Awaitable["Identity | str | None"]]
 
 
+def refusal_reason(exc: Unauthorized) -> str:
+    """What the client is told of ``exc`` (the 401's body, the 4001's reason): its
+    message in printable ASCII, at most 100 characters. A message may carry text the
+    token chose (PyJWT names an unknown ``crit`` entry, a lone surrogate included):
+    printed as it is, it could not be encoded as UTF-8, nor split lines."""
+    text = "".join(c if c.isascii() and c.isprintable() else "?" for c in str(exc)[:100])
+    return f"unauthorized: {text}"
+
+
 async def identify(authenticator: Authenticator, token: str | None) -> Identity:
     """Run an authenticator and normalise its answer to an :class:`Identity`.
 
@@ -224,7 +233,8 @@ class JwtAuthenticator:
                 },
             )
         except jwt.InvalidTokenError as exc:
-            # PyJWT's messages name the failed check, never the token.
+            # PyJWT's messages name the failed check, never the token's signature or
+            # claims; the header's crit entries they may name (refusal_reason).
             raise Unauthorized(f"invalid token: {exc}") from None
         user = claims["sub"]
         if not isinstance(user, str) or not user:

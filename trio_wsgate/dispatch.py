@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import trio
 
-from .auth import Authenticator
+from .auth import Authenticator, refusal_reason
 from .exceptions import BrokerUnavailable, HandlerError, SessionClosed, Unauthorized
 from .identity import Identity
 from .protocol import CloseCode, CloseReason, Envelope, ErrorInfo, Hello, Msg, Sequenced, Sub
@@ -385,7 +385,7 @@ class Dispatcher:
         try:
             identity = await authenticate(node.authenticator, hello.token, self._verified)
         except Unauthorized as exc:
-            connection.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
+            connection.close(CloseCode.UNAUTHORIZED, refusal_reason(exc))
             return None
         opened = await open_session(node, connection, hello, identity)
         if opened is None:

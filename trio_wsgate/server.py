@@ -19,7 +19,14 @@ import trio
 
 from . import readiness
 from .admin import AdminApp, probe
-from .auth import Authenticator, Identity, authenticator_from_settings, identify, token_from_request
+from .auth import (
+    Authenticator,
+    Identity,
+    authenticator_from_settings,
+    identify,
+    refusal_reason,
+    token_from_request,
+)
 from .brokers import Broker
 from .brokers.sharded import ShardedBroker, shard_name
 from .config import Config, TransportKind
@@ -253,7 +260,7 @@ class Server:
             try:
                 identity = await identify(self.authenticator, token)
             except Unauthorized as exc:
-                body = f"unauthorized: {exc}\n"
+                body = f"{refusal_reason(exc)}\n"
                 return Refusal(401, body, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
             except Exception:
                 # The application's authenticator failed: this request only.

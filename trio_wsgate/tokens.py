@@ -4,7 +4,9 @@
 closes the connection with 4001 at the token's ``exp`` (an entry in the node's timers),
 unless a ``refresh`` renews it first. A refresh is checked by a short task of the
 connection's nursery, with a cancel scope of its own that the decision to close
-cancels; of several refreshes in flight, the latest received decides.
+cancels; the latest refresh received decides, and cancels the check of an earlier
+one (a client sending refreshes as fast as it can keeps one check in flight, not one
+per refresh).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from .auth import Authenticator, identify
+from .auth import Authenticator, identify, refusal_reason
 from .exceptions import Unauthorized
 from .identity import ANONYMOUS, Identity
 from .protocol import CloseCode, CloseReason
@@ -71,7 +73,15 @@ class TokenWatch:
         connection: the connection it closes.
     """
 
-    __slots__ = ("_authenticator", "_connection", "_expiry", "_latest", "_scopes", "_timers")
+    __slots__ = (
+        "_authenticator",
+        "_connection",
+        "_expiry",
+        "_latest",
+        "_next",
+        "_scopes",
+        "_timers",
+    )
 
     def __init__(self, authenticator: Authenticator, timers: Timers, connection: Watched) -> None:
         self._authenticator = authenticator
@@ -80,6 +90,7 @@ class TokenWatch:
         self._expiry: Timer | None = None
         self._latest = 0  # refresh envelopes received: the latest one decides
         self._scopes: set[trio.CancelScope] | None = None  # the checks in flight
+        self._next: str | None = None  # the latest refresh's token, until a check takes it
 
     def expire_at(self, deadline: float | None) -> None:
         """Close with 4001 at ``deadline`` (trio time; None: never), unless renewed."""
@@ -89,9 +100,14 @@ class TokenWatch:
             self._expiry = self._timers.call_at(deadline, self._expired)
 
     def refresh(self, nursery: trio.Nursery, token: str) -> None:
-        """A ``refresh`` came: check its token in a task of ``nursery``."""
+        """A ``refresh`` came: check its token in a task of ``nursery``; a check of an
+        earlier one no longer decides, and is cancelled."""
         self._latest += 1
-        nursery.start_soon(self._check, token, self._latest)
+        for scope in self._scopes or ():
+            scope.cancel()
+        if self._next is None:  # else a check is started already, and takes this one
+            nursery.start_soon(self._check)
+        self._next = token
 
     def stop(self) -> None:
         """The connection is closing: no expiry, and the checks in flight are cancelled."""
@@ -104,7 +120,9 @@ class TokenWatch:
         self._expiry = None
         self._connection.close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
 
-    async def _check(self, token: str, refresh: int) -> None:
+    async def _check(self) -> None:
+        token, refresh, self._next = self._next, self._latest, None
+        assert token is not None
         scopes = self._scopes
         if scopes is None:
             scopes = self._scopes = set()
@@ -128,7 +146,7 @@ class TokenWatch:
             identity = await identify(self._authenticator, token)
         except Unauthorized as exc:
             if refresh == self._latest:
-                connection.close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc}")
+                connection.close(CloseCode.UNAUTHORIZED, refusal_reason(exc))
             return
         if refresh != self._latest:
             return  # a later refresh came meanwhile: it decides

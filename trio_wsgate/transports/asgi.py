@@ -43,7 +43,7 @@ from websockets.datastructures import Headers
 
 from ..protocol.closecodes import CloseCode, CloseReason
 from ..wakeup import Wakeup
-from .base import Incoming, Refusal, TransportBroken, UpgradeRequest, output_high_water
+from .base import FirstValues, Incoming, Refusal, TransportBroken, UpgradeRequest, output_high_water
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -177,7 +177,7 @@ class ASGITransport:
     def send_close(self, code: int, reason: str) -> None:
         """Queue the close, once."""
         if self._close is None:
-            self._close = (code, reason.encode()[:120].decode(errors="ignore"))
+            self._close = (code, reason.encode(errors="replace")[:120].decode(errors="ignore"))
             if self._stream is not None:
                 self._stream.send_deadline = trio.current_time() + self._close_timeout
 
@@ -296,7 +296,11 @@ def upgrade_request(scope: Scope) -> UpgradeRequest:
         target = f"{target}?{query.decode('latin-1')}"
     client = scope.get("client") or ("", 0)
     return UpgradeRequest(
-        target, headers, tuple(scope.get("subprotocols") or ()), remote_of(scope), client[0]
+        target,
+        FirstValues(headers),
+        tuple(scope.get("subprotocols") or ()),
+        remote_of(scope),
+        client[0],
     )
 
 

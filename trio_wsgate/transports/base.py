@@ -18,7 +18,7 @@ flushing while it waits on :meth:`Transport.receive` (the connection does, whene
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -67,6 +67,41 @@ def output_high_water(max_message_size: int) -> int:
     at most this much plus what one read answers, 64 KiB.
     """
     return max_message_size + OUTPUT_HEADROOM
+
+
+class FirstValues(Mapping[str, str]):
+    """Request headers by name, case-insensitive, each the first of its values.
+
+    websockets' ``Headers`` (which every transport reads a request into) raises
+    ``MultipleValuesError`` for a name sent twice: an ``Origin``, ``Authorization``
+    or ``If-None-Match`` repeated by a client would fail the request as a bug of the
+    node's instead of being read.
+    """
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: _MultiHeaders) -> None:
+        self._headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        values = self._headers.get_all(name)
+        if not values:
+            raise KeyError(name)
+        return values[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers)
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+
+class _MultiHeaders(Protocol):
+    def get_all(self, key: str) -> list[str]: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(slots=True)

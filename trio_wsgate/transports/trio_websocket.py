@@ -35,7 +35,16 @@ from wsproto.utilities import LocalProtocolError
 
 from ..protocol.closecodes import CloseCode
 from ..wakeup import Wakeup
-from .base import A, Acceptor, Incoming, Refusal, UpgradeRequest, output_high_water, remote_ip
+from .base import (
+    A,
+    Acceptor,
+    FirstValues,
+    Incoming,
+    Refusal,
+    UpgradeRequest,
+    output_high_water,
+    remote_ip,
+)
 from .websockets import RECEIVE_SIZE
 
 __all__ = ["TrioWebsocketTransport", "serve_trio_websocket"]
@@ -134,7 +143,7 @@ class TrioWebsocketTransport:
     def send_close(self, code: int, reason: str) -> None:
         """Queue the close, once."""
         if self._close is None:
-            self._close = (code, reason.encode()[:120].decode(errors="ignore"))
+            self._close = (code, reason.encode(errors="replace")[:120].decode(errors="ignore"))
 
     def wants_flush(self) -> bool:
         """True if messages or the close wait to be sent."""
@@ -228,7 +237,11 @@ async def serve_trio_websocket(server: Acceptor[A], stream: trio.abc.Stream, rem
                 (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
             )
             upgrade = UpgradeRequest(
-                request.path, headers, request.proposed_subprotocols, remote, remote_ip(remote)
+                request.path,
+                FirstValues(headers),
+                request.proposed_subprotocols,
+                remote,
+                remote_ip(remote),
             )
             answer = await server.admit(upgrade)
             if isinstance(answer, Refusal):

@@ -44,6 +44,7 @@ from ..wakeup import Wakeup
 from .base import (
     Accept,
     Decide,
+    FirstValues,
     Incoming,
     Refusal,
     TransportBroken,
@@ -387,7 +388,9 @@ class WebsocketsTransport:
         """Queue a close frame, unless the closing handshake has begun."""
         # A close reason must fit a control frame (125 bytes with the code).
         if self._protocol.state is State.OPEN:
-            self._protocol.send_close(code, reason.encode()[:120].decode(errors="ignore"))
+            self._protocol.send_close(
+                code, reason.encode(errors="replace")[:120].decode(errors="ignore")
+            )
 
     def wants_flush(self) -> bool:
         """True if websockets has bytes waiting for the network."""
@@ -590,7 +593,12 @@ async def accept_websocket(
         await _send_refusal(stream, protocol, Refusal(400, "Bad Sec-WebSocket-Protocol\n"))
         return 400, None
     request = UpgradeRequest(
-        raw.path, raw.headers, offered, remote_address, remote_ip(remote_address), raw.method
+        raw.path,
+        FirstValues(raw.headers),
+        offered,
+        remote_address,
+        remote_ip(remote_address),
+        raw.method,
     )
     answer = await decide(request)
     if isinstance(answer, Refusal):
@@ -662,7 +670,7 @@ class HandshakeRefused(Exception):
     @property
     def retry_after(self) -> float | None:
         """The ``Retry-After`` header in seconds, if the server sent one as a number."""
-        value = self.response.headers.get("Retry-After")
+        value = FirstValues(self.response.headers).get("Retry-After")
         try:
             return max(0.0, float(value)) if value is not None else None
         except ValueError:
