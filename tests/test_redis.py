@@ -6,6 +6,7 @@ docs/protocol.md §6 and docs/architecture.md, "Session migration".
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -174,6 +175,78 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
         with trio.fail_after(5):
             (late,) = await msgs(ada, 1)
         assert (late["offset"], late["data"]) == (4, "lost 4")
+
+
+async def test_publications_lost_beyond_the_history_end_the_sessions_that_miss_them(
+    redis_server: RedisServer,
+) -> None:
+    """Found by a hostile review: when pub/sub lost more than the history keeps, the
+    node filled from the log what it still held and moved on: the subscribers got
+    offsets 3, 4, 5... without 1 and 2, and a later recovery said recovered: true.
+    Now the session that missed them ends as a moved session whose history is lost
+    (1011), and its client, told resumed: false, learns recovered: false."""
+    async with (
+        cluster(redis_server, count=1, history_size=3) as (nursery, (a,)),
+        user(a, nursery, "ada") as ada,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        sub = await request(ada, Seq(), "sub", topic="room:1")
+        epoch = sub["data"]["epoch"]
+        (session,) = a.hub.sessions.values()
+        for i in range(5):  # offsets 1-5, heard by nobody; the log keeps 3-5
+            payload = b"\x92\xc0" + bytes([0xA0 | 4]) + f"to {i}".encode()
+            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
+            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 3, 60000])
+        await a.gateway.publish("room:1", "heard")  # offset 6 reveals the gap
+        with trio.fail_after(5):
+            code, reason = await ada.wait_closed()
+        assert (code, reason) == (1011, "topic history lost: resume")
+        assert session.ended
+        assert broker.statistics()["gaps"] == 1
+        async with open_memory_connection(a, nursery) as again:
+            resume = {"session": session.id, "token": session.resume_token, "ack": 1}
+            welcome = await again.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is False
+            since = {"offset": 0, "epoch": epoch}
+            reply = await request(again, Seq(), "sub", topic="room:1", since=since)
+            assert reply["data"]["recovered"] is False
+            assert offsets(await msgs(again, 3)) == [4, 5, 6]  # what the history keeps
+
+
+async def test_a_node_behind_its_pubsub_is_not_made_to_skip_what_it_holds(
+    redis_server: RedisServer,
+) -> None:
+    """Found by a hostile review: the periodic check filled every topic from its log
+    and moved it to the log's end, though the node was only behind, with the rest
+    still in its pub/sub: those were then dropped as already delivered, and what
+    the log no longer held was lost (3,621 of 6,000 delivered). Only a topic whose
+    position has not moved for an interval is filled now."""
+    broker = RedisBroker(redis_server.url, history_size=10, sync_interval=0.05)
+    got: list[int] = []
+    done = trio.Event()
+
+    def slow(publication: Publication) -> None:
+        got.append(publication.offset)
+        time.sleep(0.004)  # the node's fan-out of it: the node falls behind
+        if publication.offset == 300:
+            done.set()
+
+    broker.bind(slow)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.run)
+        await broker.subscribe("room:1")
+        async with coredis.Redis.from_url(redis_server.url) as redis:
+            for i in range(300):
+                payload = b"\x92\xc0" + bytes([0xA0 | 1]) + str(i % 10).encode()
+                keys = [broker._meta("room:1"), broker._log("room:1"), broker._channel("room:1")]
+                await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 10, 60000])
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert got == list(range(1, 301))
+    assert broker.statistics()["gaps"] == 0
 
 
 async def test_lost_pubsub_connections_never_use_up_the_commands_connections(

@@ -764,6 +764,8 @@ class Hub:
             self.kick_here(user=message.get("user"), session=message.get("session"))
         elif kind == "recovered":
             self._chore(self._follow_user_topics)
+        elif kind == "gap":
+            self._gap(message["topic"], message["epoch"], message["upto"])
         elif (
             kind == "handover" and message.get("owner") == self.node_id and self._tasks is not None
         ):
@@ -910,6 +912,16 @@ class Hub:
                     del self._unfollowed[session]
         finally:
             self._following_again = False
+
+    def _gap(self, topic: str, epoch: str, upto: int) -> None:
+        """The broker lost the topic's publications up to ``upto`` for this node (they
+        are not in the history any more): the local sessions that had not got them
+        end as a moved session whose history is lost does, and their clients, told
+        ``resumed: false``, learn ``recovered: false`` for the topic and reload."""
+        for session in list(self.topics.get(topic, {}).values()):
+            place = session.subscriptions.get(topic)
+            if place is not None and place.epoch == epoch and place.offset < upto:
+                self._history_lost(session)
 
     def _history_lost(self, session: Session) -> None:
         """End a moved session whose topic history no longer reaches back to its place:

@@ -394,6 +394,7 @@ class RedisBroker:
         self._channel_prefix = f"{prefix}:c:".encode()  # of every topic's channel
         self.presence_ttl = presence_ttl
         self.sync_interval = sync_interval
+        self.gaps = 0  # times publications were lost to this node (_publications_lost)
         self.health_interval = health_interval
         self.command_timeout = command_timeout
         self.max_backoff = max_backoff
@@ -1018,21 +1019,56 @@ class RedisBroker:
             self._deliver(topic, position, Publication(topic, offset, epoch, value, event))
 
     async def _fill(self, topic: str, position: _Position, until: int) -> None:
-        """Deliver from the log what pub/sub lost, up to ``until`` (holding ``_order``).
+        """Deliver from the log what pub/sub lost, up to ``until`` (-1: all it holds),
+        holding ``_order``.
 
         If the topic has a new epoch (Redis lost it, and it started again), everything
-        of the new epoch is what was lost.
+        of the new epoch is what was lost. If the log no longer reaches back to the
+        position (pub/sub lost more than the history keeps, or the node fell that far
+        behind), what it does not hold is lost to this node's subscribers: the hub is
+        told (``{"kind": "gap"}``) before what follows is delivered, never silently.
         """
         history = await self._history(topic, position.offset, until)
         if history.epoch != position.epoch:
             history = await self._history(topic, 0, until)
             if history.publications:
                 logger.warning("%s started a new epoch: its earlier offsets are gone", topic)
+        else:
+            last = history.offset if until < 0 else min(until, history.offset)
+            held = history.publications
+            first = held[0].offset if held else last + 1
+            if first > position.offset + 1 and last > position.offset:
+                self._publications_lost(topic, position, first - 1)
         for publication in history.publications:
             if publication.epoch != position.epoch or publication.offset > position.offset:
                 self._deliver(topic, position, publication)
         if history.publications:
             logger.info("filled a gap of %s from the log", topic)
+
+    def _publications_lost(self, topic: str, position: _Position, upto: int) -> None:
+        """Publications after the position up to ``upto`` (same epoch) are not in the
+        log any more: tell the hub, whose subscribers that had not got them start again
+        (docs/operations.md, "When the pub/sub falls behind"), and move past them."""
+        logger.warning(
+            "%s: publications %d-%d (epoch %s) were lost to this node: its pub/sub fell "
+            "further behind than the history keeps",
+            topic,
+            position.offset + 1,
+            upto,
+            position.epoch,
+        )
+        self.gaps += 1
+        if self._control is not None:
+            self._control(
+                {
+                    "kind": "gap",
+                    "topic": topic,
+                    "epoch": position.epoch,
+                    "after": position.offset,
+                    "upto": upto,
+                }
+            )
+        position.offset = upto
 
     async def _new_epoch_if_behind(self, topic: str, position: _Position) -> None:
         """After an outage: if Redis holds the topic at an offset below what this node
@@ -1065,13 +1101,27 @@ class RedisBroker:
                 await self._fill(topic, position, -1)
 
     async def _check_positions(self) -> None:
-        """Now and then, fill what pub/sub lost though no later message revealed it."""
+        """Now and then, fill what pub/sub lost though no later message revealed it.
+
+        Only topics whose position has not moved since the last check (pub/sub
+        delivered nothing of them for an interval), and every topic after an outage:
+        a node that is behind, still reading what pub/sub holds for it, is not made
+        to jump past it to the log's end (what the log no longer holds would be lost).
+        """
         unchecked: set[str] = set()  # topics whose offset may have gone back
+        seen: dict[str, tuple[str, int]] = {}  # each topic's position at the last check
         while True:
             if await self._pause("positions", self.sync_interval):
                 unchecked.update(self._positions)  # after an outage: every one of them
             unchecked.intersection_update(self._positions)  # no longer followed: forgotten
-            for topic in list(self._positions):
+            now = {topic: (p.epoch, p.offset) for topic, p in self._positions.items()}
+            # (A topic followed since the last check counts as still: nothing of it
+            # had been read then.)
+            stalled = [
+                t for t, place in now.items() if t in unchecked or seen.get(t, place) == place
+            ]
+            seen = now
+            for topic in stalled:
                 try:
                     await self._catch_up(topic, regressed=topic in unchecked)
                     unchecked.discard(topic)
@@ -1226,5 +1276,6 @@ class RedisBroker:
         await self.broadcast({"kind": "handed", "request": request, "to": to})
 
     def statistics(self) -> dict[str, int]:
-        """``topics``: topics this node listens to."""
-        return {"topics": len(self._positions)}
+        """``topics``: topics this node listens to; ``gaps``: times publications were
+        lost to this node because its pub/sub fell behind the history."""
+        return {"topics": len(self._positions), "gaps": self.gaps}

@@ -253,5 +253,9 @@ class ShardedBroker:
         await shard.answer_handover(request, to, state)
 
     def statistics(self) -> dict[str, int]:
-        """``topics``: the topics this node listens to, on every shard."""
-        return {"topics": sum(shard.statistics().get("topics", 0) for shard in self.shards)}
+        """``topics``: the topics this node listens to, on every shard; ``gaps``: times
+        publications were lost to this node (RedisBroker.statistics)."""
+        return {
+            name: sum(shard.statistics().get(name, 0) for shard in self.shards)
+            for name in ("topics", "gaps")
+        }
