@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import coredis
+import msgpack
 import pytest
 import trio
 from trio.testing import MockClock
@@ -247,6 +248,52 @@ async def test_a_node_behind_its_pubsub_is_not_made_to_skip_what_it_holds(
         nursery.cancel_scope.cancel()
     assert got == list(range(1, 301))
     assert broker.statistics()["gaps"] == 0
+
+
+async def test_a_park_that_went_through_late_makes_the_node_let_go(
+    redis_server: RedisServer,
+) -> None:
+    """Found by a hostile review: a park that timed out was still carried out by
+    Redis. The draining node kept its sessions and went on claiming them: its
+    refresh wrote itself back as the holder over the node that had resumed one, and
+    a third node then got the stale copy (a request processed twice). A refresh now
+    claims a session only while its holder key still names this node, or no one and
+    no state is parked for it; the node lets go of the others. A session whose client
+    is connected here is claimed again whatever Redis says."""
+    async with (
+        cluster(redis_server, count=2, heartbeat_interval=None) as (nursery, (a, b)),
+        coredis.Redis.from_url(redis_server.url, decode_responses=True) as redis,
+    ):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        async with user(a, nursery, "ada") as ada:
+            (kept,) = a.hub.sessions.values()
+            assert (await request(ada, Seq(), "msg", event="echo", data=1))["data"] == 1
+        async with user(a, nursery, "bob") as bob:
+            live = next(s for s in a.hub.sessions.values() if s.user == "bob")
+            # Redis: ada's session parked (as a late park script leaves it), and bob's
+            # holder key naming another node (a failover that lost the last claims).
+            state = msgpack.packb(a.hub._export(kept), use_bin_type=True)
+            await redis.set(broker._parked_key(kept.id), state, px=60_000)
+            await redis.delete([broker._session_key(kept.id)])
+            await redis.set(broker._session_key(live.id), "node-x", px=60_000)
+            broker._recovered["presence"].set()  # its refresh now, not in 20 s
+            for _ in range(100):  # (each try at most 50 ms: 5 s in all)
+                holder = await redis.get(broker._session_key(live.id))
+                if kept.id not in a.hub.sessions and holder == a.hub.node_id:
+                    break
+                await trio.sleep(0.05)
+            else:
+                raise AssertionError("the refresh did not let go, or did not claim again")
+            assert kept.id not in broker._owned
+            assert await redis.get(broker._session_key(kept.id)) is None  # not claimed back
+            assert live.id in a.hub.sessions  # its client is here
+            assert (await request(bob, Seq(), "msg", event="echo", data=2))["data"] == 2
+        async with open_memory_connection(b, nursery) as again:
+            resume = {"session": kept.id, "token": kept.resume_token, "ack": 1}
+            welcome = await again.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is True
+            assert await redis.get(broker._session_key(kept.id)) == b.hub.node_id
 
 
 async def test_lost_pubsub_connections_never_use_up_the_commands_connections(

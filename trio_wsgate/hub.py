@@ -766,6 +766,8 @@ class Hub:
             self._chore(self._follow_user_topics)
         elif kind == "gap":
             self._gap(message["topic"], message["epoch"], message["upto"])
+        elif kind == "moved":
+            self._moved(message["sessions"])
         elif (
             kind == "handover" and message.get("owner") == self.node_id and self._tasks is not None
         ):
@@ -912,6 +914,28 @@ class Hub:
                     del self._unfollowed[session]
         finally:
             self._following_again = False
+
+    def _moved(self, sessions: list[str]) -> None:
+        """The broker says another node holds these sessions now, or that their state
+        is parked for one (a park whose answer came too late went through): a detached
+        copy here, older than theirs, ends without a word to the broker (not released:
+        the holder is another's). One whose client is connected here is this node's
+        whatever Redis says (a failover that lost the last claims): it is claimed again."""
+        connected: list[str] = []
+        for session_id in sessions:
+            session = self.sessions.get(session_id)
+            if session is None or session.ended:
+                continue
+            if session.connection is not None and not session.connection.closing:
+                connected.append(session_id)
+                continue
+            session.ended = True  # here; it lives on where it is held
+            session.close_code = CloseCode.GOING_AWAY
+            session.close_reason = CloseReason.DRAIN
+            self._unregister(session)
+            self.metrics.sessions_migrated.labels("out").inc()
+        if connected:
+            self._chore(lambda: self.broker.claim_sessions(connected, self.node_id))
 
     def _gap(self, topic: str, epoch: str, upto: int) -> None:
         """The broker lost the topic's publications up to ``upto`` for this node (they

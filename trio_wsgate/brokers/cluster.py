@@ -278,6 +278,26 @@ class ClusterBroker(RedisBroker):
                 for session, node in owned.items():
                     pipe.set(self._session_key(session), node, px=ttl)
 
+    async def _refresh_claims(self, owned: dict[str, str]) -> list[str]:
+        """One script per slot (a session's holder and parked keys share its slot); a
+        slot that does not answer keeps its sessions claimed until the next refresh."""
+        by_slot: dict[int, dict[str, str]] = {}
+        for session, node in owned.items():
+            slot = hash_slot(self._session_key(session).encode())
+            by_slot.setdefault(slot, {})[session] = node
+        lost: list[str] = []
+        limit = trio.CapacityLimiter(_PARKING_AT_ONCE)
+
+        async def refresh(group: dict[str, str]) -> None:
+            async with limit:
+                with contextlib.suppress(BrokerUnavailable):
+                    lost.extend(await super(ClusterBroker, self)._refresh_claims(group))
+
+        async with trio.open_nursery() as nursery:
+            for group in by_slot.values():
+                nursery.start_soon(refresh, group)
+        return lost
+
     async def park_sessions(self, sessions: list[tuple[dict[str, Any], float]], node: str) -> None:
         """Park each slot's sessions with one script (all of them, or none).
 

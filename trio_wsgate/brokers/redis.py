@@ -193,6 +193,25 @@ end
 return 1
 """
 
+# The holders this node refreshes: a session stays its own only while its holder key
+# names it, or names no one and no parked state waits for it (else another node took
+# it, or a park this node took for failed, its answer late, went through).
+# KEYS: (holder, parked) per session; ARGV: ttl ms, then the node per session.
+# Returns the (1-based) numbers of the sessions no longer held.
+_REFRESH = """
+local lost = {}
+for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[n + 1] or (not holder and redis.call('EXISTS', KEYS[i + 1]) == 0) then
+    redis.call('SET', KEYS[i], ARGV[n + 1], 'PX', ARGV[1])
+  else
+    lost[#lost + 1] = n
+  end
+end
+return lost
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -1177,9 +1196,11 @@ class RedisBroker:
         while True:
             await self._pause("presence", self.presence_ttl / 3)
             try:
-                await self._claim(dict(self._owned))
+                lost = await self._refresh_claims(dict(self._owned))
             except BrokerUnavailable:
                 continue
+            if lost:
+                self._no_longer_held(lost)
             for topic, sessions in list(self._presence.items()):
                 args: list[Any] = [int(self.presence_ttl * 1000)]
                 for session, user in sessions.items():
@@ -1208,6 +1229,28 @@ class RedisBroker:
         ttl = int(self.presence_ttl * 1000)
         keys = [self._session_key(session) for session in owned]
         await self._call(_CLAIM, keys, [ttl, *owned.values()])
+
+    async def _refresh_claims(self, owned: dict[str, str]) -> list[str]:
+        """Refresh the holder of each session of ``owned`` (session -> node) that is
+        still held so; return the others (:data:`_REFRESH`)."""
+        if not owned:
+            return []
+        sessions = list(owned)
+        keys = [key for s in sessions for key in (self._session_key(s), self._parked_key(s))]
+        lost = await self._call(_REFRESH, keys, [int(self.presence_ttl * 1000), *owned.values()])
+        return [sessions[_int(number) - 1] for number in lost]
+
+    def _no_longer_held(self, sessions: list[str]) -> None:
+        """Another node holds these sessions now, or their state is parked for one: this
+        node stops claiming them, and the hub lets its copies go (``{"kind": "moved"}``),
+        so that it never hands out or claims again a state older than theirs."""
+        for session in sessions:
+            self._owned.pop(session, None)
+        logger.warning(
+            "%d session(s) this node held are held elsewhere or parked now: let go", len(sessions)
+        )
+        if self._control is not None:
+            self._control({"kind": "moved", "sessions": sessions})
 
     async def claim_sessions(self, sessions: list[str], node: str) -> None:
         """Record ``node`` as the holder of the sessions, refreshed until released."""
