@@ -239,6 +239,8 @@ class _Request:
     on_data: Callable[[Any], None] | None = None
     #: Called with the error when the reply is one (failed resubscriptions retry).
     on_error: Callable[[HandlerError], None] | None = None
+    #: The topic an application's ``sub`` places with its reply.
+    places: str | None = None
 
 
 @dataclass(slots=True)
@@ -267,6 +269,7 @@ class _Link:
         #: The server's bound on a message (from welcome): batches stay below it.
         self.max_message_size = 65536
         self.closing = False
+        self.bye_sent = False
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -470,7 +473,9 @@ class Client:
         server_topic = topic in self._server_topics
         self._server_topics.discard(topic)
         try:
-            return await self._call(self._sub_builder(topic), self._tracker(topic))  # type: ignore[no-any-return]
+            return await self._call(  # type: ignore[no-any-return]
+                self._sub_builder(topic), self._tracker(topic), self._unplaced(topic), topic
+            )
         except HandlerError:
             if not known:  # a topic followed already stays followed (forbidden, unavailable)
                 self._topics.pop(topic, None)
@@ -560,15 +565,43 @@ class Client:
     def _stale_reply(self, topic: str, data: Any) -> None:
         """A version-2 sub reply that comes on a later connection than its sub went on:
         it places a topic that had no position yet (then asked from there), and is
-        otherwise left to the recoveries of this connection."""
-        if not isinstance(data, dict) or self._topics.get(topic, ()) is not None:
+        otherwise left to the recoveries of this connection.
+
+        A topic that had no position at the resumed welcome is held since then (see
+        _on_welcome): a live ``pub`` may come before this reply, and taking its offset
+        as the position would skip what was published while the session had no
+        connection. Its recovery from the reply's offset goes at once and keeps what is
+        held, delivered in offset order at that recovery's reply (§14)."""
+        if self._topics.get(topic, ()) is not None:
             return
-        offset, epoch = data.get("offset"), data.get("epoch")
-        if isinstance(offset, int) and isinstance(epoch, str):
-            self._topics[topic] = (offset, epoch)
-            self._behind.add(topic)
-            if len(self._buffer) <= self._buffer_size // 2:
-                self._catch_up()
+        offset = data.get("offset") if isinstance(data, dict) else None
+        epoch = data.get("epoch") if isinstance(data, dict) else None
+        if not isinstance(offset, int) or not isinstance(epoch, str):
+            self._release(topic, None)  # nothing to place it with: deliver what it holds
+            return
+        self._topics[topic] = (offset, epoch)
+        if topic in self._recovering:
+            self._to_recover.append((topic, True))
+            link = self._live_link()
+            if link is not None:  # else the next welcome recovers it from here anyway
+                for item in self._send_recoveries():
+                    self._write(link, item)
+            return
+        self._behind.add(topic)
+        if len(self._buffer) <= self._buffer_size // 2:
+            self._catch_up()
+
+    def _unplaced(self, topic: str) -> Callable[[HandlerError], None]:
+        """What an application's ``sub`` answered with an error does: a topic held
+        since a resumed welcome for this (late) reply delivers what it holds, as a
+        recovery that gives up does (nothing will place it)."""
+        welcomes = self._welcomes
+
+        def unplaced(error: HandlerError) -> None:
+            if self._v2 and welcomes != self._welcomes and self._topics.get(topic) is None:
+                self._release(topic, None)
+
+        return unplaced
 
     def _recovery_done(self, welcomes: int) -> None:
         """A version-2 recovery of this connection was answered: send the next ones."""
@@ -618,15 +651,23 @@ class Client:
                 # What the recovery holds waits for the next attempt's reply.
                 self._tasks.start_soon(self._subscribe_again, topic, recover)
             else:
-                self._release(topic, None)
-                if self._v2:
-                    # Not ours to follow (any more): a reconnection would ask again.
-                    # (not_subscribed: the server unsubscribed the session from it.)
-                    logger.warning("topic %s is not followed again: %s", topic, error)
-                    self._topics.pop(topic, None)
-                    self._server_topics.discard(topic)
+                self._give_up(topic, error)
 
         return retry
+
+    def _give_up(self, topic: str, error: HandlerError) -> None:
+        """An automatic resubscription failed for good: deliver what its recovery held
+        and, in version 2, stop following the topic."""
+        self._release(topic, None)
+        self._notify()  # a messages() reader may be waiting for what was held
+        if self._v2:
+            # Not ours to follow (any more): a reconnection would ask again.
+            # (not_subscribed: the server unsubscribed the session from it.)
+            logger.warning("topic %s is not followed again: %s", topic, error)
+            self._topics.pop(topic, None)
+            self._server_topics.discard(topic)
+        else:
+            logger.warning("topic %s could not be followed again: %s", topic, error)
 
     async def _subscribe_again(self, topic: str, recover: bool = False) -> None:
         delay = 0.5
@@ -640,8 +681,7 @@ class Client:
                 return
             except HandlerError as exc:
                 if exc.code != "unavailable":
-                    logger.warning("topic %s could not be followed again: %s", topic, exc)
-                    self._release(topic, None)
+                    self._give_up(topic, exc)
                     return
             except (SessionLost, ClientClosed):
                 return  # a new session resubscribes anyway, or the client is done
@@ -651,14 +691,18 @@ class Client:
         self,
         build: Callable[[int, int | None], Sequenced],
         on_data: Callable[[Any], None] | None = None,
+        on_error: Callable[[HandlerError], None] | None = None,
+        places: str | None = None,
     ) -> Any:
-        waiter = _Request(trio.Event(), on_data=on_data)
+        waiter = _Request(trio.Event(), on_data=on_data, on_error=on_error, places=places)
         await self._wait_for_room()
         self._push(build, waiter)
         try:
             await waiter.done.wait()
         finally:
-            if not waiter.done.is_set():  # cancelled: forget the waiter
+            # Cancelled: forget the waiter, unless its reply still places a topic (a
+            # sub's: the sub is not unsent, and a topic held for it waits for it).
+            if not waiter.done.is_set() and on_data is None:
                 self._requests = {k: v for k, v in self._requests.items() if v is not waiter}
         if waiter.error is not None:
             raise waiter.error
@@ -751,8 +795,16 @@ class Client:
         """Deliver what is unacknowledged, end the session with ``bye``, and stop.
 
         Bounded by ``close_timeout``: whatever is still unacknowledged then is given up.
+        Without a welcomed connection (connecting, or waiting to reconnect) and with
+        nothing to deliver, it stops at once: a connection still being opened is closed
+        as soon as it is up, with no ``hello`` (the server keeps a resumable session
+        until it expires). Once closed the client stays closed.
+
+        If the call is cancelled, the client stays *closing* (sends are refused) and
+        the next ``aclose()``, or the end of the ``open_client`` block, finishes the
+        close, again within ``close_timeout``.
         """
-        if self.state is ClientState.CLOSED or self._closing:
+        if self.state is ClientState.CLOSED:
             return
         self._closing = True
         with trio.move_on_after(self._close_timeout):
@@ -760,8 +812,10 @@ class Client:
                 await self._changed.wait()
             link = self._live_link()
             if link is not None:
-                link.enqueue(self._codec.encode(Bye()))
-                while self._link is link:
+                if not link.bye_sent:  # (once: another aclose() may be at it already)
+                    link.bye_sent = True
+                    link.enqueue(self._codec.encode(Bye()))
+                while self._link is link and not self.closed:
                     await self._changed.wait()
         self._closed_by_app = True
         self._finish(CloseCode.NORMAL, "closed by the application")
@@ -829,8 +883,8 @@ class Client:
         self._changed = trio.Event()
 
     def _set_state(self, state: ClientState) -> None:
-        if state is self.state:
-            return
+        if state is self.state or self.state is ClientState.CLOSED:
+            return  # CLOSED is final
         self.state = state
         for watcher in self._watchers:
             watcher.seen.append(state)
@@ -920,7 +974,12 @@ class Client:
                 nursery.start_soon(self._write_loop, link)
                 nursery.start_soon(self._watchdog, link)
                 nursery.start_soon(self._ack_timer, link)
-                link.enqueue(self._codec.encode(self._hello()))
+                if self._stopping:
+                    # The client stopped (aclose()) while this attempt was under way: the
+                    # connection is closed at once, never welcomed, and nothing revives.
+                    link.end(CloseCode.NORMAL, "", self._close_timeout)
+                else:
+                    link.enqueue(self._codec.encode(self._hello()))
         finally:
             self._link = None
             self._detach(link)
@@ -1073,6 +1132,10 @@ class Client:
                 # letting the topic fall behind, from an unmoved position (or, before
                 # its sub's reply placed it, from just before this one).
                 if position is None:
+                    if held is not None:
+                        # Held for its late sub reply (_stale_reply): the recovery from
+                        # the reply's offset asks for this one again; no place from it.
+                        return
                     self._topics[topic] = (offset - 1, epoch)
                 if held:
                     # What the recovery holds is what it delivers next: the lowest
@@ -1081,7 +1144,7 @@ class Client:
                 self._behind.add(topic)
                 return
             if held is not None:  # delivered in order at the recovery's reply
-                held.hold(message)
+                held.hold(message)  # (or, without a position yet, at its sub's reply)
                 return
             self._topics[topic] = (offset, epoch)
         elif not seq and self._full():
@@ -1109,6 +1172,7 @@ class Client:
         self._notify()  # room for blocked senders, progress for aclose()
 
     def _on_welcome(self, link: _Link, welcome: Welcome) -> None:
+        self._check_welcome(welcome)
         link.welcomed_at = trio.current_time()
         self._welcomes += 1
         self._to_recover.clear()  # those of the last connection: asked again below
@@ -1137,13 +1201,19 @@ class Client:
             # Nothing of the topics was kept for us (docs/protocol.md §14): each asks
             # its history for what came after its position, if the session still
             # follows it (recover). A topic without a position yet is placed by its
-            # sub's reply, and asked from there.
+            # sub's reply, and asked from there; what of it comes first is held until
+            # then (_stale_reply): a live pub may overtake that reply, and is above
+            # what was published while the session had no connection.
             self.recovered = {}
             self._recovering, self._behind = {}, set()
             unfollowed = [t for t in self._topics if t in self._unfollowed]
             positioned = [
                 t for t, p in self._topics.items() if p is not None and t not in self._unfollowed
             ]
+            placing = {waiter.places for waiter in self._requests.values()}
+            for topic, position in self._topics.items():
+                if position is None and topic not in self._unfollowed and topic in placing:
+                    self._recovering[topic] = _Held()
             resend += self._recover(unfollowed) + self._recover(positioned, recover=True)
         elif welcome.user is not None and self._topics.get("user:" + welcome.user) is None:
             # Where the user topic starts, so that a lost session can recover it even if
@@ -1161,8 +1231,29 @@ class Client:
         self._set_state(state)
         self._update_processed()
 
+    def _check_welcome(self, welcome: Welcome) -> None:
+        """A welcome whose numbers no server sends is a protocol error (1002), before
+        anything of it is taken: a window below 1 (no envelope could go), a size bound
+        below 1, a heartbeat that is not a finite, non-negative number of seconds."""
+        if welcome.window < 1:
+            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "welcome: window must be at least 1")
+        if welcome.max_message_size < 1:
+            raise ProtocolError(
+                CloseCode.PROTOCOL_ERROR, "welcome: max_message_size must be at least 1"
+            )
+        for seconds in (welcome.heartbeat_interval, welcome.heartbeat_timeout):
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ProtocolError(
+                    CloseCode.PROTOCOL_ERROR,
+                    "welcome: heartbeat needs finite, non-negative seconds",
+                )
+
     def _resubscribe(self, topics: list[str]) -> list[_Pending]:
         """Subscribe the session to the topics, each from where we were (§6)."""
+        for topic in [t for t in self._recovering if self._topics.get(t) is None]:
+            # Held for a sub reply that went with the old session: delivered, so that
+            # the new session's sub asks from the last of them (as before they were held).
+            self._release(topic, None)
         self.recovered = {}
         self._recovering, self._behind = {}, set()
         if self._v2:  # the application's own topics again; the server's if still followed

@@ -879,8 +879,9 @@ export class Client {
     // of them is not followed again).
     this._leaving = new Set();
     // Version 2: topics whose sub was on its way when the connection dropped: once its
-    // reply places them, they are asked for what came meanwhile.
-    this._recoverOnReply = new Set();
+    // reply places them, they are asked for what came meanwhile. Each maps to what of
+    // it came first, held until then (null: no reply of ours is awaited, nothing held).
+    this._recoverOnReply = new Map();
     // Version 2: topics followed because the server sent them (the application
     // subscribed the session): recovered only while the session still follows them.
     this._serverTopics = new Set();
@@ -980,6 +981,7 @@ export class Client {
     if (!this._closing) {
       this._topics.delete(topic);
       this._recoveries.delete(topic);
+      this._recoverOnReply.delete(topic); // and what it held for its sub's reply
     }
     this._serverTopics.delete(topic);
     this._unfollowed.delete(topic);
@@ -1418,6 +1420,14 @@ export class Client {
     const { topic, offset, epoch } = envelope;
     const message = { event: envelope.event, data: envelope.data, topic, offset, epoch };
     if (typeof topic === "string" && this._topics.has(topic) && Number.isInteger(offset) && typeof epoch === "string") {
+      const waiting = this._recoverOnReply.get(topic);
+      if (waiting && !this._topics.get(topic)) {
+        // No position yet, and its first sub's reply comes late (docs/protocol.md §14):
+        // a live pub overtook it. Its offset is not the position (what came while we
+        // were away is below it): held until the reply places the topic (_subscribed).
+        waiting.push(message);
+        return;
+      }
       const recovery = this._recoveries.get(topic);
       if (recovery && recovery.epoch === epoch) {
         // Held until the recovery's reply, then delivered in offset order (acked now,
@@ -1539,6 +1549,8 @@ export class Client {
     }
     if (waiter.kind === "sub") {
       for (const chained of waiter.chained) chained.reject(error);
+      // Nothing will place the topic: what it held for this reply is delivered.
+      if (!this._topics.get(waiter.topic)) this._releaseWaiting(waiter.topic);
       if (waiter.auto) {
         this._resubscribeFailed(waiter, error);
         return;
@@ -1762,6 +1774,11 @@ export class Client {
       this._topics.delete(this._userTopic); // another user now: not ours to recover
     }
     this._userTopic = userTopic;
+    if (lost) {
+      // What topics held for a sub reply gone with the old session: delivered, so that
+      // the new session's sub asks from the last of them (as if they had not been held).
+      for (const topic of [...this._recoverOnReply.keys()]) this._releaseWaiting(topic);
+    }
     let topics = lost ? [...this._topics.keys()] : [];
     if (userTopic && !this._topics.get(userTopic)) {
       // No position in the user topic yet, so nothing to recover there: start from
@@ -1810,10 +1827,33 @@ export class Client {
     // Recoveries of the last connection: what they sent may have died with it, and
     // what they held was neither delivered nor placed. Each topic is asked again.
     this._recoveries.clear();
+    // A topic with no position is placed by its sub's reply, still to come: what of it
+    // comes first is held for that reply (_onMsg), if a sub of ours awaits one.
+    const placing = new Set();
+    for (const waiter of this._requests.values()) {
+      if (waiter.kind === "sub") placing.add(waiter.topic);
+    }
     for (const [topic, position] of this._topics) {
       if (this._unfollowed.has(topic)) this._pushAuto(autoSub(topic)); // subscribed again
-      else if (!position) this._recoverOnReply.add(topic);
+      else if (!position) this._recoverOnReply.set(topic, placing.has(topic) ? [] : null);
       else this._pushAuto(autoSub(topic, [], true));
+    }
+  }
+
+  /** Version 2: what `topic` held for its sub's reply goes through _onMsg again, each
+   * epoch's in offset order: into the recovery that reply started, or delivered. */
+  _releaseWaiting(topic) {
+    const held = this._recoverOnReply.get(topic);
+    this._recoverOnReply.delete(topic);
+    if (!held) return;
+    const epochs = new Map();
+    for (const message of held) {
+      if (!epochs.has(message.epoch)) epochs.set(message.epoch, []);
+      epochs.get(message.epoch).push(message);
+    }
+    for (const messages of epochs.values()) {
+      messages.sort((a, b) => a.offset - b.offset);
+      for (const message of messages) this._onMsg(message);
     }
   }
 
@@ -1839,7 +1879,10 @@ export class Client {
    * (the last reply moves it, after delivering them). */
   _subscribed(topic, data) {
     this._unfollowed.delete(topic); // answered: the session follows it
-    if (!this._topics.has(topic) || data === null || typeof data !== "object") return;
+    if (!this._topics.has(topic) || data === null || typeof data !== "object") {
+      this._releaseWaiting(topic);
+      return;
+    }
     if (Number.isInteger(data.offset) && typeof data.epoch === "string" && !this._recoveries.has(topic)) {
       // Forward only: a live one may have come before this reply (version 2).
       const position = this._topics.get(topic);
@@ -1853,9 +1896,11 @@ export class Client {
       this.recovered[topic] = recovered;
       this._emit("recovered", topic, recovered);
     }
-    if (this._recoverOnReply.delete(topic) && this._topics.get(topic) && !this._recoveries.has(topic)) {
+    if (this._recoverOnReply.has(topic) && this._topics.get(topic) && !this._recoveries.has(topic)) {
       this._pushAuto(autoSub(topic, [], true)); // from the position this reply gave
     }
+    // What came before this reply: held by that recovery until its own reply.
+    this._releaseWaiting(topic);
   }
 
   /** An automatic resubscription failed: retry while the broker is unavailable. */
