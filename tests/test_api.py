@@ -195,6 +195,12 @@ async def test_stats_and_presence(make_server: Callable[..., Server]) -> None:
         ("/api/kick", {}, "bad_request", "either"),
         ("/api/kick", {"user": "a", "session": "b"}, "bad_request", "either"),
         ("/api/kick", {"user": ["a"]}, "bad_request", "'user'"),
+        # Lone surrogates (JSON's "\ud800"): no broker nor encoding carries them; the
+        # Redis broker answered 500 and counted an internal error.
+        ("/api/publish", {"topic": "room:\ud800", "data": 1}, "bad_request", "Unicode"),
+        ("/api/send", {"user": "\ud800", "data": 1}, "bad_request", "Unicode"),
+        ("/api/kick", {"user": "\ud800"}, "bad_request", "Unicode"),
+        ("/api/kick", {"session": "a\udfff"}, "bad_request", "Unicode"),
     ],
 )
 async def test_bad_bodies_get_400_with_a_reason(

@@ -367,6 +367,11 @@ class AdminApp(HttpApp):
             return None
         if not isinstance(value, str) or not value:
             raise ApiError(400, "bad_request", f"{key!r} must be a non-empty string")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate: JSON's \ud800 decodes to one
+                raise ApiError(400, "bad_request", f"{key!r} is not valid Unicode") from None
         return value
 
     async def _publish(self, scope: Scope, receive: Receive) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def test_topic_names_that_are_accepted(topic: str) -> None:
         ("room:\x00", "control"),
         ("room:\x7f", "control"),
         ("a\nb", "control"),
+        ("room:\ud800", "lone surrogate"),  # no broker nor encoding carries one
     ],
 )
 def test_topic_names_that_are_refused_say_why(topic: object, why: str) -> None:

@@ -34,6 +34,11 @@ def check_topic(topic: Any) -> str:
         raise ValueError(f"a topic has at most {MAX_TOPIC_LENGTH} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in topic):
         raise ValueError("a topic has no control characters")
+    if not topic.isascii():
+        try:
+            topic.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no broker nor encoding can carry it
+            raise ValueError("a topic is valid Unicode (no lone surrogate)") from None
     return topic
 
 
