@@ -296,6 +296,21 @@ async def test_a_park_that_went_through_late_makes_the_node_let_go(
             assert await redis.get(broker._session_key(kept.id)) == b.hub.node_id
 
 
+def test_a_wait_of_coredis_that_times_out_is_slow_not_lost() -> None:
+    """Found by a hostile review: coredis waited 1 s for a subscription's
+    acknowledgement, which comes behind whatever the pub/sub holds, then raised the
+    builtin TimeoutError, an OSError: the node declared Redis lost, tore its pub/sub
+    down and dropped its backlog. Such a wait is as long as any command's now, and
+    its TimeoutError is a slow answer, for the caller alone."""
+    broker = RedisBroker("redis://127.0.0.1:1", command_timeout=2.0)
+    broker.healthy = True
+    refused = broker._unavailable(TimeoutError("no acknowledgement of subscription"))
+    assert "did not answer within 2.0 s" in str(refused)
+    assert broker.healthy
+    broker._unavailable(ConnectionRefusedError())  # (while a refused connection is lost)
+    assert not broker.healthy
+
+
 async def test_lost_pubsub_connections_never_use_up_the_commands_connections(
     redis_server: RedisServer,
 ) -> None:

@@ -159,7 +159,9 @@ class ClusterBroker(RedisBroker):
 
     def _open_pubsub(self, listener: Client, channels: list[str]) -> Any:
         assert isinstance(listener, coredis.RedisCluster)
-        return listener.sharded_pubsub(channels=channels, retry_policy=None)
+        return listener.sharded_pubsub(
+            channels=channels, retry_policy=None, subscription_timeout=self.command_timeout
+        )
 
     async def _send_control(self, packed: bytes) -> None:
         client = self._redis()

@@ -665,8 +665,13 @@ class RedisBroker:
                 await trio.sleep(min(self.max_backoff, 0.5 * 2**refused))
 
     def _open_pubsub(self, listener: Client, channels: list[str]) -> Any:
-        """A pub/sub of ``listener`` subscribed to ``channels``, not reconnecting by itself."""
-        return listener.pubsub(channels=channels, retry_policy=None)
+        """A pub/sub of ``listener`` subscribed to ``channels``, not reconnecting by
+        itself, waiting for a subscription's acknowledgement as long as for any command
+        (it comes after whatever the pub/sub holds: coredis's 1 s was too short for a
+        node that is behind)."""
+        return listener.pubsub(
+            channels=channels, retry_policy=None, subscription_timeout=self.command_timeout
+        )
 
     def _redis(self) -> Client:
         if self._client is None:
@@ -696,6 +701,10 @@ class RedisBroker:
         cluster's slot was only moving."""
         if isinstance(exc, _MOVING):
             return BrokerUnavailable(f"a slot of the Redis Cluster is moving: {exc!r}")
+        if type(exc) is TimeoutError:
+            # coredis's own wait (a subscription's acknowledgement behind the pub/sub's
+            # backlog): slow, not lost. The health check decides that.
+            return self._too_slow()
         if isinstance(exc, _NOT_LOST) or not isinstance(exc, _UNREACHABLE):
             logger.warning("Redis refused a command: %r", exc)
             return BrokerUnavailable(f"Redis refused the command: {exc!r}")
