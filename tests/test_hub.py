@@ -464,6 +464,45 @@ async def test_a_migrated_session_whose_resume_fails_still_expires(
         assert hub.detached_bytes == 0
 
 
+class _HangingBroker(MemoryBroker):
+    """The in-memory broker, whose presence writes wait out a command timeout (2 s) and
+    fail, as against a Redis that hangs; ``healthy`` as the health check would say."""
+
+    async def set_presence(self, topic: str, session: str, user: str | None, present: bool) -> None:
+        await trio.sleep(2)
+        raise BrokerUnavailable("Redis did not answer within 2.0 s")
+
+
+async def test_a_hanging_broker_neither_delays_expiry_nor_piles_up_chores(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: with Redis frozen, each chore took its 2 s timeout,
+    chores came faster, and the hub's loop never got back to expiry: detached sessions
+    with resume_ttl 1 s were never expired, and the queue grew. The chores run in a
+    task of their own now, and are dropped while the broker is down."""
+    server = make_server(resume_ttl=1, allow_subscribe=("t:*",), heartbeat_interval=None)
+    broker = _HangingBroker(server.config.history_size)
+    server.hub.broker = broker
+    broker.bind(server.hub._receive, server.hub._on_control)
+    hub = server.hub
+    async with running(server) as nursery:
+        for i in range(10):  # a presence chore each, 2 s each: 20 s of them
+            async with open_memory_connection(server, nursery) as client:
+                await client.hello()
+                await client.send({"type": "sub", "seq": 1, "topic": f"t:{i}"})
+                await client.recv_type("reply")
+        gone = trio.current_time()
+        await detached(server)
+        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == gone + 1
+        assert not hub.sessions  # expired on time, the chores still at it
+        assert len(hub._chores) > 0
+        broker.healthy = False  # the health check found Redis lost
+        await trio.sleep(2)  # the chore under way times out; the rest are dropped
+        assert not hub._chores
+
+
 async def test_a_churn_of_subscriptions_does_not_pile_up_broker_chores(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

@@ -194,6 +194,7 @@ class Hub:
         #: The connections' heartbeats and ack delays, run by one task of the hub's.
         self.timers = Timers()
         self._chore_lock = trio.Lock()
+        self._chores_queued = trio.Event()
         self._secret = (config.secret or secrets.token_hex(32)).encode()
         # (deadline, tie-breaker, session): stale entries are skipped when popped. The
         # session is held weakly: one that ended (resumed, overflowed, kicked) is not
@@ -503,6 +504,9 @@ class Hub:
             await nursery.start(self.broker.run)
             await nursery.start(self.timers.run)
             self._tasks = nursery
+            # The chores in a task of their own: while Redis hangs, each one waits its
+            # command timeout, and expiry and the session-end hooks do not wait behind.
+            nursery.start_soon(self._chore_loop)
             task_status.started()
             try:
                 await self._run()
@@ -512,11 +516,10 @@ class Hub:
     async def _run(self) -> None:
         while True:
             self.expire()
-            await self.do_chores()
             ended, self._ended = self._ended, []
             for session in ended:
                 await self._run_end_hooks(session)
-            if self._ended or self._chores:
+            if self._ended:
                 continue
             self._wake = trio.Event()
             deadline = self._deadlines[0][0] if self._deadlines else float("inf")
@@ -536,12 +539,27 @@ class Hub:
 
     def _chore(self, chore: Callable[[], Awaitable[None]]) -> None:
         self._chores.append(chore)
-        self._wake.set()
+        self._chores_queued.set()
+
+    async def _chore_loop(self) -> None:
+        while True:
+            self._chores_queued = trio.Event()  # (before: what is queued meanwhile wakes it)
+            await self.do_chores()
+            if not self._chores:
+                await self._chores_queued.wait()
 
     async def do_chores(self) -> None:
-        """Carry out the queued broker work, in the order it was queued."""
+        """Carry out the queued broker work, in the order it was queued. While the
+        broker is down, what is queued is dropped instead: each would wait out its
+        timeout in turn, the queue growing behind it; presence and ownership entries
+        expire by themselves in Redis, and the broker claims its sessions and the hub
+        follows user topics again once it is back."""
         async with self._chore_lock:
             while self._chores:
+                if not self.broker.healthy:
+                    logger.warning("broker down: %d chore(s) dropped", len(self._chores))
+                    self._chores.clear()
+                    return
                 chore = self._chores.popleft()
                 try:
                     await chore()
