@@ -296,6 +296,38 @@ async def test_a_park_that_went_through_late_makes_the_node_let_go(
             assert await redis.get(broker._session_key(kept.id)) == b.hub.node_id
 
 
+async def test_a_hand_over_answered_late_is_left_parked(redis_server: RedisServer) -> None:
+    """Found by a hostile review: a holder's answer that came after the asking node
+    stopped waiting (2 x close_timeout) left the state under a key of that request,
+    which nobody read again: the session was gone. The state is parked now, where
+    the asking node's second look, or the client's next resume anywhere, finds it."""
+    async with cluster(redis_server, count=2, heartbeat_interval=None, close_timeout=0.2) as (
+        nursery,
+        (a, b),
+    ):
+        async with user(a, nursery, "ada") as ada:
+            (session,) = a.hub.sessions.values()
+            assert (await request(ada, Seq(), "msg", event="echo", data=1))["data"] == 1
+        holder = a.hub.broker
+        answer = holder.answer_handover
+
+        async def late(request_id: str, to: str, state: dict[str, Any] | None) -> None:
+            await trio.sleep(1)  # the asking node waits 0.4 s
+            await answer(request_id, to, state)
+
+        holder.answer_handover = late  # type: ignore[method-assign]
+        async with open_memory_connection(b, nursery) as again:
+            resume = {"session": session.id, "token": session.resume_token, "ack": 1}
+            welcome = await again.hello(token=token("ada"), resume=resume)
+            assert welcome["resumed"] is False  # b stopped waiting
+            await again.send({"type": "bye"})
+            await again.wait_closed()
+        await trio.sleep(1.5)
+        state, _ = await b.hub.broker.find_session(session.id)
+        assert state is not None
+        assert state["id"] == session.id
+
+
 def test_a_wait_of_coredis_that_times_out_is_slow_not_lost() -> None:
     """Found by a hostile review: coredis waited 1 s for a subscription's
     acknowledgement, which comes behind whatever the pub/sub holds, then raised the

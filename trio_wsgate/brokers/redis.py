@@ -15,10 +15,12 @@ prefix (``wsgate`` by default):
   time, ms): every node refreshes its own entries, so a node that dies leaves nothing
   behind for long.
 * ``{p}:control``, a pub/sub channel: messages to every node (kicks, hand-overs).
-* ``{p}:s:{session}``: the node that holds the session, refreshed by that node;
-  ``{p}:handover:{request}``, a session's state on its way to another node; and
-  ``{p}:parked:{session}``, the state of a session that a draining node left behind
-  for whichever node its client resumes on (until its resume window runs out).
+* ``{p}:s:{session}``: the node that holds the session, refreshed by that node; and
+  ``{p}:parked:{session}``, the state of a session that a node left for another:
+  parked by a draining node for whichever node its client resumes on (until its
+  resume window runs out), or handed over to the node that asked for it (for 30 s:
+  if that answer comes after the asking node stopped waiting, its look in the parked
+  states, or the client's next resume anywhere, still finds it).
 
 The URL is ``redis://host:port/db``, ``unix:///path`` or, for a primary found through
 Sentinel, ``redis+sentinel://host:port[,host:port...]/service_name[?db=N]`` (a
@@ -1275,9 +1277,6 @@ class RedisBroker:
     def _parked_key(self, session: str) -> str:
         return self._named("parked", session)
 
-    def _handover_key(self, request: str) -> str:
-        return f"{self.prefix}:handover:{request}"
-
     async def find_session(self, session: str) -> tuple[dict[str, Any] | None, str | None]:
         """A parked session's state (taken from Redis), or else the node holding it."""
         parked = self._parked_key(session)
@@ -1314,17 +1313,17 @@ class RedisBroker:
                 await answered.wait()
             if not answered.is_set():
                 return None
-            key = self._handover_key(request)
-            packed, _ = await self._take(_TAKE, [key], self._parked_key(session))
+            key = self._parked_key(session)
+            packed, _ = await self._take(_TAKE, [key], key)
         finally:
             del self._handovers[request]
         return None if packed is None else _unpack_state(packed)
 
     async def answer_handover(self, request: str, to: str, state: dict[str, Any] | None) -> None:
-        """Leave the state for the asking node and tell it."""
+        """Leave the state for the asking node, parked, and tell it."""
         if state is not None:
             packed = msgpack.packb(state, use_bin_type=True)
-            await self._call(_PUT, [self._handover_key(request)], [packed, 30000])
+            await self._call(_PUT, [self._parked_key(state["id"])], [packed, 30000])
         await self.broadcast({"kind": "handed", "request": request, "to": to})
 
     def statistics(self) -> dict[str, int]:
