@@ -444,6 +444,26 @@ async def test_a_resume_during_a_migration_takes_the_session_from_the_older_one(
             await client.close()
 
 
+async def test_a_moved_session_is_welcomed_with_its_own_window(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review of the client: a resume announced this node's
+    --window, while the session keeps the window it was made with (another node's):
+    a client trusting the welcome could send more than the session takes (1002)."""
+    server = make_server(window=256)
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+        await detached(server)
+        broker, session = _park_elsewhere(server)
+        state = broker.parked[session.id]
+        state["inbox"]["window"] = state["outbox"]["window"] = 4  # made where --window 4
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(resume=resume_of(first, 0))
+            assert (welcome["resumed"], welcome["window"]) == (True, 4)
+            await client.close()
+
+
 async def test_a_migrated_session_whose_resume_fails_still_expires(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

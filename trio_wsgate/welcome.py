@@ -211,7 +211,10 @@ async def open_session(
         ack=ack,
         heartbeat_interval=config.heartbeat_interval or 0,
         heartbeat_timeout=config.heartbeat_timeout,
-        window=config.window,
+        # The session's own: one made, or resumed, on a node whose --window differs
+        # keeps the window it was made with, and a client that sent up to this node's
+        # would be closed with 1002 for a window it was never given.
+        window=session.inbox.window,
         max_message_size=config.max_message_size,
         user=user,
         user_topic=None if session.resumed else start,
