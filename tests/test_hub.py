@@ -523,6 +523,41 @@ async def test_a_hanging_broker_neither_delays_expiry_nor_piles_up_chores(
         assert not hub._chores
 
 
+class _PickyBroker(MemoryBroker):
+    """The in-memory broker, failing to unsubscribe from ``t:0`` (as a cluster's
+    sharded pub/sub can, for a channel whose slot just moved)."""
+
+    def __init__(self, history_size: int) -> None:
+        super().__init__(history_size)
+        self.left: list[str] = []
+
+    async def unsubscribe(self, topic: str) -> None:
+        if topic == "t:0":
+            raise KeyError(topic)
+        self.left.append(topic)
+        await super().unsubscribe(topic)
+
+
+async def test_a_topic_the_broker_fails_to_leave_does_not_keep_the_others(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: one failed unsubscribe ended the hub's pass over the
+    topics left, and the rest stayed followed at the broker for good."""
+    server = make_server(allow_subscribe=("t:*",), heartbeat_interval=None)
+    broker = _PickyBroker(server.config.history_size)
+    server.hub.broker = broker
+    broker.bind(server.hub._receive, server.hub._on_control)
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        for seq, topic in enumerate(("t:0", "t:1", "t:2"), 1):
+            await client.send({"type": "sub", "seq": seq, "topic": topic})
+            await client.recv_type("reply")
+        await client.send({"type": "bye"})  # the session ends: its topics left at once
+        await client.wait_closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(broker.left) == ["t:1", "t:2"]
+
+
 async def test_a_churn_of_subscriptions_does_not_pile_up_broker_chores(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

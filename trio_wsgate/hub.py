@@ -699,7 +699,12 @@ class Hub:
                     # then waits for the lock and listens again. (Discarded after,
                     # it took the topic for one still listened to, and went deaf.)
                     self._broker_topics.discard(topic)
-                    await self.broker.unsubscribe(topic)
+                    try:
+                        await self.broker.unsubscribe(topic)
+                    except Exception:
+                        # That topic's alone: the others are still left (a cluster's
+                        # pub/sub can fail one whose slot just moved).
+                        logger.exception("leaving %s at the broker failed", topic)
 
     def _receive(self, publication: Publication) -> None:
         """Fan a publication out to the local subscribers of its topic (the broker's call)."""

@@ -587,7 +587,10 @@ class RedisBroker:
                     for client in list(self._clients):
                         follow = getattr(client.connection_pool, "get_primary_location", None)
                         if follow is not None:
-                            await follow()
+                            # (It asks Sentinel again: bounded like the question above,
+                            # or a Sentinel that hangs now stops every later move.)
+                            with trio.fail_after(max(self.command_timeout, 1.0)):
+                                await follow()
                     if self._pubsub_scope is not None:
                         self._pubsub_scope.cancel()
                     for event in self._recovered.values():
@@ -1006,6 +1009,10 @@ class RedisBroker:
                     await self._pubsub.unsubscribe(self._channel(topic))
             except (*_UNREACHABLE, trio.TooSlowError):
                 logger.warning("could not unsubscribe from %s: Redis is unreachable", topic)
+            except (KeyError, coredis.exceptions.RedisError) as exc:
+                # A cluster's sharded pub/sub, its slot just moved: the channel goes
+                # with the next pub/sub (one is made anew when the layout changes).
+                logger.warning("could not unsubscribe from %s: %r", topic, exc)
 
     async def _listen(self, pubsub: Any) -> None:
         control = self._control_channel.encode()
