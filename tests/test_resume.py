@@ -359,6 +359,35 @@ async def test_a_resume_ack_the_server_cannot_honour_is_1002(
         assert (await resume_once(server, nursery, first, ack=1))["resumed"] is True
 
 
+async def test_a_resume_cannot_ack_what_was_numbered_while_detached(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: what the session numbered while detached went into
+    its window's in-flight list, and a resume's ack was checked against that list,
+    not against what was written: a resume acknowledging messages it never got was
+    taken, and they were dropped. It is 1002 (§5.2), and the session stays for a
+    resume with an ack it can honour, which gets all three."""
+    server = make_server()
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            (session,) = server.hub.sessions.values()
+            session.send("n", 0)
+            await client.recv_type("msg")  # seq 1, written
+        await detached(server)
+        for i in range(1, 4):
+            session.send("n", i)  # seq 2-4: numbered, never written
+        async with open_memory_connection(server, nursery) as client:
+            await client.send({"type": "hello", "resume": resume_of(first, 4)})
+            assert (await client.wait_closed())[0] == 1002
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(resume=resume_of(first, 1))
+            assert welcome["resumed"] is True
+            got = [(m["seq"], m["data"]) for m in [await client.recv_type("msg") for _ in "123"]]
+            assert got == [(2, 1), (3, 2), (4, 3)]
+            await client.close()
+
+
 async def test_a_resume_may_change_the_encoding(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

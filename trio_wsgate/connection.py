@@ -392,6 +392,8 @@ class Connection:
         self.send_control(opened.welcome)
         if not self.closing:  # a full queue closed it: the session keeps them
             self._queue.extend((item.payload, True) for item in opened.resend)
+            if opened.resend:
+                session.outbox.sent = max(session.outbox.sent, opened.resend[-1].seq)
         early, session.early = session.early, None
         if early and not self.closing:  # version 2: after welcome, before anything live
             self._queue.extend((payload, True) for payload in early)
@@ -676,6 +678,7 @@ class Connection:
         released = session.outbox.receive_ack(ack)
         if released and not self.closing:  # (closing: kept for a resume, never framed)
             self._queue.extend((item.payload, True) for item in released)
+            session.outbox.sent = released[-1].seq
             self._want_flush()
 
     # -- producers ------------------------------------------------------------------

@@ -72,6 +72,10 @@ class Outbox(Generic[T]):
     measure: Callable[[T], int] | None = field(default=None, repr=False)
     #: The bytes of every item not yet acknowledged, as ``measure`` counts them.
     nbytes: int = 0
+    #: The highest ``seq`` handed to a connection for writing, if the owner says
+    #: (the server's session: what it numbers while detached is in flight but not
+    #: written, and an ack of it is 1002); -1: everything in flight was written.
+    sent: int = -1
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -88,6 +92,8 @@ class Outbox(Generic[T]):
     @property
     def last_sent(self) -> int:
         """The highest ``seq`` handed out for writing (what the peer may ack)."""
+        if self.sent >= 0:
+            return max(self.sent, self.acked)
         if self.in_flight:
             return self.in_flight[-1][0]
         return self.acked
@@ -140,8 +146,12 @@ class Outbox(Generic[T]):
 
     def check_ack(self, ack: int) -> None:
         """Raise ProtocolError 1002 if ``ack`` is above what was written."""
-        in_flight = self.in_flight
-        if ack > (in_flight[-1][0] if in_flight else self.acked):  # last_sent, inline
+        if self.sent < 0:  # last_sent, inline
+            in_flight = self.in_flight
+            last = in_flight[-1][0] if in_flight else self.acked
+        else:
+            last = self.sent if self.sent > self.acked else self.acked
+        if ack > last:
             raise ProtocolError(
                 CloseCode.PROTOCOL_ERROR, f"ack {ack} is above the last seq sent ({self.last_sent})"
             )
@@ -197,6 +207,8 @@ class Outbox(Generic[T]):
         """Forget every item (the session ended: nothing will be sent again). Acks of
         what was sent stay valid, as stale ones."""
         self.acked = self.next_seq - 1
+        if self.sent >= 0:
+            self.sent = max(self.sent, self.acked)
         self.in_flight.clear()
         self.waiting.clear()
         self.nbytes = 0

@@ -335,7 +335,9 @@ class Session:
         #: The close code and reason of its last connection (None while one is open).
         self.close_code: int | None = None
         self.close_reason: CloseReason | None = None
-        self.outbox: Outbox[Outgoing] = Outbox(window, measure=_size)
+        # (sent: what it numbers while detached is not written, and no ack of it is
+        # taken, on a resume either: docs/protocol.md §5.2.)
+        self.outbox: Outbox[Outgoing] = Outbox(window, measure=_size, sent=0)
         self.inbox = Inbox(window)
         self.codec = codec
         # The bytes of its outbox the node counts as held by detached sessions, and
@@ -488,6 +490,7 @@ class Session:
         if connection is not None:
             if goes_now:
                 connection.enqueue_sequenced(payload)
+                outbox.sent = seq
             if not hub.live_check_armed:
                 hub.arm_live_check()
             nbytes, limit = outbox.nbytes, hub.max_buffered_bytes
@@ -573,6 +576,7 @@ class Session:
                 "window": outbox.window,
                 "next_seq": outbox.next_seq,
                 "acked": outbox.acked,
+                "sent": outbox.last_sent,
                 "in_flight": [item.envelope(codec).to_wire() for _, item in outbox.in_flight],
                 "waiting": [item.envelope(codec).to_wire() for _, item in outbox.waiting],
             },
@@ -619,6 +623,9 @@ class Session:
                 )
         kept.measure = session.outbox.measure
         kept.recount()
+        # What the other node had written (a state from a node that did not say: all
+        # it had in flight).
+        kept.sent = outbox.get("sent", kept.last_sent)
         session.outbox = kept
         inbox = state["inbox"]
         session.inbox = Inbox(
