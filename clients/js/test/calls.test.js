@@ -466,3 +466,15 @@ test("too_large for a call waiting for room under maxPending", async () => {
   await assert.rejects(client.request("r", "x".repeat(300)), (e) => e.code === "too_large");
   assert.equal(client.stats.pending, 1);
 });
+
+test("a welcome with window 0 closes with 1002, nothing thrown", async () => {
+  const { client, server, errors } = setup({ server: { autoWelcome: false } });
+  await settle();
+  const hello = server.socket.take().find((e) => e.type === "hello");
+  server.welcome(server.socket, hello, { window: 0 });
+  await settle();
+  assert.equal(client.state, "closed");
+  assert.equal(client.closeCode, 1002);
+  assert.equal(server.socket.closedBy.code, 1002);
+  assert.equal(errors.at(-1).code, 1002);
+});

@@ -263,3 +263,55 @@ test("v2 + storage: a server topic is recovered with recover: true after a reloa
   const subs = sequenced(server.socket.received).filter((e) => e.type === "sub");
   assert.deepEqual(subs.map((e) => [e.topic, e.recover]), [["news", true]]);
 });
+
+test("v2: a live pub before a late first sub reply does not hide the gap", async () => {
+  // docs/protocol.md §14, "A sub's reply on a later connection": the first sub was
+  // processed and the connection dropped before its reply; 1..4 were published
+  // meanwhile. After the resume the live 5 comes before the resent reply (offset 0):
+  // 5 must not become the position. Held; the reply places the topic at 0, the
+  // recovery asks from there, and 1..5 are delivered once each, in order.
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room");
+  await settle();
+  const first = server.socket;
+  const sub = sequenced(first.take()).find((e) => e.type === "sub");
+  first.session.received = first.session.processed = sub.seq; // its reply never left
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  assert.equal(client.state, "resumed");
+  second.deliver(pub("room", 5, 5)); // live, before the resent reply
+  server.reply(second, sub.seq, { data: { offset: 0, epoch: "e1" } });
+  await settle();
+  assert.deepEqual(await subscribed, { offset: 0, epoch: "e1" });
+  assert.deepEqual(messages.map((m) => m.data), []);
+  const again = sequenced(second.take()).filter((e) => e.type === "sub");
+  const asked = again.map((e) => [e.topic, e.since, e.recover]);
+  assert.deepEqual(asked, [["room", { offset: 0, epoch: "e1" }, true]]);
+  second.deliver([1, 2, 3, 4, 5].map((n) => pub("room", n, n)));
+  second.session.received = second.session.processed = again[0].seq;
+  server.reply(second, again[0].seq, { data: { offset: 5, epoch: "e1", recovered: true } });
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [1, 2, 3, 4, 5]);
+  assert.equal(client.recovered.room, true);
+  second.deliver(pub("room", 6, 6));
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), [1, 2, 3, 4, 5, 6]);
+});
+
+test("v2: what was held for a late sub reply answered with an error is delivered", async () => {
+  // Nothing will place the topic: what it held is delivered, in order, not kept.
+  const { client, server, clock, messages } = setup({ protocol: 2, server: { autoReply: false } });
+  await settle();
+  const subscribed = client.subscribe("room").catch((error) => error);
+  await settle();
+  const sub = sequenced(server.socket.take()).find((e) => e.type === "sub");
+  server.socket.session.received = server.socket.session.processed = sub.seq;
+  await cutAndReconnect(server, clock);
+  const second = server.socket;
+  second.deliver([pub("room", 6, 6), pub("room", 5, 5)]);
+  server.reply(second, sub.seq, { error: { code: "unavailable", reason: "later" } });
+  await settle();
+  assert.equal((await subscribed).code, "unavailable");
+  assert.deepEqual(messages.map((m) => m.data), [5, 6]);
+});
