@@ -80,3 +80,25 @@ def test_limit_and_transport_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         config("--max-connections-per-user", "-1")
     with pytest.raises(SystemExit):
         config("--transport", "carrier-pigeon")
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        # Each broke every connection, or the node, at run time rather than at start.
+        (("--keepalive-idle", "0"), "keepalive_idle"),
+        (("--keepalive-count", "0"), "keepalive_count"),
+        (("--keepalive-idle", "40000"), "keepalive_idle"),
+        (("--hello-timeout", "-1"), "hello_timeout"),
+        (("--heartbeat-interval", "-1"), "heartbeat_interval"),
+        (("--history-ttl", "-1"), "history_ttl"),
+        (("--max-request-head", "10"), "max_request_head"),
+        (("--max-headers", "0"), "max_headers"),
+        (("--port", "99999"), "port"),
+    ],
+)
+def test_settings_that_would_break_every_connection_are_refused_at_start(
+    argv: tuple[str, ...], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        config(*argv)

@@ -9,6 +9,7 @@ wins. ``--secret`` is best given as ``WSGATE_SECRET``, out of the process list.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import importlib.util
@@ -382,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
+    if worker and config.node_id is not None:
+        # Each worker is a node of its own: with one name, a resume on another worker
+        # took the session's holder for itself and never asked for a hand-over.
+        config = dataclasses.replace(config, node_id=f"{config.node_id}-w{worker}")
     install_redaction(
         s for s in (config.secret, config.jwt_secret, config.api_key, *config.redis_urls) if s
     )

@@ -251,3 +251,27 @@ class Config:
             raise ValueError("handshake_timeout must be positive")
         if self.compression and self.transport is not TransportKind.WEBSOCKETS:
             raise ValueError("compression is offered by the websockets transport only")
+        # Refused here, with why, rather than breaking every connection at run time.
+        for name, low in (("port", 0), ("admin_port", 0)):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= 65535:
+                raise ValueError(f"{name} must be a TCP port (0-65535; 0 picks a free one)")
+        for name in ("heartbeat_interval", "hello_timeout", "history_ttl"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # (NaN is refused too)
+                raise ValueError(f"{name} must be positive (or unset)")
+        for name in ("heartbeat_timeout", "drain_timeout", "ack_delay", "resume_ttl"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # (resume_ttl 0: no resume)
+                raise ValueError(f"{name} must not be negative")
+        # Linux's bounds (tcp(7)): outside them every accepted socket fails to be set.
+        for name, high in (
+            ("keepalive_idle", 32767),
+            ("keepalive_interval", 32767),
+            ("keepalive_count", 127),
+        ):
+            if not 1 <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be between 1 and {high}")
+        if self.max_request_head < 1024 or self.max_headers < 8:
+            # Below these no browser's upgrade request fits: every one would be 431.
+            raise ValueError("max_request_head must be at least 1024 and max_headers at least 8")
