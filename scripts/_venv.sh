@@ -9,7 +9,17 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "trio-wsgate needs Python 3.11 or newer ($python is $("$python" --version 2>&1))" >&2
     exit 1
 fi
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then
+    # An earlier attempt without Debian's python3-venv left it without pip.
+    echo "$VENV has no pip: making it again" >&2
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$python" -c 'import ensurepip' 2> /dev/null; then
+        # Debian's python3 makes venvs with pip only with its python3-venv package.
+        source "$ROOT/scripts/_apt.sh"
+        apt_install python3-venv
+    fi
     echo "creating the virtual environment in $VENV" >&2
     "$python" -m venv "$VENV"
 fi

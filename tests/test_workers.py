@@ -357,3 +357,65 @@ def test_workers_started_again_answer_the_api_without_anyone_asking_readyz(
                     raise
                 time.sleep(0.1)
         assert answer["offset"] >= 1
+
+
+def test_a_signal_during_start_up_drains_what_has_started(tmp_path: Path) -> None:
+    """Found by a hostile review: the supervisor watched for signals only once every
+    worker was ready (up to a minute): a SIGTERM before that killed it outright, its
+    temporary directory left behind, its children signalled by no one in order."""
+    redis_binary()
+    log = tmp_path / "machine.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trio_wsgate", "serve", "--workers", "2", "--port", "0"],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")},
+        )
+    tasks = Path(f"/proc/{process.pid}/task")
+    children: list[int] = []
+    for _ in range(600):  # bounded: until its first child (the private Redis) runs
+        children = [int(w) for t in tasks.iterdir() for w in (t / "children").read_text().split()]
+        if children or "listening on" in log.read_text():
+            break
+        time.sleep(0.01)
+    assert children, log.read_text()
+    assert "listening on" not in log.read_text()  # still starting
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, log.read_text()
+    assert "SIGTERM: draining" in log.read_text()
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_worker_signalled_twice_still_drains(tmp_path: Path) -> None:
+    """Found by a hostile review: a worker took any second signal for "stop now", and
+    a service manager that signals every process of the service (systemd's default),
+    or Ctrl-C's SIGINT to the whole process group, reaches each worker beside its
+    supervisor's SIGTERM: the workers stopped without parking their sessions. A worker
+    leaves stopping by force to its supervisor."""
+    with machine(tmp_path, 2, "--close-timeout", "3") as node:
+        workers = [
+            pid
+            for pid in node.children()
+            if b"trio_wsgate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2
+        # A client that never answers the close: each worker's drain takes a while.
+        deaf = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(4)]
+        for sock in deaf:
+            sock.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+        node.process.send_signal(signal.SIGTERM)
+        for pid in workers:  # the service manager's own, at once
+            os.kill(pid, signal.SIGTERM)
+        assert node.process.wait(60) == 0, node.log.read_text()
+        text = node.log.read_text()
+        assert "still draining" in text
+        assert "stopping now" not in text
+        for sock in deaf:
+            sock.close()

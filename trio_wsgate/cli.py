@@ -405,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         server = Server(gateway, config)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"trio-wsgate: {exc}") from None
+    server.repeat_stops = not worker
 
     def announce() -> None:
         for host, port in server.listen_addresses:

@@ -138,6 +138,11 @@ class Server:
         )
         self.draining = False
         self.forced = False
+        #: With ``handle_signals``: a second SIGTERM or SIGINT while draining stops at
+        #: once. A worker of ``--workers`` sets it False: it gets its supervisor's signal
+        #: and often one of its own at once (a service manager's, Ctrl-C's), and its
+        #: supervisor stops it by force if need be.
+        self.repeat_stops = True
         #: ``(host, port)`` of each WebSocket listener, once serving.
         self.listen_addresses: list[tuple[str, int]] = []
         #: ``(host, port)`` of the admin port, once serving (empty when off).
@@ -616,6 +621,11 @@ class Server:
                 if not self.draining:
                     logger.warning("%s: draining", signal.Signals(signum).name)
                     self._root.start_soon(self.drain)
+                elif not self.repeat_stops:
+                    # A worker: its supervisor's SIGTERM and, from a service manager
+                    # that signals every process or Ctrl-C's to the process group, its
+                    # own come together. The supervisor stops it by force if need be.
+                    logger.warning("%s again: still draining", signal.Signals(signum).name)
                 else:
                     logger.warning("%s again: stopping now", signal.Signals(signum).name)
                     self.forced = True

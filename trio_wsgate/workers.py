@@ -427,6 +427,9 @@ class Supervisor:
                 env["WSGATE_SECRET"] = secrets.token_urlsafe(32)
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
+                # Before anything starts: a signal during start-up drains what has
+                # started, rather than killing this process and leaving its children.
+                nursery.start_soon(self._watch_signals)
                 if config.redis_url is None:
                     assert self._redis_server is not None
                     redis = PrivateRedis(directory, self._redis_server)
@@ -454,9 +457,8 @@ class Supervisor:
                         command = self._command(worker, port)
                         nursery.start_soon(self._keep_running, worker, command, env)
                     await self._wait_ready()
-                    if config.admin_port is not None:
+                    if config.admin_port is not None and not self.draining:
                         await nursery.start(self._serve_admin)
-                    nursery.start_soon(self._watch_signals)
                     task_status.started()
                     await self._stopped.wait()
                     nursery.cancel_scope.cancel()
@@ -524,7 +526,7 @@ class Supervisor:
     async def _wait_ready(self) -> None:
         """Until every worker answers ``/readyz`` with 200 (at most a minute)."""
         with trio.fail_after(_START_TIMEOUT):
-            while not all(worker.ready for worker in self.workers):
+            while not all(worker.ready for worker in self.workers) and not self.draining:
                 for worker in self.workers:
                     if worker.exits:  # it ended before it was ever ready
                         raise WorkerFailed(
