@@ -175,6 +175,33 @@ async def test_a_fragmented_message_over_the_limit_is_1009(
         assert code == 1009
 
 
+@pytest.mark.transports("websockets")
+async def test_a_close_frame_inside_a_fragmented_message_is_1002_at_once(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: websockets records such a close, then fails the
+    connection with 1002 without handing the close over. The transport reported
+    neither, so the node never decided to close: the connection, its session and its
+    socket were held until the heartbeat's 4002 (for ever without heartbeats), and
+    then kept the session a 1002 ends."""
+    from websockets.frames import Close, Frame, Opcode
+
+    server = make_server(heartbeat_interval=None)
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as bad:
+        await bad.hello()
+        (connection,) = server.connections
+        raw = Frame(Opcode.TEXT, b'{"type":', fin=False).serialize(mask=True, extensions=[])
+        close = Frame(Opcode.CLOSE, Close(1000, "").serialize())
+        await bad.stream.send_all(raw + close.serialize(mask=True, extensions=[]))
+        start = trio.current_time()
+        with trio.fail_after(60):  # (the client never closes its end)
+            await connection.wait_released()
+        assert connection.close_decided_at == start
+        assert connection.released_at == start + server.config.close_timeout
+        assert (connection.close_code, connection.close_reason) == (1002, "protocol_error")
+        assert not server.hub.sessions  # a 1002 ends the session (§8)
+
+
 async def test_fragmented_messages_are_reassembled(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

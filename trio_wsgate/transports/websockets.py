@@ -154,6 +154,7 @@ class WebsocketsTransport:
 
     __slots__ = (
         "_backlog",
+        "_close_reported",
         "_eof_sent",
         "_failure_reported",
         "_fragment_binary",
@@ -191,6 +192,7 @@ class WebsocketsTransport:
         self._fragment_binary = False
         self._eof_sent = False
         self._failure_reported = False
+        self._close_reported = False  # the peer's close frame was handed over
         self._max_fragments = max_fragments
         self._utf8: codecs.IncrementalDecoder | None = None
         self.remote_address = remote_address
@@ -353,11 +355,15 @@ class WebsocketsTransport:
                 rcvd = self._protocol.close_rcvd
                 if rcvd is not None:
                     incoming.peer_close = (int(rcvd.code), rcvd.reason)
+                    self._close_reported = True
         protocol = self._protocol
         if protocol.parser_exc is not None and not self._failure_reported:
             self._failure_reported = True
             sent = protocol.close_sent
-            if sent is not None and protocol.close_rcvd is None:
+            if sent is not None and not self._close_reported:
+                # (A close frame in the middle of a fragmented message: websockets
+                # records it, then fails the connection with 1002 without handing it
+                # over as an event. Unreported, no close was ever decided here.)
                 incoming.failed = (int(sent.code), sent.reason)
             elif sent is None:
                 incoming.failed = (int(CloseCode.ABNORMAL), str(protocol.parser_exc))
