@@ -23,6 +23,7 @@ from trio_wsgate.testing import Closed, RawClient, open_memory_connection
 
 from .conftest import ALL_TRANSPORTS, HANDLER_WAYS, make_gateway
 from .helpers import scheduled
+from .test_resume import detached, resume_of, running
 
 pytestmark = pytest.mark.transports(*ALL_TRANSPORTS)
 
@@ -499,6 +500,56 @@ async def test_slow_consumer_policy(
             assert not connection.closing
             assert connection.queue_depth <= 3
             await client.close()
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2999, 5000])
+async def test_a_close_code_no_close_frame_may_carry_is_refused_before_anything(
+    autojump_clock: MockClock, make_server: Callable[..., Server], code: int
+) -> None:
+    """Found by a hostile review: Session.close decided to close, then websockets
+    refused the code: no close frame went out, the error reached the application,
+    and the peer saw 1006 after close_timeout. ValueError now, and nothing decided."""
+    server = make_server()
+    async with trio.open_nursery() as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        (session,) = server.hub.sessions.values()
+        (connection,) = server.connections
+        with pytest.raises(ValueError, match="close code"):
+            session.close(code)
+        assert not connection.closing
+        session.close(4000, "the application's own")
+        assert (await client.wait_closed())[0] == 4000
+
+
+async def test_drop_oldest_never_drops_the_welcome(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: the welcome was queued as a control envelope the
+    slow-consumer policy may drop, and a resume whose resend filled the queue lost
+    it to a connect hook's send: the client got msgs with no welcome before them."""
+    gateway = make_gateway()
+
+    @gateway.on_connect
+    async def greet(session: Session) -> None:
+        session.send("greeting", "hi")
+
+    server = make_server(gateway, window=2, queue_size=5, slow_consumer="drop-oldest")
+    async with running(server) as nursery:
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+        await detached(server)
+        (session,) = server.hub.sessions.values()
+        for i in range(3):
+            session.send("while away", i)
+        async with open_memory_connection(server, nursery) as client:
+            await client.send({"type": "hello", "resume": resume_of(first, 0)})
+            got = []
+            with contextlib.suppress(Closed):
+                for _ in range(10):
+                    got.append((await client.recv())["type"])
+            assert got[:1] in (["welcome"], [])  # a welcome first, or a close (4004)
+            if not got:
+                assert client.close_code == 4004
 
 
 async def test_a_full_queue_closes_4004_and_the_session_buffers_up_to_max_buffered(

@@ -443,3 +443,29 @@ async def test_a_ping_while_trio_websocket_closes_ends_that_connection_quietly(
     assert connection.close_code == 4005
     await trio.testing.wait_all_tasks_blocked()
     assert tasks() == before
+
+
+async def test_pongs_a_peer_does_not_read_are_bounded_in_bytes(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: a pong echoes its ping's ts, whatever its size, and
+    pongs waiting while the write loop waited for a peer that does not read counted
+    against --queue-size only: 57 MiB held for one connection. They count against
+    --max-buffered-bytes (4004) with what else no outbox counts."""
+    server = make_server(max_buffered_bytes=1 << 20)
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, lockstep=True) as client,
+    ):
+        await client.hello()
+        (connection,) = server.connections
+        most = 0
+        for _ in range(100):  # 6 MB of pings, if nothing stopped them
+            await client.send({"type": "ping", "ts": "x" * 60_000})
+            await trio.testing.wait_all_tasks_blocked()
+            held = sum(len(payload) for payload, _ in connection._queue)
+            most = max(most, held + connection._transport.unsent_bytes)
+            if connection.closing:
+                break
+        assert connection.close_code == 4004
+        assert most <= (1 << 20) + 2 * 60_100  # the bound, and what was being written

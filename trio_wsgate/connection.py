@@ -192,7 +192,10 @@ class Connection:
         self._metrics = metrics
         self._hub = hub
         self._queue: list[_Item] = []
-        self._pub_bytes = 0  # of version-2 pubs in the queue (bounded: enqueue_unsequenced)
+        # Of what waits in the queue that no outbox counts: version-2 pubs and control
+        # envelopes (pongs echo a client's ping, whatever its size), bounded by
+        # max_buffered_bytes (enqueue_unsequenced, send_control).
+        self._pub_bytes = 0
         self._replayed = 0  # of replays in the queue (not counted by queue_depth)
         # What is queued is written by the node's timers' task (_flush_now), and by a
         # write loop of the connection's own only while the socket does not take it.
@@ -389,7 +392,7 @@ class Connection:
         """Take the session ``hello`` opened; queue ``welcome``, then everything above
         the client's ack, in order, before anything new."""
         session = self.session = opened.session
-        self.send_control(opened.welcome)
+        self.send_control(opened.welcome, kept=True)  # (drop-oldest never drops it)
         if not self.closing:  # a full queue closed it: the session keeps them
             self._queue.extend((item.payload, True) for item in opened.resend)
             if opened.resend:
@@ -747,15 +750,23 @@ class Connection:
             self._written = None
             written.set()
 
-    def send_control(self, envelope: Envelope) -> None:
+    def send_control(self, envelope: Envelope, kept: bool = False) -> None:
         """Queue a control envelope (``welcome``, ``ack``, ``ping``, ``pong``), unless
-        closing; a full queue applies the slow-consumer policy first."""
+        closing; a full queue applies the slow-consumer policy first, which may drop
+        a queued one, never one ``kept`` (``welcome``)."""
         if self.closing:
             return
         self.check_room()
         if self.closing:
             return
-        self._queue.append((self._codec.encode(envelope), False))
+        payload = self._codec.encode(envelope)
+        self._pub_bytes += len(payload)
+        if self._pub_bytes > self._config.max_buffered_bytes:
+            # A peer that sends large pings and does not read their pongs: held while
+            # the write loop waits for it, they would count only against queue_size.
+            self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
+            return
+        self._queue.append((payload, kept))
         self._want_flush()
 
     def _send_ack(self) -> None:

@@ -404,7 +404,14 @@ class Session:
 
         Whether the session survives for a resume follows docs/protocol.md §8: it does
         after 1000, 1001, 1011 or 4004, not after 4005 (kick), 4001 or a 1002.
+
+        Raises:
+            ValueError: ``code`` is not one a close frame may carry (RFC 6455 §7.4:
+                1000-1003, 1007-1014, or 3000-4999 for applications), before anything
+                is decided: it could not be sent, and the peer would see 1006.
         """
+        if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+            raise ValueError(f"{code} is not a close code a close frame may carry")
         label = reason_for(code)
         if self.connection is not None:
             self.connection.close(code, reason, label)
