@@ -95,6 +95,10 @@ def test_limit_and_transport_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--max-request-head", "10"), "max_request_head"),
         (("--max-headers", "0"), "max_headers"),
         (("--port", "99999"), "port"),
+        # An unknown scheme was taken for redis://localhost:6379 (with the password
+        # given, against whatever listens there); a port that is not one crashed later.
+        (("--redis", "http://:pw@127.0.0.1/"), "starts with one of"),
+        (("--redis", "redis://127.0.0.1:abc/0"), "port is a number"),
     ],
 )
 def test_settings_that_would_break_every_connection_are_refused_at_start(

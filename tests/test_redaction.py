@@ -29,6 +29,11 @@ async def test_secret_shapes_are_redacted() -> None:
         f'{{"type": "hello", "token": "{jwt}"}}': '{"type": "hello", "token": "[redacted]"}',
         "{'resume_token': 'abc.def'}": "{'resume_token': '[redacted]'}",
         "redis://:hunter2@localhost:6379/0": "redis://:[redacted]@localhost:6379/0",
+        # The other schemes --redis takes (found by a hostile review: not redacted).
+        "redis+sentinel://:pw@h:26379/main": "redis+sentinel://:[redacted]@h:26379/main",
+        "redis+cluster://u:pw@a:7000,b:7001": "redis+cluster://u:[redacted]@a:7000,b:7001",
+        "unix://:pw@/run/redis.sock": "unix://:[redacted]@/run/redis.sock",
+        "see http://example.com:80/a@b": "see http://example.com:80/a@b",  # no password
         f"a bare {jwt} in text": "a bare [redacted] in text",
     }
     for text, expected in cases.items():

@@ -419,3 +419,23 @@ def test_a_worker_signalled_twice_still_drains(tmp_path: Path) -> None:
         assert "stopping now" not in text
         for sock in deaf:
             sock.close()
+
+
+def test_the_machine_answers_no_stats_when_no_worker_answers(tmp_path: Path) -> None:
+    """Found by a hostile review: with every worker unresponsive, /api/stats answered
+    200 with every total 0, to anyone (no worker was there to check the key)."""
+    with machine(tmp_path, 2) as node:
+        workers = [
+            pid
+            for pid in node.children()
+            if b"trio_wsgate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            status, _ = node.get("/api/stats")
+            assert status == 503
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        assert node.get("/api/stats")[0] == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from dataclasses import dataclass, field
 
 __all__ = ["Config", "SlowConsumerPolicy", "TransportKind", "UserLimitPolicy"]
@@ -272,6 +273,24 @@ class Config:
         ):
             if not 1 <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be between 1 and {high}")
+        for url in self.redis_urls:
+            _check_redis_url(url)
         if self.max_request_head < 1024 or self.max_headers < 8:
             # Below these no browser's upgrade request fits: every one would be 431.
             raise ValueError("max_request_head must be at least 1024 and max_headers at least 8")
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a Redis URL coredis would read as something else (an unknown scheme was
+    taken for ``redis://localhost:6379``); never showing the URL (it may hold a
+    password)."""
+    if not url.startswith(_REDIS_SCHEMES):
+        raise ValueError(f"a Redis URL starts with one of {', '.join(_REDIS_SCHEMES)}")
+    if url.startswith(("redis://", "rediss://")):
+        try:
+            urllib.parse.urlsplit(url).port  # noqa: B018 - raises on a port that is not one
+        except ValueError:
+            raise ValueError("a Redis URL's port is a number from 0 to 65535") from None

@@ -4,7 +4,7 @@ The gateway never logs a token, an API key or a resume token itself (the tests
 check this at DEBUG level). :class:`RedactingFilter` is the second line: installed on
 the log handlers (``trio-wsgate serve`` does it), it blanks anything shaped like a
 secret in every record, whoever logged it: a JWT, ``token=...`` in a URL, a
-``Bearer`` or ``apikey`` credential, a password in a ``redis://`` URL, the
+``Bearer`` or ``apikey`` credential, a password in a URL (``redis://`` and the others), the
 ``token`` fields of an envelope, and the node's own configured secrets verbatim.
 """
 
@@ -31,8 +31,9 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # "token": "...", "resume_token": "..." in JSON (a hello, a refresh, a welcome).
     (re.compile(r"(?i)(\"(?:resume_)?token\"\s*:\s*\")[^\"]*"), rf"\1{REDACTED}"),
     (re.compile(r"(?i)('(?:resume_)?token'\s*:\s*')[^']*"), rf"\1{REDACTED}"),
-    # redis://user:password@host
-    (re.compile(r"(?i)\b(rediss?://[^:/@\s]*:)[^@\s]+@"), rf"\1{REDACTED}@"),
+    # redis://user:password@host, and the other schemes of --redis (sentinel, cluster,
+    # a Unix socket) and of any URL with credentials
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@"), rf"\1{REDACTED}@"),
 ]
 
 

@@ -749,6 +749,10 @@ class MachineAdmin(HttpApp):
 
     async def _stats(self, headers: list[tuple[bytes, bytes]]) -> Answer:
         answers = [a for a in await self._ask_all("/api/stats", headers) if a is not None]
+        if not answers:
+            # No worker to check the key with: nothing is answered (a 200 of zeros
+            # would pass for the machine's state, to anyone, key or not).
+            return _unavailable("no worker answered")
         for _, status, answer_headers, body in answers:
             if status != 200:  # the key is wrong, or the API is off: as the worker says
                 extra = [(n, v) for n, v in answer_headers if n == b"www-authenticate"]
