@@ -106,3 +106,30 @@ def test_settings_that_would_break_every_connection_are_refused_at_start(
 ) -> None:
     with pytest.raises(ValueError, match=why):
         config(*argv)
+
+
+def test_a_bad_environment_value_is_a_usage_error_of_serve_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a hostile review: WSGATE_PORT=abc raised ValueError while the parser
+    was built, a traceback for every subcommand (token, client) too."""
+    monkeypatch.setenv("WSGATE_PORT", "abc")
+    monkeypatch.setenv("WSGATE_WORKERS", "two")
+    parser = build_parser()  # no traceback here
+    assert parser.parse_args(["token", "ada"]).command == "token"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve"])
+    assert "invalid int value: 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("WSGATE_PORT")
+    monkeypatch.delenv("WSGATE_WORKERS")
+    assert config().port == 8000
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("On", True), ("TRUE", True), ("0", False), ("no", False)]
+)
+def test_switches_from_the_environment_take_any_case(
+    monkeypatch: pytest.MonkeyPatch, value: str, on: bool
+) -> None:
+    monkeypatch.setenv("WSGATE_OPEN_API", value)
+    assert build_parser().parse_args(["serve"]).open_api is on

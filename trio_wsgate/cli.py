@@ -154,6 +154,14 @@ def _env(flag: str) -> str | None:
     return os.environ.get("WSGATE_" + flag.upper().replace("-", "_"))
 
 
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _truthy(value: str | None) -> bool:
+    """A switch from the environment: 1, true, yes or on, in any case."""
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser, defaults taken from the environment."""
     parser = argparse.ArgumentParser(prog="trio-wsgate", description=__doc__)
@@ -164,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, field)
         env = _env(flag)
         if env is not None:
-            default = kind(env)
+            # As a string: argparse converts it as it would the flag's value, and a
+            # bad one is a usage error of ``serve`` alone, not a traceback of every
+            # subcommand while the parser is built.
+            default = env
         shown = "set" if default is not None else "unset"
         if flag == "secret" and default is None:
             shown = "random per process"
@@ -187,26 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=int,
-        default=int(_env("workers") or 1),
+        default=_env("workers") or 1,
         help="node processes on one port, sharing a Redis (a private one without --redis)"
         " (default %(default)s)",
     )
     serve.add_argument(
         "--reuse-port",
         action="store_true",
-        default=_env("reuse-port") in ("1", "true", "yes"),
+        default=_truthy(_env("reuse-port")),
         help="listen with SO_REUSEPORT, beside other processes on the same port",
     )
     serve.add_argument(
         "--open-api",
         action="store_true",
-        default=_env("open-api") in ("1", "true", "yes"),
+        default=_truthy(_env("open-api")),
         help="serve the server API without a key: for local use only",
     )
     serve.add_argument(
         "--compression",
         action="store_true",
-        default=_env("compression") in ("1", "true", "yes"),
+        default=_truthy(_env("compression")),
         help="offer permessage-deflate (websockets transport; off by default)",
     )
     serve.add_argument(
@@ -216,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
+        type=str.lower,
         default=_env("log-level") or "info",
-        choices=["debug", "info", "warning", "error"],
+        choices=_LOG_LEVELS,
     )
     echo = commands.add_parser(
         "raw-echo",
@@ -317,15 +329,28 @@ def tune_gc() -> None:
 def _run_node(server: Server, announce: Callable[[], None]) -> None:
     """Serve until drained by a signal; ``announce`` once listening."""
 
+    listening = False
+
     async def run() -> None:
+        nonlocal listening
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: server.serve(handle_signals=True, task_status=task_status)
             )
+            listening = True
             announce()
             tune_gc()
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except* OSError as group:
+        if listening:
+            raise
+        # A port in use, or not ours to take: a line, not a traceback.
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise SystemExit(f"trio-wsgate: cannot listen: {first}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -372,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "raw-echo":
         _raw_echo(args)
         return
+    if args.log_level not in _LOG_LEVELS:  # (argparse checks a flag's, not a default's)
+        parser.error(f"--log-level (WSGATE_LOG_LEVEL) is one of {', '.join(_LOG_LEVELS)}")
     worker = os.environ.get(WORKER_ENV)  # set by the supervisor of --workers
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -331,7 +331,7 @@ class PrivateRedis:
                         if (await stream.receive_some(16)).startswith(b"+PONG"):
                             return
                 await trio.sleep(0.02)
-        raise RuntimeError(f"redis-server ended at start ({child.returncode})")
+        raise WorkerFailed(f"the private redis-server ended at start ({child.returncode})")
 
 
 class Supervisor:

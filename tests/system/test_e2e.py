@@ -616,3 +616,16 @@ def test_each_transport_serves_drains_and_logs_no_secret(transport: str) -> None
     assert "listening on" in log
     for secret in (jwt_secret, api_key, *tokens):
         assert secret not in log
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback() -> None:
+    # Found by a hostile review: a busy --port (or --admin-port) of a single node
+    # ended in an exception group's traceback.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", str(port), "--admin-port", "0")
+    assert done.returncode == 1
+    assert "trio-wsgate: cannot listen:" in done.stderr
+    assert "Traceback" not in done.stderr
