@@ -211,8 +211,15 @@ async def _accept_json(request: UpgradeRequest) -> Accept:
         {"max_message_size": 0},
         {"heartbeat_interval": -1.0},
         {"heartbeat_timeout": -5.0},
+        {"ack": 7},
     ],
-    ids=["window-0", "max-message-size-0", "negative-interval", "negative-timeout"],
+    ids=[
+        "window-0",
+        "max-message-size-0",
+        "negative-interval",
+        "negative-timeout",
+        "new-session-ack-7",
+    ],
 )
 async def test_a_welcome_with_impossible_numbers_is_a_protocol_error(
     autojump_clock: MockClock, fields: dict[str, Any]
@@ -319,3 +326,161 @@ async def test_a_retried_recovery_refused_for_good_wakes_the_reader_and_forgets_
         nursery.cancel_scope.cancel()
     assert [data for data, _ in got] == [1, 3]
     assert later_subs == []
+
+
+# -- 5. Version 2: a retry armed before a lost session ------------------------------------
+
+
+async def test_a_retry_armed_before_a_lost_session_does_not_only_recover_in_the_new_one(
+    autojump_clock: MockClock,
+) -> None:
+    # docs/protocol.md §14, "A session lost, then resumed". The recovery after a resume
+    # is answered unavailable, and so are its retries: the next one is 4 to 12 s away
+    # when the session is lost. The new session subscribes t again (plain), answered
+    # unavailable for 20 s. The old retry must not fire into it with recover: the
+    # session does not follow t yet, not_subscribed would drop t for good, silently.
+    third: list[dict[str, Any]] = []
+    cut = trio.Event()
+
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        if number == 1:
+            await peer.send(_welcome("s1", False, 0))
+            sub = await peer.recv_type("sub")
+            await peer.send(_reply(1, sub["seq"], {"offset": 0, "epoch": "E"}), _pub("t", 1))
+        elif number == 2:
+            await peer.send(_welcome("s1", True, 1))
+            for seq in range(2, 7):  # the recovery and four retries
+                sub = await peer.recv_type("sub")
+                await peer.send(_reply(seq, sub["seq"], error="unavailable"))
+            cut.set()
+        else:
+            await peer.send(_welcome("s2", False, 0))
+            until, followed, seq = trio.current_time() + 20, False, 0
+            while True:
+                sub = await peer.recv_type("sub")
+                third.append(sub)
+                seq += 1
+                if sub.get("recover") and not followed:
+                    await peer.send(_reply(seq, sub["seq"], error="not_subscribed"))
+                elif trio.current_time() < until:
+                    await peer.send(_reply(seq, sub["seq"], error="unavailable"))
+                else:
+                    followed = True
+                    data = {"offset": 1, "epoch": "E", "recovered": True}
+                    await peer.send(_reply(seq, sub["seq"], data), _pub("t", 2))
+
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = _scripted(script)
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            await client.wait_connected()
+            await client.subscribe("t")
+            await wire.cut()
+            with trio.fail_after(30):
+                await cut.wait()
+            await wire.cut()
+            with trio.move_on_after(120):
+                async for message in client.messages():
+                    got.append(message.data)
+                    if len(got) == 2:
+                        break
+        nursery.cancel_scope.cancel()
+    assert got == [1, 2]
+    assert len(third) > 1  # the new session's sub, and its retries
+    assert all(sub.get("recover") is None for sub in third)
+    assert all(sub["since"] == {"offset": 1, "epoch": "E"} for sub in third)
+
+
+# -- 6. refresh() while the hello is unanswered ------------------------------------------
+
+
+async def test_a_refresh_between_hello_and_welcome_is_sent_after_the_welcome(
+    autojump_clock: MockClock,
+) -> None:
+    # The hello carried the old token: the server's deadline is its exp, and the new
+    # token must still reach it (4001 at the old exp would end the session).
+    seen: list[Any] = []
+    hello_came, refreshed = trio.Event(), trio.Event()
+
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        seen.append(hello.get("token"))
+        hello_came.set()
+        await refreshed.wait()
+        await peer.send(_welcome("s1", False, 0))
+        seen.append(await peer.recv_type("refresh"))
+
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = _scripted(script)
+        async with open_client(
+            URL, connect=wire.connect, protocol=2, token="old", seed=1
+        ) as client:
+            with trio.fail_after(5):
+                await hello_came.wait()
+            client.refresh("new")
+            refreshed.set()
+            await client.wait_connected()
+            await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert seen == ["old", {"type": "refresh", "token": "new"}]
+
+
+# -- 7. A resumed welcome with a smaller max_message_size ---------------------------------
+
+
+async def test_a_resumed_welcome_with_a_smaller_limit_fails_what_no_longer_fits(
+    autojump_clock: MockClock,
+) -> None:
+    # Resent, the 40000-byte envelopes would be closed 1009 by a node that takes 16384,
+    # which ends the client. The server processed nothing above welcome.ack (1) and will
+    # not unless they are resent: the request fails as a call over the limit does
+    # (ValueError), the send is not resent, and what follows takes their seqs.
+    second: list[tuple[int, str]] = []
+    written = trio.Event()
+
+    async def script(number: int, peer: Peer, hello: dict[str, Any]) -> None:
+        if number == 1:
+            await peer.send(_welcome("s1", False, 0))
+            for _ in range(4):
+                await peer.recv_type("msg")
+            written.set()
+        else:
+            await peer.send(Welcome("s1", "rt-s1", True, 1, 0, 0, 16, 16384).to_wire())
+            for seq in (1, 2):
+                msg = await peer.recv_type("msg")
+                second.append((msg["seq"], msg["event"]))
+                await peer.send(_reply(seq, msg["seq"], msg["data"]))
+
+    outcomes: dict[str, Any] = {}
+
+    async def call(name: str, data: Any) -> None:
+        try:
+            outcomes[name] = await client.request(name, data)
+        except ValueError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        wire = Wire(None, nursery)
+        wire.serve = _scripted(script)
+        async with open_client(URL, connect=wire.connect, protocol=2, seed=1) as client:
+            await client.wait_connected()
+            big = "x" * 40000
+            await client.send("first", 1)
+            nursery.start_soon(call, "store", big)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send("big", big)
+            nursery.start_soon(call, "small", 4)
+            with trio.fail_after(5):
+                await written.wait()
+            await wire.cut()
+            await _connects(client, 2)
+            assert client.state is ClientState.RESUMED
+            with trio.move_on_after(60):
+                outcomes["next"] = await client.request("next", 5)
+            assert client.statistics().pending == 0
+        nursery.cancel_scope.cancel()
+    assert second == [(2, "small"), (3, "next")]
+    assert isinstance(outcomes["store"], ValueError)
+    assert "at most 16384" in str(outcomes["store"])
+    assert (outcomes["small"], outcomes["next"]) == (4, 5)

@@ -272,6 +272,8 @@ class _Link:
         self.bye_sent = False
         self.close_code: int | None = None
         self.close_reason = ""
+        #: The token its hello carried.
+        self.hello_token: str | None = None
 
     def enqueue(self, payload: bytes) -> None:
         self.queue.append(payload)
@@ -638,9 +640,7 @@ class Client:
                 if group is not None:
                     self._topics[topic] = position = (offset, group)
 
-    def _retrier(
-        self, topic: str, counted: bool = False, recover: bool = False
-    ) -> Callable[[HandlerError], None]:
+    def _retrier(self, topic: str, counted: bool = False) -> Callable[[HandlerError], None]:
         """Try an automatic resubscription again while the server says ``unavailable``."""
         welcomes = self._welcomes
 
@@ -649,7 +649,7 @@ class Client:
                 self._recovery_done(welcomes)
             if error.code == "unavailable" and topic in self._topics and self._tasks:
                 # What the recovery holds waits for the next attempt's reply.
-                self._tasks.start_soon(self._subscribe_again, topic, recover)
+                self._tasks.start_soon(self._subscribe_again, topic)
             else:
                 self._give_up(topic, error)
 
@@ -666,15 +666,26 @@ class Client:
             logger.warning("topic %s is not followed again: %s", topic, error)
             self._topics.pop(topic, None)
             self._server_topics.discard(topic)
+            self._unfollowed.discard(topic)
         else:
             logger.warning("topic %s could not be followed again: %s", topic, error)
 
-    async def _subscribe_again(self, topic: str, recover: bool = False) -> None:
+    async def _subscribe_again(self, topic: str) -> None:
         delay = 0.5
+        sessions_lost = self._sessions_lost
         while topic in self._topics and not self._stopping:
             await trio.sleep(delay * (0.5 + self._rng.random()))
+            if topic not in self._topics or self._stopping:
+                return  # unsubscribed meanwhile, or the client is done
+            if self._sessions_lost != sessions_lost:
+                return  # a new session: it subscribed every topic again itself
             if topic not in self._recovering and self._topics.get(topic) is not None:
                 self._recovering[topic] = _Held()  # a recovery again: hold until its reply
+            # Only a recovery (recover) if this session follows the topic: decided now,
+            # not when the first attempt failed. A session that has not subscribed it
+            # yet answers recover with not_subscribed, and the topic would be dropped
+            # for good (docs/protocol.md §14, "A session lost, then resumed").
+            recover = self._v2 and topic not in self._unfollowed
             try:
                 tracker = self._tracker(topic, recovery=True)
                 await self._call(self._sub_builder(topic, recover), tracker)
@@ -979,7 +990,9 @@ class Client:
                     # connection is closed at once, never welcomed, and nothing revives.
                     link.end(CloseCode.NORMAL, "", self._close_timeout)
                 else:
-                    link.enqueue(self._codec.encode(self._hello()))
+                    hello = self._hello()
+                    link.hello_token = hello.token
+                    link.enqueue(self._codec.encode(hello))
         finally:
             self._link = None
             self._detach(link)
@@ -1181,9 +1194,14 @@ class Client:
         interval = welcome.heartbeat_interval
         link.silence = interval + welcome.heartbeat_timeout if interval else math.inf
         link.touch()
+        if self._token is not None and self._token != link.hello_token:
+            # refresh() while the hello was unanswered could not send it: the server
+            # holds the hello's token, and would close 4001 at its exp. It goes first.
+            link.enqueue(self._codec.encode(Refresh(self._token)))
         self._connects += 1
         if welcome.resumed and welcome.session == self.session:
-            resend = self._outbox.rewind(welcome.ack, welcome.window)
+            self._outbox.rewind(welcome.ack, welcome.window)
+            resend = self._refuse_oversized()
             self._resumes += 1
             state = ClientState.RESUMED
         else:
@@ -1247,6 +1265,60 @@ class Client:
                     CloseCode.PROTOCOL_ERROR,
                     "welcome: heartbeat needs finite, non-negative seconds",
                 )
+        if not welcome.resumed and welcome.ack != 0:
+            # A new session: the server cannot have processed anything of it.
+            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "welcome: a new session's ack must be 0")
+
+    def _refuse_oversized(self) -> list[_Pending]:
+        """After a resumed welcome: fail every unacknowledged envelope larger than the
+        welcome's ``max_message_size`` (encoded under an earlier connection's: a node
+        that takes less), which the server would close 1009 for, ending the session and
+        the client. Returns what to write now.
+
+        Failing them loses nothing, and runs nothing twice: a resumed welcome's ack is
+        exact (docs/protocol.md §5.3, §5.4: the old connection's handlers stopped before
+        it, and one stopped so has not processed its envelope), so nothing above it was
+        processed, and nothing will be that is not resent. Such an envelope fails as a
+        call over the limit does (§2.2: ``ValueError``; a ``sub``, ``HandlerError``
+        ``too_large``, which the client's own resubscriptions handle), and is not
+        resent. The server forgot what it received and did not process, and takes
+        ``ack + 1`` next: those after it are renumbered from there, with no gap (§4)."""
+        outbox, limit = self._outbox, self._max_message_size
+        items = list(outbox.unacknowledged())
+        if all(len(item.payload) <= limit for _, item in items):
+            return [item for _, item in outbox.in_flight]
+        # The waiters still waiting for their reply (a cancelled request is not).
+        awaited = {seq: self._requests.pop(seq) for seq, _ in items if seq in self._requests}
+        outbox.in_flight.clear()
+        outbox.waiting.clear()
+        outbox.next_seq = outbox.acked + 1
+        for old_seq, item in items:
+            waiter = awaited.get(old_seq)
+            if len(item.payload) > limit:
+                reason = (
+                    f"the envelope is {len(item.payload)} bytes; the server now takes at most "
+                    f"{limit} (welcome.max_message_size): it was not processed and is not "
+                    "sent again"
+                )
+                if waiter is None:
+                    logger.error("an envelope is not sent again: %s", reason)
+                elif isinstance(item.envelope, Sub):
+                    waiter.error = HandlerError("too_large", reason)
+                    if waiter.on_error is not None:
+                        waiter.on_error(waiter.error)
+                    waiter.done.set()
+                else:
+                    waiter.error = ValueError(reason)
+                    waiter.done.set()
+                continue
+            seq = outbox.next_seq
+            if seq != old_seq:
+                envelope = replace(item.envelope, seq=seq, ack=None)  # type: ignore[type-var]
+                item = _Pending(envelope, self._codec.encode(envelope), item.waiter)
+            if waiter is not None:
+                self._requests[seq] = waiter
+            outbox.push(item)
+        return [item for _, item in outbox.in_flight]
 
     def _resubscribe(self, topics: list[str]) -> list[_Pending]:
         """Subscribe the session to the topics, each from where we were (§6)."""
@@ -1305,7 +1377,7 @@ class Client:
             waiter = _Request(
                 trio.Event(),
                 on_data=self._tracker(topic, counted=True),
-                on_error=self._retrier(topic, counted=True, recover=recover),
+                on_error=self._retrier(topic, counted=True),
             )
             written += self._push_sub(topic, waiter, recover)
         return written

@@ -1082,8 +1082,10 @@ export class Client {
     const outbox = this._outbox;
     const inbox = this._inbox;
     const seq = outbox.nextSeq;
-    // A sub asks from the position when it is numbered, not when it was called.
-    if (envelope.type === "sub") envelope = this._subEnvelope(envelope.topic, waiter?.recover);
+    // A sub asks from the position when it is numbered, not when it was called; and a
+    // sub of the client's own (a recovery, a retry) decides then too whether it only
+    // recovers the topic: a retry armed in one session may fire in the next.
+    if (envelope.type === "sub") envelope = this._subEnvelope(envelope.topic, Boolean(waiter?.auto) && this._recovers(envelope.topic));
     const numbered = { type: envelope.type, seq, ...envelope };
     // Piggyback a pending ack on what leaves now (docs/protocol.md §4), unless that is
     // what makes the envelope too large (the ack then goes on its own).
@@ -1161,6 +1163,17 @@ export class Client {
     return envelope;
   }
 
+  /**
+   * Version 2: whether a sub of the client's own may only recover `topic`, now: not
+   * while this session has not subscribed it yet (after a lost session, until a sub of
+   * it is answered). There `recover` is answered not_subscribed, taken as "the
+   * application left", and the topic would be dropped for good (docs/protocol.md §14,
+   * "A session lost, then resumed").
+   */
+  _recovers(topic) {
+    return this._v2 && !this._unfollowed.has(topic);
+  }
+
   // -- the connection attempt -------------------------------------------------------------
 
   async _connect() {
@@ -1198,6 +1211,7 @@ export class Client {
       connectTimer: null,
       watchdogTimer: null,
       ackTimer: null,
+      helloToken: null, // the token its hello carried
     };
     this._link = link;
     // docs/protocol.md, "Heartbeat": the whole attempt, socket and welcome, is bounded.
@@ -1205,7 +1219,9 @@ export class Client {
     ws.onopen = () => {
       if (link.ended) return;
       link.open = true;
-      this._enqueue(link, this._hello());
+      const hello = this._hello();
+      link.helloToken = hello.token ?? null;
+      this._enqueue(link, hello);
     };
     ws.onmessage = (event) => this._onMessage(link, event);
     ws.onclose = (event) => {
@@ -1614,9 +1630,18 @@ export class Client {
   // -- sessions (docs/protocol.md §5) -----------------------------------------------------
 
   _onWelcome(link, welcome) {
+    // Numbers no server sends are a protocol error (1002, the client stops), checked
+    // before anything of the welcome is taken, as trio_wsgate/client.py does: a window
+    // or a size bound below 1 (nothing could be sent), a heartbeat that is not a
+    // finite, non-negative number of seconds (a negative one would turn the watchdog
+    // off), and a new session that says the server processed something of it.
     const ack = integer(welcome, "ack");
     const window = integer(welcome, "window");
     if (window < 1) throw new ProtocolViolation(1002, "welcome: window must be at least 1");
+    const limit = integer(welcome, "max_message_size");
+    if (limit < 1) throw new ProtocolViolation(1002, "welcome: max_message_size must be at least 1");
+    if (typeof welcome.resumed !== "boolean") throw new ProtocolViolation(1002, "welcome: resumed must be a boolean");
+    if (!welcome.resumed && ack !== 0) throw new ProtocolViolation(1002, "welcome: a new session's ack must be 0");
     if (typeof welcome.session !== "string" || typeof welcome.resume_token !== "string") {
       throw new ProtocolViolation(1002, "welcome: session and resume_token must be strings");
     }
@@ -1629,28 +1654,37 @@ export class Client {
     const seconds = (key) => {
       const value = heartbeat[key] ?? 0;
       if (typeof value !== "number") throw new ProtocolViolation(1002, `welcome: heartbeat.${key} must be a number`);
-      return Math.max(value, 0);
+      if (!(Number.isFinite(value) && value >= 0)) {
+        throw new ProtocolViolation(1002, `welcome: heartbeat.${key} must be finite and not negative`);
+      }
+      return value;
     };
     const interval = seconds("interval");
     const timeout = seconds("timeout");
     link.welcomed = true;
     this._clearTimeout(link.connectTimer);
     link.connectTimer = null;
-    const limit = welcome.max_message_size;
-    if (Number.isSafeInteger(limit) && limit > 0) link.maxMessageSize = this._maxMessageSize = limit;
+    link.maxMessageSize = this._maxMessageSize = limit;
     link.silence = interval > 0 ? (interval + timeout) * 1000 : Infinity;
     link.heard = this._monotonic();
     if (link.silence !== Infinity) this._watch(link);
+    // A token refreshed while the hello was unanswered (by refresh() or the refresh
+    // timer) could not be sent then: the server holds the hello's, and would close
+    // 4001 at its exp. It goes first.
+    if (this._token != null && this._token !== link.helloToken) this._enqueue(link, { type: "refresh", token: this._token });
     this._stats.connects += 1;
 
     let state;
     let acked = [];
     let resend;
+    let refused = [];
     let lost = false;
     const chained = new Map();
     if (welcome.resumed === true && welcome.session === this.session) {
-      ({ acked, resend } = this._outbox.rewind(ack, window));
+      ({ acked } = this._outbox.rewind(ack, window));
       this._inbox.window = window;
+      refused = this._refuseOversized();
+      resend = [...this._outbox.inFlight];
       this._stats.resumes += 1;
       state = "resumed";
     } else {
@@ -1665,6 +1699,8 @@ export class Client {
     this.user = typeof welcome.user === "string" ? welcome.user : null;
     this._everWelcomed = true;
     for (const item of resend) this._write(link, item);
+    // Settled only now: an "error" listener may make calls, which go after the resend.
+    for (const item of refused) this._refusedAfterResume(item);
     if (state !== "resumed") this._followTopics(welcome, lost, chained);
     else {
       if (this._v2) this._recoverAll();
@@ -1675,6 +1711,66 @@ export class Client {
     this._setState(state);
     this._acknowledged(acked);
     this._admit();
+  }
+
+  /**
+   * After a resumed welcome: take out every unacknowledged envelope larger than the
+   * welcome's max_message_size (encoded under the limit of an earlier connection: a
+   * node that takes less), which the server would close 1009 for, ending the session
+   * and the client. Returns them (the caller settles them once the resend is written).
+   *
+   * Failing them loses nothing, and runs nothing twice: a resumed welcome's ack is
+   * exact (docs/protocol.md §5.3, §5.4: the old connection's handlers stopped before
+   * it, and one stopped so has not processed its envelope), so nothing above it was
+   * processed, and nothing will be that is not resent. Such an envelope fails with
+   * too_large as a call over the limit does (§2.2), and is not resent. The server
+   * forgot what it received and did not process, and takes ack + 1 next: those after
+   * it are renumbered from there, with no gap (§4).
+   */
+  _refuseOversized() {
+    const outbox = this._outbox;
+    const items = outbox.unacknowledged();
+    if (!items.some((item) => item.payload.size > this._maxMessageSize)) return [];
+    const awaited = new Set(); // waiting for their reply under their seq
+    for (const item of items) {
+      if (item.waiter && this._requests.get(item.seq) === item.waiter) awaited.add(item);
+      this._requests.delete(item.seq);
+    }
+    outbox.inFlight = [];
+    outbox.waiting = [];
+    outbox.nextSeq = outbox.acked + 1;
+    const refused = [];
+    for (const item of items) {
+      if (item.payload.size > this._maxMessageSize) {
+        refused.push(item);
+        continue;
+      }
+      const seq = outbox.nextSeq;
+      const moved = seq !== item.seq;
+      const envelope = moved ? { ...item.envelope, seq } : item.envelope;
+      // Written under its new seq only once it is written again.
+      const renumbered = { ...item, seq, envelope, payload: moved ? this._encode(envelope) : item.payload, written: !moved && item.written };
+      if (awaited.has(item)) this._requests.set(seq, item.waiter);
+      outbox.push(renumbered);
+    }
+    return refused;
+  }
+
+  /** An envelope _refuseOversized took out: its call fails as an error reply too_large
+   * would fail it (a send's promise too; the "error" listeners hear of it). */
+  _refusedAfterResume(item) {
+    const error = new WsgateError(
+      "too_large",
+      `the envelope is ${item.payload.size} bytes; the server now takes at most ${this._maxMessageSize} (welcome.max_message_size): it was not processed and is not sent again`,
+    );
+    const waiter = item.waiter;
+    if (!waiter) {
+      this._report(error); // restored from before a reload: no promise is left to tell
+      return;
+    }
+    if (waiter.kind === "sub") this._recovered(waiter, error);
+    this._failed(waiter, error);
+    if (waiter.kind === "send") waiter.reject(error); // _failed only reported it
   }
 
   /**
@@ -1702,10 +1798,11 @@ export class Client {
       }
       const seq = this._outbox.nextSeq;
       const type = item.envelope.type;
-      // A new session follows only what is subscribed again: a recovery of one of the
-      // application's topics subscribes it (the server's own, only if followed).
-      if (type === "sub" && item.waiter) item.waiter.recover = Boolean(item.waiter.recover) && this._serverTopics.has(item.envelope.topic);
-      const body = type === "sub" ? this._subEnvelope(item.envelope.topic, item.waiter?.recover) : item.envelope;
+      // A new session follows only what is subscribed again: a sub of the client's own
+      // subscribes one of the application's topics, and only recovers one of the
+      // server's (followed if the application subscribed the session again).
+      const recover = Boolean(item.waiter?.auto) && this._serverTopics.has(item.envelope.topic);
+      const body = type === "sub" ? this._subEnvelope(item.envelope.topic, recover) : item.envelope;
       const envelope = { ...body, seq };
       const payload = this._encode(envelope);
       if (payload.size > this._maxMessageSize) {
@@ -1778,6 +1875,9 @@ export class Client {
       // What topics held for a sub reply gone with the old session: delivered, so that
       // the new session's sub asks from the last of them (as if they had not been held).
       for (const topic of [...this._recoverOnReply.keys()]) this._releaseWaiting(topic);
+      // Retries of the old session's subs: every topic is subscribed again below.
+      for (const timer of this._retryTimers) this._clearTimeout(timer);
+      this._retryTimers.clear();
     }
     let topics = lost ? [...this._topics.keys()] : [];
     if (userTopic && !this._topics.get(userTopic)) {
@@ -1802,7 +1902,7 @@ export class Client {
     for (const topic of topics) {
       const waiter = carried.get(topic);
       if (waiter) waiter.chained.push(...(chained.get(topic) ?? []));
-      else this._pushAuto(autoSub(topic, chained.get(topic), this._serverTopics.has(topic)));
+      else this._pushAuto(autoSub(topic, chained.get(topic)));
     }
     // The subscribe() calls lost with the old session and not answered above: a topic
     // left meanwhile, or the user topic, which the new session follows from the start.
@@ -1834,9 +1934,10 @@ export class Client {
       if (waiter.kind === "sub") placing.add(waiter.topic);
     }
     for (const [topic, position] of this._topics) {
-      if (this._unfollowed.has(topic)) this._pushAuto(autoSub(topic)); // subscribed again
+      // (_push decides: subscribed again if unfollowed, else only recovered.)
+      if (this._unfollowed.has(topic)) this._pushAuto(autoSub(topic));
       else if (!position) this._recoverOnReply.set(topic, placing.has(topic) ? [] : null);
-      else this._pushAuto(autoSub(topic, [], true));
+      else this._pushAuto(autoSub(topic));
     }
   }
 
@@ -1897,7 +1998,7 @@ export class Client {
       this._emit("recovered", topic, recovered);
     }
     if (this._recoverOnReply.has(topic) && this._topics.get(topic) && !this._recoveries.has(topic)) {
-      this._pushAuto(autoSub(topic, [], true)); // from the position this reply gave
+      this._pushAuto(autoSub(topic)); // from the position this reply gave
     }
     // What came before this reply: held by that recovery until its own reply.
     this._releaseWaiting(topic);
@@ -1915,6 +2016,7 @@ export class Client {
       if (this._v2) {
         this._topics.delete(topic);
         this._serverTopics.delete(topic);
+        this._unfollowed.delete(topic);
       }
       return;
     }
@@ -1922,7 +2024,7 @@ export class Client {
     const timer = this._setTimeout(() => {
       this._retryTimers.delete(timer);
       if (this._finished || !this._topics.has(topic)) return;
-      const again = autoSub(topic, [], waiter.recover);
+      const again = autoSub(topic);
       again.retryDelay = Math.min(waiter.retryDelay * 2, 10000);
       this._pushAuto(again);
     }, delay);
@@ -2047,6 +2149,9 @@ export class Client {
       // Version 2: the topics the application subscribed the session to (recovered
       // with recover, never subscribed by this client).
       serverTopics: [...this._serverTopics].filter((topic) => this._topics.has(topic)),
+      // Version 2: the topics this session has not subscribed yet (after a lost
+      // session): a reloaded page that resumes subscribes them, not only recovers them.
+      unfollowed: [...this._unfollowed].filter((topic) => this._topics.has(topic)),
       maxMessageSize: this._maxMessageSize,
     };
     try {
@@ -2098,6 +2203,7 @@ export class Client {
       this._userTopic = state.userTopic ?? null;
       this._restoredRecoveries = state.recovering ?? [];
       this._serverTopics = new Set(state.serverTopics ?? []);
+      this._unfollowed = new Set(state.unfollowed ?? []);
       this._maxMessageSize = state.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE;
     } catch (error) {
       try {
@@ -2300,6 +2406,12 @@ function checkSaved(state, why) {
       if (!positions.has(topic)) fail("a topic of the server's is not followed");
     }
   }
+  if (state.unfollowed !== undefined) {
+    if (!Array.isArray(state.unfollowed)) fail("unfollowed is not an array");
+    for (const topic of state.unfollowed) {
+      if (!positions.has(topic)) fail("a topic not subscribed yet is not followed");
+    }
+  }
   if (state.maxMessageSize !== undefined && !(Number.isSafeInteger(state.maxMessageSize) && state.maxMessageSize > 0)) {
     fail("maxMessageSize is not a positive integer");
   }
@@ -2320,9 +2432,10 @@ function integer(envelope, key) {
 }
 
 /** The waiter of a sub the client sends by itself: its reply places the topic, and
- * resolves the application's subscribe() calls it stands in for (`chained`). */
-function autoSub(topic, chained = [], recover = false) {
-  return { kind: "sub", auto: true, topic, settled: false, chained, recover, retryDelay: 500, resolve() {}, reject() {} };
+ * resolves the application's subscribe() calls it stands in for (`chained`). Whether it
+ * only recovers the topic is decided when it is numbered (Client#_recovers). */
+function autoSub(topic, chained = []) {
+  return { kind: "sub", auto: true, topic, settled: false, chained, retryDelay: 500, resolve() {}, reject() {} };
 }
 
 /** Close a socket from our side; browsers only allow 1000 and 3000-4999, reasons up to

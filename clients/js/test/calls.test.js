@@ -478,3 +478,30 @@ test("a welcome with window 0 closes with 1002, nothing thrown", async () => {
   assert.equal(server.socket.closedBy.code, 1002);
   assert.equal(errors.at(-1).code, 1002);
 });
+
+test("a welcome with numbers no server sends closes with 1002 and stops, as the Python client does", async () => {
+  const cases = {
+    "max_message_size 0": { max_message_size: 0 },
+    "max_message_size -1": { max_message_size: -1 },
+    "max_message_size 1.5": { max_message_size: 1.5 },
+    "max_message_size a string": { max_message_size: "big" },
+    "max_message_size missing": { max_message_size: undefined },
+    "a negative heartbeat interval": { heartbeat: { interval: -25, timeout: 10 } },
+    "a negative heartbeat timeout": { heartbeat: { interval: 25, timeout: -1 } },
+    "a new session with ack 7": { ack: 7 },
+    "resumed not a boolean": { resumed: "no" },
+  };
+  for (const [name, extra] of Object.entries(cases)) {
+    const { client, server, clock, errors } = setup({ server: { autoWelcome: false } });
+    await settle();
+    server.welcome(server.socket, server.socket.take()[0], extra);
+    await settle();
+    assert.equal(client.state, "closed", name);
+    assert.equal(client.closeCode, 1002, name);
+    assert.equal(server.socket.closedBy.code, 1002, name);
+    assert.match(errors.at(-1).reason, /welcome/, name);
+    await clock.advance(3600_000);
+    assert.equal(server.sockets.length, 1, name); // no reconnection
+    assert.deepEqual(clock.pending(), [], name);
+  }
+});

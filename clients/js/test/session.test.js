@@ -457,3 +457,40 @@ test("a send whose reply came before its ack resolves when the client stops (it 
   server.socket.serverClose(4005, "kicked");
   assert.equal(await outcome, "resolved");
 });
+
+test("a resumed welcome with a smaller max_message_size: what no longer fits fails too_large, the rest is renumbered", async () => {
+  // Resent, a 40000-byte envelope would be closed 1009 by a node that takes 16384, which
+  // ends the client. The server processed nothing above welcome.ack and will not unless
+  // it is resent: it fails as a call over the limit does, and what follows it takes its
+  // seq (the server expects welcome.ack + 1 next).
+  const { client, server, clock, errors } = setup({ server: { autoReply: false } });
+  await settle();
+  const socket = server.socket;
+  const big = "x".repeat(40000);
+  const first = client.send("first", 1);
+  const refused = client.request("store", big).catch((e) => e);
+  client.send("big", big); // fire and forget: its refusal goes to "error"
+  const small = client.request("small", 4);
+  await settle();
+  assert.deepEqual(sequenced(socket.take()).map((e) => e.seq), [1, 2, 3, 4]);
+  socket.session.processed = 1; // then the connection dies
+  server.maxMessageSize = 16384; // the node the client comes back to takes less
+  await cutAndReconnect(server, clock);
+  assert.equal(client.state, "resumed");
+  const second = server.socket;
+  assert.ok(second.frames.every((frame) => frame.length <= 16384));
+  assert.deepEqual(sequenced(second.received).map((e) => [e.seq, e.event]), [[2, "small"]]);
+  await first; // acknowledged by the welcome
+  const error = await refused;
+  assert.equal(error.code, "too_large");
+  assert.match(error.reason, /at most 16384/);
+  assert.deepEqual(errors.map((e) => e.code), ["too_large"]);
+  second.session.processed = 2;
+  server.reply(second, 2, { data: "ok" });
+  assert.equal(await small, "ok");
+  server.autoReply = true;
+  assert.equal(await client.request("next", 5), 5);
+  assert.deepEqual(sequenced(second.received).map((e) => e.seq), [2, 3]);
+  assert.deepEqual(server.violations, []);
+  assert.equal(client.stats.pending, 0);
+});

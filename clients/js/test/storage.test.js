@@ -344,6 +344,8 @@ test("every field of a stored state is checked; any garbage discards it whole", 
     "recovering unknown": { recovering: ["a"] },
     "recovering without position": { topics: [["a", null, null]], recovering: ["a"] },
     maxMessageSize: { maxMessageSize: 0 },
+    "unfollowed not an array": { unfollowed: "a" },
+    "unfollowed unknown": { unfollowed: ["a"] },
   };
   for (const [name, change] of Object.entries(variants)) {
     const storage = new FakeStorage();

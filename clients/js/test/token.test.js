@@ -246,3 +246,47 @@ test("connectTimeout: Infinity never fires", async () => {
   assert.equal(server.sockets.length, 1);
   assert.equal(client.state, "connecting");
 });
+
+test("a refresh due while the hello is unanswered goes right after the welcome", async () => {
+  // The hello carried the old token, so the server's deadline is the old exp: the
+  // refresh obtained meanwhile must still reach it, or 4001 ends the session there.
+  const iat = START / 1000;
+  const tokens = [jwt({ sub: "ada", iat, exp: iat + 100 }), jwt({ sub: "ada", iat: iat + 80, exp: iat + 180 })];
+  let calls = 0;
+  const { client, server, clock } = setup({ token: tokens[0], getToken: () => tokens[++calls] ?? "spare" });
+  await settle();
+  await clock.advance(79000);
+  server.autoWelcome = false; // the next welcome is slow
+  server.socket.serverClose(1006);
+  await settle();
+  await clock.advance(clock.pending()[0]); // the hello, with the old token
+  const socket = server.socket;
+  assert.equal(socket.received[0].token, tokens[0]);
+  await clock.advance(1500); // the refresh is due at 80 s: got, but no welcome yet
+  assert.equal(calls, 1);
+  assert.deepEqual(socket.received.filter((e) => e.type === "refresh"), []);
+  server.welcome(socket, socket.received[0]);
+  await settle();
+  assert.equal(client.state, "resumed");
+  assert.deepEqual(socket.received.filter((e) => e.type === "refresh"), [{ type: "refresh", token: tokens[1] }]);
+});
+
+test("refresh() between hello and welcome is sent after the welcome; an unchanged token is not", async () => {
+  const { client, server, clock } = setup({ token: "old", server: { autoWelcome: false } });
+  await settle();
+  client.refresh("new");
+  await settle();
+  const socket = server.socket;
+  assert.deepEqual(socket.received.map((e) => e.type), ["hello"]); // nothing before welcome
+  server.welcome(socket, socket.received[0]);
+  await settle();
+  assert.deepEqual(socket.received.slice(1), [{ type: "refresh", token: "new" }]);
+  // The next hello carries the new token: no refresh after its welcome.
+  server.autoWelcome = true;
+  socket.serverClose(1006);
+  await settle();
+  await clock.advance(clock.pending()[0]);
+  assert.equal(client.state, "resumed");
+  assert.deepEqual(server.socket.received.map((e) => e.type), ["hello"]);
+  assert.equal(server.socket.received[0].token, "new");
+});

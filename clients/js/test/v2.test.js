@@ -315,3 +315,107 @@ test("v2: what was held for a late sub reply answered with an error is delivered
   assert.equal((await subscribed).code, "unavailable");
   assert.deepEqual(messages.map((m) => m.data), [5, 6]);
 });
+
+test("v2: a retry armed before a lost session does not only recover the topic in the new session", async () => {
+  // docs/protocol.md §14, "A session lost, then resumed". The recovery after a resume is
+  // answered unavailable (retry armed); the session is then lost, and the new session's
+  // sub of room is answered unavailable too. The old retry must not fire into the new
+  // session with recover: true: not_subscribed there would drop room for good, silently.
+  let brokerDown = false;
+  let server;
+  const topics = {
+    room(since, env) {
+      const session = server.socket.session;
+      session.follows ??= new Set();
+      if (env.recover && !session.follows.has("room")) throw { code: "not_subscribed", reason: "not followed" };
+      if (brokerDown) throw { code: "unavailable", reason: "broker down" };
+      session.follows.add("room");
+      return { offset: since ? since.offset : 0, epoch: "e1", ...(since ? { recovered: true } : {}) };
+    },
+  };
+  const page = setup({ protocol: 2, server: { topics } });
+  server = page.server;
+  const { client, clock, errors, messages } = page;
+  await settle();
+  await client.subscribe("room");
+  server.socket.deliver(pub("room", 1, "a"));
+  await settle();
+  brokerDown = true;
+  await cutAndReconnect(server, clock); // resumed: the recovery is answered unavailable
+  assert.equal(client.state, "resumed");
+  await clock.advance(100); // its retry is due in 500 ms
+  server.socket.session.ended = true;
+  await cutAndReconnect(server, clock); // (250 ms) a new session: room asked, unavailable
+  assert.equal(client.state, "session_lost");
+  await clock.advance(400); // when the old retry was due
+  brokerDown = false;
+  await clock.advance(20000);
+  const subs = server.sockets.flatMap((socket) => sequenced(socket.received)).filter((e) => e.type === "sub");
+  assert.deepEqual(
+    subs.map((e) => [e.since?.offset, e.recover]),
+    [
+      [undefined, undefined], // subscribe()
+      [1, true], // the recovery after the resume
+      [1, undefined], // the new session subscribes room
+      [1, undefined], // and retries that; the old session's retry is gone with it
+    ],
+  );
+  assert.ok(client._topics.has("room"));
+  assert.ok(server.socket.session.follows.has("room"));
+  assert.deepEqual(errors, []);
+  server.socket.deliver(pub("room", 2, "b"));
+  await settle();
+  assert.deepEqual(messages.map((m) => m.data), ["a", "b"]);
+});
+
+test("v2 + storage: a page reloaded before its new session subscribed a topic subscribes it on resume", async () => {
+  // After a lost session the plain sub of room is on its way when the page reloads. The
+  // reloaded page resumes that session, which does not follow room yet: it must ask
+  // with a plain sub (stored as not yet followed), not recover: true, which is answered
+  // not_subscribed and would drop room for good.
+  const server = new FakeServer({});
+  const storage = new FakeStorage();
+  let refusals = 0;
+  server.topics.room = (since, env) => {
+    const session = server.socket.session;
+    session.follows ??= new Set();
+    if (env.recover && !session.follows.has("room")) throw { code: "not_subscribed", reason: "" };
+    if (!env.recover && since && refusals-- > 0) throw { code: "unavailable", reason: "broker hiccup" };
+    session.follows.add("room");
+    return { offset: since?.offset ?? 0, epoch: "e1", ...(since ? { recovered: true } : {}) };
+  };
+  const first = setup({ server, storage, protocol: 2 });
+  await settle();
+  await first.client.subscribe("room");
+  server.socket.deliver(pub("room", 1, 1));
+  await settle();
+  server.socket.session.ended = true;
+  server.autoReply = false; // the new session's sub of room goes unanswered
+  await cutAndReconnect(server, first.clock);
+  assert.equal(first.client.state, "session_lost");
+  assert.deepEqual(JSON.parse(storage.getItem("wsgate:ws://test.invalid/ws")).unfollowed, ["room"]);
+  server.socket.serverClose(1006); // the page goes away
+  await settle();
+  server.autoReply = true;
+  refusals = 1; // the resent sub is answered unavailable
+  const reloaded = setup({ server, storage, protocol: 2 });
+  await settle();
+  await reloaded.clock.advance(30000);
+  assert.equal(reloaded.client.state, "resumed");
+  const subs = sequenced(server.socket.received).filter((e) => e.type === "sub");
+  // The resent sub (unavailable), then the resume's own: plain both. (The retry of the
+  // first comes once room is followed again: a recovery then.)
+  assert.deepEqual(
+    subs.slice(0, 2).map((e) => [e.seq, e.since.offset, e.recover]),
+    [
+      [1, 1, undefined],
+      [2, 1, undefined],
+    ],
+  );
+  assert.ok(reloaded.client._topics.has("room"));
+  assert.ok(server.socket.session.follows.has("room"));
+  assert.deepEqual(reloaded.errors, []);
+  server.socket.deliver(pub("room", 2, 2));
+  await settle();
+  assert.deepEqual(reloaded.messages.map((m) => m.data), [2]);
+});
