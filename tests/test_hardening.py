@@ -161,6 +161,30 @@ async def test_case8_a_client_subscribes_a_session_to_at_most_max_subscriptions(
         await client.close()
 
 
+async def test_subscriptions_the_application_makes_do_not_count_against_the_limit(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: §6.3 says so, but every subscription counted, and a
+    client whose on_connect joined three rooms could not subscribe to one."""
+    gateway = make_gateway()
+
+    @gateway.on_connect
+    async def join(session: Session) -> None:
+        for room in ("lobby", "news", "help"):
+            await session.subscribe(room)
+
+    server = make_server(gateway, max_subscriptions=3, allow_subscribe=("room:*",))
+    async with running(server) as nursery, open_memory_connection(server, nursery) as client:
+        await client.hello()
+        replies = []
+        for seq in range(1, 5):
+            await client.send({"type": "sub", "seq": seq, "topic": f"room:{seq}"})
+            replies.append((await client.recv_type("reply")).get("error"))
+        assert replies[:3] == [None, None, None]
+        assert replies[3] == {"code": "limit_exceeded", "reason": "at most 3 subscriptions"}
+        await client.close()
+
+
 async def test_case7_history_is_bounded_in_bytes_per_topic_and_per_node(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

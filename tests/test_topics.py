@@ -572,3 +572,111 @@ async def test_welcome_of_a_new_session_says_where_its_user_topic_starts(
     anonymous = make_server()
     async with running(anonymous) as nursery, open_memory_connection(anonymous, nursery) as guest:
         assert "user_topic" not in await guest.hello()  # no user, no user topic
+
+
+class _RoundTripBroker(MemoryBroker):
+    """The in-memory broker, whose history comes after a round trip (as Redis's);
+    ``meanwhile`` runs once, during the next one."""
+
+    meanwhile: Callable[[], Awaitable[Any]] | None = None
+
+    async def history(self, topic: str, since: int | None = None) -> History:
+        found = await super().history(topic, since)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            await meanwhile()
+        await trio.sleep(0.01)
+        return found
+
+
+async def test_a_new_sessions_user_topic_starts_before_what_came_while_it_was_read(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review (version 1, a broker with a round trip): what was sent
+    to the user while the new session read the user topic's history was counted in
+    welcome.user_topic, yet came after the welcome, so a client (both of this
+    project's) dropped it as already seen."""
+    gateway = make_gateway()
+    gateway.authenticate(JwtAuthenticator(secret=SECRET, clock=now))
+    server = make_server(gateway)
+    server.hub.broker = broker = _RoundTripBroker()
+    broker.bind(server.hub._receive, server.hub._on_control)
+    async with running(server) as nursery:
+        await gateway.send_to_user("ada", "before")  # offset 1
+        # Offset 2, while the new session reads the user topic's history.
+        broker.meanwhile = lambda: gateway.send_to_user("ada", "during")
+        async with open_memory_connection(server, nursery) as client:
+            welcome = await client.hello(token=token("ada"))
+            assert welcome["user_topic"]["offset"] == 1
+            during = await client.recv_type("msg")
+            assert (during["offset"], during["data"]) == (2, "during")
+            await client.close()
+
+
+async def test_a_recovery_reads_nothing_from_before_a_grant_made_with_since(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review (version 2): an application that subscribed a session
+    to a topic it may not subscribe to itself, with since, recorded no floor, and the
+    client's recover read the whole history from before the grant (§14: nothing from
+    before that subscription)."""
+    from trio_wsgate.protocol import Since
+
+    gateway = make_gateway()
+    server = make_server(gateway)
+
+    @gateway.on_connect
+    async def grant(session: Session) -> None:
+        now = await server.hub.broker.history("private", None)
+        await session.subscribe("private", Since(now.offset, now.epoch))  # from now on
+
+    async with running(server) as nursery:
+        for i in range(5):
+            last = await gateway.publish("private", f"secret {i}")
+        async with open_memory_connection(server, nursery, subprotocols=["wsgate.v2.json"]) as c:
+            await c.hello()
+            since = {"offset": 0, "epoch": last.epoch}
+            await c.send(
+                {"type": "sub", "seq": 1, "topic": "private", "recover": True, "since": since}
+            )
+            reply = await c.recv()  # no pub before it
+            assert reply["type"] == "reply"
+            assert reply["data"]["recovered"] is False
+            await c.close()
+
+
+async def test_the_history_holds_no_more_than_it_counts_with_version_2_subscribers(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a hostile review: the history's copy of a publication shared its dict
+    of envelopes with the live one, where version-2 fan-out kept a whole pub per
+    subprotocol, uncounted: about twice --history-bytes held. A replay keeps none."""
+    server = make_server(allow_subscribe=("t",))
+    broker = server.hub.broker
+    assert isinstance(broker, MemoryBroker)
+    async with (
+        running(server) as nursery,
+        open_memory_connection(server, nursery, subprotocols=["wsgate.v2.json"]) as a,
+        open_memory_connection(server, nursery, subprotocols=["wsgate.v2.msgpack"]) as b,
+    ):
+        for client in (a, b):
+            await client.hello()
+            await client.send({"type": "sub", "seq": 1, "topic": "t"})
+            await client.recv_type("reply")
+        for _ in range(5):
+            await server.gateway.publish("t", "x" * 200_000)
+        for client in (a, b):
+            for _ in range(5):
+                await client.recv_type("pub")
+        # A recovery replays them from the history: it keeps nothing there either.
+        epoch = broker._topics["t"].epoch  # type: ignore[attr-defined]
+        since = {"offset": 0, "epoch": epoch}
+        await a.send({"type": "sub", "seq": 2, "topic": "t", "recover": True, "since": since})
+        await a.recv_type("reply")
+        held = 0
+        for _, kept, _ in broker._topics["t"].history:  # type: ignore[attr-defined]
+            held += sum(len(fields) for fields, _ in kept.encoded.values())
+            held += sum(len(v) for v in kept.senders.values() if isinstance(v, bytes))
+        assert held <= broker.nbytes
+        await a.close()
+        await b.close()

@@ -184,6 +184,7 @@ class Hub:
         self._following_again = False
         self._broker_lock = trio.Lock()
         self._leaving: set[str] = set()  # topics left, for _leave_topics
+        self._leave_queued = False  # a _leave_topics is queued (or under way)
         self.live_check_armed = False  # a _check_live_bytes is due
         # A storm of new sessions asks a shared broker (Redis) the same things at once:
         # claims and topic positions go in batches (batching.py).
@@ -559,6 +560,7 @@ class Hub:
                 if not self.broker.healthy:
                     logger.warning("broker down: %d chore(s) dropped", len(self._chores))
                     self._chores.clear()
+                    self._leave_queued = False  # the topics left wait for the next one
                     return
                 chore = self._chores.popleft()
                 try:
@@ -572,7 +574,7 @@ class Hub:
     # -- topics -----------------------------------------------------------------------
 
     async def subscribe(
-        self, session: Session, topic: str, since: Since | None = None
+        self, session: Session, topic: str, since: Since | None = None, *, before_held: bool = False
     ) -> SubscribeResult:
         """Subscribe a session to a topic; with ``since``, recover what it missed first.
 
@@ -582,6 +584,11 @@ class Hub:
         where it stands and nothing else changes; with it, the subscription restarts
         from ``since``. No authorisation is checked here (server-side code may
         subscribe a session to any topic).
+
+        The answer is where the session stands: in version 1 after the publications
+        that came while the history was read (they are queued before the ``sub``'s
+        reply); with ``before_held``, before them, for a new session's user topic,
+        whose ``welcome`` goes out before anything queued (docs/protocol.md §6.6).
 
         Raises:
             ValueError: not a valid topic name.
@@ -603,6 +610,7 @@ class Hub:
         subscription = Subscription(topic, pending=[])
         if current is not None:
             subscription.floor, subscription.floor_epoch = current.floor, current.floor_epoch
+            subscription.by_client = current.by_client
         if since is not None and kept:
             # Until its history has come, it is still to follow from there: for a
             # sub meanwhile, and for a hand-over to another node.
@@ -655,14 +663,20 @@ class Hub:
                     self._deliver(session, subscription, publication, replay=True)
         if history.epoch != subscription.epoch or history.offset > subscription.offset:
             subscription.offset, subscription.epoch = history.offset, history.epoch
-        if current is None and since is None:
-            subscription.floor, subscription.floor_epoch = history.offset, history.epoch
+        if current is None:
+            # Where the subscription began: what a client's recovery may not read before
+            # (§14). With since, where the caller chose to begin (an application that
+            # grants a topic's history from there), if that is of the current history.
+            if since is not None and since.epoch == history.epoch:
+                subscription.floor, subscription.floor_epoch = since.offset, since.epoch
+            else:
+                subscription.floor, subscription.floor_epoch = history.offset, history.epoch
         answer = subscription.offset, subscription.epoch
         held, subscription.pending = subscription.pending, None
         subscription.followed = True
         for publication in held or ():
             self._deliver(session, subscription, publication)
-        if session.codec.version == 1:
+        if session.codec.version == 1 and not before_held:
             answer = subscription.offset, subscription.epoch
         # In version 2, where the history stood, before those held: they may die with
         # the connection (or never leave, without one), and a client places the topic
@@ -685,26 +699,40 @@ class Hub:
                 # One chore for every topic left meanwhile: a chore per topic took the
                 # broker lock (a checkpoint) each, and under a churn of subscriptions
                 # the queue grew faster than it drained, holding every ended session.
-                if not self._leaving:
-                    self._chore(self._leave_topics)
                 self._leaving.add(topic)
+                if not self._leave_queued:
+                    self._leave_queued = True
+                    self._chore(self._leave_topics)
         self._chore(lambda: self.broker.set_presence(topic, session.id, session.user, False))
 
     async def _leave_topics(self) -> None:
+        self._leave_queued = False  # (what is left from now on queues the next pass)
         async with self._broker_lock:
-            leaving, self._leaving = self._leaving, set()
-            for topic in leaving:
-                if topic in self._broker_topics and topic not in self.topics:
-                    # Forgotten before the await: a session subscribing meanwhile
-                    # then waits for the lock and listens again. (Discarded after,
-                    # it took the topic for one still listened to, and went deaf.)
-                    self._broker_topics.discard(topic)
-                    try:
-                        await self.broker.unsubscribe(topic)
-                    except Exception:
-                        # That topic's alone: the others are still left (a cluster's
-                        # pub/sub can fail one whose slot just moved).
-                        logger.exception("leaving %s at the broker failed", topic)
+            try:
+                while self._leaving:  # one at a time: cut short, the rest stay to leave
+                    topic = self._leaving.pop()
+                    if topic in self._broker_topics and topic not in self.topics:
+                        # Forgotten before the await: a session subscribing meanwhile
+                        # then waits for the lock and listens again. (Discarded after,
+                        # it took the topic for one still listened to, and went deaf.)
+                        self._broker_topics.discard(topic)
+                        try:
+                            await self.broker.unsubscribe(topic)
+                        except trio.Cancelled:
+                            # Perhaps still followed there: left again next pass.
+                            self._broker_topics.add(topic)
+                            self._leaving.add(topic)
+                            raise
+                        except Exception:
+                            # That topic's alone: the others are still left (a cluster's
+                            # pub/sub can fail one whose slot just moved).
+                            logger.exception("leaving %s at the broker failed", topic)
+            finally:
+                if self._leaving and not self._leave_queued:
+                    # Cancelled (a presence() caller runs the chores in its own task):
+                    # the rest go with the next pass.
+                    self._leave_queued = True
+                    self._chore(self._leave_topics)
 
     def _receive(self, publication: Publication) -> None:
         """Fan a publication out to the local subscribers of its topic (the broker's call)."""
@@ -787,6 +815,9 @@ class Hub:
             self.kick_here(user=message.get("user"), session=message.get("session"))
         elif kind == "recovered":
             self._chore(self._follow_user_topics)
+            if self._leaving and not self._leave_queued:  # (dropped while it was down)
+                self._leave_queued = True
+                self._chore(self._leave_topics)
         elif kind == "gap":
             self._gap(message["topic"], message["epoch"], message["upto"])
         elif kind == "moved":
@@ -1148,7 +1179,7 @@ class Hub:
             return None, ErrorInfo("bad_topic", str(exc))
         if isinstance(envelope, Sub):
             limit = self.config.max_subscriptions
-            if topic not in session.subscriptions and len(session.subscriptions) >= limit:
+            if topic not in session.subscriptions and _counted(session) >= limit:
                 return None, ErrorInfo("limit_exceeded", f"at most {limit} subscriptions")
             since, raised = envelope.since, False
             if envelope.recover and session.codec.version == 2:
@@ -1171,6 +1202,9 @@ class Hub:
             elif not await hub.may_subscribe(session, topic):
                 return None, ErrorInfo("forbidden", f"not allowed to subscribe to {topic!r}")
             result = await hub.subscribe(session, topic, since)
+            place = session.subscriptions.get(topic)
+            if place is not None:
+                place.by_client = True
             if raised:
                 result = SubscribeResult(result.offset, result.epoch, False)
             return result.to_data(), None
@@ -1218,3 +1252,10 @@ class Hub:
 
 def _matches(topic: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(topic, pattern) for pattern in patterns)
+
+
+def _counted(session: Session) -> int:
+    """The session's subscriptions that count against ``max_subscriptions``: the
+    client's own and its user topic, not the application's (docs/protocol.md §6.3)."""
+    mine = user_topic(session.user) if session.user is not None else None
+    return sum(1 for t, place in session.subscriptions.items() if place.by_client or t == mine)

@@ -75,6 +75,9 @@ class Subscription:
     #: reads no history from before (docs/protocol.md §14).
     floor: int = 0
     floor_epoch: str = ""
+    #: The client subscribed it (a ``sub``): it counts against ``max_subscriptions``,
+    #: what the application subscribed the session to does not (docs/protocol.md §6.3).
+    by_client: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +445,9 @@ class Session:
                 return  # detached: its client asks the history
             payload = pub.senders.get(codec.subprotocol)
             if payload is None:
-                payload = pub.senders[codec.subprotocol] = _delivery(pub, codec)
+                payload = _delivery(pub, codec)
+                if not replay:  # (a history's copy keeps none: its bytes are counted)
+                    pub.senders[codec.subprotocol] = payload
             if connection is not None:
                 connection.enqueue_unsequenced(payload, replay)
             elif early is not None and self.connection is None:

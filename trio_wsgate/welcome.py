@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import UserLimitPolicy
 from .exceptions import BrokerUnavailable, ProtocolError, SessionClosed
 from .identity import Identity
-from .protocol import CloseCode, CloseReason, Codec, Hello, Resume, Welcome
+from .protocol import CloseCode, CloseReason, Codec, Hello, Resume, Since, Welcome
 from .protocol.topics import user_topic
-from .session import Outgoing, ResumeResult, Session, SessionLink
+from .session import Outgoing, ResumeResult, Session, SessionLink, SubscribeResult
 
 if TYPE_CHECKING:
     from .config import Config
@@ -67,6 +67,13 @@ class WelcomeHost(Protocol):
 
     async def claim(self, session: Session) -> None:
         """Record this node as the session's owner."""
+        ...
+
+    async def subscribe(
+        self, session: Session, topic: str, since: Since | None = None, *, before_held: bool = False
+    ) -> SubscribeResult:
+        """Subscribe ``session`` to ``topic``; where it stands (``before_held``: before
+        what came while the history was read)."""
         ...
 
     def end(self, session: Session, code: int, reason: CloseReason, *, why: str) -> None:
@@ -277,7 +284,9 @@ async def _new_session(
         await host.claim(session)
         if user is not None:
             try:
-                position = await session.subscribe(user_topic(user))
+                # Where it stood before what came meanwhile: those are queued, and go
+                # out after the welcome; a client drops what is at or below user_topic.
+                position = await host.subscribe(session, user_topic(user), before_held=True)
                 start = {"topic": user_topic(user), **position.to_data()}
             except BrokerUnavailable:
                 # Serve it all the same; it follows its topic once the broker is back.

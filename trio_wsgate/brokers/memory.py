@@ -123,10 +123,15 @@ class MemoryBroker:
     def _keep(self, name: str, topic: _Topic, publication: Publication) -> None:
         """Add to the topic's history, within its bounds and the node's."""
         weight = _weight(publication)
+        # A copy of its own, without the live fan-out's envelopes (a version-2 pub per
+        # subprotocol, made after this: uncounted, they held the history at about
+        # twice --history-bytes); a replay makes its own and keeps none (Session).
         if len(publication.encoded) >= len(CODECS):
             # Every encoding is made: what history sends again needs no decoded data,
             # which would hold several times the bytes its encodings do.
-            publication = dataclasses.replace(publication, data=None)
+            publication = dataclasses.replace(publication, data=None, senders={})
+        else:
+            publication = dataclasses.replace(publication, senders={})
         self._keys += 1
         topic.history.append((trio.current_time(), publication, self._keys))
         self._order[self._keys] = (name, weight)
