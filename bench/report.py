@@ -1,4 +1,4 @@
-"""The report of a run: the targets (issues 7 and 22) as ratios, the tables and the plots.
+"""The report of a run: the targets as ratios, the tables and the plots.
 
 ``report()`` rewrites the part of docs/benchmarks.md between its two ``results``
 markers (the prose around them is written by hand) and the PNGs in docs/img/.

@@ -423,8 +423,16 @@ def test_a_worker_signalled_twice_still_drains(tmp_path: Path) -> None:
 
 def test_the_machine_answers_no_stats_when_no_worker_answers(tmp_path: Path) -> None:
     """Found by a hostile review: with every worker unresponsive, /api/stats answered
-    200 with every total 0, to anyone (no worker was there to check the key)."""
+    200 with every total 0, to anyone (no worker was there to check the key). (And
+    its 413 was plain text where a node's API errors are JSON.)"""
     with machine(tmp_path, 2) as node:
+        big = urllib.request.Request(
+            node.admin + "/api/publish", data=b"x" * (1 << 20), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(big, timeout=10)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"] == "too_large"
         workers = [
             pid
             for pid in node.children()

@@ -718,8 +718,10 @@ class MachineAdmin(HttpApp):
             message = await receive()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                return 413, b"Payload Too Large\n", TEXT, []
+            if size > limit:  # as a node answers it (docs/protocol.md §10)
+                reason = f"the body is larger than {limit} bytes"
+                body = json.dumps({"error": "too_large", "reason": reason}).encode() + b"\n"
+                return 413, body, JSON, []
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
