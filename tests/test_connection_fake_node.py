@@ -110,7 +110,9 @@ class FakeNode:
 
     # -- SessionHost (for the sessions it makes) -----------------------------------------
 
-    async def subscribe(self, session: Session, topic: str, since: Any = None) -> SubscribeResult:
+    async def subscribe(
+        self, session: Session, topic: str, since: Any = None, *, before_held: bool = False
+    ) -> SubscribeResult:
         return SubscribeResult(0, "e")
 
     def unsubscribe(self, session: Session, topic: str) -> bool:

@@ -178,6 +178,34 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
         assert (late["offset"], late["data"]) == (4, "lost 4")
 
 
+async def test_a_new_epochs_first_live_message_brings_those_before_it(
+    redis_server: RedisServer,
+) -> None:
+    """Found by a hostile review, and by the Sentinel failover test in CI: a topic
+    that started a new epoch (a failover, a restart without its data) whose first
+    live message pub/sub handed over was not its first was delivered at once, and
+    those before it in the new epoch were lost here. They come from the log first."""
+    async with (
+        cluster(redis_server, count=1) as (nursery, (a,)),
+        user(a, nursery, "ada") as ada,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        await request(ada, Seq(), "sub", topic="room:1")
+        await a.gateway.publish("room:1", "old")
+        (old,) = await msgs(ada, 1)
+        await redis.delete([broker._meta("room:1"), broker._log("room:1")])  # lost by Redis
+        for data in ("new 1", "new 2"):  # the new epoch's first two, not heard here
+            payload = b"\x92\xc0" + bytes([0xA0 | len(data)]) + data.encode()
+            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
+            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 100, 60000])
+        await a.gateway.publish("room:1", "new 3")  # heard: offset 3 of the new epoch
+        got = await msgs(ada, 3)
+        assert [(m["offset"], m["data"]) for m in got] == [(1, "new 1"), (2, "new 2"), (3, "new 3")]
+        assert got[0]["epoch"] != old["epoch"]
+
+
 async def test_publications_lost_beyond_the_history_end_the_sessions_that_miss_them(
     redis_server: RedisServer,
 ) -> None:

@@ -1052,6 +1052,11 @@ class RedisBroker:
                     return  # already delivered (filled from the log)
                 if offset > position.offset + 1:
                     await self._fill(topic, position, offset - 1)
+            elif offset > 1:
+                # The first of a new epoch that pub/sub hands over is not its first (a
+                # failover: the pub/sub follows the new primary after it took some):
+                # those before it come from the log first, or they were lost here.
+                await self._fill(topic, position, offset - 1)
             event, value = _decode_payload(payload)
             self._deliver(topic, position, Publication(topic, offset, epoch, value, event))
 
