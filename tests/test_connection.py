@@ -521,6 +521,30 @@ async def test_a_close_code_no_close_frame_may_carry_is_refused_before_anything(
         assert (await client.wait_closed())[0] == 4000
 
 
+async def test_drop_oldest_keeps_its_byte_count_of_what_it_dropped(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a review of the pong bound: pongs dropped by drop-oldest stayed in the
+    bytes counted against max_buffered_bytes, and a peer the policy kept by dropping
+    got 4004 after enough small pings."""
+    server = make_server(
+        queue_size=3, slow_consumer="drop-oldest", max_buffered_bytes=2000, heartbeat_interval=None
+    )
+    async with (
+        trio.open_nursery() as nursery,
+        open_memory_connection(server, nursery, lockstep=True) as client,
+    ):
+        await client.send({"type": "hello"})
+        await client.recv_type("welcome")
+        (connection,) = server.connections
+        for n in range(40):  # 40 pongs of about 130 bytes: 5 KB in all, 3 queued at most
+            await client.send({"type": "ping", "ts": "t" * 100 + str(n)})
+        await trio.testing.wait_all_tasks_blocked()
+        assert not connection.closing
+        assert connection.queue_depth <= 3
+        await client.close()
+
+
 async def test_drop_oldest_never_drops_the_welcome(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

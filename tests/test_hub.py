@@ -445,6 +445,31 @@ async def test_a_resume_during_a_migration_takes_the_session_from_the_older_one(
             await client.close()
 
 
+async def test_a_moved_session_keeps_counting_its_clients_subscriptions(
+    autojump_clock: MockClock, make_server: Callable[..., Server]
+) -> None:
+    """Found by a review of the max_subscriptions fix: which subscriptions the client
+    made did not move with the session, and after a move the client could subscribe
+    max_subscriptions more."""
+    server = make_server(max_subscriptions=2, allow_subscribe=("room:*",))
+    async with running(server) as nursery:
+        for room in ("room:1", "room:2"):  # (known to the other node's broker)
+            await server.gateway.publish(room, "before")
+        async with open_memory_connection(server, nursery) as client:
+            first = await client.hello()
+            for seq in (1, 2):
+                await client.send({"type": "sub", "seq": seq, "topic": f"room:{seq}"})
+                assert "error" not in await client.recv_type("reply")
+        await detached(server)
+        _park_elsewhere(server)
+        async with open_memory_connection(server, nursery) as client:
+            assert (await client.hello(resume=resume_of(first, 2)))["resumed"] is True
+            await client.send({"type": "sub", "seq": 3, "topic": "room:3"})
+            reply = await client.recv_type("reply")
+            assert reply["error"]["code"] == "limit_exceeded"
+            await client.close()
+
+
 async def test_a_moved_session_is_welcomed_with_its_own_window(
     autojump_clock: MockClock, make_server: Callable[..., Server]
 ) -> None:

@@ -178,6 +178,31 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
         assert (late["offset"], late["data"]) == (4, "lost 4")
 
 
+async def test_chores_while_redis_is_down_still_do_their_local_part(
+    redis_server: RedisServer,
+) -> None:
+    """Found by a review of this fix's first version: chores dropped while Redis was
+    down took their local part with them, and the broker's refreshes then kept a left
+    topic's presence, and a released session's claim, in Redis for good."""
+    async with cluster(redis_server, count=1) as (nursery, (a,)):
+        broker = a.hub.broker
+        assert isinstance(broker, RedisBroker)
+        async with user(a, nursery, "ada") as ada:
+            seq = Seq()
+            await request(ada, seq, "sub", topic="room:1")
+            (session,) = a.hub.sessions.values()
+            assert session.id in broker._presence["room:1"]
+            broker.healthy = False  # (as the health check says after three lost pings)
+            await request(ada, seq, "unsub", topic="room:1")
+            await ada.send({"type": "bye"})
+            await ada.wait_closed()
+        with trio.fail_after(5):
+            await a.hub.do_chores()
+        assert "room:1" not in broker._presence  # no ghost for the refresh to write
+        assert session.id not in broker._owned  # nor a claim refreshed for ever
+        broker.healthy = True
+
+
 async def test_a_new_epochs_first_live_message_brings_those_before_it(
     redis_server: RedisServer,
 ) -> None:

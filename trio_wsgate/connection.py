@@ -694,9 +694,10 @@ class Connection:
         if self.queue_depth < self._config.queue_size:
             return
         if self._config.slow_consumer == "drop-oldest":
-            for index, (_, kept) in enumerate(self._queue):
+            for index, (payload, kept) in enumerate(self._queue):
                 if not kept:
                     del self._queue[index]
+                    self._pub_bytes -= len(payload)  # (counted: send_control)
                     return
         self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", CloseReason.SLOW_CONSUMER)
 
@@ -760,7 +761,8 @@ class Connection:
         if self.closing:
             return
         payload = self._codec.encode(envelope)
-        self._pub_bytes += len(payload)
+        if not kept:  # (the welcome is not: one per connection, whatever the bound)
+            self._pub_bytes += len(payload)
         if self._pub_bytes > self._config.max_buffered_bytes:
             # A peer that sends large pings and does not read their pongs: held while
             # the write loop waits for it, they would count only against queue_size.

@@ -550,26 +550,28 @@ class Hub:
                 await self._chores_queued.wait()
 
     async def do_chores(self) -> None:
-        """Carry out the queued broker work, in the order it was queued. While the
-        broker is down, what is queued is dropped instead: each would wait out its
-        timeout in turn, the queue growing behind it; presence and ownership entries
-        expire by themselves in Redis, and the broker claims its sessions and the hub
-        follows user topics again once it is back."""
+        """Carry out the queued broker work, in the order it was queued.
+
+        While the broker is down, each chore does its local part only: it runs in a
+        cancelled scope, so up to its first checkpoint (the broker's own bookkeeping,
+        which its refreshes write to Redis again once it is back: presence, the
+        sessions it holds) and not through a wait of its command's timeout, with the
+        queue growing behind it. What needs Redis itself is asked again once it is
+        back: the user topics followed, the topics left (``{"kind": "recovered"}``).
+        """
         async with self._chore_lock:
             while self._chores:
-                if not self.broker.healthy:
-                    logger.warning("broker down: %d chore(s) dropped", len(self._chores))
-                    self._chores.clear()
-                    self._leave_queued = False  # the topics left wait for the next one
-                    return
                 chore = self._chores.popleft()
-                try:
-                    await chore()
-                except BrokerUnavailable as exc:
-                    # Presence and ownership entries expire by themselves in Redis.
-                    logger.warning("broker chore skipped: %s", exc)
-                except Exception:
-                    logger.exception("broker chore failed")
+                with trio.CancelScope() as scope:
+                    if not self.broker.healthy:
+                        scope.cancel()
+                    try:
+                        await chore()
+                    except BrokerUnavailable as exc:
+                        # Presence and ownership entries expire by themselves in Redis.
+                        logger.warning("broker chore skipped: %s", exc)
+                    except Exception:
+                        logger.exception("broker chore failed")
 
     # -- topics -----------------------------------------------------------------------
 
@@ -866,6 +868,7 @@ class Hub:
             logger.exception("the state of session %s could not be taken over", resume.session)
             return None
         floors = state.get("floors") or {}
+        by_client = set(state.get("by_client") or ())
         for topic, (offset, epoch) in state["subscriptions"].items():
             # Each topic a place to follow from until it is followed here, so that a
             # hand-over, a park or a resume meanwhile finds them all, and those left
@@ -877,6 +880,7 @@ class Hub:
             # client what was published while it was away.
             place = Subscription(topic, offset, epoch if codec.version == 1 else "", followed=False)
             place.floor, place.floor_epoch = floors.get(topic) or (0, "")
+            place.by_client = topic in by_client
             session.subscriptions[topic] = place
         session.detached_at = trio.current_time()
         self._register(session)

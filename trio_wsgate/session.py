@@ -605,6 +605,8 @@ class Session:
                 for topic, sub in self.subscriptions.items()
                 if sub.floor_epoch
             },
+            # The client's own (max_subscriptions counts them on the next node too).
+            "by_client": [topic for topic, sub in self.subscriptions.items() if sub.by_client],
         }
 
     @classmethod
