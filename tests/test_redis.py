@@ -145,6 +145,23 @@ async def test_recovery_on_another_node(redis_server: RedisServer) -> None:
             assert [m["data"] for m in await msgs(ada, 3)] == ["missed 0", "missed 1", "missed 2"]
 
 
+async def publish_raw(
+    redis: Any,
+    broker: RedisBroker,
+    topic: str,
+    data: str,
+    *,
+    maxlen: int = 100,
+    heard: bool = False,
+) -> None:
+    """The broker's publish script, run on Redis directly: its PUBLISH goes to a channel
+    nobody listens to (what pub/sub lost), unless ``heard``; the log keeps ``maxlen``."""
+    channel = broker._channel(topic) if heard else "nowhere"
+    keys = [broker._meta(topic), broker._log(topic), channel]
+    payload = msgpack.packb([None, data])  # [event, data]
+    await redis.eval(_PUBLISH, keys=keys, args=["x", payload, maxlen, 60000])
+
+
 async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisServer) -> None:
     """Redis pub/sub is at-most-once: gaps are filled from the topic's log."""
     async with (
@@ -156,15 +173,8 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
         assert isinstance(broker, RedisBroker)
         broker.sync_interval = 0.2
         await request(ada, Seq(), "sub", topic="room:1")
-
-        async def publish_unheard(data: str) -> None:
-            # The publish script, but its PUBLISH goes to a channel nobody listens to.
-            payload = b"\x92\xc0" + bytes([0xA0 | len(data)]) + data.encode()
-            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
-            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 100, 60000])
-
-        await publish_unheard("lost 1")
-        await publish_unheard("lost 2")
+        await publish_raw(redis, broker, "room:1", "lost 1")
+        await publish_raw(redis, broker, "room:1", "lost 2")
         await a.gateway.publish("room:1", "heard")  # reveals the gap at once
         got = await msgs(ada, 3)
         assert [(m["offset"], m["data"]) for m in got] == [
@@ -172,7 +182,9 @@ async def test_a_lost_live_message_is_filled_from_the_log(redis_server: RedisSer
             (2, "lost 2"),
             (3, "heard"),
         ]
-        await publish_unheard("lost 4")  # nothing comes after it: the periodic check finds it
+        await publish_raw(
+            redis, broker, "room:1", "lost 4"
+        )  # nothing comes after it: the periodic check finds it
         with trio.fail_after(5):
             (late,) = await msgs(ada, 1)
         assert (late["offset"], late["data"]) == (4, "lost 4")
@@ -222,9 +234,7 @@ async def test_a_new_epochs_first_live_message_brings_those_before_it(
         (old,) = await msgs(ada, 1)
         await redis.delete([broker._meta("room:1"), broker._log("room:1")])  # lost by Redis
         for data in ("new 1", "new 2"):  # the new epoch's first two, not heard here
-            payload = b"\x92\xc0" + bytes([0xA0 | len(data)]) + data.encode()
-            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
-            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 100, 60000])
+            await publish_raw(redis, broker, "room:1", data)
         await a.gateway.publish("room:1", "new 3")  # heard: offset 3 of the new epoch
         got = await msgs(ada, 3)
         assert [(m["offset"], m["data"]) for m in got] == [(1, "new 1"), (2, "new 2"), (3, "new 3")]
@@ -250,9 +260,7 @@ async def test_publications_lost_beyond_the_history_end_the_sessions_that_miss_t
         epoch = sub["data"]["epoch"]
         (session,) = a.hub.sessions.values()
         for i in range(5):  # offsets 1-5, heard by nobody; the log keeps 3-5
-            payload = b"\x92\xc0" + bytes([0xA0 | 4]) + f"to {i}".encode()
-            keys = [broker._meta("room:1"), broker._log("room:1"), "nowhere"]
-            await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 3, 60000])
+            await publish_raw(redis, broker, "room:1", f"to {i}", maxlen=3)
         await a.gateway.publish("room:1", "heard")  # offset 6 reveals the gap
         with trio.fail_after(5):
             code, reason = await ada.wait_closed()
@@ -293,9 +301,7 @@ async def test_a_node_behind_its_pubsub_is_not_made_to_skip_what_it_holds(
         await broker.subscribe("room:1")
         async with coredis.Redis.from_url(redis_server.url) as redis:
             for i in range(300):
-                payload = b"\x92\xc0" + bytes([0xA0 | 1]) + str(i % 10).encode()
-                keys = [broker._meta("room:1"), broker._log("room:1"), broker._channel("room:1")]
-                await redis.eval(_PUBLISH, keys=keys, args=["x", payload, 10, 60000])
+                await publish_raw(redis, broker, "room:1", str(i % 10), maxlen=10, heard=True)
         with trio.fail_after(10):
             await done.wait()
         nursery.cancel_scope.cancel()

@@ -987,13 +987,20 @@ class Hub:
             if session.connection is not None and not session.connection.closing:
                 connected.append(session_id)
                 continue
-            session.ended = True  # here; it lives on where it is held
-            session.close_code = CloseCode.GOING_AWAY
-            session.close_reason = CloseReason.DRAIN
-            self._unregister(session)
-            self.metrics.sessions_migrated.labels("out").inc()
+            self._lives_elsewhere(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, "out")
         if connected:
             self._chore(lambda: self.broker.claim_sessions(connected, self.node_id))
+
+    def _lives_elsewhere(
+        self, session: Session, code: CloseCode, reason: CloseReason, how: str
+    ) -> None:
+        """The session lives on at another node (handed over, parked, or held there
+        now): it ends here without hooks nor a word to the broker, and is counted as
+        migrated ``how``."""
+        session.ended = True
+        session.close_code, session.close_reason = code, reason
+        self._unregister(session)
+        self.metrics.sessions_migrated.labels(how).inc()
 
     def _gap(self, topic: str, epoch: str, upto: int) -> None:
         """The broker lost the topic's publications up to ``upto`` for this node (they
@@ -1048,13 +1055,7 @@ class Hub:
             if not session.ended and session.connection is None:
                 state = self._exported(session)
             if state is not None:
-                session.ended = True  # here; it lives on at the other node
-                session.close_code, session.close_reason = (
-                    CloseCode.TAKEN_OVER,
-                    CloseReason.TAKE_OVER,
-                )
-                self._unregister(session)
-                self.metrics.sessions_migrated.labels("out").inc()
+                self._lives_elsewhere(session, CloseCode.TAKEN_OVER, CloseReason.TAKE_OVER, "out")
         try:
             await self.broker.answer_handover(request, to, state)
             if state is not None:
@@ -1106,11 +1107,7 @@ class Hub:
             for session, _ in taken:
                 if session.ended:
                     continue  # expired meanwhile: its parked state expires too
-                session.ended = True  # here; it lives on at whichever node it resumes
-                session.close_code = CloseCode.GOING_AWAY
-                session.close_reason = CloseReason.DRAIN
-                self._unregister(session)
-                self.metrics.sessions_migrated.labels("parked").inc()
+                self._lives_elsewhere(session, CloseCode.GOING_AWAY, CloseReason.DRAIN, "parked")
                 parked += 1
             if refused is not None:
                 logger.warning("could not park every session: %s", refused)
