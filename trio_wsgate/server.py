@@ -616,9 +616,11 @@ class Server:
 
     async def _watch_signals(self) -> None:
         assert self._root is not None
+        asked = False  # (not draining: two signals at once both came before the drain)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if not self.draining:
+                if not (asked or self.draining):
+                    asked = True
                     logger.warning("%s: draining", signal.Signals(signum).name)
                     self._root.start_soon(self.drain)
                 elif not self.repeat_stops:

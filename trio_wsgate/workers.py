@@ -429,7 +429,7 @@ class Supervisor:
                 self._tasks = nursery
                 # Before anything starts: a signal during start-up drains what has
                 # started, rather than killing this process and leaving its children.
-                nursery.start_soon(self._watch_signals)
+                await nursery.start(self._watch_signals)
                 if config.redis_url is None:
                     assert self._redis_server is not None
                     redis = PrivateRedis(directory, self._redis_server)
@@ -546,10 +546,15 @@ class Supervisor:
 
     # -- drain ------------------------------------------------------------------------
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        asked = False  # (not draining: two signals at once both came before the drain)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()  # listening: what starts next is covered
             async for signum in signals:
-                if not self.draining:
+                if not (asked or self.draining):
+                    asked = True
                     logger.info("%s: draining %d workers", signal.Signals(signum).name, self.count)
                     trio.lowlevel.spawn_system_task(self.drain)
                 else:
